@@ -1,0 +1,145 @@
+//! Types shared by the XDP program (`filter-ebpf`) and the daemon (`filter-user`).
+//!
+//! Everything here is `#[repr(C)]` with explicit padding: the kernel compares map keys byte
+//! by byte, so a padding byte left to chance would make two equal keys differ.
+#![no_std]
+
+/// Bumped whenever a map's layout or meaning changes. Pins live under `<pin_dir>/v<N>`, so a
+/// daemon never adopts maps written by an incompatible build (aya reuses a pinned map
+/// without comparing its layout).
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Ports one protected address can carry; more is a config error.
+pub const MAX_PORTS: usize = 8;
+/// VLAN tags walked (802.1Q and 802.1ad, so QinQ and one more level).
+pub const MAX_VLAN_DEPTH: usize = 4;
+/// IPv6 extension headers walked before the packet counts as malformed.
+pub const MAX_IPV6_EXT: usize = 8;
+/// Source groups are numbered 1..=MAX_GROUPS; 0 means "no group".
+pub const MAX_GROUPS: usize = 255;
+
+/// IPv4 allow table: 2^24 direct entries (one per /24) plus blocks of 256 for longer prefixes
+/// (DPDK's DIR-24-8 layout). An entry is 0 (no group), a group id, or `TBL8_FLAG | block`.
+pub const TBL24_ENTRIES: u32 = 1 << 24;
+/// `TBL24` is stored as rows of this many entries so that one array value is 64 bytes.
+pub const TBL24_ROW: usize = 16;
+pub const TBL24_ROWS: u32 = TBL24_ENTRIES / TBL24_ROW as u32;
+pub const TBL8_FLAG: u32 = 1 << 31;
+pub const TBL8_SIZE: usize = 256;
+
+/// Index into the per-CPU `COUNTERS` array: one slot per verdict and reason.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Not bound for a protected endpoint: passed untouched.
+    NotBound = 0,
+    /// Source in an allowed CIDR group: passed.
+    AllowGroup = 1,
+    /// Source in a live dynamic allow entry: passed.
+    AllowDynamic = 2,
+    /// Source in the block set: dropped.
+    Blocked = 3,
+    /// Source in no group and no allow entry: dropped.
+    NotAllowed = 4,
+    /// Truncated or malformed headers on a packet that may be bound: dropped.
+    Malformed = 5,
+    /// A fragment to a protected address, judged by its source alone (counted in addition
+    /// to its verdict).
+    Fragment = 6,
+    /// Monitor mode passed a packet that would have been dropped (counted in addition).
+    MonitorPassed = 7,
+}
+
+pub const REASON_COUNT: u32 = 8;
+
+impl Reason {
+    pub const ALL: [Reason; REASON_COUNT as usize] = [
+        Reason::NotBound,
+        Reason::AllowGroup,
+        Reason::AllowDynamic,
+        Reason::Blocked,
+        Reason::NotAllowed,
+        Reason::Malformed,
+        Reason::Fragment,
+        Reason::MonitorPassed,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::NotBound => "not_bound",
+            Reason::AllowGroup => "allow_group",
+            Reason::AllowDynamic => "allow_dynamic",
+            Reason::Blocked => "drop_blocked",
+            Reason::NotAllowed => "drop_not_allowed",
+            Reason::Malformed => "drop_malformed",
+            Reason::Fragment => "fragment",
+            Reason::MonitorPassed => "monitor_passed",
+        }
+    }
+}
+
+/// The single entry of the `SETTINGS` array. Written only by the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Non-zero: count every verdict, drop nothing.
+    pub monitor: u32,
+    /// Which allow-table buffer (0 or 1) is live. A reload fills the other and flips this.
+    pub generation: u32,
+    /// Entry counts of the dynamic maps, so an empty map costs the packet nothing.
+    pub block_exact: u32,
+    pub block_cidr: u32,
+    pub allow_exact: u32,
+    pub allow_cidr: u32,
+}
+
+/// One protected (protocol, port) on an address; `proto` 0 ends the list.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProtoPort {
+    pub proto: u8,
+    pub _pad: u8,
+    /// Network byte order, as read from the packet.
+    pub port_be: u16,
+}
+
+/// Value of the `PROTECTED4` and `PROTECTED6` maps, keyed by destination address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Non-zero: every packet to the address is bound, whatever its protocol or port.
+    pub whole: u32,
+    pub ports: [ProtoPort; MAX_PORTS],
+}
+
+/// Block and dynamic allow maps hold IPv4 sources IPv4-mapped (`::ffff:a.b.c.d`), so one map
+/// serves both families and an IPv4 /n is a /96+n there.
+///
+/// Value of the block and dynamic allow maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Expiring {
+    /// CLOCK_MONOTONIC nanoseconds (`bpf_ktime_get_ns`) after which the entry is ignored;
+    /// 0 never expires. Checked by the program, so entries lapse even with no daemon.
+    pub expires_ns: u64,
+    /// Free text kept by the daemon is not stored in the kernel; this is a reason code.
+    pub reason: u32,
+    pub _pad: u32,
+}
+
+/// IPv4-mapped IPv6 form of an IPv4 address (network order in, 16 bytes out).
+#[inline(always)]
+pub const fn v4_mapped(addr: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3],
+    ]
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C) plain data with explicit padding and no pointers.
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for Expiring {}
+}

@@ -1,0 +1,200 @@
+//! ewsgate's XDP program: drops packets bound for a protected EWS endpoint unless their
+//! source is allowed, and passes everything else untouched.
+//!
+//! Order for bound packets: block set → allowed CIDR group → dynamic allow → drop.
+//! Every verdict lands in a per-CPU counter; nothing is logged on this path.
+#![no_std]
+#![no_main]
+
+mod parse;
+
+use aya_ebpf::{
+    bindings::{xdp_action, BPF_F_MMAPABLE},
+    helpers::bpf_ktime_get_ns,
+    macros::{map, xdp},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
+    programs::XdpContext,
+};
+use filter_common::{
+    Endpoint, Expiring, Reason, Settings, MAX_GROUPS, REASON_COUNT, TBL24_ROW, TBL24_ROWS,
+    TBL8_FLAG, TBL8_SIZE,
+};
+use parse::{Bound, Source};
+
+// Sizes marked "sized at load" are set by the daemon from its config before loading.
+#[map]
+static SETTINGS: Array<Settings> = Array::pinned(1, 0);
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(REASON_COUNT, 0);
+#[map]
+static GROUP_HITS: PerCpuArray<u64> = PerCpuArray::pinned(MAX_GROUPS as u32 + 1, 0);
+#[map]
+static PROTECTED4: HashMap<u32, Endpoint> = HashMap::pinned(256, 0);
+#[map]
+static PROTECTED6: HashMap<[u8; 16], Endpoint> = HashMap::pinned(256, 0);
+
+// IPv4 allow table, DIR-24-8, two buffers: the daemon fills the idle one through mmap and
+// flips `Settings::generation`, so a lookup sees the old set or the new one, never a mix.
+#[map]
+static TBL24_0: Array<[u32; TBL24_ROW]> = Array::pinned(TBL24_ROWS, BPF_F_MMAPABLE);
+#[map]
+static TBL24_1: Array<[u32; TBL24_ROW]> = Array::pinned(TBL24_ROWS, BPF_F_MMAPABLE);
+#[map]
+static TBL8_0: Array<[u32; TBL8_SIZE]> = Array::pinned(1, BPF_F_MMAPABLE); // sized at load
+#[map]
+static TBL8_1: Array<[u32; TBL8_SIZE]> = Array::pinned(1, BPF_F_MMAPABLE); // sized at load
+
+// IPv6 allow tries, one per generation, value = group id.
+#[map]
+static ALLOW6_0: LpmTrie<[u8; 16], u32> = LpmTrie::pinned(1, 0); // sized at load
+#[map]
+static ALLOW6_1: LpmTrie<[u8; 16], u32> = LpmTrie::pinned(1, 0); // sized at load
+
+// Dynamic entries, keyed by IPv4-mapped or IPv6 source.
+#[map]
+static BLOCK_EXACT: HashMap<[u8; 16], Expiring> = HashMap::pinned(1, 0); // sized at load
+#[map]
+static BLOCK_CIDR: LpmTrie<[u8; 16], Expiring> = LpmTrie::pinned(1, 0); // sized at load
+#[map]
+static ALLOW_EXACT: HashMap<[u8; 16], Expiring> = HashMap::pinned(1, 0); // sized at load
+#[map]
+static ALLOW_CIDR: LpmTrie<[u8; 16], Expiring> = LpmTrie::pinned(1, 0); // sized at load
+
+#[xdp]
+pub fn ewsgate_xdp(ctx: XdpContext) -> u32 {
+    // Without settings the maps were never set up: fail closed only for what we cannot
+    // classify, which is everything, so pass (the daemon fills SETTINGS before attaching).
+    let Some(settings) = SETTINGS.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    let reason = match parse::classify(&ctx) {
+        Bound::No => Reason::NotBound,
+        Bound::Malformed => Reason::Malformed,
+        Bound::Yes { source, fragment } => {
+            if fragment {
+                count(Reason::Fragment);
+            }
+            judge(settings, &source)
+        }
+    };
+    verdict(settings, reason)
+}
+
+/// Minimal program used by the benchmark as the cost floor.
+#[xdp]
+pub fn xdp_drop_floor(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
+}
+
+#[inline(always)]
+fn verdict(settings: &Settings, reason: Reason) -> u32 {
+    count(reason);
+    match reason {
+        Reason::Blocked | Reason::NotAllowed | Reason::Malformed => {
+            if settings.monitor != 0 {
+                count(Reason::MonitorPassed);
+                xdp_action::XDP_PASS
+            } else {
+                xdp_action::XDP_DROP
+            }
+        }
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn count(reason: Reason) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it, softirq context is not re-entered.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn judge(settings: &Settings, source: &Source) -> Reason {
+    let key = source.mapped();
+    if settings.block_exact != 0 && live(unsafe { BLOCK_EXACT.get(&key) }) {
+        return Reason::Blocked;
+    }
+    if settings.block_cidr != 0 && live(BLOCK_CIDR.get(Key::new(128, key))) {
+        return Reason::Blocked;
+    }
+    let group = match source {
+        Source::V4(addr) => group_v4(settings.generation, u32::from_be_bytes(*addr)),
+        Source::V6(addr) => group_v6(settings.generation, addr),
+    };
+    if group != 0 {
+        if let Some(slot) = GROUP_HITS.get_ptr_mut(group) {
+            // SAFETY: per-CPU slot, as in `count`.
+            unsafe { *slot += 1 };
+        }
+        return Reason::AllowGroup;
+    }
+    if settings.allow_exact != 0 && live(unsafe { ALLOW_EXACT.get(&key) }) {
+        return Reason::AllowDynamic;
+    }
+    if settings.allow_cidr != 0 && live(ALLOW_CIDR.get(Key::new(128, key))) {
+        return Reason::AllowDynamic;
+    }
+    Reason::NotAllowed
+}
+
+/// Expiry is checked here rather than only by the daemon's sweeper, so an entry lapses on
+/// time even while no daemon runs.
+#[inline(always)]
+fn live(entry: Option<&Expiring>) -> bool {
+    match entry {
+        Some(e) => e.expires_ns == 0 || unsafe { bpf_ktime_get_ns() } < e.expires_ns,
+        None => false,
+    }
+}
+
+/// DIR-24-8 lookup: one array read for prefixes up to /24, two for longer ones.
+#[inline(always)]
+fn group_v4(generation: u32, src: u32) -> u32 {
+    let idx = src >> 8;
+    let row = idx / TBL24_ROW as u32;
+    let col = (idx % TBL24_ROW as u32) as usize;
+    let entry = match if generation == 0 {
+        TBL24_0.get(row)
+    } else {
+        TBL24_1.get(row)
+    } {
+        Some(r) => r[col],
+        None => return 0,
+    };
+    if entry & TBL8_FLAG == 0 {
+        return entry;
+    }
+    let block = entry & !TBL8_FLAG;
+    let tbl8 = if generation == 0 {
+        TBL8_0.get(block)
+    } else {
+        TBL8_1.get(block)
+    };
+    match tbl8 {
+        Some(b) => b[(src & 0xff) as usize],
+        None => 0,
+    }
+}
+
+#[inline(always)]
+fn group_v6(generation: u32, src: &[u8; 16]) -> u32 {
+    let key = Key::new(128, *src);
+    let hit = if generation == 0 {
+        ALLOW6_0.get(key)
+    } else {
+        ALLOW6_1.get(key)
+    };
+    hit.copied().unwrap_or(0)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 4] = *b"GPL\0";

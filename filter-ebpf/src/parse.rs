@@ -1,0 +1,213 @@
+//! Header parsing with a byte cursor. Every read is preceded by a bounds check against
+//! `data_end`, and every loop is bounded by a named constant, as the verifier requires.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+use filter_common::{v4_mapped, Endpoint, MAX_IPV6_EXT, MAX_PORTS, MAX_VLAN_DEPTH};
+
+use crate::{PROTECTED4, PROTECTED6};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPV4_FRAG_OFFSET: u16 = 0x1fff;
+const IPV6_HLEN: usize = 40;
+// IPv6 extension headers we walk through.
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+const NEXTHDR_MOBILITY: u8 = 135;
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+
+pub enum Source {
+    V4([u8; 4]),
+    V6([u8; 16]),
+}
+
+impl Source {
+    /// The key for the dynamic maps, which hold IPv4 sources IPv4-mapped.
+    #[inline(always)]
+    pub fn mapped(&self) -> [u8; 16] {
+        match self {
+            Source::V4(a) => v4_mapped(*a),
+            Source::V6(a) => *a,
+        }
+    }
+}
+
+pub enum Bound {
+    /// Not for a protected endpoint, or not IP at all.
+    No,
+    /// Could be for a protected endpoint, but the headers that would tell are broken.
+    Malformed,
+    /// For a protected endpoint; `fragment` when judged by source alone.
+    Yes { source: Source, fragment: bool },
+}
+
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *const T)
+}
+
+#[inline(always)]
+fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
+    // SAFETY: ptr_at checked that size_of::<T>() bytes lie inside the packet.
+    ptr_at::<T>(ctx, off).map(|p| unsafe { p.read_unaligned() })
+}
+
+#[inline(always)]
+fn read_be16(ctx: &XdpContext, off: usize) -> Option<u16> {
+    read::<[u8; 2]>(ctx, off).map(u16::from_be_bytes)
+}
+
+#[inline(always)]
+pub fn classify(ctx: &XdpContext) -> Bound {
+    // A frame too short for its Ethernet or VLAN headers cannot be classified: drop.
+    let Some((proto, off)) = ethernet(ctx) else {
+        return Bound::Malformed;
+    };
+    match proto {
+        ETH_P_IP => ipv4(ctx, off),
+        ETH_P_IPV6 => ipv6(ctx, off),
+        _ => Bound::No,
+    }
+}
+
+/// Returns the ethertype after up to MAX_VLAN_DEPTH 802.1Q/802.1ad tags, and its offset.
+#[inline(always)]
+fn ethernet(ctx: &XdpContext) -> Option<(u16, usize)> {
+    let mut proto = read_be16(ctx, 12)?;
+    let mut off = ETH_HLEN;
+    for _ in 0..MAX_VLAN_DEPTH {
+        if proto != ETH_P_8021Q && proto != ETH_P_8021AD {
+            return Some((proto, off));
+        }
+        proto = read_be16(ctx, off + 2)?;
+        off += 4;
+    }
+    // Deeper tagging than we walk: the destination is unknown, so fail closed.
+    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        return None;
+    }
+    Some((proto, off))
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, off: usize) -> Bound {
+    let Some(hdr) = read::<[u8; 20]>(ctx, off) else {
+        return Bound::Malformed;
+    };
+    let dst = u32::from_ne_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]);
+    // SAFETY: the value is copied out at once; the map is only written by the daemon.
+    let Some(ep) = (unsafe { PROTECTED4.get(&dst) }).copied() else {
+        return Bound::No;
+    };
+    let ihl = ((hdr[0] & 0x0f) as usize) * 4;
+    if hdr[0] >> 4 != 4 || ihl < 20 {
+        return Bound::Malformed;
+    }
+    let source = Source::V4([hdr[12], hdr[13], hdr[14], hdr[15]]);
+    // Non-first fragments carry no ports (and their "ports" are payload): source alone.
+    if u16::from_be_bytes([hdr[6], hdr[7]]) & IPV4_FRAG_OFFSET != 0 {
+        return Bound::Yes {
+            source,
+            fragment: true,
+        };
+    }
+    if ptr_at::<u8>(ctx, off + ihl - 1).is_none() {
+        return Bound::Malformed; // options run past the end
+    }
+    l4(ctx, &ep, hdr[9], off + ihl, source)
+}
+
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, off: usize) -> Bound {
+    let Some(hdr) = read::<[u8; IPV6_HLEN]>(ctx, off) else {
+        return Bound::Malformed;
+    };
+    let mut dst = [0u8; 16];
+    dst.copy_from_slice(&hdr[24..40]);
+    // SAFETY: as in ipv4.
+    let Some(ep) = (unsafe { PROTECTED6.get(&dst) }).copied() else {
+        return Bound::No;
+    };
+    if hdr[0] >> 4 != 6 {
+        return Bound::Malformed;
+    }
+    let mut src = [0u8; 16];
+    src.copy_from_slice(&hdr[8..24]);
+    let source = Source::V6(src);
+    let mut next = hdr[6];
+    let mut cur = off + IPV6_HLEN;
+    for _ in 0..MAX_IPV6_EXT {
+        let len = match next {
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_MOBILITY => 8,
+            NEXTHDR_AUTH => 4,
+            // Any IPv6 fragment is judged by its source alone: fragmentation is no bypass.
+            NEXTHDR_FRAGMENT => {
+                return Bound::Yes {
+                    source,
+                    fragment: true,
+                }
+            }
+            _ => return l4(ctx, &ep, next, cur, source),
+        };
+        let Some(ext) = read::<[u8; 2]>(ctx, cur) else {
+            return Bound::Malformed;
+        };
+        next = ext[0];
+        // HOP/ROUTING/DEST/MH count 8-octet units beyond the first; AH counts 4-octet
+        // units minus 2.
+        let units = ext[1] as usize + if len == 8 { 1 } else { 2 };
+        cur += units * len;
+    }
+    Bound::Malformed // chain longer than we walk
+}
+
+/// Bound when the whole address is protected, or (protocol, destination port) is listed.
+#[inline(always)]
+fn l4(ctx: &XdpContext, ep: &Endpoint, proto: u8, off: usize, source: Source) -> Bound {
+    if ep.whole != 0 {
+        return Bound::Yes {
+            source,
+            fragment: false,
+        };
+    }
+    let complete = match proto {
+        IPPROTO_TCP => ptr_at::<[u8; TCP_HLEN]>(ctx, off).is_some(),
+        IPPROTO_UDP => ptr_at::<[u8; UDP_HLEN]>(ctx, off).is_some(),
+        _ => return Bound::No,
+    };
+    if !complete {
+        return Bound::Malformed; // a first fragment or packet cut inside its L4 header
+    }
+    let Some(dport) = read::<u16>(ctx, off + 2) else {
+        return Bound::Malformed;
+    };
+    for i in 0..MAX_PORTS {
+        let p = ep.ports[i];
+        if p.proto == 0 {
+            break;
+        }
+        if p.proto == proto && p.port_be == dport {
+            return Bound::Yes {
+                source,
+                fragment: false,
+            };
+        }
+    }
+    Bound::No
+}

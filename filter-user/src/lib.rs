@@ -1,0 +1,10 @@
+//! ewsgate: an EWS firewall filter. The XDP program drops packets bound for a protected
+//! endpoint unless their source is allowed; this crate loads it, keeps its maps, and
+//! offers the daemon and the CLI that drive it.
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod maps;
+pub mod tables;
+pub mod xdp;

@@ -1,0 +1,290 @@
+//! The `ewsgate` command: the daemon (`run`) and the CLI that talks to it.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+use ewsgate::{
+    config::{self, Config, DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_DIR},
+    control::{self, Request, Response, Status},
+    maps::List,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "ewsgate",
+    version,
+    about = "EWS firewall filter: XDP packet layer and its control"
+)]
+struct Cli {
+    /// Config file; its control_socket and pin_dir are used by the other commands too.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    /// Control socket (overrides the config's).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load, attach and keep the filter (needs --config).
+    Run,
+    /// Check a config file and exit.
+    Check,
+    /// Interfaces, mode, entry counts and counters per reason and group.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read the config file now (as SIGHUP does).
+    Reload,
+    /// Sources whose packets to the protected endpoints are always dropped.
+    Block {
+        #[command(subcommand)]
+        action: EntryAction,
+    },
+    /// Temporary allows on top of the source groups.
+    Allow {
+        #[command(subcommand)]
+        action: EntryAction,
+    },
+    /// Stop the daemon and remove the program, its links and maps.
+    Detach {
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum EntryAction {
+    Add {
+        /// An address or a CIDR.
+        net: String,
+        /// Lifetime: 90, 90s, 15m, 2h or 1d. Without it the entry stays until removed.
+        #[arg(long)]
+        ttl: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    Del {
+        net: String,
+    },
+    List,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ewsgate: {}", chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes, skipping a cause whose text its parent already shows.
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let config_path = cli.config.clone();
+    let need_config = || {
+        config_path
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("--config FILE is required"))
+    };
+    match cli.command {
+        Command::Run => ewsgate::daemon::run(&need_config()?),
+        Command::Check => {
+            let c = Config::load(&need_config()?)?;
+            println!(
+                "ok: {} source groups, {} prefixes, {} protected addresses",
+                c.groups.len(),
+                c.prefix_count(),
+                c.protect.len()
+            );
+            Ok(())
+        }
+        Command::Status { json } => {
+            let status = match ask(&cli, &Request::Status)? {
+                Response::Status(s) => s,
+                other => anyhow::bail!("unexpected answer: {other:?}"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+            Ok(())
+        }
+        Command::Reload => print_ok(ask(&cli, &Request::Reload)?),
+        Command::Block { ref action } => entries(&cli, List::Block, action),
+        Command::Allow { ref action } => entries(&cli, List::Allow, action),
+        Command::Detach { ref pin_dir } => detach(&cli, pin_dir.clone()),
+    }
+}
+
+fn socket_of(cli: &Cli) -> anyhow::Result<PathBuf> {
+    if let Some(s) = &cli.socket {
+        return Ok(s.clone());
+    }
+    match &cli.config {
+        Some(path) => Ok(Config::load(path)?.xdp.control_socket),
+        None => Ok(DEFAULT_CONTROL_SOCKET.into()),
+    }
+}
+
+fn ask(cli: &Cli, req: &Request) -> anyhow::Result<Response> {
+    Ok(control::request(&socket_of(cli)?, req)?)
+}
+
+fn print_ok(r: Response) -> anyhow::Result<()> {
+    match r {
+        Response::Ok { message } => {
+            println!("{message}");
+            Ok(())
+        }
+        Response::Error { message } => anyhow::bail!("{message}"),
+        other => anyhow::bail!("unexpected answer: {other:?}"),
+    }
+}
+
+fn entries(cli: &Cli, list: List, action: &EntryAction) -> anyhow::Result<()> {
+    let net = |s: &str| config::parse_cidr(s).map_err(anyhow::Error::msg);
+    let req = match action {
+        EntryAction::Add {
+            net: n,
+            ttl,
+            reason,
+        } => Request::Add {
+            list,
+            net: net(n)?,
+            ttl_secs: ttl.as_deref().map(parse_ttl).transpose()?,
+            reason: reason.clone(),
+        },
+        EntryAction::Del { net: n } => Request::Del { list, net: net(n)? },
+        EntryAction::List => Request::List { list },
+    };
+    match ask(cli, &req)? {
+        Response::Entries { entries } => {
+            for e in entries {
+                let ttl = e
+                    .ttl_left
+                    .map_or("permanent".to_string(), |s| format!("{s}s left"));
+                println!(
+                    "{:<45} {:<14} {}",
+                    e.net.to_string(),
+                    ttl,
+                    e.reason.unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        other => print_ok(other),
+    }
+}
+
+fn parse_ttl(text: &str) -> anyhow::Result<u64> {
+    let (digits, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => anyhow::bail!("--ttl {text}: expected a number with s, m, h or d"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--ttl {text}: expected a number with s, m, h or d"))?;
+    match n.checked_mul(scale) {
+        Some(s) if s > 0 && s <= 366 * 86400 => Ok(s),
+        _ => anyhow::bail!("--ttl {text}: must be between 1 second and 366 days"),
+    }
+}
+
+fn detach(cli: &Cli, pin_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let pin_dir = match (pin_dir, &cli.config) {
+        (Some(d), _) => d,
+        (None, Some(path)) => Config::load(path)?.xdp.pin_dir,
+        (None, None) => DEFAULT_PIN_DIR.into(),
+    };
+    // Stop a running daemon first, or it would keep the program attached through its fds.
+    if let Ok(socket) = socket_of(cli) {
+        if let Ok(Response::Ok { .. }) = control::request(&socket, &Request::Shutdown) {
+            for _ in 0..50 {
+                if !socket.exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    }
+    let detached = ewsgate::xdp::detach(&pin_dir)?;
+    println!(
+        "detached from {}; pins under {} removed",
+        if detached.is_empty() {
+            "no interface".into()
+        } else {
+            detached.join(", ")
+        },
+        pin_dir.display()
+    );
+    Ok(())
+}
+
+fn print_status(s: &Status) {
+    println!("config       {}", s.config);
+    println!("pins         {} ({})", s.pin_dir, s.start);
+    println!(
+        "mode         {}",
+        if s.monitor {
+            "MONITOR (counting, dropping nothing)"
+        } else {
+            "enforcing"
+        }
+    );
+    for (iface, mode) in &s.interfaces {
+        println!("interface    {iface} ({mode})");
+    }
+    for p in &s.protected {
+        println!("protected    {p}");
+    }
+    println!(
+        "prefixes     {} IPv4, {} IPv6 (generation {})",
+        s.prefixes_v4, s.prefixes_v6, s.generation
+    );
+    println!(
+        "dynamic      {} blocked, {} allowed",
+        s.block_entries, s.allow_entries
+    );
+    println!("last reload  {}", s.last_reload);
+    println!("counters");
+    for (name, n) in &s.counters {
+        println!("  {name:<20} {n}");
+    }
+    println!("groups (packets passed)");
+    for (name, n) in &s.groups {
+        println!("  {name:<20} {n}");
+    }
+}

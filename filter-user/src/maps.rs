@@ -1,0 +1,551 @@
+//! The XDP program's maps, seen from user space: typed handles, the mmap'd IPv4 tables, the
+//! generation flip that makes a reload atomic, and the dynamic block and allow entries.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    os::fd::{AsFd, AsRawFd},
+    thread,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
+    Ebpf,
+};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use filter_common::{
+    v4_mapped, Endpoint, Expiring, ProtoPort, Reason, Settings, MAX_GROUPS, TBL24_ENTRIES,
+    TBL8_SIZE,
+};
+
+use crate::{
+    config::{Config, Protected},
+    tables::{self, TableError},
+};
+
+/// How long a buffer generation must have been idle before it is rewritten. An XDP run lasts
+/// microseconds; this leaves packets that read the old generation ample time to finish.
+const GENERATION_GRACE: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {0} is missing from the eBPF object")]
+    Missing(&'static str),
+    #[error("mmap of map {name}: {source}")]
+    Mmap {
+        name: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Table(#[from] TableError),
+    #[error("the {0} map is full (xdp.capacity.dynamic_entries)")]
+    Full(&'static str),
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
+    move |source| MapsError::Map { name, source }
+}
+
+/// Which dynamic set an entry belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum List {
+    Block,
+    Allow,
+}
+
+impl List {
+    fn names(self) -> (&'static str, &'static str) {
+        match self {
+            List::Block => ("BLOCK_EXACT", "BLOCK_CIDR"),
+            List::Allow => ("ALLOW_EXACT", "ALLOW_CIDR"),
+        }
+    }
+}
+
+/// A dynamic entry as the CLI lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub net: IpNet,
+    /// Seconds left, or None for entries that never expire.
+    pub ttl_left: Option<u64>,
+}
+
+/// A shared-memory view of a `BPF_F_MMAPABLE` array map.
+struct Mmap {
+    _map: MapData,
+    ptr: *mut u32,
+    len: usize,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is owned by this struct and only touched through &mut self.
+unsafe impl Send for Mmap {}
+
+impl Mmap {
+    fn new(name: &'static str, map: MapData, bytes: usize) -> Result<Mmap, MapsError> {
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: a fresh shared mapping of a map fd; the kernel checks size and flags.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(MapsError::Mmap {
+                name,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(Mmap {
+            _map: map,
+            ptr: ptr.cast(),
+            len: bytes / 4,
+            bytes,
+        })
+    }
+
+    fn slice(&mut self) -> &mut [u32] {
+        // SAFETY: ptr/len describe the live mapping created in `new`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Mmap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.bytes) };
+    }
+}
+
+struct Generation {
+    tbl24: Mmap,
+    tbl8: Mmap,
+    allow6: LpmTrie<MapData, [u8; 16], u32>,
+}
+
+pub struct Maps {
+    settings: Array<MapData, Settings>,
+    counters: PerCpuArray<MapData, u64>,
+    group_hits: PerCpuArray<MapData, u64>,
+    protected4: HashMap<MapData, u32, Endpoint>,
+    protected6: HashMap<MapData, [u8; 16], Endpoint>,
+    generations: [Generation; 2],
+    exact: [HashMap<MapData, [u8; 16], Expiring>; 2],
+    cidr: [LpmTrie<MapData, [u8; 16], Expiring>; 2],
+    last_flip: Option<Instant>,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, MapsError> {
+    let map = ebpf.take_map(name).ok_or(MapsError::Missing(name))?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+fn generation(ebpf: &mut Ebpf, g: usize, tbl8_blocks: u32) -> Result<Generation, MapsError> {
+    let [t24, t8, a6] = [
+        ["TBL24_0", "TBL24_1"][g],
+        ["TBL8_0", "TBL8_1"][g],
+        ["ALLOW6_0", "ALLOW6_1"][g],
+    ];
+    let tbl24 = Mmap::new(t24, raw_array(ebpf, t24)?, TBL24_ENTRIES as usize * 4)?;
+    let tbl8 = Mmap::new(
+        t8,
+        raw_array(ebpf, t8)?,
+        tbl8_blocks as usize * TBL8_SIZE * 4,
+    )?;
+    Ok(Generation {
+        tbl24,
+        tbl8,
+        allow6: take(ebpf, a6)?,
+    })
+}
+
+/// The untyped map, for mmap. The mapping holds its own reference to the map, so dropping
+/// the fd afterwards is fine.
+fn raw_array(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, MapsError> {
+    match ebpf.take_map(name) {
+        Some(aya::maps::Map::Array(data)) => Ok(data),
+        Some(_) => Err(MapsError::Map {
+            name,
+            source: MapError::InvalidName { name: name.into() },
+        }),
+        None => Err(MapsError::Missing(name)),
+    }
+}
+
+impl Maps {
+    /// Takes the maps out of a loaded object. `tbl8_blocks` is the live size of TBL8_*.
+    pub fn new(ebpf: &mut Ebpf, tbl8_blocks: u32) -> Result<Maps, MapsError> {
+        Ok(Maps {
+            settings: take(ebpf, "SETTINGS")?,
+            counters: take(ebpf, "COUNTERS")?,
+            group_hits: take(ebpf, "GROUP_HITS")?,
+            protected4: take(ebpf, "PROTECTED4")?,
+            protected6: take(ebpf, "PROTECTED6")?,
+            generations: [
+                generation(ebpf, 0, tbl8_blocks)?,
+                generation(ebpf, 1, tbl8_blocks)?,
+            ],
+            exact: [take(ebpf, "BLOCK_EXACT")?, take(ebpf, "ALLOW_EXACT")?],
+            cidr: [take(ebpf, "BLOCK_CIDR")?, take(ebpf, "ALLOW_CIDR")?],
+            last_flip: None,
+        })
+    }
+
+    pub fn settings(&self) -> Result<Settings, MapsError> {
+        self.settings.get(&0, 0).map_err(map_err("SETTINGS"))
+    }
+
+    fn set_settings(&mut self, s: Settings) -> Result<(), MapsError> {
+        self.settings.set(0, s, 0).map_err(map_err("SETTINGS"))
+    }
+
+    pub fn set_monitor(&mut self, monitor: bool) -> Result<(), MapsError> {
+        let mut s = self.settings()?;
+        s.monitor = monitor as u32;
+        self.set_settings(s)
+    }
+
+    /// Fills the idle generation with the config's source groups and makes it live with one
+    /// map write. Errors leave the live generation untouched.
+    pub fn load_groups(&mut self, config: &Config) -> Result<(), MapsError> {
+        let v6 = tables::v6_prefixes(&config.groups, config.xdp.capacity.ipv6_prefixes as usize)?;
+        if let Some(flip) = self.last_flip {
+            thread::sleep(GENERATION_GRACE.saturating_sub(flip.elapsed()));
+        }
+        let live = self.settings()?.generation as usize & 1;
+        let idle = &mut self.generations[1 - live];
+        tables::build_v4(&config.groups, idle.tbl24.slice(), idle.tbl8.slice())?;
+        replace_v6(&mut idle.allow6, &v6)?;
+        let mut s = self.settings()?;
+        s.generation = (1 - live) as u32;
+        self.set_settings(s)?;
+        self.last_flip = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Makes PROTECTED4/6 hold exactly the config's endpoints. New ones are added before old
+    /// ones are removed, so an address protected before and after never passes unjudged.
+    pub fn load_protected(&mut self, protect: &[Protected]) -> Result<(), MapsError> {
+        let mut want4 = BTreeMap::new();
+        let mut want6 = BTreeMap::new();
+        for p in protect {
+            match p.addr {
+                IpAddr::V4(a) => want4.insert(u32::from_ne_bytes(a.octets()), endpoint(p)),
+                IpAddr::V6(a) => want6.insert(a.octets(), endpoint(p)),
+            };
+        }
+        for (k, v) in &want4 {
+            self.protected4
+                .insert(k, v, 0)
+                .map_err(map_err("PROTECTED4"))?;
+        }
+        for (k, v) in &want6 {
+            self.protected6
+                .insert(k, v, 0)
+                .map_err(map_err("PROTECTED6"))?;
+        }
+        let stale4: Vec<u32> = self
+            .protected4
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want4.contains_key(k))
+            .collect();
+        for k in stale4 {
+            self.protected4.remove(&k).map_err(map_err("PROTECTED4"))?;
+        }
+        let stale6: Vec<[u8; 16]> = self
+            .protected6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want6.contains_key(k))
+            .collect();
+        for k in stale6 {
+            self.protected6.remove(&k).map_err(map_err("PROTECTED6"))?;
+        }
+        Ok(())
+    }
+
+    /// Sums the per-CPU counters, one value per `Reason`.
+    pub fn counters(&self) -> Result<Vec<(Reason, u64)>, MapsError> {
+        Reason::ALL
+            .iter()
+            .map(|r| {
+                Ok((
+                    *r,
+                    sum(self
+                        .counters
+                        .get(&(*r as u32), 0)
+                        .map_err(map_err("COUNTERS"))?),
+                ))
+            })
+            .collect()
+    }
+
+    /// Packets passed per group id (index 0 is unused).
+    pub fn group_hits(&self) -> Result<Vec<u64>, MapsError> {
+        (0..=MAX_GROUPS as u32)
+            .map(|i| {
+                Ok(sum(self
+                    .group_hits
+                    .get(&i, 0)
+                    .map_err(map_err("GROUP_HITS"))?))
+            })
+            .collect()
+    }
+
+    /// Zeroes the per-group counters (group ids change meaning when the groups change).
+    pub fn reset_group_hits(&mut self) -> Result<(), MapsError> {
+        let cpus = nr_cpus().map_err(|(_, e)| MapsError::Map {
+            name: "GROUP_HITS",
+            source: MapError::IoError(e),
+        })?;
+        for i in 0..=MAX_GROUPS as u32 {
+            let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(|e| MapsError::Map {
+                name: "GROUP_HITS",
+                source: MapError::IoError(e),
+            })?;
+            self.group_hits
+                .set(i, zeros, 0)
+                .map_err(map_err("GROUP_HITS"))?;
+        }
+        Ok(())
+    }
+
+    pub fn add(&mut self, list: List, net: IpNet, ttl: Option<Duration>) -> Result<(), MapsError> {
+        let (exact_name, cidr_name) = list.names();
+        let value = Expiring {
+            expires_ns: ttl.map_or(0, |t| {
+                monotonic_ns().saturating_add(t.as_nanos() as u64).max(1)
+            }),
+            reason: 0,
+            _pad: 0,
+        };
+        // Counts go up before the insert and down after a removal, so the program never
+        // skips a map that holds entries.
+        let mut s = self.settings()?;
+        let i = list as usize;
+        if is_host(&net) {
+            let key = key_of(&net);
+            if self.exact[i].get(&key, 0).is_err() {
+                *exact_count(&mut s, list) += 1;
+                self.set_settings(s)?;
+            }
+            self.exact[i]
+                .insert(key, value, 0)
+                .map_err(|e| full_or(exact_name, e))?;
+        } else {
+            let key = lpm_key(&net);
+            if self.cidr[i].get(&key, 0).is_err() {
+                *cidr_count(&mut s, list) += 1;
+                self.set_settings(s)?;
+            }
+            self.cidr[i]
+                .insert(&key, value, 0)
+                .map_err(|e| full_or(cidr_name, e))?;
+        }
+        Ok(())
+    }
+
+    /// Returns whether the entry existed.
+    pub fn remove(&mut self, list: List, net: IpNet) -> Result<bool, MapsError> {
+        let i = list as usize;
+        let removed = if is_host(&net) {
+            self.exact[i].remove(&key_of(&net)).is_ok()
+        } else {
+            self.cidr[i].remove(&lpm_key(&net)).is_ok()
+        };
+        if removed {
+            self.recount()?;
+        }
+        Ok(removed)
+    }
+
+    pub fn list(&self, list: List) -> Vec<Entry> {
+        let i = list as usize;
+        let now = monotonic_ns();
+        let mut out: Vec<Entry> = self.exact[i]
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (net_of(&k, 128), v))
+            .chain(
+                self.cidr[i]
+                    .iter()
+                    .filter_map(Result::ok)
+                    .map(|(k, v)| (net_of(&k.data(), k.prefix_len()), v)),
+            )
+            .filter(|(_, v)| v.expires_ns == 0 || v.expires_ns > now)
+            .map(|(net, v)| Entry {
+                net,
+                ttl_left: (v.expires_ns != 0).then(|| (v.expires_ns - now).div_ceil(1_000_000_000)),
+            })
+            .collect();
+        out.sort_by_key(|e| e.net);
+        out
+    }
+
+    /// Deletes expired dynamic entries (the program already ignores them) and fixes the counts.
+    pub fn sweep(&mut self) -> Result<usize, MapsError> {
+        let now = monotonic_ns();
+        let expired = |v: &Expiring| v.expires_ns != 0 && v.expires_ns <= now;
+        let mut removed = 0;
+        for i in 0..2 {
+            let keys: Vec<[u8; 16]> = self.exact[i]
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, v)| expired(v))
+                .map(|(k, _)| k)
+                .collect();
+            for k in keys {
+                removed += self.exact[i].remove(&k).is_ok() as usize;
+            }
+            let keys: Vec<Key<[u8; 16]>> = self.cidr[i]
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, v)| expired(v))
+                .map(|(k, _)| k)
+                .collect();
+            for k in keys {
+                removed += self.cidr[i].remove(&k).is_ok() as usize;
+            }
+        }
+        if removed > 0 {
+            self.recount()?;
+        }
+        Ok(removed)
+    }
+
+    /// Recomputes the entry counts the program uses to skip empty maps.
+    pub fn recount(&mut self) -> Result<(), MapsError> {
+        let mut s = self.settings()?;
+        s.block_exact = self.exact[0].keys().count() as u32;
+        s.allow_exact = self.exact[1].keys().count() as u32;
+        s.block_cidr = self.cidr[0].keys().count() as u32;
+        s.allow_cidr = self.cidr[1].keys().count() as u32;
+        self.set_settings(s)
+    }
+}
+
+fn sum(values: PerCpuValues<u64>) -> u64 {
+    values.iter().sum()
+}
+
+fn full_or(name: &'static str, e: MapError) -> MapsError {
+    match &e {
+        MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
+            MapsError::Full(name)
+        }
+        _ => MapsError::Map { name, source: e },
+    }
+}
+
+fn replace_v6(
+    trie: &mut LpmTrie<MapData, [u8; 16], u32>,
+    want: &[(ipnet::Ipv6Net, u32)],
+) -> Result<(), MapsError> {
+    let wanted: std::collections::HashSet<(u32, [u8; 16])> = want
+        .iter()
+        .map(|(n, _)| (n.prefix_len() as u32, n.network().octets()))
+        .collect();
+    let stale: Vec<Key<[u8; 16]>> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
+        .collect();
+    for k in stale {
+        trie.remove(&k).map_err(map_err("ALLOW6"))?;
+    }
+    for (n, g) in want {
+        let key = Key::new(n.prefix_len() as u32, n.network().octets());
+        trie.insert(&key, g, 0).map_err(|e| full_or("ALLOW6", e))?;
+    }
+    Ok(())
+}
+
+fn endpoint(p: &Protected) -> Endpoint {
+    let mut ep = Endpoint {
+        whole: p.ports.is_empty() as u32,
+        ..Default::default()
+    };
+    for (slot, (proto, port)) in ep.ports.iter_mut().zip(&p.ports) {
+        *slot = ProtoPort {
+            proto: *proto,
+            _pad: 0,
+            port_be: port.to_be(),
+        };
+    }
+    ep
+}
+
+fn exact_count(s: &mut Settings, list: List) -> &mut u32 {
+    match list {
+        List::Block => &mut s.block_exact,
+        List::Allow => &mut s.allow_exact,
+    }
+}
+
+fn cidr_count(s: &mut Settings, list: List) -> &mut u32 {
+    match list {
+        List::Block => &mut s.block_cidr,
+        List::Allow => &mut s.allow_cidr,
+    }
+}
+
+fn is_host(net: &IpNet) -> bool {
+    net.prefix_len() == net.max_prefix_len()
+}
+
+/// 16-byte key: IPv4 addresses IPv4-mapped, as the program builds them.
+pub fn key_of(net: &IpNet) -> [u8; 16] {
+    match net {
+        IpNet::V4(n) => v4_mapped(n.network().octets()),
+        IpNet::V6(n) => n.network().octets(),
+    }
+}
+
+fn lpm_key(net: &IpNet) -> Key<[u8; 16]> {
+    let len = match net {
+        IpNet::V4(n) => 96 + n.prefix_len() as u32,
+        IpNet::V6(n) => n.prefix_len() as u32,
+    };
+    Key::new(len, key_of(net))
+}
+
+fn net_of(key: &[u8; 16], len: u32) -> IpNet {
+    let v6 = std::net::Ipv6Addr::from(*key);
+    match v6.to_ipv4_mapped() {
+        Some(v4) if len >= 96 => {
+            IpNet::new(IpAddr::V4(v4), (len - 96) as u8).unwrap_or(IpNet::from(IpAddr::V4(v4)))
+        }
+        _ => IpNet::new(IpAddr::V6(v6), len.min(128) as u8).unwrap_or(IpNet::from(IpAddr::V6(v6))),
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
