@@ -254,7 +254,8 @@ impl Gate {
         Ok(gate)
     }
 
-    fn program(&mut self) -> Result<&mut Xdp, XdpError> {
+    /// The loaded program, for BPF_PROG_TEST_RUN in tests and benchmarks.
+    pub fn program(&mut self) -> Result<&mut Xdp, XdpError> {
         program(&mut self.ebpf)
     }
 
