@@ -54,8 +54,11 @@ struct Worker {
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     let socket = config.xdp.control_socket.clone();
-    let listener = bind_control(&socket)?;
+    refuse_second_daemon(&socket)?;
     let gate = Gate::open(&config).context("setting up XDP")?;
+    // The socket appears only once the filter is attached and filled: callers may take its
+    // presence as "ewsgate is enforcing".
+    let listener = bind_control(&socket)?;
     info!(start = ?gate.start, interfaces = ?gate.attached, prefixes = config.prefix_count(), "ewsgate running");
     let notes_path = socket.with_extension("notes.json");
     let notes = load_notes(&notes_path);
@@ -87,14 +90,18 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     result
 }
 
+fn refuse_second_daemon(socket: &Path) -> anyhow::Result<()> {
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        anyhow::bail!("another ewsgate daemon answers on {}", socket.display());
+    }
+    Ok(())
+}
+
 fn bind_control(socket: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
     if let Some(dir) = socket.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-        anyhow::bail!("another ewsgate daemon answers on {}", socket.display());
-    }
-    let _ = fs::remove_file(socket);
+    let _ = fs::remove_file(socket); // stale: refuse_second_daemon found nobody answering
     let listener = std::os::unix::net::UnixListener::bind(socket)
         .with_context(|| format!("binding {}", socket.display()))?;
     fs::set_permissions(socket, fs::Permissions::from_mode(0o600))?;
