@@ -1,1 +1,222 @@
-fn main() {}
+//! Developer commands: `cargo xtask setup | build | test | demo | bench [xdp]`.
+//!
+//! This crate depends on nothing that needs the eBPF toolchain, so `cargo xtask setup` builds
+//! on a machine that has only Rust, gcc and apt.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+/// Debian packages: LLVM 22 for bpf-linker, and the tools the tests, demo and bench drive.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+    "netsniff-ng",
+    "xdp-tools",
+    "nftables",
+    "bpftool",
+];
+const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing (apt packages, nightly rust-src, bpf-linker). Idempotent.
+    Setup,
+    /// Build the ewsgate binary (with its XDP object).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test: unit tests, BPF_PROG_TEST_RUN tests and the namespace labs (root).
+    Test,
+    /// Build a lab of namespaces, run ewsgate on it, send traffic, print what happened.
+    Demo,
+    /// Benchmarks against the peers, written to target/bench/*.json.
+    Bench {
+        #[arg(default_value = "xdp")]
+        suite: String,
+    },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Setup => setup(),
+        Cmd::Build { release } => {
+            setup()?;
+            build(release).map(|_| ())
+        }
+        Cmd::Test => {
+            setup()?;
+            test()
+        }
+        Cmd::Demo => {
+            setup()?;
+            let bin = build(false)?;
+            cargo(
+                &["run", "--quiet", "-p", "tests", "--bin", "ewsgate-demo"],
+                &[("EWSGATE_BIN", &bin)],
+            )
+        }
+        Cmd::Bench { suite } => {
+            setup()?;
+            let bin = build(true)?;
+            cargo(
+                &[
+                    "run",
+                    "--release",
+                    "--quiet",
+                    "-p",
+                    "tests",
+                    "--bin",
+                    "ewsgate-bench",
+                    "--",
+                    &suite,
+                ],
+                &[("EWSGATE_BIN", &bin)],
+            )
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// PATH with LLVM 22 and cargo's bin directory first, so bpf-linker finds its LLVM.
+fn path_env() -> String {
+    let home = env::var("CARGO_HOME")
+        .unwrap_or_else(|_| format!("{}/.cargo", env::var("HOME").unwrap_or_default()));
+    format!(
+        "{LLVM_BIN}:{home}/bin:{}",
+        env::var("PATH").unwrap_or_default()
+    )
+}
+
+fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{cmd:?}");
+    let st = cmd.status().with_context(|| format!("running {shown}"))?;
+    if !st.success() {
+        bail!("{shown} failed: {st}");
+    }
+    Ok(())
+}
+
+fn quiet_ok(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn setup() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output();
+            !out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("setup: installing {}", missing.join(" "));
+        status(Command::new("apt-get").arg("update").arg("-qq"))?;
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    let src = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()?;
+    if !String::from_utf8_lossy(&src.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
+        eprintln!("setup: adding rust-src to the nightly toolchain");
+        status(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    if !quiet_ok(
+        Command::new("bpf-linker")
+            .arg("--version")
+            .env("PATH", path_env()),
+    ) {
+        eprintln!("setup: building bpf-linker against LLVM 22");
+        status(
+            Command::new("cargo")
+                .args([
+                    "install",
+                    "--locked",
+                    "bpf-linker",
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
+                .env("PATH", path_env()),
+        )?;
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str], envs: &[(&str, &Path)]) -> anyhow::Result<()> {
+    let mut cmd = Command::new("cargo");
+    cmd.args(args).current_dir(root()).env("PATH", path_env());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    status(&mut cmd)
+}
+
+/// Builds `ewsgate` and returns the binary's path.
+fn build(release: bool) -> anyhow::Result<PathBuf> {
+    let mut args = vec!["build", "--quiet", "-p", "filter-user", "--bin", "ewsgate"];
+    if release {
+        args.push("--release");
+    }
+    cargo(&args, &[])?;
+    let bin = root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("ewsgate");
+    Ok(bin.canonicalize().unwrap_or(bin))
+}
+
+fn test() -> anyhow::Result<()> {
+    let bin = build(false)?;
+    // Two threads: each lab test runs several namespaces and a daemon; two cores here.
+    cargo(
+        &["test", "--workspace", "--", "--test-threads=2"],
+        &[("EWSGATE_BIN", &bin)],
+    )
+}
