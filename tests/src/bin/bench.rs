@@ -1,1 +1,580 @@
-fn main() {}
+//! `cargo xtask bench xdp`: ewsgate's XDP program against its peers, all measured in one run
+//! on this machine, written to target/bench/xdp.json and printed as a table.
+//!
+//! - ns per packet through BPF_PROG_TEST_RUN (1,000,000 repeats) at 10, 1,000 and 100,000
+//!   prefixes, for ewsgate, a minimal XDP_DROP program (the floor) and xdp-filter;
+//! - a SYN flood over veth with trafgen, packets per second dropped by ewsgate, nftables
+//!   (netdev ingress, interval set), xdp-filter and the floor;
+//! - the reload time at 100,000 prefixes.
+//!
+//! Frames carry documentation addresses only; the flood stays on a veth pair between two
+//! namespaces this program creates and removes.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::Instant,
+};
+
+use anyhow::{bail, Context};
+use aya::{
+    maps::{Map, MapData, PerCpuHashMap, PerCpuValues},
+    programs::{TestRun, TestRunOptions, Xdp, XdpMode},
+    util::nr_cpus,
+    EbpfLoader,
+};
+use ewsgate::{config::Config, xdp::Gate};
+use serde_json::{json, Value};
+use tests::{
+    lab::{sh, tag, BpfFs, Daemon, Netns},
+    packet::{frame, Ext, TCP},
+};
+
+const REPEAT: u32 = 1_000_000;
+const SIZES: [usize; 3] = [10, 1_000, 100_000];
+/// xdp-filter's maps hold 10,000 exact addresses at most.
+const XDP_FILTER_MAX: usize = 10_000;
+const FLOOD_PACKETS: u64 = 2_000_000;
+const FLOOD_ROUNDS: usize = 2;
+
+fn main() -> anyhow::Result<()> {
+    let suite = std::env::args().nth(1).unwrap_or_else(|| "xdp".into());
+    if suite != "xdp" {
+        bail!("unknown bench suite '{suite}' (known: xdp)");
+    }
+    let mut rows = Vec::new();
+    test_run_rows(&mut rows)?;
+    flood_rows(&mut rows)?;
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    fs::create_dir_all(&out)?;
+    fs::write(out.join("xdp.json"), serde_json::to_string_pretty(&rows)?)?;
+    print_table(&rows);
+    println!("\nwritten to target/bench/xdp.json");
+    Ok(())
+}
+
+fn row(measure: &str, subject: &str, prefixes: usize, value: f64, unit: &str) -> Value {
+    json!({"measure": measure, "subject": subject, "prefixes": prefixes, "value": value, "unit": unit})
+}
+
+/// The allow list at size `n`: the lab's groups, one /32 and one /128 next to the
+/// adversarial sources, then dense /24s, /32s and /128s. Never sent as traffic.
+fn prefixes(n: usize) -> Vec<String> {
+    let mut out: Vec<String> = [
+        "198.51.100.0/25",
+        "2001:db8:100::/64",
+        "203.0.113.1/32",
+        "2001:db8:300::1/128",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let rest = n.saturating_sub(out.len());
+    let v6 = rest / 5;
+    let v4_32 = (rest - v6) / 2;
+    let v4_24 = rest - v6 - v4_32;
+    out.extend(
+        (0..v4_24).map(|i| format!("{}/24", Ipv4Addr::from(0x1400_0000u32 + ((i as u32) << 8)))),
+    );
+    out.extend((0..v4_32).map(|i| format!("{}/32", Ipv4Addr::from(0x6440_0000u32 + i as u32))));
+    out.extend((0..v6).map(|i| format!("2001:db8:1000::{:x}:{:x}/128", i >> 16, i & 0xffff)));
+    out
+}
+
+fn write_prefixes(dir: &Path, n: usize) -> anyhow::Result<PathBuf> {
+    let path = dir.join(format!("prefixes-{n}.txt"));
+    fs::write(&path, prefixes(n).join("\n"))?;
+    Ok(path)
+}
+
+fn config_text(pin_dir: &Path, socket: &Path, list: &Path, interfaces: &str) -> String {
+    format!(
+        r#"[xdp]
+interfaces = [{interfaces}]
+mode = "native"
+pin_dir = "{}"
+control_socket = "{}"
+[xdp.capacity]
+long_prefix_blocks = 4096
+ipv6_prefixes = 65536
+[[protect]]
+address = "192.0.2.10"
+ports = ["tcp/443"]
+[[protect]]
+address = "2001:db8:10::10"
+ports = ["tcp/443"]
+[sources.bench]
+files = ["{}"]
+"#,
+        pin_dir.display(),
+        socket.display(),
+        list.display()
+    )
+}
+
+/// The frames measured, by name.
+fn packets() -> Vec<(&'static str, Vec<u8>)> {
+    let chain = [Ext::HopByHop, Ext::DestOpts, Ext::Routing];
+    vec![
+        ("allowed_v4", frame("198.51.100.10", "192.0.2.10").build()),
+        ("dropped_v4", frame("203.0.113.50", "192.0.2.10").build()),
+        (
+            "ipv6_ext_allowed",
+            frame("2001:db8:100::10", "2001:db8:10::10")
+                .ext(&chain)
+                .build(),
+        ),
+        (
+            "ipv6_ext_dropped",
+            frame("2001:db8:300::50", "2001:db8:10::10")
+                .ext(&chain)
+                .build(),
+        ),
+        (
+            "not_bound",
+            frame("203.0.113.50", "192.0.2.10").port(TCP, 80).build(),
+        ),
+        // Sources sharing 31 and 127 bits with allowed entries: a trie's deepest walk.
+        ("adversarial_v4", frame("203.0.113.0", "192.0.2.10").build()),
+        (
+            "adversarial_v6",
+            frame("2001:db8:300::", "2001:db8:10::10").build(),
+        ),
+    ]
+}
+
+fn test_run_ns(prog: &Xdp, data: &[u8]) -> anyhow::Result<f64> {
+    let opts = TestRunOptions {
+        data_in: Some(data),
+        repeat: REPEAT,
+        ..Default::default()
+    };
+    Ok(prog.test_run(opts)?.duration.as_nanos() as f64)
+}
+
+fn test_run_rows(rows: &mut Vec<Value>) -> anyhow::Result<()> {
+    let scratch = std::env::temp_dir().join(format!("ewsgate-bench-{}", tag()));
+    fs::create_dir_all(&scratch)?;
+    let bpffs = BpfFs::new()?;
+    let floor_ns = floor_test_run(&bpffs.dir.join("floor"))?;
+    for n in SIZES {
+        let list = write_prefixes(&scratch, n)?;
+        let pin_dir = bpffs.dir.join(format!("ewsgate-{n}"));
+        let text = config_text(&pin_dir, &scratch.join("none.sock"), &list, "");
+        let config = Config::parse(&scratch.join("bench.toml"), &text)?;
+        let mut gate = Gate::open(&config)?;
+        for (name, data) in packets() {
+            let ns = test_run_ns(gate.program()?, &data)?;
+            push_test_run(rows, "ewsgate", n, name, ns);
+            push_test_run(rows, "xdp-drop-floor", n, name, floor_ns[name]);
+        }
+        if n == 100_000 {
+            rows.push(row(
+                "reload_seconds",
+                "ewsgate",
+                n,
+                reload_seconds(&mut gate, &config)?,
+                "s",
+            ));
+        }
+        drop(gate);
+        ewsgate::xdp::detach(&pin_dir)?;
+    }
+    xdp_filter_test_run(rows)?;
+    let _ = fs::remove_dir_all(&scratch);
+    Ok(())
+}
+
+fn push_test_run(rows: &mut Vec<Value>, subject: &str, n: usize, packet: &str, ns: f64) {
+    let mut r = row("test_run_ns_per_packet", subject, n, ns, "ns");
+    r["packet"] = json!(packet);
+    rows.push(r);
+}
+
+/// Reload with half the set replaced, the way a feed update looks, timed as the daemon's
+/// reload path runs it (build, fill the idle generation, flip).
+fn reload_seconds(gate: &mut Gate, config: &Config) -> anyhow::Result<f64> {
+    let mut next = config.clone();
+    let g = &mut next.groups[0];
+    let half = g.v4.len() / 2;
+    for (i, net) in g.v4.iter_mut().skip(half).enumerate() {
+        *net = format!("{}/32", Ipv4Addr::from(0x6480_0000u32 + i as u32)).parse()?;
+    }
+    let started = Instant::now();
+    gate.apply(&next)?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// The minimal XDP_DROP program from ewsgate's own object.
+fn floor_test_run(pin_dir: &Path) -> anyhow::Result<std::collections::HashMap<&'static str, f64>> {
+    fs::create_dir_all(pin_dir)?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .load(ewsgate::xdp::OBJECT)?;
+    let prog: &mut Xdp = ebpf
+        .program_mut("xdp_drop_floor")
+        .context("floor program")?
+        .try_into()?;
+    prog.load()?;
+    let mut out = std::collections::HashMap::new();
+    for (name, data) in packets() {
+        out.insert(name, test_run_ns(prog, &data)?);
+    }
+    Ok(out)
+}
+
+/// xdp-filter (Debian's xdp-tools) in deny mode with `n` exact source addresses allowed.
+struct XdpFilter {
+    netns: String,
+    iface: String,
+}
+
+impl XdpFilter {
+    fn load(netns: &str, iface: &str, n: usize) -> anyhow::Result<XdpFilter> {
+        let f = XdpFilter {
+            netns: netns.into(),
+            iface: iface.into(),
+        };
+        f.cmd(&format!("load -p deny -m native {iface}"))?;
+        f.fill(n)?;
+        Ok(f)
+    }
+
+    fn cmd(&self, args: &str) -> anyhow::Result<String> {
+        sh(&format!(
+            "nsenter --net=/run/netns/{} xdp-filter {args}",
+            self.netns
+        ))
+    }
+
+    /// Exact addresses, written straight into its pinned maps (one CLI call each would take
+    /// minutes): value 1 is its "source address" flag, on every CPU.
+    fn fill(&self, n: usize) -> anyhow::Result<()> {
+        let cpus = nr_cpus().map_err(|(_, e)| e)?;
+        let flags = || PerCpuValues::try_from(vec![1u64; cpus]);
+        let open = |name: &str| MapData::from_pin(format!("/sys/fs/bpf/xdp-filter/{name}"));
+        let mut v4: PerCpuHashMap<MapData, u32, u64> =
+            Map::PerCpuHashMap(open("filter_ipv4")?).try_into()?;
+        let mut v6: PerCpuHashMap<MapData, [u8; 16], u64> =
+            Map::PerCpuHashMap(open("filter_ipv6")?).try_into()?;
+        let fixed4: [[u8; 4]; 2] = [[198, 51, 100, 10], [203, 0, 113, 1]];
+        for a in fixed4 {
+            v4.insert(u32::from_ne_bytes(a), flags()?, 0)?;
+        }
+        for a in ["2001:db8:100::10", "2001:db8:300::1"] {
+            v6.insert(a.parse::<std::net::Ipv6Addr>()?.octets(), flags()?, 0)?;
+        }
+        let rest = n.saturating_sub(4);
+        let n6 = rest / 5;
+        for i in 0..rest - n6 {
+            v4.insert(
+                u32::from_ne_bytes(Ipv4Addr::from(0x6440_0000u32 + i as u32).octets()),
+                flags()?,
+                0,
+            )?;
+        }
+        for i in 0..n6 {
+            let a: std::net::Ipv6Addr =
+                format!("2001:db8:1000::{:x}:{:x}", i >> 16, i & 0xffff).parse()?;
+            v6.insert(a.octets(), flags()?, 0)?;
+        }
+        Ok(())
+    }
+
+    fn prog_id(&self) -> anyhow::Result<u32> {
+        let out = sh("bpftool -j prog show")?;
+        let progs: Vec<Value> = serde_json::from_str(&out)?;
+        progs
+            .iter()
+            .find(|p| {
+                p["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("xdpfilt_dny"))
+            })
+            .and_then(|p| p["id"].as_u64())
+            .map(|id| id as u32)
+            .context("xdp-filter's program not found")
+    }
+}
+
+impl Drop for XdpFilter {
+    fn drop(&mut self) {
+        let _ = self.cmd(&format!("unload {}", self.iface));
+    }
+}
+
+fn xdp_filter_test_run(rows: &mut Vec<Value>) -> anyhow::Result<()> {
+    ensure_sys_bpffs()?;
+    for n in SIZES.into_iter().filter(|n| *n <= XDP_FILTER_MAX) {
+        let ns = Netns::new("xf")?;
+        ns.ip("link add xf0 type veth peer name xf1")?;
+        ns.ip("link set xf0 up")?;
+        ns.ip("link set xf1 up")?;
+        let filter = XdpFilter::load(&ns.name, "xf0", n)?;
+        let id = filter.prog_id()?;
+        for (name, data) in packets() {
+            let file = std::env::temp_dir().join(format!("ewsgate-bench-{name}.bin"));
+            fs::write(&file, &data)?;
+            let out = sh(&format!(
+                "bpftool prog run id {id} data_in {} repeat {REPEAT}",
+                file.display()
+            ))?;
+            let _ = fs::remove_file(&file);
+            let ns = parse_bpftool_ns(&out).with_context(|| format!("bpftool said: {out}"))?;
+            push_test_run(rows, "xdp-filter", n, name, ns);
+        }
+    }
+    Ok(())
+}
+
+fn parse_bpftool_ns(out: &str) -> Option<f64> {
+    let after = out.split("duration (average):").nth(1)?;
+    after.trim().trim_end_matches("ns").trim().parse().ok()
+}
+
+/// xdp-filter keeps its pins under /sys/fs/bpf.
+fn ensure_sys_bpffs() -> anyhow::Result<()> {
+    if sh("mountpoint -q /sys/fs/bpf").is_err() {
+        sh("mount -t bpf bpf /sys/fs/bpf")?;
+    }
+    Ok(())
+}
+
+/// A sender and a target namespace joined by one veth pair.
+struct FloodLab {
+    sender: Netns,
+    target: Netns,
+    cfg: PathBuf,
+}
+
+impl FloodLab {
+    fn new(dir: &Path) -> anyhow::Result<FloodLab> {
+        let sender = Netns::new("fs")?;
+        let target = Netns::new("ft")?;
+        sender.ip(&format!(
+            "link add vs type veth peer name vt netns {}",
+            target.name
+        ))?;
+        sender.ip("link set vs up")?;
+        target.ip("link set vt up")?;
+        let links: Vec<Value> = serde_json::from_str(&target.ip("-j link show vt")?)?;
+        let mac = links[0]["address"].as_str().context("vt MAC")?.to_string();
+        // A fixed source sharing 31 bits with an allowed /32: the worst case for a trie.
+        let cfg = dir.join("syn.cfg");
+        fs::write(
+            &cfg,
+            format!(
+                "{{ eth(da={mac}, sa=02:00:00:00:00:01, type=0x0800),\n  \
+                 ipv4(saddr=203.0.113.0, daddr=192.0.2.10, ttl=64, proto=6, id=drnd()),\n  \
+                 tcp(sp=drnd(), dp=443, seq=drnd(), syn) }}\n"
+            ),
+        )?;
+        Ok(FloodLab {
+            sender,
+            target,
+            cfg,
+        })
+    }
+
+    /// Sends FLOOD_PACKETS SYNs from one CPU and returns packets per second. veth delivers
+    /// in the sender's context, so the rate is bounded by what the receiver does with them.
+    fn flood(&self) -> anyhow::Result<f64> {
+        let started = Instant::now();
+        let out = Command::new("timeout")
+            .args([
+                "60",
+                "ip",
+                "netns",
+                "exec",
+                &self.sender.name,
+                "trafgen",
+                "-o",
+                "vs",
+                "-i",
+            ])
+            .arg(&self.cfg)
+            .args(["-n", &FLOOD_PACKETS.to_string(), "-P", "1", "-C"])
+            .output()?;
+        let took = started.elapsed().as_secs_f64();
+        if !out.status.success() {
+            bail!("trafgen: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(FLOOD_PACKETS as f64 / took)
+    }
+}
+
+fn flood_rows(rows: &mut Vec<Value>) -> anyhow::Result<()> {
+    let n = 100_000;
+    let dir = std::env::temp_dir().join(format!("ewsgate-flood-{}", tag()));
+    fs::create_dir_all(&dir)?;
+    let lab = FloodLab::new(&dir)?;
+    let list = write_prefixes(&dir, n)?;
+    let mut results: Vec<(&str, usize, Vec<f64>)> = vec![
+        ("xdp-drop-floor", n, vec![]),
+        ("ewsgate", n, vec![]),
+        ("xdp-filter", XDP_FILTER_MAX, vec![]),
+        ("nftables", n, vec![]),
+    ];
+    // Rounds interleave the subjects so that drift on a shared machine hits them alike.
+    for _ in 0..FLOOD_ROUNDS {
+        for (subject, _, rates) in results.iter_mut() {
+            rates.push(match *subject {
+                "xdp-drop-floor" => flood_floor(&lab)?,
+                "ewsgate" => flood_ewsgate(&lab, &dir, &list)?,
+                "xdp-filter" => flood_xdp_filter(&lab)?,
+                _ => flood_nftables(&lab, &dir, n)?,
+            });
+        }
+    }
+    for (subject, prefixes, rates) in results {
+        let mean = rates.iter().sum::<f64>() / rates.len() as f64;
+        rows.push(row("flood_pps", subject, prefixes, mean, "packets/s"));
+    }
+    drop(lab);
+    let _ = fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn flood_floor(lab: &FloodLab) -> anyhow::Result<f64> {
+    let bpffs = BpfFs::new()?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(&bpffs.dir)
+        .load(ewsgate::xdp::OBJECT)?;
+    let prog: &mut Xdp = ebpf
+        .program_mut("xdp_drop_floor")
+        .context("floor program")?
+        .try_into()?;
+    prog.load()?;
+    let netns = format!("/run/netns/{}", lab.target.name);
+    thread::scope(|s| {
+        s.spawn(|| -> anyhow::Result<()> {
+            let file = fs::File::open(&netns)?;
+            // SAFETY: setns on this scoped thread only.
+            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) }
+                != 0
+            {
+                bail!("setns: {}", std::io::Error::last_os_error());
+            }
+            prog.attach("vt", XdpMode::Driver)?;
+            Ok(())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("attach thread panicked"))?
+    })?;
+    let rate = lab.flood()?;
+    drop(ebpf); // unpinned link: detaches with the object
+    Ok(rate)
+}
+
+fn flood_ewsgate(lab: &FloodLab, dir: &Path, list: &Path) -> anyhow::Result<f64> {
+    let bpffs = BpfFs::new()?;
+    let socket = dir.join(format!("ctl-{}.sock", tag()));
+    let config = dir.join("flood.toml");
+    fs::write(
+        &config,
+        config_text(&bpffs.dir.join("ewsgate"), &socket, list, "\"vt\""),
+    )?;
+    let daemon = Daemon::start(&lab.target, &config, &socket)?;
+    let before = daemon.counter("drop_not_allowed")?;
+    let rate = lab.flood()?;
+    let dropped = daemon.counter("drop_not_allowed")? - before;
+    if dropped < FLOOD_PACKETS * 99 / 100 {
+        bail!("ewsgate dropped {dropped} of {FLOOD_PACKETS} flood packets");
+    }
+    daemon.cli(&["detach"])?;
+    Ok(rate)
+}
+
+fn flood_xdp_filter(lab: &FloodLab) -> anyhow::Result<f64> {
+    ensure_sys_bpffs()?;
+    let filter = XdpFilter::load(&lab.target.name, "vt", XDP_FILTER_MAX)?;
+    let rate = lab.flood();
+    drop(filter);
+    rate
+}
+
+fn flood_nftables(lab: &FloodLab, dir: &Path, n: usize) -> anyhow::Result<f64> {
+    let (mut v4, mut v6) = (String::new(), String::new());
+    for p in prefixes(n) {
+        let set = if p.contains(':') { &mut v6 } else { &mut v4 };
+        let _ = write!(set, "{}{p}", if set.is_empty() { "" } else { ", " });
+    }
+    let rules = format!(
+        "table netdev ewsbench {{\n\
+         set allow4 {{ type ipv4_addr; flags interval; elements = {{ {v4} }} }}\n\
+         set allow6 {{ type ipv6_addr; flags interval; elements = {{ {v6} }} }}\n\
+         chain ingress {{ type filter hook ingress device \"vt\" priority -500; policy accept;\n\
+           ip daddr 192.0.2.10 tcp dport 443 ip saddr != @allow4 counter drop\n\
+           ip6 daddr 2001:db8:10::10 tcp dport 443 ip6 saddr != @allow6 counter drop\n\
+         }}\n}}\n"
+    );
+    let file = dir.join("nft.rules");
+    fs::write(&file, rules)?;
+    lab.target.ip("link show vt")?;
+    sh(&format!(
+        "ip netns exec {} nft -f {}",
+        lab.target.name,
+        file.display()
+    ))?;
+    let rate = lab.flood();
+    sh(&format!(
+        "ip netns exec {} nft delete table netdev ewsbench",
+        lab.target.name
+    ))?;
+    rate
+}
+
+fn print_table(rows: &[Value]) {
+    println!("\nBPF_PROG_TEST_RUN, ns per packet ({REPEAT} repeats); Δfloor = ewsgate - floor");
+    println!(
+        "{:<18} {:>8} {:>9} {:>9} {:>11} {:>8}",
+        "packet", "prefixes", "ewsgate", "floor", "xdp-filter", "Δfloor"
+    );
+    let get = |subject: &str, n: u64, packet: &str| {
+        rows.iter()
+            .find(|r| r["subject"] == subject && r["prefixes"] == n && r["packet"] == packet)
+            .and_then(|r| r["value"].as_f64())
+    };
+    for n in SIZES {
+        for (name, _) in packets() {
+            let e = get("ewsgate", n as u64, name).unwrap_or(f64::NAN);
+            let f = get("xdp-drop-floor", n as u64, name).unwrap_or(f64::NAN);
+            let x =
+                get("xdp-filter", n as u64, name).map_or("-".to_string(), |v| format!("{v:.0}"));
+            println!("{name:<18} {n:>8} {e:>9.0} {f:>9.0} {x:>11} {:>8.0}", e - f);
+        }
+    }
+    let floor = rows
+        .iter()
+        .find(|r| r["measure"] == "flood_pps" && r["subject"] == "xdp-drop-floor")
+        .and_then(|r| r["value"].as_f64())
+        .unwrap_or(f64::NAN);
+    println!(
+        "\nSYN flood over veth, one sender CPU, {FLOOD_PACKETS} packets x {FLOOD_ROUNDS} rounds"
+    );
+    println!(
+        "{:<16} {:>9} {:>12} {:>9}",
+        "subject", "prefixes", "packets/s", "of floor"
+    );
+    for r in rows.iter().filter(|r| r["measure"] == "flood_pps") {
+        let v = r["value"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{:<16} {:>9} {:>12.0} {:>8.1}%",
+            r["subject"].as_str().unwrap_or(""),
+            r["prefixes"],
+            v,
+            100.0 * v / floor
+        );
+    }
+    for r in rows.iter().filter(|r| r["measure"] == "reload_seconds") {
+        println!(
+            "\nreload at {} prefixes: {:.3} s",
+            r["prefixes"],
+            r["value"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+}
