@@ -31,7 +31,7 @@ static GROUP_HITS: PerCpuArray<u64> = PerCpuArray::pinned(MAX_GROUPS as u32 + 1,
 #[map]
 static PROTECTED4: HashMap<u32, Endpoint> = HashMap::pinned(256, 0);
 #[map]
-static PROTECTED6: HashMap<[u8; 16], Endpoint> = HashMap::pinned(256, 0);
+static PROTECTED6: HashMap<[u32; 4], Endpoint> = HashMap::pinned(256, 0);
 
 // IPv4 allow table, DIR-24-8, two buffers: the daemon fills the idle one through mmap and
 // flips `Settings::generation`, so a lookup sees the old set or the new one, never a mix.
@@ -46,19 +46,20 @@ static TBL8_1: Array<[u32; TBL8_SIZE]> = Array::pinned(1, BPF_F_MMAPABLE); // si
 
 // IPv6 allow tries, one per generation, value = group id.
 #[map]
-static ALLOW6_0: LpmTrie<[u8; 16], u32> = LpmTrie::pinned(1, 0); // sized at load
+static ALLOW6_0: LpmTrie<[u32; 4], u32> = LpmTrie::pinned(1, 0); // sized at load
 #[map]
-static ALLOW6_1: LpmTrie<[u8; 16], u32> = LpmTrie::pinned(1, 0); // sized at load
+static ALLOW6_1: LpmTrie<[u32; 4], u32> = LpmTrie::pinned(1, 0); // sized at load
 
-// Dynamic entries, keyed by IPv4-mapped or IPv6 source.
+// Dynamic entries, keyed by IPv4-mapped or IPv6 source. Keys are [u32; 4]: the same 16
+// bytes user space writes as [u8; 16], but word-aligned so they are built with word stores.
 #[map]
-static BLOCK_EXACT: HashMap<[u8; 16], Expiring> = HashMap::pinned(1, 0); // sized at load
+static BLOCK_EXACT: HashMap<[u32; 4], Expiring> = HashMap::pinned(1, 0); // sized at load
 #[map]
-static BLOCK_CIDR: LpmTrie<[u8; 16], Expiring> = LpmTrie::pinned(1, 0); // sized at load
+static BLOCK_CIDR: LpmTrie<[u32; 4], Expiring> = LpmTrie::pinned(1, 0); // sized at load
 #[map]
-static ALLOW_EXACT: HashMap<[u8; 16], Expiring> = HashMap::pinned(1, 0); // sized at load
+static ALLOW_EXACT: HashMap<[u32; 4], Expiring> = HashMap::pinned(1, 0); // sized at load
 #[map]
-static ALLOW_CIDR: LpmTrie<[u8; 16], Expiring> = LpmTrie::pinned(1, 0); // sized at load
+static ALLOW_CIDR: LpmTrie<[u32; 4], Expiring> = LpmTrie::pinned(1, 0); // sized at load
 
 #[xdp]
 pub fn ewsgate_xdp(ctx: XdpContext) -> u32 {
@@ -116,11 +117,11 @@ fn judge(settings: &Settings, source: &Source) -> Reason {
     if settings.block_exact != 0 && live(unsafe { BLOCK_EXACT.get(&key) }) {
         return Reason::Blocked;
     }
-    if settings.block_cidr != 0 && live(BLOCK_CIDR.get(Key::new(128, key))) {
+    if settings.block_cidr != 0 && live(BLOCK_CIDR.get(lpm_key(&key).as_key())) {
         return Reason::Blocked;
     }
     let group = match source {
-        Source::V4(addr) => group_v4(settings.generation, u32::from_be_bytes(*addr)),
+        Source::V4(addr) => group_v4(settings.generation, u32::from_be(*addr)),
         Source::V6(addr) => group_v6(settings.generation, addr),
     };
     if group != 0 {
@@ -133,7 +134,7 @@ fn judge(settings: &Settings, source: &Source) -> Reason {
     if settings.allow_exact != 0 && live(unsafe { ALLOW_EXACT.get(&key) }) {
         return Reason::AllowDynamic;
     }
-    if settings.allow_cidr != 0 && live(ALLOW_CIDR.get(Key::new(128, key))) {
+    if settings.allow_cidr != 0 && live(ALLOW_CIDR.get(lpm_key(&key).as_key())) {
         return Reason::AllowDynamic;
     }
     Reason::NotAllowed
@@ -179,14 +180,38 @@ fn group_v4(generation: u32, src: u32) -> u32 {
 }
 
 #[inline(always)]
-fn group_v6(generation: u32, src: &[u8; 16]) -> u32 {
-    let key = Key::new(128, *src);
+fn group_v6(generation: u32, src: &[u32; 4]) -> u32 {
+    let key = lpm_key(src);
     let hit = if generation == 0 {
-        ALLOW6_0.get(key)
+        ALLOW6_0.get(key.as_key())
     } else {
-        ALLOW6_1.get(key)
+        ALLOW6_1.get(key.as_key())
     };
     hit.copied().unwrap_or(0)
+}
+
+/// A full-length LPM lookup key laid out like aya's `Key<[u32; 4]>` (prefix length, then
+/// data) but 4-byte aligned: aya's key is `packed`, which makes LLVM build it byte by byte.
+#[repr(C, align(4))]
+struct LpmLookup {
+    prefix_len: u32,
+    data: [u32; 4],
+}
+
+impl LpmLookup {
+    #[inline(always)]
+    fn as_key(&self) -> &Key<[u32; 4]> {
+        // SAFETY: same size and field order; the packed type has no alignment requirement.
+        unsafe { &*(self as *const LpmLookup).cast::<Key<[u32; 4]>>() }
+    }
+}
+
+#[inline(always)]
+fn lpm_key(addr: &[u32; 4]) -> LpmLookup {
+    LpmLookup {
+        prefix_len: 128,
+        data: *addr,
+    }
 }
 
 #[cfg(not(test))]
