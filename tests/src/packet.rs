@@ -158,7 +158,7 @@ impl Frame {
 
     fn ipv4(&self, s: Ipv4Addr, d: Ipv4Addr) -> Vec<u8> {
         let mut opts = self.options.clone();
-        while opts.len() % 4 != 0 {
+        while !opts.len().is_multiple_of(4) {
             opts.push(0);
         }
         let payload = self.l4();

@@ -27,6 +27,7 @@ struct Setup {
     daemon: Daemon,
     lab: Lab,
     config: PathBuf,
+    dir: PathBuf,
     pin_dir: PathBuf,
     socket: PathBuf,
     _fs: BpfFs,
@@ -70,13 +71,21 @@ fn setup() -> Setup {
     let socket = std::env::temp_dir().join(format!("ewsgate-test-{t}/ctl.sock"));
     let config = write_config(&t, &config_text(&pin_dir, &socket, SOURCES));
     let daemon = Daemon::start(&lab.gate, &config, &socket).expect("daemon");
+    let dir = config.parent().expect("config dir").to_path_buf();
     Setup {
         daemon,
         lab,
         config,
+        dir,
         pin_dir,
         socket,
         _fs: fs,
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 

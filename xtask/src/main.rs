@@ -5,6 +5,7 @@
 
 use std::{
     env,
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
 };
@@ -215,8 +216,56 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
 fn test() -> anyhow::Result<()> {
     let bin = build(false)?;
     // Two threads: each lab test runs several namespaces and a daemon; two cores here.
-    cargo(
-        &["test", "--workspace", "--", "--test-threads=2"],
-        &[("EWSGATE_BIN", &bin)],
-    )
+    // filter-ebpf builds only for the BPF target; filter-user's build script builds it there.
+    let mut child = Command::new("cargo")
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "filter-ebpf",
+            "--",
+            "--test-threads=2",
+        ])
+        .current_dir(root())
+        .env("PATH", path_env())
+        .env("EWSGATE_BIN", &bin)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some((p, f)) = parse_result(&line) {
+            passed += p;
+            failed += f;
+        }
+    }
+    let st = child.wait()?;
+    // One closing line for the whole run: cargo's own last line is a harness with 0 tests.
+    println!("tests: {passed} passed, {failed} failed");
+    if !st.success() || failed > 0 {
+        bail!("cargo test failed: {st}");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// "test result: ok. 9 passed; 0 failed; ..." → (9, 0)
+fn parse_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let number = |word: &str| {
+        rest.split(';')
+            .find_map(|part| {
+                part.trim()
+                    .trim_start_matches("ok. ")
+                    .trim_start_matches("FAILED. ")
+                    .strip_suffix(word)
+            })
+            .and_then(|n| n.trim().parse().ok())
+    };
+    Some((number(" passed")?, number(" failed")?))
 }
