@@ -339,6 +339,20 @@ fn kill_9_keeps_the_filter_and_a_new_daemon_adopts_it() {
     );
     assert!(dropped(&s, "inet", GATE_V4, 443));
     assert!(reaches(&s, "office", GATE_V4, 443));
+    // A clean stop (SIGTERM) leaves the filter in place as well.
+    let mut daemon = daemon;
+    // SAFETY: signalling our own child by its PID.
+    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
+    daemon.child.wait().unwrap();
+    assert!(
+        dropped(&s, "inet", GATE_V4, 443),
+        "after SIGTERM: internet still dropped"
+    );
+    assert!(
+        reaches(&s, "office", GATE_V4, 443),
+        "after SIGTERM: office still passes"
+    );
+    let daemon = Daemon::start(&s.lab.gate, &s.config, &s.socket).expect("third daemon");
     // detach removes everything: the internet reaches 443 again.
     daemon.cli(&["detach"]).unwrap();
     assert!(!s.pin_dir.join("v1").exists(), "pins removed");

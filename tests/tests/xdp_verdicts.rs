@@ -634,3 +634,36 @@ fn reload_swaps_the_whole_set() {
         Reason::NotBound,
     );
 }
+
+#[test]
+fn incompatible_pinned_maps_are_refused_not_reused() {
+    let fs = BpfFs::new().expect("bpffs");
+    let dir = fs.dir.join("ewsgate");
+    let gate = Gate::open(&config(&dir, "")).expect("first load");
+    drop(gate);
+    // A second load adopts what the first pinned.
+    let gate = Gate::open(&config(&dir, "")).expect("adopt");
+    assert_eq!(gate.start, ewsgate::xdp::Start::Adopted);
+    drop(gate);
+    // Put a map of another layout where SETTINGS should be: COUNTERS is a per-CPU array.
+    let maps = dir.join("v1/maps");
+    let counters = aya::maps::MapData::from_pin(maps.join("COUNTERS")).unwrap();
+    std::fs::remove_file(maps.join("SETTINGS")).unwrap();
+    counters.pin(maps.join("SETTINGS")).unwrap();
+    let err = Gate::open(&config(&dir, ""))
+        .err()
+        .expect("must refuse")
+        .to_string();
+    assert!(
+        err.contains("SETTINGS") && err.contains("does not match"),
+        "{err}"
+    );
+    // A partial set of pins is refused too.
+    std::fs::remove_file(maps.join("SETTINGS")).unwrap();
+    let err = Gate::open(&config(&dir, ""))
+        .err()
+        .expect("must refuse")
+        .to_string();
+    assert!(err.contains("14 of 15 maps pinned"), "{err}");
+    ewsgate::xdp::detach(&dir).unwrap();
+}
