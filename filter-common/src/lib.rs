@@ -7,8 +7,11 @@
 /// Bumped whenever a map's layout or meaning changes. Pins live under `<pin_dir>/v<N>`, so a
 /// daemon never adopts maps written by an incompatible build (aya reuses a pinned map
 /// without comparing its layout).
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
+/// Protected addresses per family; more is a config error. A firewall in front of Exchange
+/// protects a handful, and a short scan beats a hash lookup on every packet.
+pub const MAX_PROTECTED: usize = 8;
 /// Ports one protected address can carry; more is a config error.
 pub const MAX_PORTS: usize = 8;
 /// VLAN tags walked (802.1Q and 802.1ad, so QinQ and one more level).
@@ -84,7 +87,8 @@ impl Reason {
 pub struct Settings {
     /// Non-zero: count every verdict, drop nothing.
     pub monitor: u32,
-    /// Which allow-table buffer (0 or 1) is live. A reload fills the other and flips this.
+    /// Which generation (0 or 1) of the protected set and allow tables is live. A reload
+    /// fills the other and flips this one word.
     pub generation: u32,
     /// Entry counts of the dynamic maps, so an empty map costs the packet nothing.
     pub block_exact: u32,
@@ -103,13 +107,26 @@ pub struct ProtoPort {
     pub port_be: u16,
 }
 
-/// Value of the `PROTECTED4` and `PROTECTED6` maps, keyed by destination address.
+/// What to do for one protected address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Endpoint {
     /// Non-zero: every packet to the address is bound, whatever its protocol or port.
     pub whole: u32,
     pub ports: [ProtoPort; MAX_PORTS],
+}
+
+/// One generation of the `PROTECTED` array: the protected addresses, scanned linearly.
+/// Addresses are 32-bit words holding network-order bytes, as loaded from the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProtectedSet {
+    pub count4: u32,
+    pub count6: u32,
+    pub addr4: [u32; MAX_PROTECTED],
+    pub addr6: [[u32; 4]; MAX_PROTECTED],
+    pub ep4: [Endpoint; MAX_PROTECTED],
+    pub ep6: [Endpoint; MAX_PROTECTED],
 }
 
 /// Block and dynamic allow maps hold IPv4 sources IPv4-mapped (`::ffff:a.b.c.d`), so one map
@@ -141,5 +158,6 @@ mod pod {
     // SAFETY: all of these are repr(C) plain data with explicit padding and no pointers.
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for ProtectedSet {}
     unsafe impl aya::Pod for Expiring {}
 }

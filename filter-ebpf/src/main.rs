@@ -16,7 +16,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use filter_common::{
-    Endpoint, Expiring, Reason, Settings, MAX_GROUPS, REASON_COUNT, TBL24_ROW, TBL24_ROWS,
+    Expiring, ProtectedSet, Reason, Settings, MAX_GROUPS, REASON_COUNT, TBL24_ROW, TBL24_ROWS,
     TBL8_FLAG, TBL8_SIZE,
 };
 use parse::{Bound, Source};
@@ -28,10 +28,9 @@ static SETTINGS: Array<Settings> = Array::pinned(1, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(REASON_COUNT, 0);
 #[map]
 static GROUP_HITS: PerCpuArray<u64> = PerCpuArray::pinned(MAX_GROUPS as u32 + 1, 0);
+/// One `ProtectedSet` per generation.
 #[map]
-static PROTECTED4: HashMap<u32, Endpoint> = HashMap::pinned(256, 0);
-#[map]
-static PROTECTED6: HashMap<[u32; 4], Endpoint> = HashMap::pinned(256, 0);
+static PROTECTED: Array<ProtectedSet> = Array::pinned(2, 0);
 
 // IPv4 allow table, DIR-24-8, two buffers: the daemon fills the idle one through mmap and
 // flips `Settings::generation`, so a lookup sees the old set or the new one, never a mix.
@@ -68,7 +67,10 @@ pub fn ewsgate_xdp(ctx: XdpContext) -> u32 {
     let Some(settings) = SETTINGS.get(0) else {
         return xdp_action::XDP_PASS;
     };
-    let reason = match parse::classify(&ctx) {
+    let Some(protected) = PROTECTED.get(settings.generation & 1) else {
+        return xdp_action::XDP_PASS;
+    };
+    let reason = match parse::classify(&ctx, protected) {
         Bound::No => Reason::NotBound,
         Bound::Malformed => Reason::Malformed,
         Bound::Yes { source, fragment } => {

@@ -4,9 +4,9 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
-use filter_common::{Endpoint, MAX_IPV6_EXT, MAX_PORTS, MAX_VLAN_DEPTH};
-
-use crate::{PROTECTED4, PROTECTED6};
+use filter_common::{
+    Endpoint, ProtectedSet, MAX_IPV6_EXT, MAX_PORTS, MAX_PROTECTED, MAX_VLAN_DEPTH,
+};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -83,14 +83,14 @@ fn read_be16(ctx: &XdpContext, off: usize) -> Option<u16> {
 }
 
 #[inline(always)]
-pub fn classify(ctx: &XdpContext) -> Bound {
+pub fn classify(ctx: &XdpContext, set: &ProtectedSet) -> Bound {
     // A frame too short for its Ethernet or VLAN headers cannot be classified: drop.
     let Some((proto, off)) = ethernet(ctx) else {
         return Bound::Malformed;
     };
     match proto {
-        ETH_P_IP => ipv4(ctx, off),
-        ETH_P_IPV6 => ipv6(ctx, off),
+        ETH_P_IP => ipv4(ctx, off, set),
+        ETH_P_IPV6 => ipv6(ctx, off, set),
         _ => Bound::No,
     }
 }
@@ -115,14 +115,13 @@ fn ethernet(ctx: &XdpContext) -> Option<(u16, usize)> {
 }
 
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, off: usize) -> Bound {
+fn ipv4(ctx: &XdpContext, off: usize, set: &ProtectedSet) -> Bound {
     let Some(hdr) = ptr_at::<[u32; 5]>(ctx, off) else {
         return Bound::Malformed;
     };
     // SAFETY: ptr_at checked the 20-byte fixed header.
     let w = unsafe { hdr.read() };
-    // The map is keyed by the destination word as it sits in the packet.
-    let Some(ep) = (unsafe { PROTECTED4.get(&w[4]) }) else {
+    let Some(ep) = protected4(set, w[4]) else {
         return Bound::No;
     };
     let first = w[0].to_ne_bytes();
@@ -147,13 +146,13 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Bound {
 }
 
 #[inline(always)]
-fn ipv6(ctx: &XdpContext, off: usize) -> Bound {
+fn ipv6(ctx: &XdpContext, off: usize, set: &ProtectedSet) -> Bound {
     let Some(hdr) = ptr_at::<[u32; 10]>(ctx, off) else {
         return Bound::Malformed;
     };
-    // SAFETY: ptr_at checked the 40-byte header; the key is read from the packet in place.
-    let dst = unsafe { &*hdr.cast::<u8>().add(24).cast::<[u32; 4]>() };
-    let Some(ep) = (unsafe { PROTECTED6.get(dst) }) else {
+    // SAFETY: ptr_at checked the 40-byte header.
+    let dst = unsafe { [(*hdr)[6], (*hdr)[7], (*hdr)[8], (*hdr)[9]] };
+    let Some(ep) = protected6(set, &dst) else {
         return Bound::No;
     };
     // SAFETY: as above, inside the checked header.
@@ -188,6 +187,34 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Bound {
         cur += units * len;
     }
     Bound::Malformed // chain longer than we walk
+}
+
+#[inline(always)]
+fn protected4(set: &ProtectedSet, dst: u32) -> Option<&Endpoint> {
+    for i in 0..MAX_PROTECTED {
+        if i as u32 >= set.count4 {
+            break;
+        }
+        if set.addr4[i] == dst {
+            return Some(&set.ep4[i]);
+        }
+    }
+    None
+}
+
+#[inline(always)]
+fn protected6<'a>(set: &'a ProtectedSet, dst: &[u32; 4]) -> Option<&'a Endpoint> {
+    for i in 0..MAX_PROTECTED {
+        if i as u32 >= set.count6 {
+            break;
+        }
+        let a = &set.addr6[i];
+        // Last word first: it differs most often between addresses of one network.
+        if a[3] == dst[3] && a[2] == dst[2] && a[1] == dst[1] && a[0] == dst[0] {
+            return Some(&set.ep6[i]);
+        }
+    }
+    None
 }
 
 /// Bound when the whole address is protected, or (protocol, destination port) is listed.

@@ -12,7 +12,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 use toml::Spanned;
 
-use filter_common::{MAX_GROUPS, MAX_PORTS};
+use filter_common::{MAX_GROUPS, MAX_PORTS, MAX_PROTECTED};
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ewsgate";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/ewsgate/control.sock";
@@ -276,6 +276,17 @@ fn validate_protect(here: &Locator, raw: Vec<RawProtect>) -> Result<Vec<Protecte
         if !seen.insert(addr) {
             return Err(here.at(&p.address, format!("{addr} is protected twice")));
         }
+        if seen
+            .iter()
+            .filter(|a| a.is_ipv4() == addr.is_ipv4())
+            .count()
+            > MAX_PROTECTED
+        {
+            return Err(here.at(
+                &p.address,
+                format!("at most {MAX_PROTECTED} protected addresses per address family"),
+            ));
+        }
         if p.ports.len() > MAX_PORTS {
             return Err(here.at(
                 &p.address,
@@ -528,6 +539,11 @@ cidrs = ["198.51.100.0/25", "2001:db8:100::/64", "203.0.113.7"]
         );
         assert!(e.contains(":4:") && e.contains("twice"), "{e}");
         assert!(error_of("[sources.empty]\n").contains("no cidrs"));
+        let nine: String = (1..=9)
+            .map(|i| format!("[[protect]]\naddress = \"192.0.2.{i}\"\n"))
+            .collect();
+        let e = error_of(&nine);
+        assert!(e.contains(":18:11:") && e.contains("at most 8"), "{e}");
         assert!(error_of("[xdp.capacity]\nipv6_prefixes = 0\n").contains("ipv6_prefixes"));
     }
 

@@ -2,7 +2,6 @@
 //! generation flip that makes a reload atomic, and the dynamic block and allow entries.
 
 use std::{
-    collections::BTreeMap,
     net::IpAddr,
     os::fd::{AsFd, AsRawFd},
     thread,
@@ -18,8 +17,8 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use filter_common::{
-    v4_mapped, Endpoint, Expiring, ProtoPort, Reason, Settings, MAX_GROUPS, TBL24_ENTRIES,
-    TBL8_SIZE,
+    v4_mapped, Endpoint, Expiring, ProtectedSet, ProtoPort, Reason, Settings, MAX_GROUPS,
+    MAX_PROTECTED, TBL24_ENTRIES, TBL8_SIZE,
 };
 
 use crate::{
@@ -143,8 +142,7 @@ pub struct Maps {
     settings: Array<MapData, Settings>,
     counters: PerCpuArray<MapData, u64>,
     group_hits: PerCpuArray<MapData, u64>,
-    protected4: HashMap<MapData, u32, Endpoint>,
-    protected6: HashMap<MapData, [u8; 16], Endpoint>,
+    protected: Array<MapData, ProtectedSet>,
     generations: [Generation; 2],
     exact: [HashMap<MapData, [u8; 16], Expiring>; 2],
     cidr: [LpmTrie<MapData, [u8; 16], Expiring>; 2],
@@ -198,8 +196,7 @@ impl Maps {
             settings: take(ebpf, "SETTINGS")?,
             counters: take(ebpf, "COUNTERS")?,
             group_hits: take(ebpf, "GROUP_HITS")?,
-            protected4: take(ebpf, "PROTECTED4")?,
-            protected6: take(ebpf, "PROTECTED6")?,
+            protected: take(ebpf, "PROTECTED")?,
             generations: [
                 generation(ebpf, 0, tbl8_blocks)?,
                 generation(ebpf, 1, tbl8_blocks)?,
@@ -224,63 +221,27 @@ impl Maps {
         self.set_settings(s)
     }
 
-    /// Fills the idle generation with the config's source groups and makes it live with one
-    /// map write. Errors leave the live generation untouched.
-    pub fn load_groups(&mut self, config: &Config) -> Result<(), MapsError> {
+    /// Fills the idle generation with the config's protected endpoints and source groups,
+    /// then makes it live with one map write. Errors leave the live generation untouched.
+    pub fn load(&mut self, config: &Config) -> Result<(), MapsError> {
         let v6 = tables::v6_prefixes(&config.groups, config.xdp.capacity.ipv6_prefixes as usize)?;
+        let set = protected_set(&config.protect);
         if let Some(flip) = self.last_flip {
             thread::sleep(GENERATION_GRACE.saturating_sub(flip.elapsed()));
         }
         let live = self.settings()?.generation as usize & 1;
-        let idle = &mut self.generations[1 - live];
-        tables::build_v4(&config.groups, idle.tbl24.slice(), idle.tbl8.slice())?;
-        replace_v6(&mut idle.allow6, &v6)?;
+        let idle = 1 - live;
+        let tables = &mut self.generations[idle];
+        tables::build_v4(&config.groups, tables.tbl24.slice(), tables.tbl8.slice())?;
+        replace_v6(&mut tables.allow6, &v6)?;
+        self.protected
+            .set(idle as u32, set, 0)
+            .map_err(map_err("PROTECTED"))?;
         let mut s = self.settings()?;
-        s.generation = (1 - live) as u32;
+        s.generation = idle as u32;
+        s.monitor = config.xdp.monitor as u32;
         self.set_settings(s)?;
         self.last_flip = Some(Instant::now());
-        Ok(())
-    }
-
-    /// Makes PROTECTED4/6 hold exactly the config's endpoints. New ones are added before old
-    /// ones are removed, so an address protected before and after never passes unjudged.
-    pub fn load_protected(&mut self, protect: &[Protected]) -> Result<(), MapsError> {
-        let mut want4 = BTreeMap::new();
-        let mut want6 = BTreeMap::new();
-        for p in protect {
-            match p.addr {
-                IpAddr::V4(a) => want4.insert(u32::from_ne_bytes(a.octets()), endpoint(p)),
-                IpAddr::V6(a) => want6.insert(a.octets(), endpoint(p)),
-            };
-        }
-        for (k, v) in &want4 {
-            self.protected4
-                .insert(k, v, 0)
-                .map_err(map_err("PROTECTED4"))?;
-        }
-        for (k, v) in &want6 {
-            self.protected6
-                .insert(k, v, 0)
-                .map_err(map_err("PROTECTED6"))?;
-        }
-        let stale4: Vec<u32> = self
-            .protected4
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !want4.contains_key(k))
-            .collect();
-        for k in stale4 {
-            self.protected4.remove(&k).map_err(map_err("PROTECTED4"))?;
-        }
-        let stale6: Vec<[u8; 16]> = self
-            .protected6
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !want6.contains_key(k))
-            .collect();
-        for k in stale6 {
-            self.protected6.remove(&k).map_err(map_err("PROTECTED6"))?;
-        }
         Ok(())
     }
 
@@ -478,6 +439,32 @@ fn replace_v6(
         trie.insert(&key, g, 0).map_err(|e| full_or("ALLOW6", e))?;
     }
     Ok(())
+}
+
+/// The protected set in the program's layout; config validation keeps each family within
+/// MAX_PROTECTED.
+fn protected_set(protect: &[Protected]) -> ProtectedSet {
+    let mut set = ProtectedSet::default();
+    for p in protect {
+        match p.addr {
+            IpAddr::V4(a) if (set.count4 as usize) < MAX_PROTECTED => {
+                set.addr4[set.count4 as usize] = u32::from_ne_bytes(a.octets());
+                set.ep4[set.count4 as usize] = endpoint(p);
+                set.count4 += 1;
+            }
+            IpAddr::V6(a) if (set.count6 as usize) < MAX_PROTECTED => {
+                set.addr6[set.count6 as usize] = words(a.octets());
+                set.ep6[set.count6 as usize] = endpoint(p);
+                set.count6 += 1;
+            }
+            _ => {}
+        }
+    }
+    set
+}
+
+fn words(b: [u8; 16]) -> [u32; 4] {
+    [0, 4, 8, 12].map(|i| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]))
 }
 
 fn endpoint(p: &Protected) -> Endpoint {

@@ -22,8 +22,8 @@ use aya::{
 use tracing::{info, warn};
 
 use filter_common::{
-    Endpoint, Expiring, Settings, LAYOUT_VERSION, MAX_GROUPS, REASON_COUNT, TBL24_ROW, TBL24_ROWS,
-    TBL8_SIZE,
+    Expiring, ProtectedSet, Settings, LAYOUT_VERSION, MAX_GROUPS, REASON_COUNT, TBL24_ROW,
+    TBL24_ROWS, TBL8_SIZE,
 };
 
 use crate::{
@@ -129,7 +129,7 @@ const fn layout(name: &'static str, kind: MapType, key: usize, value: usize, siz
 const LPM_KEY: usize = 4 + 16;
 
 /// Every map of the object, as this build expects to find it pinned.
-fn layouts() -> [Layout; 15] {
+fn layouts() -> [Layout; 14] {
     use MapType::*;
     use Size::*;
     [
@@ -142,8 +142,7 @@ fn layouts() -> [Layout; 15] {
             8,
             Fixed(MAX_GROUPS as u32 + 1),
         ),
-        layout("PROTECTED4", Hash, 4, size_of::<Endpoint>(), Fixed(256)),
-        layout("PROTECTED6", Hash, 16, size_of::<Endpoint>(), Fixed(256)),
+        layout("PROTECTED", Array, 4, size_of::<ProtectedSet>(), Fixed(2)),
         layout("TBL24_0", Array, 4, TBL24_ROW * 4, Fixed(TBL24_ROWS)),
         layout("TBL24_1", Array, 4, TBL24_ROW * 4, Fixed(TBL24_ROWS)),
         layout(
@@ -270,9 +269,7 @@ impl Gate {
                 });
             }
         }
-        self.maps.load_groups(config)?;
-        self.maps.load_protected(&config.protect)?;
-        self.maps.set_monitor(config.xdp.monitor)?;
+        self.maps.load(config)?;
         self.attach_all(&config.xdp.interfaces, config.xdp.mode)?;
         Ok(())
     }

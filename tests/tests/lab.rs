@@ -322,7 +322,8 @@ fn kill_9_keeps_the_filter_and_a_new_daemon_adopts_it() {
             "no daemon: salesforce v6 still passes"
         );
     }
-    let links = fs::read_dir(s.pin_dir.join("v1/links")).unwrap().count();
+    let versioned = s.pin_dir.join(format!("v{}", filter_common::LAYOUT_VERSION));
+    let links = fs::read_dir(versioned.join("links")).unwrap().count();
     assert_eq!(links, 3, "one pinned link per interface");
     let daemon = Daemon::start(&s.lab.gate, &s.config, &s.socket).expect("second daemon");
     let status = daemon.cli(&["status"]).unwrap();
@@ -355,7 +356,7 @@ fn kill_9_keeps_the_filter_and_a_new_daemon_adopts_it() {
     let daemon = Daemon::start(&s.lab.gate, &s.config, &s.socket).expect("third daemon");
     // detach removes everything: the internet reaches 443 again.
     daemon.cli(&["detach"]).unwrap();
-    assert!(!s.pin_dir.join("v1").exists(), "pins removed");
+    assert!(!versioned.exists(), "pins removed");
     assert!(
         reaches(&s, "inet", GATE_V4, 443),
         "after detach nothing filters"
