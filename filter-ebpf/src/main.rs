@@ -83,6 +83,24 @@ pub fn ewsgate_xdp(ctx: XdpContext) -> u32 {
     verdict(settings, reason)
 }
 
+/// Benchmark reference: the plain kernel LPM trie that DIR-24-8 replaces for IPv4. Not
+/// pinned and never loaded by the daemon; without preallocation it costs nothing unused.
+#[map]
+static LPM4_REFERENCE: LpmTrie<u32, u32> = LpmTrie::with_max_entries(262_144, 0);
+
+/// Benchmark reference program: untagged IPv4 to 192.0.2.10 tcp/443, source judged by one
+/// LPM trie lookup. Measured beside `ewsgate_xdp` to show what the trie would cost.
+#[xdp]
+pub fn xdp_lpm_reference(ctx: XdpContext) -> u32 {
+    parse::reference_source(&ctx).map_or(xdp_action::XDP_PASS, |src| {
+        let key = Key::new(32, src);
+        match LPM4_REFERENCE.get(key) {
+            Some(_) => xdp_action::XDP_PASS,
+            None => xdp_action::XDP_DROP,
+        }
+    })
+}
+
 /// Minimal program used by the benchmark as the cost floor.
 #[xdp]
 pub fn xdp_drop_floor(_ctx: XdpContext) -> u32 {

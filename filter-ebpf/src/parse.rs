@@ -252,3 +252,19 @@ fn l4(ctx: &XdpContext, ep: &Endpoint, proto: u8, off: usize, source: Source) ->
     }
     Bound::No
 }
+
+/// For the benchmark's reference program: the source word of an untagged IPv4 TCP packet to
+/// 192.0.2.10:443 with no options, or None.
+#[inline(always)]
+pub fn reference_source(ctx: &XdpContext) -> Option<u32> {
+    if read_be16(ctx, 12)? != ETH_P_IP {
+        return None;
+    }
+    let w = read::<[u32; 5]>(ctx, ETH_HLEN)?;
+    let bytes = w[4].to_ne_bytes();
+    if bytes != [192, 0, 2, 10] || w[0].to_ne_bytes()[0] != 0x45 || w[2].to_ne_bytes()[1] != IPPROTO_TCP {
+        return None;
+    }
+    let dport = read_be16(ctx, ETH_HLEN + 20 + 2)?;
+    (dport == 443).then_some(w[3])
+}
