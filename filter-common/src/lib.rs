@@ -7,7 +7,7 @@
 /// Bumped whenever a map's layout or meaning changes. Pins live under `<pin_dir>/v<N>`, so a
 /// daemon never adopts maps written by an incompatible build (aya reuses a pinned map
 /// without comparing its layout).
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Protected addresses per family; more is a config error. A firewall in front of Exchange
 /// protects a handful, and a short scan beats a hash lookup on every packet.
@@ -29,6 +29,12 @@ pub const TBL24_ROW: usize = 16;
 pub const TBL24_ROWS: u32 = TBL24_ENTRIES / TBL24_ROW as u32;
 pub const TBL8_FLAG: u32 = 1 << 31;
 pub const TBL8_SIZE: usize = 256;
+
+/// IPv6 allow table: per-prefix-length hashing in an open-addressing table of our own, so
+/// a lookup is a few inlined array reads per distinct length instead of a trie walk (or a
+/// hash-map helper call, ~25 ns each). Each key has two candidate buckets of `V6_SLOTS`.
+pub const V6_MAX_LENGTHS: usize = 16;
+pub const V6_SLOTS: usize = 4;
 
 /// Index into the per-CPU `COUNTERS` array: one slot per verdict and reason.
 #[repr(u32)]
@@ -116,17 +122,60 @@ pub struct Endpoint {
     pub ports: [ProtoPort; MAX_PORTS],
 }
 
-/// One generation of the `PROTECTED` array: the protected addresses, scanned linearly.
-/// Addresses are 32-bit words holding network-order bytes, as loaded from the packet.
+/// One generation of the `POLICY` array: the protected addresses, scanned linearly, and the
+/// geometry of that generation's IPv6 table. Addresses are 32-bit words holding
+/// network-order bytes, as loaded from the packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ProtectedSet {
+pub struct Policy {
     pub count4: u32,
     pub count6: u32,
     pub addr4: [u32; MAX_PROTECTED],
     pub addr6: [[u32; 4]; MAX_PROTECTED],
     pub ep4: [Endpoint; MAX_PROTECTED],
     pub ep6: [Endpoint; MAX_PROTECTED],
+    /// Distinct IPv6 prefix lengths in the table, longest first, with their masks.
+    pub v6_lengths: u32,
+    /// Bucket count minus one (the count is a power of two).
+    pub v6_bucket_mask: u32,
+    pub v6_len: [u32; V6_MAX_LENGTHS],
+    pub v6_mask: [[u32; 4]; V6_MAX_LENGTHS],
+}
+
+/// One IPv6 prefix in the table: its masked address and `group << 8 | prefix length`.
+/// `meta == 0` marks an empty slot (group ids start at 1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct V6Slot {
+    pub addr: [u32; 4],
+    pub meta: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct V6Bucket {
+    pub slots: [V6Slot; V6_SLOTS],
+}
+
+/// The hash both sides use to place and find an IPv6 prefix.
+#[inline(always)]
+pub fn v6_hash(addr: &[u32; 4], prefix_len: u32) -> u32 {
+    let mut h = prefix_len.wrapping_mul(0x9e37_79b9);
+    for w in addr {
+        h = (h ^ *w).wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+    }
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The two candidate buckets of a hash.
+#[inline(always)]
+pub fn v6_buckets(hash: u32, mask: u32) -> [u32; 2] {
+    [
+        hash & mask,
+        hash.rotate_left(16).wrapping_mul(0x27d4_eb2f) & mask,
+    ]
 }
 
 /// Block and dynamic allow maps hold IPv4 sources IPv4-mapped (`::ffff:a.b.c.d`), so one map
@@ -158,6 +207,7 @@ mod pod {
     // SAFETY: all of these are repr(C) plain data with explicit padding and no pointers.
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for Endpoint {}
-    unsafe impl aya::Pod for ProtectedSet {}
+    unsafe impl aya::Pod for Policy {}
+    unsafe impl aya::Pod for V6Bucket {}
     unsafe impl aya::Pod for Expiring {}
 }

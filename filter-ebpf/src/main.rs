@@ -16,8 +16,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use filter_common::{
-    Expiring, ProtectedSet, Reason, Settings, MAX_GROUPS, REASON_COUNT, TBL24_ROW, TBL24_ROWS,
-    TBL8_FLAG, TBL8_SIZE,
+    v6_buckets, v6_hash, Expiring, Policy, Reason, Settings, V6Bucket, MAX_GROUPS, REASON_COUNT,
+    TBL24_ROW, TBL24_ROWS, TBL8_FLAG, TBL8_SIZE, V6_MAX_LENGTHS, V6_SLOTS,
 };
 use parse::{Bound, Source};
 
@@ -28,9 +28,9 @@ static SETTINGS: Array<Settings> = Array::pinned(1, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(REASON_COUNT, 0);
 #[map]
 static GROUP_HITS: PerCpuArray<u64> = PerCpuArray::pinned(MAX_GROUPS as u32 + 1, 0);
-/// One `ProtectedSet` per generation.
+/// One `Policy` (protected endpoints, IPv6 table geometry) per generation.
 #[map]
-static PROTECTED: Array<ProtectedSet> = Array::pinned(2, 0);
+static POLICY: Array<Policy> = Array::pinned(2, 0);
 
 // IPv4 allow table, DIR-24-8, two buffers: the daemon fills the idle one through mmap and
 // flips `Settings::generation`, so a lookup sees the old set or the new one, never a mix.
@@ -43,11 +43,11 @@ static TBL8_0: Array<[u32; TBL8_SIZE]> = Array::pinned(1, BPF_F_MMAPABLE); // si
 #[map]
 static TBL8_1: Array<[u32; TBL8_SIZE]> = Array::pinned(1, BPF_F_MMAPABLE); // sized at load
 
-// IPv6 allow tries, one per generation, value = group id.
+// IPv6 allow tables, one per generation, filled through mmap like the IPv4 ones.
 #[map]
-static ALLOW6_0: LpmTrie<[u32; 4], u32> = LpmTrie::pinned(1, 0); // sized at load
+static V6TBL_0: Array<V6Bucket> = Array::pinned(1, BPF_F_MMAPABLE); // sized at load
 #[map]
-static ALLOW6_1: LpmTrie<[u32; 4], u32> = LpmTrie::pinned(1, 0); // sized at load
+static V6TBL_1: Array<V6Bucket> = Array::pinned(1, BPF_F_MMAPABLE); // sized at load
 
 // Dynamic entries, keyed by IPv4-mapped or IPv6 source. Keys are [u32; 4]: the same 16
 // bytes user space writes as [u8; 16], but word-aligned so they are built with word stores.
@@ -67,17 +67,20 @@ pub fn ewsgate_xdp(ctx: XdpContext) -> u32 {
     let Some(settings) = SETTINGS.get(0) else {
         return xdp_action::XDP_PASS;
     };
-    let Some(protected) = PROTECTED.get(settings.generation & 1) else {
+    // Read once: a reload may flip it while this packet is judged, and the protected set
+    // and tables must come from the same generation.
+    let generation = settings.generation & 1;
+    let Some(policy) = POLICY.get(generation) else {
         return xdp_action::XDP_PASS;
     };
-    let reason = match parse::classify(&ctx, protected) {
+    let reason = match parse::classify(&ctx, policy) {
         Bound::No => Reason::NotBound,
         Bound::Malformed => Reason::Malformed,
         Bound::Yes { source, fragment } => {
             if fragment {
                 count(Reason::Fragment);
             }
-            judge(settings, &source)
+            judge(settings, generation, policy, &source)
         }
     };
     verdict(settings, reason)
@@ -132,7 +135,7 @@ fn count(reason: Reason) {
 }
 
 #[inline(always)]
-fn judge(settings: &Settings, source: &Source) -> Reason {
+fn judge(settings: &Settings, generation: u32, policy: &Policy, source: &Source) -> Reason {
     let key = source.mapped();
     if settings.block_exact != 0 && live(unsafe { BLOCK_EXACT.get(&key) }) {
         return Reason::Blocked;
@@ -141,8 +144,8 @@ fn judge(settings: &Settings, source: &Source) -> Reason {
         return Reason::Blocked;
     }
     let group = match source {
-        Source::V4(addr) => group_v4(settings.generation, u32::from_be(*addr)),
-        Source::V6(addr) => group_v6(settings.generation, addr),
+        Source::V4(addr) => group_v4(generation, u32::from_be(*addr)),
+        Source::V6(addr) => group_v6(generation, policy, addr),
     };
     if group != 0 {
         if let Some(slot) = GROUP_HITS.get_ptr_mut(group) {
@@ -199,15 +202,33 @@ fn group_v4(generation: u32, src: u32) -> u32 {
     }
 }
 
+/// Longest prefix first: for each distinct length, mask the source, hash, and look in the
+/// two candidate buckets. A few inlined array reads per length, however dense the table.
 #[inline(always)]
-fn group_v6(generation: u32, src: &[u32; 4]) -> u32 {
-    let key = lpm_key(src);
-    let hit = if generation == 0 {
-        ALLOW6_0.get(key.as_key())
-    } else {
-        ALLOW6_1.get(key.as_key())
-    };
-    hit.copied().unwrap_or(0)
+fn group_v6(generation: u32, policy: &Policy, src: &[u32; 4]) -> u32 {
+    for i in 0..V6_MAX_LENGTHS {
+        if i as u32 >= policy.v6_lengths {
+            break;
+        }
+        let m = &policy.v6_mask[i];
+        let key = [src[0] & m[0], src[1] & m[1], src[2] & m[2], src[3] & m[3]];
+        let len = policy.v6_len[i];
+        for b in v6_buckets(v6_hash(&key, len), policy.v6_bucket_mask) {
+            let bucket = if generation == 0 {
+                V6TBL_0.get(b)
+            } else {
+                V6TBL_1.get(b)
+            };
+            let Some(bucket) = bucket else { continue };
+            for s in 0..V6_SLOTS {
+                let slot = &bucket.slots[s];
+                if slot.meta & 0xff == len && slot.meta != 0 && slot.addr == key {
+                    return slot.meta >> 8;
+                }
+            }
+        }
+    }
+    0
 }
 
 /// A full-length LPM lookup key laid out like aya's `Key<[u32; 4]>` (prefix length, then

@@ -4,9 +4,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
-use filter_common::{
-    Endpoint, ProtectedSet, MAX_IPV6_EXT, MAX_PORTS, MAX_PROTECTED, MAX_VLAN_DEPTH,
-};
+use filter_common::{Endpoint, Policy, MAX_IPV6_EXT, MAX_PORTS, MAX_PROTECTED, MAX_VLAN_DEPTH};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -83,7 +81,7 @@ fn read_be16(ctx: &XdpContext, off: usize) -> Option<u16> {
 }
 
 #[inline(always)]
-pub fn classify(ctx: &XdpContext, set: &ProtectedSet) -> Bound {
+pub fn classify(ctx: &XdpContext, set: &Policy) -> Bound {
     // A frame too short for its Ethernet or VLAN headers cannot be classified: drop.
     let Some((proto, off)) = ethernet(ctx) else {
         return Bound::Malformed;
@@ -115,7 +113,7 @@ fn ethernet(ctx: &XdpContext) -> Option<(u16, usize)> {
 }
 
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, off: usize, set: &ProtectedSet) -> Bound {
+fn ipv4(ctx: &XdpContext, off: usize, set: &Policy) -> Bound {
     let Some(hdr) = ptr_at::<[u32; 5]>(ctx, off) else {
         return Bound::Malformed;
     };
@@ -146,7 +144,7 @@ fn ipv4(ctx: &XdpContext, off: usize, set: &ProtectedSet) -> Bound {
 }
 
 #[inline(always)]
-fn ipv6(ctx: &XdpContext, off: usize, set: &ProtectedSet) -> Bound {
+fn ipv6(ctx: &XdpContext, off: usize, set: &Policy) -> Bound {
     let Some(hdr) = ptr_at::<[u32; 10]>(ctx, off) else {
         return Bound::Malformed;
     };
@@ -190,7 +188,7 @@ fn ipv6(ctx: &XdpContext, off: usize, set: &ProtectedSet) -> Bound {
 }
 
 #[inline(always)]
-fn protected4(set: &ProtectedSet, dst: u32) -> Option<&Endpoint> {
+fn protected4(set: &Policy, dst: u32) -> Option<&Endpoint> {
     for i in 0..MAX_PROTECTED {
         if i as u32 >= set.count4 {
             break;
@@ -203,7 +201,7 @@ fn protected4(set: &ProtectedSet, dst: u32) -> Option<&Endpoint> {
 }
 
 #[inline(always)]
-fn protected6<'a>(set: &'a ProtectedSet, dst: &[u32; 4]) -> Option<&'a Endpoint> {
+fn protected6<'a>(set: &'a Policy, dst: &[u32; 4]) -> Option<&'a Endpoint> {
     for i in 0..MAX_PROTECTED {
         if i as u32 >= set.count6 {
             break;
@@ -262,7 +260,10 @@ pub fn reference_source(ctx: &XdpContext) -> Option<u32> {
     }
     let w = read::<[u32; 5]>(ctx, ETH_HLEN)?;
     let bytes = w[4].to_ne_bytes();
-    if bytes != [192, 0, 2, 10] || w[0].to_ne_bytes()[0] != 0x45 || w[2].to_ne_bytes()[1] != IPPROTO_TCP {
+    if bytes != [192, 0, 2, 10]
+        || w[0].to_ne_bytes()[0] != 0x45
+        || w[2].to_ne_bytes()[1] != IPPROTO_TCP
+    {
         return None;
     }
     let dport = read_be16(ctx, ETH_HLEN + 20 + 2)?;

@@ -2,6 +2,7 @@
 //! generation flip that makes a reload atomic, and the dynamic block and allow entries.
 
 use std::{
+    mem::size_of,
     net::IpAddr,
     os::fd::{AsFd, AsRawFd},
     thread,
@@ -17,13 +18,13 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use filter_common::{
-    v4_mapped, Endpoint, Expiring, ProtectedSet, ProtoPort, Reason, Settings, MAX_GROUPS,
+    v4_mapped, Endpoint, Expiring, Policy, ProtoPort, Reason, Settings, V6Bucket, MAX_GROUPS,
     MAX_PROTECTED, TBL24_ENTRIES, TBL8_SIZE,
 };
 
 use crate::{
     config::{Config, Protected},
-    tables::{self, TableError},
+    tables::{self, mask_words, words, TableError, V6Lengths},
 };
 
 /// How long a buffer generation must have been idle before it is rewritten. An XDP run lasts
@@ -83,8 +84,7 @@ pub struct Entry {
 /// A shared-memory view of a `BPF_F_MMAPABLE` array map.
 struct Mmap {
     _map: MapData,
-    ptr: *mut u32,
-    len: usize,
+    ptr: *mut u8,
     bytes: usize,
 }
 
@@ -114,14 +114,15 @@ impl Mmap {
         Ok(Mmap {
             _map: map,
             ptr: ptr.cast(),
-            len: bytes / 4,
             bytes,
         })
     }
 
-    fn slice(&mut self) -> &mut [u32] {
-        // SAFETY: ptr/len describe the live mapping created in `new`.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    /// The mapping as a slice of the map's value type (plain data, alignment ≤ a page).
+    fn slice<T: aya::Pod>(&mut self) -> &mut [T] {
+        // SAFETY: ptr/bytes describe the live mapping created in `new`, page aligned, and
+        // the value types used here are plain data with no invalid bit patterns.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.cast(), self.bytes / size_of::<T>()) }
     }
 }
 
@@ -135,14 +136,14 @@ impl Drop for Mmap {
 struct Generation {
     tbl24: Mmap,
     tbl8: Mmap,
-    allow6: LpmTrie<MapData, [u8; 16], u32>,
+    v6: Mmap,
 }
 
 pub struct Maps {
     settings: Array<MapData, Settings>,
     counters: PerCpuArray<MapData, u64>,
     group_hits: PerCpuArray<MapData, u64>,
-    protected: Array<MapData, ProtectedSet>,
+    policy: Array<MapData, Policy>,
     generations: [Generation; 2],
     exact: [HashMap<MapData, [u8; 16], Expiring>; 2],
     cidr: [LpmTrie<MapData, [u8; 16], Expiring>; 2],
@@ -157,22 +158,28 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
     T::try_from(map).map_err(map_err(name))
 }
 
-fn generation(ebpf: &mut Ebpf, g: usize, tbl8_blocks: u32) -> Result<Generation, MapsError> {
-    let [t24, t8, a6] = [
+/// Sizes of the maps whose size is set at creation, as found in place.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    pub tbl8_blocks: u32,
+    pub v6_buckets: u32,
+}
+
+fn generation(ebpf: &mut Ebpf, g: usize, sizes: Sizes) -> Result<Generation, MapsError> {
+    let [t24, t8, v6] = [
         ["TBL24_0", "TBL24_1"][g],
         ["TBL8_0", "TBL8_1"][g],
-        ["ALLOW6_0", "ALLOW6_1"][g],
+        ["V6TBL_0", "V6TBL_1"][g],
     ];
-    let tbl24 = Mmap::new(t24, raw_array(ebpf, t24)?, TBL24_ENTRIES as usize * 4)?;
-    let tbl8 = Mmap::new(
-        t8,
-        raw_array(ebpf, t8)?,
-        tbl8_blocks as usize * TBL8_SIZE * 4,
-    )?;
+    let v6_bytes = sizes.v6_buckets as usize * size_of::<V6Bucket>();
     Ok(Generation {
-        tbl24,
-        tbl8,
-        allow6: take(ebpf, a6)?,
+        tbl24: Mmap::new(t24, raw_array(ebpf, t24)?, TBL24_ENTRIES as usize * 4)?,
+        tbl8: Mmap::new(
+            t8,
+            raw_array(ebpf, t8)?,
+            sizes.tbl8_blocks as usize * TBL8_SIZE * 4,
+        )?,
+        v6: Mmap::new(v6, raw_array(ebpf, v6)?, v6_bytes)?,
     })
 }
 
@@ -190,17 +197,14 @@ fn raw_array(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, MapsError> 
 }
 
 impl Maps {
-    /// Takes the maps out of a loaded object. `tbl8_blocks` is the live size of TBL8_*.
-    pub fn new(ebpf: &mut Ebpf, tbl8_blocks: u32) -> Result<Maps, MapsError> {
+    /// Takes the maps out of a loaded object, whose sized maps have `sizes`.
+    pub fn new(ebpf: &mut Ebpf, sizes: Sizes) -> Result<Maps, MapsError> {
         Ok(Maps {
             settings: take(ebpf, "SETTINGS")?,
             counters: take(ebpf, "COUNTERS")?,
             group_hits: take(ebpf, "GROUP_HITS")?,
-            protected: take(ebpf, "PROTECTED")?,
-            generations: [
-                generation(ebpf, 0, tbl8_blocks)?,
-                generation(ebpf, 1, tbl8_blocks)?,
-            ],
+            policy: take(ebpf, "POLICY")?,
+            generations: [generation(ebpf, 0, sizes)?, generation(ebpf, 1, sizes)?],
             exact: [take(ebpf, "BLOCK_EXACT")?, take(ebpf, "ALLOW_EXACT")?],
             cidr: [take(ebpf, "BLOCK_CIDR")?, take(ebpf, "ALLOW_CIDR")?],
             last_flip: None,
@@ -224,8 +228,6 @@ impl Maps {
     /// Fills the idle generation with the config's protected endpoints and source groups,
     /// then makes it live with one map write. Errors leave the live generation untouched.
     pub fn load(&mut self, config: &Config) -> Result<(), MapsError> {
-        let v6 = tables::v6_prefixes(&config.groups, config.xdp.capacity.ipv6_prefixes as usize)?;
-        let set = protected_set(&config.protect);
         if let Some(flip) = self.last_flip {
             thread::sleep(GENERATION_GRACE.saturating_sub(flip.elapsed()));
         }
@@ -233,10 +235,14 @@ impl Maps {
         let idle = 1 - live;
         let tables = &mut self.generations[idle];
         tables::build_v4(&config.groups, tables.tbl24.slice(), tables.tbl8.slice())?;
-        replace_v6(&mut tables.allow6, &v6)?;
-        self.protected
-            .set(idle as u32, set, 0)
-            .map_err(map_err("PROTECTED"))?;
+        let v6 = tables.v6.slice::<V6Bucket>();
+        let buckets = v6.len() as u32;
+        let capacity = config.xdp.capacity.ipv6_prefixes as usize;
+        let lengths = tables::build_v6(&config.groups, capacity, v6)?;
+        let policy = policy(&config.protect, &lengths, buckets);
+        self.policy
+            .set(idle as u32, policy, 0)
+            .map_err(map_err("POLICY"))?;
         let mut s = self.settings()?;
         s.generation = idle as u32;
         s.monitor = config.xdp.monitor as u32;
@@ -418,33 +424,18 @@ fn full_or(name: &'static str, e: MapError) -> MapsError {
     }
 }
 
-fn replace_v6(
-    trie: &mut LpmTrie<MapData, [u8; 16], u32>,
-    want: &[(ipnet::Ipv6Net, u32)],
-) -> Result<(), MapsError> {
-    let wanted: std::collections::HashSet<(u32, [u8; 16])> = want
-        .iter()
-        .map(|(n, _)| (n.prefix_len() as u32, n.network().octets()))
-        .collect();
-    let stale: Vec<Key<[u8; 16]>> = trie
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
-        .collect();
-    for k in stale {
-        trie.remove(&k).map_err(map_err("ALLOW6"))?;
+/// One generation's policy in the program's layout. Config validation keeps each family
+/// within MAX_PROTECTED and the table build within V6_MAX_LENGTHS.
+fn policy(protect: &[Protected], lengths: &V6Lengths, buckets: u32) -> Policy {
+    let mut set = Policy {
+        v6_lengths: lengths.0.len() as u32,
+        v6_bucket_mask: buckets - 1,
+        ..Default::default()
+    };
+    for (i, len) in lengths.0.iter().enumerate() {
+        set.v6_len[i] = *len as u32;
+        set.v6_mask[i] = mask_words(*len);
     }
-    for (n, g) in want {
-        let key = Key::new(n.prefix_len() as u32, n.network().octets());
-        trie.insert(&key, g, 0).map_err(|e| full_or("ALLOW6", e))?;
-    }
-    Ok(())
-}
-
-/// The protected set in the program's layout; config validation keeps each family within
-/// MAX_PROTECTED.
-fn protected_set(protect: &[Protected]) -> ProtectedSet {
-    let mut set = ProtectedSet::default();
     for p in protect {
         match p.addr {
             IpAddr::V4(a) if (set.count4 as usize) < MAX_PROTECTED => {
@@ -461,10 +452,6 @@ fn protected_set(protect: &[Protected]) -> ProtectedSet {
         }
     }
     set
-}
-
-fn words(b: [u8; 16]) -> [u32; 4] {
-    [0, 4, 8, 12].map(|i| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]))
 }
 
 fn endpoint(p: &Protected) -> Endpoint {

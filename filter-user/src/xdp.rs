@@ -22,13 +22,14 @@ use aya::{
 use tracing::{info, warn};
 
 use filter_common::{
-    Expiring, ProtectedSet, Settings, LAYOUT_VERSION, MAX_GROUPS, REASON_COUNT, TBL24_ROW,
+    Expiring, Policy, Settings, V6Bucket, LAYOUT_VERSION, MAX_GROUPS, REASON_COUNT, TBL24_ROW,
     TBL24_ROWS, TBL8_SIZE,
 };
 
 use crate::{
     config::{AttachMode, Capacity, Config},
-    maps::{Maps, MapsError},
+    maps::{Maps, MapsError, Sizes},
+    tables::v6_bucket_count,
 };
 
 /// The XDP object built by build.rs.
@@ -142,7 +143,7 @@ fn layouts() -> [Layout; 14] {
             8,
             Fixed(MAX_GROUPS as u32 + 1),
         ),
-        layout("PROTECTED", Array, 4, size_of::<ProtectedSet>(), Fixed(2)),
+        layout("POLICY", Array, 4, size_of::<Policy>(), Fixed(2)),
         layout("TBL24_0", Array, 4, TBL24_ROW * 4, Fixed(TBL24_ROWS)),
         layout("TBL24_1", Array, 4, TBL24_ROW * 4, Fixed(TBL24_ROWS)),
         layout(
@@ -160,18 +161,18 @@ fn layouts() -> [Layout; 14] {
             Configured(|c| c.long_prefix_blocks),
         ),
         layout(
-            "ALLOW6_0",
-            LpmTrie,
-            LPM_KEY,
+            "V6TBL_0",
+            Array,
             4,
-            Configured(|c| c.ipv6_prefixes),
+            size_of::<V6Bucket>(),
+            Configured(|c| v6_bucket_count(c.ipv6_prefixes)),
         ),
         layout(
-            "ALLOW6_1",
-            LpmTrie,
-            LPM_KEY,
+            "V6TBL_1",
+            Array,
             4,
-            Configured(|c| c.ipv6_prefixes),
+            size_of::<V6Bucket>(),
+            Configured(|c| v6_bucket_count(c.ipv6_prefixes)),
         ),
         layout(
             "BLOCK_EXACT",
@@ -227,7 +228,7 @@ impl Gate {
     pub fn open(config: &Config) -> Result<Gate, XdpError> {
         let pins = Pins::new(&config.xdp.pin_dir);
         prepare_dirs(&config.xdp.pin_dir, &pins)?;
-        let (start, tbl8_blocks) = check_pins(&pins, &config.xdp.capacity)?;
+        let (start, sizes) = check_pins(&pins, &config.xdp.capacity)?;
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pins.maps());
         for l in layouts() {
@@ -238,7 +239,7 @@ impl Gate {
         let mut ebpf = loader.load(OBJECT)?;
         // Load before taking the maps: the program's relocations need their fds.
         program(&mut ebpf)?.load()?;
-        let maps = Maps::new(&mut ebpf, tbl8_blocks)?;
+        let maps = Maps::new(&mut ebpf, sizes)?;
         let mut gate = Gate {
             ebpf,
             maps,
@@ -393,10 +394,13 @@ fn prepare_dirs(pin_dir: &Path, pins: &Pins) -> Result<(), XdpError> {
 }
 
 /// Compares every pinned map with this build's layout. Returns whether state is adopted and
-/// the TBL8 size in use (a pinned map keeps the size it was created with).
-fn check_pins(pins: &Pins, capacity: &Capacity) -> Result<(Start, u32), XdpError> {
+/// the sizes in use (a pinned map keeps the size it was created with).
+fn check_pins(pins: &Pins, capacity: &Capacity) -> Result<(Start, Sizes), XdpError> {
     let mut found = 0;
-    let mut tbl8 = capacity.long_prefix_blocks;
+    let mut sizes = Sizes {
+        tbl8_blocks: capacity.long_prefix_blocks,
+        v6_buckets: v6_bucket_count(capacity.ipv6_prefixes),
+    };
     let layouts = layouts();
     for l in &layouts {
         let path = pins.maps().join(l.name);
@@ -441,13 +445,15 @@ fn check_pins(pins: &Pins, capacity: &Capacity) -> Result<(Start, u32), XdpError
             ),
             _ => {}
         }
-        if l.name == "TBL8_0" {
-            tbl8 = info.max_entries();
+        match l.name {
+            "TBL8_0" => sizes.tbl8_blocks = info.max_entries(),
+            "V6TBL_0" => sizes.v6_buckets = info.max_entries(),
+            _ => {}
         }
     }
     match found {
-        0 => Ok((Start::Fresh, tbl8)),
-        n if n == layouts.len() => Ok((Start::Adopted, tbl8)),
+        0 => Ok((Start::Fresh, sizes)),
+        n if n == layouts.len() => Ok((Start::Adopted, sizes)),
         _ => Err(XdpError::Incompatible {
             path: pins.maps().display().to_string(),
             what: format!("{found} of {} maps pinned", layouts.len()),

@@ -322,7 +322,9 @@ fn kill_9_keeps_the_filter_and_a_new_daemon_adopts_it() {
             "no daemon: salesforce v6 still passes"
         );
     }
-    let versioned = s.pin_dir.join(format!("v{}", filter_common::LAYOUT_VERSION));
+    let versioned = s
+        .pin_dir
+        .join(format!("v{}", filter_common::LAYOUT_VERSION));
     let links = fs::read_dir(versioned.join("links")).unwrap().count();
     assert_eq!(links, 3, "one pinned link per interface");
     let daemon = Daemon::start(&s.lab.gate, &s.config, &s.socket).expect("second daemon");

@@ -667,3 +667,53 @@ fn incompatible_pinned_maps_are_refused_not_reused() {
     assert!(err.contains("13 of 14 maps pinned"), "{err}");
     ewsgate::xdp::detach(&dir).unwrap();
 }
+
+#[test]
+fn ipv6_table_across_prefix_lengths() {
+    let fs = BpfFs::new().expect("bpffs");
+    let extra = r#"
+[sources.hosts6]
+cidrs = ["2001:db8:300::2", "2001:db8:300::4", "2001:db8:400::/48", "2001:db8:400:7::/64"]
+"#;
+    let gate = Gate::open(&config(&fs.dir.join("ewsgate"), extra)).expect("load");
+    let mut b = Bench { gate, _fs: fs };
+    b.check(
+        "/128 host",
+        frame("2001:db8:300::2", GATE6),
+        PASS,
+        Reason::AllowGroup,
+    );
+    b.check(
+        "its odd neighbour",
+        frame("2001:db8:300::3", GATE6),
+        DROP,
+        Reason::NotAllowed,
+    );
+    b.check(
+        "inside the /48",
+        frame("2001:db8:400:1::5", GATE6),
+        PASS,
+        Reason::AllowGroup,
+    );
+    b.check(
+        "inside the nested /64",
+        frame("2001:db8:400:7::5", GATE6),
+        PASS,
+        Reason::AllowGroup,
+    );
+    b.check(
+        "next to the /48",
+        frame("2001:db8:401::1", GATE6),
+        DROP,
+        Reason::NotAllowed,
+    );
+    b.check(
+        "office /64 still",
+        frame(OFFICE6, GATE6),
+        PASS,
+        Reason::AllowGroup,
+    );
+    let hits = b.gate.maps.group_hits().unwrap();
+    assert_eq!(hits[1], 3, "hosts6 is the first group in name order");
+    assert_eq!(hits[2], 1, "offices the second");
+}

@@ -74,7 +74,9 @@ fn prefixes(n: usize) -> Vec<String> {
     let v6 = rest / 5;
     let v4_32 = (rest - v6) / 2;
     let v4_24 = rest - v6 - v4_32;
-    out.extend((0..v4_24).map(|i| format!("{}/24", Ipv4Addr::from(0x1400_0000u32 + ((i as u32) << 8)))));
+    out.extend(
+        (0..v4_24).map(|i| format!("{}/24", Ipv4Addr::from(0x1400_0000u32 + ((i as u32) << 8)))),
+    );
     out.extend((0..v4_32).map(|i| format!("{}/32", dense_v4(i, v4_32))));
     out.extend((0..v6).map(|i| format!("{}/128", dense_v6(i, v6))));
     out
@@ -88,7 +90,11 @@ fn dense_v4(i: usize, count: usize) -> Ipv4Addr {
 
 /// The i-th of `count` even IPv6 addresses centred on 2001:db8:300::.
 fn dense_v6(i: usize, count: usize) -> std::net::Ipv6Addr {
-    let centre = u128::from("2001:db8:300::".parse::<std::net::Ipv6Addr>().expect("literal"));
+    let centre = u128::from(
+        "2001:db8:300::"
+            .parse::<std::net::Ipv6Addr>()
+            .expect("literal"),
+    );
     std::net::Ipv6Addr::from(centre - 2 * (count as u128 / 2) + 2 * i as u128)
 }
 
@@ -129,12 +135,28 @@ fn packets() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("allowed_v4", frame("198.51.100.10", "192.0.2.10").build()),
         ("dropped_v4", frame("192.0.2.99", "192.0.2.10").build()),
-        ("ipv6_ext_allowed", frame("2001:db8:100::10", "2001:db8:10::10").ext(&chain).build()),
-        ("ipv6_ext_dropped", frame("2001:db8:ffff::50", "2001:db8:10::10").ext(&chain).build()),
-        ("not_bound", frame("192.0.2.99", "192.0.2.10").port(TCP, 80).build()),
+        (
+            "ipv6_ext_allowed",
+            frame("2001:db8:100::10", "2001:db8:10::10")
+                .ext(&chain)
+                .build(),
+        ),
+        (
+            "ipv6_ext_dropped",
+            frame("2001:db8:ffff::50", "2001:db8:10::10")
+                .ext(&chain)
+                .build(),
+        ),
+        (
+            "not_bound",
+            frame("192.0.2.99", "192.0.2.10").port(TCP, 80).build(),
+        ),
         // Odd addresses amid the dense even /32s and /128s: a trie's deepest walk, a miss.
         ("adversarial_v4", frame("203.0.113.1", "192.0.2.10").build()),
-        ("adversarial_v6", frame("2001:db8:300::1", "2001:db8:10::10").build()),
+        (
+            "adversarial_v6",
+            frame("2001:db8:300::1", "2001:db8:10::10").build(),
+        ),
     ]
 }
 
@@ -181,7 +203,10 @@ fn test_run_rows(rows: &mut Vec<Value>) -> anyhow::Result<()> {
         let config = Config::parse(&scratch.join("bench.toml"), &text)?;
         let mut gate = Gate::open(&config)?;
         let mut reference = lpm_reference(&bpffs.dir.join(format!("reference-{n}")), n)?;
-        let reference: &mut Xdp = reference.program_mut("xdp_lpm_reference").context("reference")?.try_into()?;
+        let reference: &mut Xdp = reference
+            .program_mut("xdp_lpm_reference")
+            .context("reference")?
+            .try_into()?;
         for (name, data) in packets() {
             let (ns, floor_ns) = paired_min(gate.program()?, floor, &data)?;
             push_test_run(rows, "ewsgate", n, name, ns);
@@ -211,14 +236,22 @@ fn test_run_rows(rows: &mut Vec<Value>) -> anyhow::Result<()> {
 /// The reference program with the IPv4 prefixes of `prefixes(n)` in a plain LPM trie.
 fn lpm_reference(pin_dir: &Path, n: usize) -> anyhow::Result<aya::Ebpf> {
     fs::create_dir_all(pin_dir)?;
-    let mut ebpf = EbpfLoader::new().default_map_pin_directory(pin_dir).load(ewsgate::xdp::OBJECT)?;
-    let prog: &mut Xdp = ebpf.program_mut("xdp_lpm_reference").context("reference program")?.try_into()?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .load(ewsgate::xdp::OBJECT)?;
+    let prog: &mut Xdp = ebpf
+        .program_mut("xdp_lpm_reference")
+        .context("reference program")?
+        .try_into()?;
     prog.load()?;
     let map = ebpf.map_mut("LPM4_REFERENCE").context("reference map")?;
     let mut trie: aya::maps::LpmTrie<&mut MapData, u32, u32> = aya::maps::LpmTrie::try_from(map)?;
     for p in prefixes(n).iter().filter(|p| !p.contains(':')) {
         let net: ipnet::Ipv4Net = p.parse()?;
-        let key = aya::maps::lpm_trie::Key::new(net.prefix_len() as u32, u32::from_ne_bytes(net.network().octets()));
+        let key = aya::maps::lpm_trie::Key::new(
+            net.prefix_len() as u32,
+            u32::from_ne_bytes(net.network().octets()),
+        );
         trie.insert(&key, 1, 0)?;
     }
     Ok(ebpf)
@@ -280,11 +313,19 @@ impl XdpFilter {
             Map::PerCpuHashMap(open("filter_ipv6")?).try_into()?;
         // The office hosts, then the exact addresses of `prefixes`, up to n in all.
         v4.insert(u32::from_ne_bytes([198, 51, 100, 10]), flags()?, 0)?;
-        v6.insert("2001:db8:100::10".parse::<std::net::Ipv6Addr>()?.octets(), flags()?, 0)?;
-        let exact = prefixes(4 * n).into_iter().filter(|p| p.ends_with("/32") || p.ends_with("/128"));
+        v6.insert(
+            "2001:db8:100::10".parse::<std::net::Ipv6Addr>()?.octets(),
+            flags()?,
+            0,
+        )?;
+        let exact = prefixes(4 * n)
+            .into_iter()
+            .filter(|p| p.ends_with("/32") || p.ends_with("/128"));
         for p in exact.take(n.saturating_sub(2)) {
             match p.parse::<ipnet::IpNet>()? {
-                ipnet::IpNet::V4(a) => v4.insert(u32::from_ne_bytes(a.network().octets()), flags()?, 0)?,
+                ipnet::IpNet::V4(a) => {
+                    v4.insert(u32::from_ne_bytes(a.network().octets()), flags()?, 0)?
+                }
                 ipnet::IpNet::V6(a) => v6.insert(a.network().octets(), flags()?, 0)?,
             }
         }
