@@ -578,8 +578,8 @@ fn flood_nftables(lab: &FloodLab, dir: &Path, n: usize) -> anyhow::Result<f64> {
 fn print_table(rows: &[Value]) {
     println!("\nBPF_PROG_TEST_RUN, ns per packet, min of {TEST_RUN_ROUNDS} runs of {REPEAT} repeats; Δfloor = ewsgate - floor");
     println!(
-        "{:<18} {:>8} {:>9} {:>9} {:>11} {:>8}",
-        "packet", "prefixes", "ewsgate", "floor", "xdp-filter", "Δfloor"
+        "{:<18} {:>8} {:>9} {:>9} {:>11} {:>9} {:>8}",
+        "packet", "prefixes", "ewsgate", "floor", "xdp-filter", "lpm-trie", "Δfloor"
     );
     let get = |subject: &str, n: u64, packet: &str| {
         rows.iter()
@@ -590,9 +590,14 @@ fn print_table(rows: &[Value]) {
         for (name, _) in packets() {
             let e = get("ewsgate", n as u64, name).unwrap_or(f64::NAN);
             let f = get("xdp-drop-floor", n as u64, name).unwrap_or(f64::NAN);
-            let x =
-                get("xdp-filter", n as u64, name).map_or("-".to_string(), |v| format!("{v:.0}"));
-            println!("{name:<18} {n:>8} {e:>9.0} {f:>9.0} {x:>11} {:>8.0}", e - f);
+            let shown = |subject| {
+                get(subject, n as u64, name).map_or("-".to_string(), |v| format!("{v:.0}"))
+            };
+            let (x, t) = (shown("xdp-filter"), shown("lpm-trie"));
+            println!(
+                "{name:<18} {n:>8} {e:>9.0} {f:>9.0} {x:>11} {t:>9} {:>8.0}",
+                e - f
+            );
         }
     }
     let floor = rows
