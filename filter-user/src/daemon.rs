@@ -53,6 +53,9 @@ struct Worker {
 
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
+    if config.xdp.interfaces.is_empty() {
+        warn!("xdp.interfaces is empty: nothing is filtered until the config names one");
+    }
     let socket = config.xdp.control_socket.clone();
     refuse_second_daemon(&socket)?;
     let gate = Gate::open(&config).context("setting up XDP")?;

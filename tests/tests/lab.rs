@@ -34,11 +34,15 @@ struct Setup {
 }
 
 fn config_text(pin_dir: &Path, socket: &Path, sources: &str) -> String {
+    config_text_mode(pin_dir, socket, sources, "native")
+}
+
+fn config_text_mode(pin_dir: &Path, socket: &Path, sources: &str, mode: &str) -> String {
     format!(
         r#"
 [xdp]
 interfaces = ["g-office", "g-sf", "g-inet"]
-mode = "native"
+mode = "{mode}"
 pin_dir = "{}"
 control_socket = "{}"
 
@@ -62,6 +66,10 @@ cidrs = ["198.51.100.128/25", "2001:db8:200::/64"]
 "#;
 
 fn setup() -> Setup {
+    setup_mode("native")
+}
+
+fn setup_mode(mode: &str) -> Setup {
     let fs = BpfFs::new().expect("bpffs");
     let mut lab = Lab::new(&[OFFICE, SALESFORCE, INTERNET]).expect("lab");
     lab.serve(443).expect("listener 443");
@@ -69,7 +77,7 @@ fn setup() -> Setup {
     let t = tag();
     let pin_dir = fs.dir.join("ewsgate");
     let socket = std::env::temp_dir().join(format!("ewsgate-test-{t}/ctl.sock"));
-    let config = write_config(&t, &config_text(&pin_dir, &socket, SOURCES));
+    let config = write_config(&t, &config_text_mode(&pin_dir, &socket, SOURCES, mode));
     let daemon = Daemon::start(&lab.gate, &config, &socket).expect("daemon");
     let dir = config.parent().expect("config dir").to_path_buf();
     Setup {
@@ -135,6 +143,20 @@ fn allowed_groups_pass_and_the_internet_is_dropped() {
         groups.iter().all(|g| g[1].as_u64().unwrap() > 0),
         "every group passed packets: {json}"
     );
+}
+
+#[test]
+fn generic_mode_filters_the_same() {
+    let s = setup_mode("generic");
+    let status = s.daemon.cli(&["status"]).unwrap();
+    assert!(status.contains("g-inet (generic)"), "{status}");
+    assert!(reaches(&s, "office", GATE_V4, 443));
+    assert!(reaches(&s, "sf", GATE_V6, 443));
+    let before = s.daemon.counter("drop_not_allowed").unwrap();
+    assert!(dropped(&s, "inet", GATE_V4, 443));
+    assert!(dropped(&s, "inet", GATE_V6, 443));
+    assert!(s.daemon.counter("drop_not_allowed").unwrap() >= before + 2);
+    assert!(reaches(&s, "inet", GATE_V4, 8080));
 }
 
 #[test]
