@@ -195,16 +195,8 @@ fn test_run_rows(rows: &mut Vec<Value>) -> anyhow::Result<()> {
     let scratch = std::env::temp_dir().join(format!("ewsgate-bench-{}", tag()));
     fs::create_dir_all(&scratch)?;
     let bpffs = BpfFs::new()?;
-    let floor_dir = bpffs.dir.join("floor");
-    fs::create_dir_all(&floor_dir)?;
-    let mut floor_obj = EbpfLoader::new()
-        .default_map_pin_directory(&floor_dir)
-        .load(ewsgate::xdp::OBJECT)?;
-    let floor: &mut Xdp = floor_obj
-        .program_mut("xdp_drop_floor")
-        .context("floor program")?
-        .try_into()?;
-    floor.load()?;
+    let mut floor_obj = side_program(&bpffs.dir.join("floor"), "xdp_drop_floor")?;
+    let floor = xdp_program(&mut floor_obj, "xdp_drop_floor")?;
     for n in SIZES {
         let list = write_prefixes(&scratch, n)?;
         let pin_dir = bpffs.dir.join(format!("ewsgate-{n}"));
@@ -212,10 +204,7 @@ fn test_run_rows(rows: &mut Vec<Value>) -> anyhow::Result<()> {
         let config = Config::parse(&scratch.join("bench.toml"), &text)?;
         let mut gate = Gate::open(&config)?;
         let mut reference = lpm_reference(&bpffs.dir.join(format!("reference-{n}")), n)?;
-        let reference: &mut Xdp = reference
-            .program_mut("xdp_lpm_reference")
-            .context("reference")?
-            .try_into()?;
+        let reference = xdp_program(&mut reference, "xdp_lpm_reference")?;
         for (name, data) in packets() {
             let (ns, floor_ns) = paired_min(gate.program()?, floor, &data)?;
             push_test_run(rows, "ewsgate", n, name, ns);
@@ -242,17 +231,27 @@ fn test_run_rows(rows: &mut Vec<Value>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The reference program with the IPv4 prefixes of `prefixes(n)` in a plain LPM trie.
-fn lpm_reference(pin_dir: &Path, n: usize) -> anyhow::Result<aya::Ebpf> {
+/// Loads ewsgate's object with its pins in `pin_dir`, and in it the program `name` (the
+/// floor or the trie reference), never attached by the daemon.
+fn side_program(pin_dir: &Path, name: &str) -> anyhow::Result<aya::Ebpf> {
     fs::create_dir_all(pin_dir)?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
         .load(ewsgate::xdp::OBJECT)?;
-    let prog: &mut Xdp = ebpf
-        .program_mut("xdp_lpm_reference")
-        .context("reference program")?
-        .try_into()?;
-    prog.load()?;
+    xdp_program(&mut ebpf, name)?.load()?;
+    Ok(ebpf)
+}
+
+fn xdp_program<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> anyhow::Result<&'a mut Xdp> {
+    let prog = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name}"))?;
+    Ok(prog.try_into()?)
+}
+
+/// The reference program with the IPv4 prefixes of `prefixes(n)` in a plain LPM trie.
+fn lpm_reference(pin_dir: &Path, n: usize) -> anyhow::Result<aya::Ebpf> {
+    let mut ebpf = side_program(pin_dir, "xdp_lpm_reference")?;
     let map = ebpf.map_mut("LPM4_REFERENCE").context("reference map")?;
     let mut trie: aya::maps::LpmTrie<&mut MapData, u32, u32> = aya::maps::LpmTrie::try_from(map)?;
     for p in prefixes(n).iter().filter(|p| !p.contains(':')) {
@@ -497,14 +496,8 @@ fn flood_rows(rows: &mut Vec<Value>) -> anyhow::Result<()> {
 
 fn flood_floor(lab: &FloodLab) -> anyhow::Result<f64> {
     let bpffs = BpfFs::new()?;
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(&bpffs.dir)
-        .load(ewsgate::xdp::OBJECT)?;
-    let prog: &mut Xdp = ebpf
-        .program_mut("xdp_drop_floor")
-        .context("floor program")?
-        .try_into()?;
-    prog.load()?;
+    let mut ebpf = side_program(&bpffs.dir, "xdp_drop_floor")?;
+    let prog = xdp_program(&mut ebpf, "xdp_drop_floor")?;
     let netns = format!("/run/netns/{}", lab.target.name);
     thread::scope(|s| {
         s.spawn(|| -> anyhow::Result<()> {
