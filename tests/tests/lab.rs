@@ -210,6 +210,23 @@ fn block_and_allow_commands_apply_at_once() {
     assert!(err.contains("not a CIDR"), "{err}");
 }
 
+/// 80,000 IPv4 /24s and 20,000 IPv6 /128s starting at `offset`, none near the lab's hosts.
+fn bulk_file(path: &Path, offset: u32) {
+    let mut text = String::new();
+    for i in offset..offset + 80_000 {
+        let a = 0x1400_0000u32 + (i << 8);
+        text.push_str(&format!("{}/24\n", std::net::Ipv4Addr::from(a)));
+    }
+    for i in offset..offset + 20_000 {
+        text.push_str(&format!(
+            "2001:db8:f000::{:x}:{:x}/128\n",
+            i >> 16,
+            i & 0xffff
+        ));
+    }
+    fs::write(path, text).unwrap();
+}
+
 /// Connections from `role`, one after another, until `stop`; returns (ok, failed).
 fn steady(
     s: &Setup,
@@ -242,15 +259,25 @@ fn reload_under_traffic_loses_no_allowed_connection() {
     let stop = Arc::new(AtomicBool::new(false));
     let office = steady(&s, "office", stop.clone());
     // Alternate between configs that all keep the offices; the second drops Salesforce.
+    // Each also carries a bulk group of 100,000 prefixes, half of them replaced every time.
+    bulk_file(&s.dir.join("bulk-a.txt"), 0);
+    bulk_file(&s.dir.join("bulk-b.txt"), 25_000);
     let without_sf = r#"
 [sources.offices]
 cidrs = ["198.51.100.0/25", "2001:db8:100::/64", "203.0.113.200/32"]
 "#;
     for round in 0..6 {
         let sources = if round % 2 == 0 { without_sf } else { SOURCES };
-        fs::write(&s.config, config_text(&s.pin_dir, &s.socket, sources)).unwrap();
+        let bulk = format!(
+            "[sources.bulk]\nfiles = [\"bulk-{}.txt\"]\n",
+            ["a", "b"][round % 2]
+        );
+        let text = config_text(&s.pin_dir, &s.socket, &format!("{sources}{bulk}"));
+        fs::write(&s.config, text).unwrap();
         let answer = s.daemon.cli(&["reload"]).unwrap();
         assert!(answer.contains("reloaded"), "{answer}");
+        let prefixes: usize = answer.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(prefixes > 100_000, "{answer}");
         if round % 2 == 0 {
             assert!(
                 dropped(&s, "sf", GATE_V4, 443),
