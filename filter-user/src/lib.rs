@@ -7,4 +7,5 @@ pub mod control;
 pub mod daemon;
 pub mod maps;
 pub mod tables;
+pub mod tokens;
 pub mod xdp;

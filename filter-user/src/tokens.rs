@@ -1,0 +1,730 @@
+//! Exchange add-in tokens: the EWS callback token (item-scoped, minutes long) and the user
+//! identity token (`ExIdTok.V1`, meant for an add-in's own back end, never for EWS).
+//!
+//! What is trusted comes from configuration only:
+//! - signing certificates pinned by the admin, each keyed by an `x5t` that ewsgate computes
+//!   from the certificate itself (base64url SHA-1 of the DER), several at once for rotation;
+//! - the exact audiences, issuers and auth-metadata URLs the deployment expects.
+//!
+//! Nothing in a token chooses a key or a URL: `x5t` is only a lookup key into the pinned set,
+//! `x5c`, `jku` and `x5u` are ignored, and `appctx.amurl` must be on the configured list.
+//! The signature is checked by jsonwebtoken with RS256 alone; the claims are parsed and
+//! checked here, because Exchange writes `nbf` and `exp` as strings (which jsonwebtoken
+//! refuses) and jsonwebtoken does not check `nbf` by default.
+
+use std::collections::HashMap;
+
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+/// Longest token accepted; Exchange's are well under 4 KiB.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// `appctx.version` of an identity token.
+pub const IDENTITY_VERSION: &str = "ExIdTok.V1";
+/// Token version of an EWS callback token.
+pub const CALLBACK_VERSION: &str = "Exchange.Callback.V1";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("token is malformed: {0}")]
+    Malformed(String),
+    #[error("token is larger than {MAX_TOKEN_BYTES} bytes")]
+    TooLarge,
+    #[error("algorithm {0} refused: only RS256 is accepted")]
+    Algorithm(String),
+    #[error("token names no signing certificate (x5t)")]
+    NoKeyId,
+    #[error("no pinned certificate has thumbprint {0}")]
+    UnknownKey(String),
+    #[error("signature does not verify")]
+    BadSignature,
+    #[error("claim {0} is missing")]
+    MissingClaim(&'static str),
+    #[error("claim {0} is not a number of seconds")]
+    BadTime(&'static str),
+    #[error("token expired at {exp} (now {now})")]
+    Expired { exp: u64, now: u64 },
+    #[error("token is not valid before {nbf} (now {now})")]
+    NotYetValid { nbf: u64, now: u64 },
+    #[error("audience {0} is not accepted")]
+    Audience(String),
+    #[error("issuer {0} is not accepted")]
+    Issuer(String),
+    #[error("auth metadata URL {0} is not on the allow list")]
+    MetadataUrl(String),
+    #[error("an identity token (ExIdTok.V1) never authorizes an EWS call")]
+    IdentityToken,
+    #[error("unknown token family {0}")]
+    Family(String),
+}
+
+impl TokenError {
+    /// A short stable name for audit lines and counters.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TokenError::Malformed(_) => "token_malformed",
+            TokenError::TooLarge => "token_too_large",
+            TokenError::Algorithm(_) => "token_algorithm",
+            TokenError::NoKeyId | TokenError::UnknownKey(_) => "token_unknown_key",
+            TokenError::BadSignature => "token_bad_signature",
+            TokenError::MissingClaim(_) | TokenError::BadTime(_) => "token_claims",
+            TokenError::Expired { .. } => "token_expired",
+            TokenError::NotYetValid { .. } => "token_not_yet_valid",
+            TokenError::Audience(_) => "token_audience",
+            TokenError::Issuer(_) => "token_issuer",
+            TokenError::MetadataUrl(_) => "token_metadata_url",
+            TokenError::IdentityToken => "token_identity_as_ews",
+            TokenError::Family(_) => "token_family",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("not an X.509 certificate: {0}")]
+    Certificate(String),
+    #[error("the certificate's key is not RSA")]
+    NotRsa,
+    #[error("no certificate found in the PEM text")]
+    Empty,
+}
+
+/// The token families ewsgate tells apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Callback,
+    Identity,
+}
+
+/// What a verified token says, for rules and the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub family: Family,
+    /// nameid, smtp or msexchuid, whichever the token carries.
+    pub user: Option<String>,
+    /// The item a callback token was issued for (`ParentItemId:<id>` in its scope).
+    pub item: Option<String>,
+    pub expires: u64,
+    /// Thumbprint of the certificate that signed it.
+    pub x5t: String,
+}
+
+/// Pinned signing certificates, keyed by the thumbprint computed from each.
+#[derive(Default)]
+pub struct KeyRing {
+    keys: HashMap<String, DecodingKey>,
+}
+
+impl KeyRing {
+    /// Adds a DER certificate; returns its x5t.
+    pub fn add_der(&mut self, der: &[u8]) -> Result<String, KeyError> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| KeyError::Certificate(e.to_string()))?;
+        let spki = cert.public_key();
+        if spki.algorithm.algorithm != x509_parser::oid_registry::OID_PKCS1_RSAENCRYPTION {
+            return Err(KeyError::NotRsa);
+        }
+        // The BIT STRING of an RSA SubjectPublicKeyInfo is the PKCS#1 RSAPublicKey.
+        let key = DecodingKey::from_rsa_der(&spki.subject_public_key.data);
+        let x5t = thumbprint(der);
+        self.keys.insert(x5t.clone(), key);
+        Ok(x5t)
+    }
+
+    /// Adds every certificate of a PEM text; returns their x5t values.
+    pub fn add_pem(&mut self, pem: &str) -> Result<Vec<String>, KeyError> {
+        let mut added = Vec::new();
+        for block in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
+            let block = block.map_err(|e| KeyError::Certificate(e.to_string()))?;
+            if block.label == "CERTIFICATE" {
+                added.push(self.add_der(&block.contents)?);
+            }
+        }
+        if added.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        Ok(added)
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// JOSE `x5t`: base64url of the SHA-1 of the certificate's DER.
+pub fn thumbprint(der: &[u8]) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY, der);
+    URL_SAFE_NO_PAD.encode(digest.as_ref())
+}
+
+/// What the deployment expects of Exchange tokens.
+#[derive(Debug, Clone, Default)]
+pub struct Expectations {
+    /// Accepted `aud` values of callback tokens (the Exchange principal, exact).
+    pub audiences: Vec<String>,
+    /// Accepted `iss` values (exact).
+    pub issuers: Vec<String>,
+    /// Accepted `appctx.amurl` values (exact, scheme, host, port and path).
+    pub metadata_urls: Vec<String>,
+    /// Clock skew allowed on `nbf` and `exp`, in seconds.
+    pub leeway: u64,
+}
+
+pub struct Validator {
+    pub keys: KeyRing,
+    pub expect: Expectations,
+}
+
+/// A claim holding seconds, as a number or a numeric string.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Seconds {
+    Number(u64),
+    Text(String),
+}
+
+/// `aud` may be one string or a list.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `appctx` is a JSON-encoded string on the wire; accept an object too.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AppCtxField {
+    Text(String),
+    Object(AppCtx),
+}
+
+#[derive(Deserialize, Default)]
+struct AppCtx {
+    version: Option<String>,
+    amurl: Option<String>,
+    msexchuid: Option<String>,
+    scope: Option<String>,
+}
+
+/// The claims read. Derived structs reject duplicate fields, so `{"exp":1,"exp":9}` fails.
+#[derive(Deserialize)]
+struct Claims {
+    aud: Option<Audience>,
+    iss: Option<String>,
+    nbf: Option<Seconds>,
+    exp: Option<Seconds>,
+    ver: Option<String>,
+    nameid: Option<String>,
+    smtp: Option<String>,
+    appctx: Option<AppCtxField>,
+}
+
+fn seconds(value: Option<Seconds>, name: &'static str) -> Result<u64, TokenError> {
+    match value {
+        None => Err(TokenError::MissingClaim(name)),
+        Some(Seconds::Number(n)) => Ok(n),
+        Some(Seconds::Text(t)) => t.trim().parse().map_err(|_| TokenError::BadTime(name)),
+    }
+}
+
+impl Validator {
+    /// Verifies a token and says what it is. An identity token verifies here; only
+    /// `verify_for_ews` refuses it.
+    pub fn verify(&self, token: &str, now: u64) -> Result<Verified, TokenError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::TooLarge);
+        }
+        let (x5t, claims) = self.signed_claims(token)?;
+        let exp = seconds(claims.exp, "exp")?;
+        let nbf = seconds(claims.nbf, "nbf")?;
+        if now > exp.saturating_add(self.expect.leeway) {
+            return Err(TokenError::Expired { exp, now });
+        }
+        if now.saturating_add(self.expect.leeway) < nbf {
+            return Err(TokenError::NotYetValid { nbf, now });
+        }
+        let iss = claims.iss.ok_or(TokenError::MissingClaim("iss"))?;
+        if !self.expect.issuers.contains(&iss) {
+            return Err(TokenError::Issuer(iss));
+        }
+        let appctx = match claims.appctx {
+            None => AppCtx::default(),
+            Some(AppCtxField::Object(a)) => a,
+            Some(AppCtxField::Text(t)) => serde_json::from_str(&t)
+                .map_err(|e| TokenError::Malformed(format!("appctx: {e}")))?,
+        };
+        if let Some(url) = &appctx.amurl {
+            if !self.expect.metadata_urls.contains(url) {
+                return Err(TokenError::MetadataUrl(url.clone()));
+            }
+        }
+        let family = family(claims.ver.as_deref(), appctx.version.as_deref())?;
+        if family == Family::Callback {
+            let aud = match claims.aud.ok_or(TokenError::MissingClaim("aud"))? {
+                Audience::One(a) => vec![a],
+                Audience::Many(v) => v,
+            };
+            if let Some(bad) = aud.iter().find(|a| !self.expect.audiences.contains(a)) {
+                return Err(TokenError::Audience(bad.clone()));
+            }
+        }
+        let item = appctx
+            .scope
+            .as_deref()
+            .and_then(|s| s.strip_prefix("ParentItemId:"))
+            .map(str::to_string);
+        Ok(Verified {
+            family,
+            user: claims.smtp.or(claims.nameid).or(appctx.msexchuid),
+            item,
+            expires: exp,
+            x5t,
+        })
+    }
+
+    /// `verify`, then refuse anything that is not a callback token.
+    pub fn verify_for_ews(&self, token: &str, now: u64) -> Result<Verified, TokenError> {
+        let v = self.verify(token, now)?;
+        match v.family {
+            Family::Callback => Ok(v),
+            Family::Identity => Err(TokenError::IdentityToken),
+        }
+    }
+
+    /// Checks the header, picks the pinned key by x5t and verifies the RS256 signature.
+    fn signed_claims(&self, token: &str) -> Result<(String, Claims), TokenError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
+            // `none` and other unknown algorithms fail to parse as a header at all.
+            jsonwebtoken::errors::ErrorKind::Json(_) => header_algorithm(token),
+            _ => TokenError::Malformed(e.to_string()),
+        })?;
+        if header.alg != Algorithm::RS256 {
+            return Err(TokenError::Algorithm(format!("{:?}", header.alg)));
+        }
+        if header
+            .typ
+            .as_deref()
+            .is_some_and(|t| !t.eq_ignore_ascii_case("JWT"))
+        {
+            return Err(TokenError::Malformed("typ is not JWT".into()));
+        }
+        let x5t = header.x5t.ok_or(TokenError::NoKeyId)?;
+        let key = self
+            .keys
+            .keys
+            .get(&x5t)
+            .ok_or_else(|| TokenError::UnknownKey(x5t.clone()))?;
+        let mut validation = Validation::new(Algorithm::RS256);
+        // Claims are checked in `verify`, with string-or-number times and our own families.
+        validation.required_spec_claims.clear();
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
+        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| match e
+            .kind()
+        {
+            jsonwebtoken::errors::ErrorKind::InvalidSignature => TokenError::BadSignature,
+            _ => TokenError::Malformed(e.to_string()),
+        })?;
+        Ok((x5t, data.claims))
+    }
+}
+
+/// For a header jsonwebtoken cannot parse: name the algorithm if that is why.
+fn header_algorithm(token: &str) -> TokenError {
+    let alg = token
+        .split('.')
+        .next()
+        .and_then(|h| URL_SAFE_NO_PAD.decode(h).ok())
+        .and_then(|h| serde_json::from_slice::<serde_json::Value>(&h).ok())
+        .and_then(|h| h.get("alg").and_then(|a| a.as_str()).map(str::to_string));
+    match alg {
+        Some(a) if a != "RS256" => TokenError::Algorithm(a),
+        _ => TokenError::Malformed("header is not valid JSON".into()),
+    }
+}
+
+/// Callback and identity tokens are told apart by their version claims, and a token may
+/// not claim to be both (RFC 8725 §3.12: mutually exclusive validation rules).
+fn family(ver: Option<&str>, appctx_version: Option<&str>) -> Result<Family, TokenError> {
+    let callback = ver == Some(CALLBACK_VERSION) || appctx_version == Some(CALLBACK_VERSION);
+    let identity = appctx_version == Some(IDENTITY_VERSION) || ver == Some(IDENTITY_VERSION);
+    match (callback, identity) {
+        (true, false) => Ok(Family::Callback),
+        (false, true) => Ok(Family::Identity),
+        (true, true) => Err(TokenError::Family("both callback and identity".into())),
+        (false, false) => Err(TokenError::Family(
+            ver.or(appctx_version).unwrap_or("(none)").to_string(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header};
+    use serde_json::{json, Value};
+
+    const NOW: u64 = 1_800_000_000;
+    const AUD: &str = "00000002-0000-0ff1-ce00-000000000000/mail.example.org@example.org";
+    const ISS: &str = "00000002-0000-0ff1-ce00-000000000000@example.org";
+    const AMURL: &str = "https://mail.example.org:443/autodiscover/metadata/json/1";
+
+    /// A signing identity minted for the test: RSA-2048 key and self-signed certificate.
+    struct Signer {
+        pem_key: String,
+        der: Vec<u8>,
+        pem_cert: String,
+    }
+
+    fn signer() -> Signer {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+        let params =
+            rcgen::CertificateParams::new(
+                vec!["Microsoft Exchange Server Auth Certificate".into()],
+            )
+            .unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        Signer {
+            pem_key: key.serialize_pem(),
+            der: cert.der().to_vec(),
+            pem_cert: cert.pem(),
+        }
+    }
+
+    fn validator(signers: &[&Signer]) -> Validator {
+        let mut keys = KeyRing::default();
+        for s in signers {
+            keys.add_pem(&s.pem_cert).unwrap();
+        }
+        Validator {
+            keys,
+            expect: Expectations {
+                audiences: vec![AUD.into()],
+                issuers: vec![ISS.into()],
+                metadata_urls: vec![AMURL.into()],
+                leeway: 60,
+            },
+        }
+    }
+
+    /// Synthetic callback token claims after the reported shape (the real claims are
+    /// undocumented; see exchange-ews.md §1.6).
+    fn callback_claims() -> Value {
+        let appctx = json!({"version": CALLBACK_VERSION, "amurl": AMURL, "scope": "ParentItemId:AAMkAD-item-1="});
+        json!({
+            "aud": AUD, "iss": ISS, "nbf": (NOW - 10).to_string(), "exp": (NOW + 290).to_string(),
+            "ver": CALLBACK_VERSION, "nameid": "alice@example.org",
+            "appctx": appctx.to_string(),
+        })
+    }
+
+    fn sign(s: &Signer, claims: &Value) -> String {
+        let mut header = Header::new(Algorithm::RS256);
+        header.x5t = Some(thumbprint(&s.der));
+        let key = EncodingKey::from_rsa_pem(s.pem_key.as_bytes()).unwrap();
+        jsonwebtoken::encode(&header, claims, &key).unwrap()
+    }
+
+    fn with(mut claims: Value, key: &str, value: Value) -> Value {
+        if value.is_null() {
+            claims.as_object_mut().unwrap().remove(key);
+        } else {
+            claims[key] = value;
+        }
+        claims
+    }
+
+    #[test]
+    fn a_valid_callback_token_passes_with_its_claims() {
+        let s = signer();
+        let v = validator(&[&s])
+            .verify_for_ews(&sign(&s, &callback_claims()), NOW)
+            .unwrap();
+        assert_eq!(v.family, Family::Callback);
+        assert_eq!(v.item.as_deref(), Some("AAMkAD-item-1="));
+        assert_eq!(v.user.as_deref(), Some("alice@example.org"));
+        assert_eq!(v.expires, NOW + 290);
+        assert_eq!(v.x5t, thumbprint(&s.der));
+        // Numbers instead of numeric strings are fine too.
+        let numeric = with(
+            with(callback_claims(), "exp", json!(NOW + 290)),
+            "nbf",
+            json!(NOW - 10),
+        );
+        assert!(validator(&[&s])
+            .verify_for_ews(&sign(&s, &numeric), NOW)
+            .is_ok());
+    }
+
+    #[test]
+    fn time_claims_are_required_and_enforced_with_leeway() {
+        let s = signer();
+        let v = validator(&[&s]);
+        let t = |c: Value, now| v.verify_for_ews(&sign(&s, &c), now);
+        assert_eq!(
+            t(callback_claims(), NOW + 290 + 61),
+            Err(TokenError::Expired {
+                exp: NOW + 290,
+                now: NOW + 351
+            })
+        );
+        assert!(
+            t(callback_claims(), NOW + 290 + 60).is_ok(),
+            "within the leeway"
+        );
+        assert_eq!(
+            t(callback_claims(), NOW - 71),
+            Err(TokenError::NotYetValid {
+                nbf: NOW - 10,
+                now: NOW - 71
+            })
+        );
+        assert_eq!(
+            t(with(callback_claims(), "exp", Value::Null), NOW),
+            Err(TokenError::MissingClaim("exp"))
+        );
+        assert_eq!(
+            t(with(callback_claims(), "nbf", Value::Null), NOW),
+            Err(TokenError::MissingClaim("nbf"))
+        );
+        assert_eq!(
+            t(with(callback_claims(), "exp", json!("soon")), NOW),
+            Err(TokenError::BadTime("exp"))
+        );
+    }
+
+    #[test]
+    fn audience_issuer_and_metadata_url_must_match_exactly() {
+        let s = signer();
+        let v = validator(&[&s]);
+        let t = |c: Value| v.verify_for_ews(&sign(&s, &c), NOW);
+        let other = "00000002-0000-0ff1-ce00-000000000000/evil.example@example.org";
+        assert_eq!(
+            t(with(callback_claims(), "aud", json!(other))),
+            Err(TokenError::Audience(other.into()))
+        );
+        assert_eq!(
+            t(with(callback_claims(), "aud", json!([AUD, other]))),
+            Err(TokenError::Audience(other.into()))
+        );
+        assert_eq!(
+            t(with(callback_claims(), "aud", Value::Null)),
+            Err(TokenError::MissingClaim("aud"))
+        );
+        let iss = "00000002-0000-0ff1-ce00-000000000000@evil.example";
+        assert_eq!(
+            t(with(callback_claims(), "iss", json!(iss))),
+            Err(TokenError::Issuer(iss.into()))
+        );
+        let elsewhere = "https://evil.example/autodiscover/metadata/json/1";
+        let appctx = json!({"version": CALLBACK_VERSION, "amurl": elsewhere}).to_string();
+        assert_eq!(
+            t(with(callback_claims(), "appctx", json!(appctx))),
+            Err(TokenError::MetadataUrl(elsewhere.into()))
+        );
+        // Without the explicit :443 it is another URL.
+        let no_port = "https://mail.example.org/autodiscover/metadata/json/1";
+        let appctx = json!({"version": CALLBACK_VERSION, "amurl": no_port}).to_string();
+        assert_eq!(
+            t(with(callback_claims(), "appctx", json!(appctx))),
+            Err(TokenError::MetadataUrl(no_port.into()))
+        );
+    }
+
+    #[test]
+    fn an_identity_token_never_authorizes_ews() {
+        let s = signer();
+        let appctx = json!({"msexchuid": "53e925fa@example.org", "version": IDENTITY_VERSION, "amurl": AMURL}).to_string();
+        let identity = json!({
+            "aud": "https://addin.example.org/IdentityTest.html", "iss": ISS,
+            "nbf": (NOW - 10).to_string(), "exp": (NOW + 28_790).to_string(), "appctx": appctx,
+        });
+        let v = validator(&[&s]);
+        let token = sign(&s, &identity);
+        assert_eq!(v.verify(&token, NOW).unwrap().family, Family::Identity);
+        assert_eq!(
+            v.verify_for_ews(&token, NOW),
+            Err(TokenError::IdentityToken)
+        );
+        // A token claiming both families, or neither, is refused.
+        let both = with(identity.clone(), "ver", json!(CALLBACK_VERSION));
+        assert!(matches!(
+            v.verify(&sign(&s, &both), NOW),
+            Err(TokenError::Family(_))
+        ));
+        let neither = with(
+            with(callback_claims(), "ver", Value::Null),
+            "appctx",
+            Value::Null,
+        );
+        assert!(matches!(
+            v.verify(&sign(&s, &neither), NOW),
+            Err(TokenError::Family(_))
+        ));
+    }
+
+    #[test]
+    fn keys_come_from_pinned_certificates_only() {
+        let (s, stranger) = (signer(), signer());
+        let v = validator(&[&s]);
+        // Signed by a key that is not pinned, naming its own thumbprint.
+        let x5t = thumbprint(&stranger.der);
+        assert_eq!(
+            v.verify_for_ews(&sign(&stranger, &callback_claims()), NOW),
+            Err(TokenError::UnknownKey(x5t))
+        );
+        // Signed by a stranger but naming the pinned certificate's thumbprint.
+        let mut header = Header::new(Algorithm::RS256);
+        header.x5t = Some(thumbprint(&s.der));
+        let key = EncodingKey::from_rsa_pem(stranger.pem_key.as_bytes()).unwrap();
+        let forged = jsonwebtoken::encode(&header, &callback_claims(), &key).unwrap();
+        assert_eq!(
+            v.verify_for_ews(&forged, NOW),
+            Err(TokenError::BadSignature)
+        );
+        // No x5t at all.
+        let key = EncodingKey::from_rsa_pem(s.pem_key.as_bytes()).unwrap();
+        let bare =
+            jsonwebtoken::encode(&Header::new(Algorithm::RS256), &callback_claims(), &key).unwrap();
+        assert_eq!(v.verify_for_ews(&bare, NOW), Err(TokenError::NoKeyId));
+        // Two pinned certificates during a rotation: both verify.
+        let both = validator(&[&s, &stranger]);
+        assert_eq!(both.keys.len(), 2);
+        assert!(both
+            .verify_for_ews(&sign(&stranger, &callback_claims()), NOW)
+            .is_ok());
+    }
+
+    #[test]
+    fn algorithm_attacks_are_refused() {
+        let s = signer();
+        let v = validator(&[&s]);
+        let b64 = |v: &Value| URL_SAFE_NO_PAD.encode(v.to_string());
+        let x5t = thumbprint(&s.der);
+        // alg: none, no signature.
+        let none = format!(
+            "{}.{}.",
+            b64(&json!({"alg": "none", "typ": "JWT", "x5t": x5t})),
+            b64(&callback_claims())
+        );
+        assert_eq!(
+            v.verify_for_ews(&none, NOW),
+            Err(TokenError::Algorithm("none".into()))
+        );
+        // HS256 keyed with the public certificate (RS/HS confusion).
+        let mut header = Header::new(Algorithm::HS256);
+        header.x5t = Some(x5t.clone());
+        for secret in [s.pem_cert.as_bytes(), s.der.as_slice()] {
+            let token = jsonwebtoken::encode(
+                &header,
+                &callback_claims(),
+                &EncodingKey::from_secret(secret),
+            )
+            .unwrap();
+            assert_eq!(
+                v.verify_for_ews(&token, NOW),
+                Err(TokenError::Algorithm("HS256".into()))
+            );
+        }
+        // RS512 is RSA too, but not what Exchange signs with.
+        let mut header = Header::new(Algorithm::RS512);
+        header.x5t = Some(x5t);
+        let key = EncodingKey::from_rsa_pem(s.pem_key.as_bytes()).unwrap();
+        let rs512 = jsonwebtoken::encode(&header, &callback_claims(), &key).unwrap();
+        assert_eq!(
+            v.verify_for_ews(&rs512, NOW),
+            Err(TokenError::Algorithm("RS512".into()))
+        );
+    }
+
+    #[test]
+    fn malformed_and_oversized_tokens_are_refused() {
+        let s = signer();
+        let v = validator(&[&s]);
+        for junk in ["", "a", "a.b", "a.b.c", "...."] {
+            assert!(
+                matches!(v.verify_for_ews(junk, NOW), Err(TokenError::Malformed(_))),
+                "{junk:?}"
+            );
+        }
+        // The signature is checked before the payload is parsed at all.
+        let header = json!({"alg": "RS256", "x5t": thumbprint(&s.der)});
+        let header = URL_SAFE_NO_PAD.encode(header.to_string());
+        let unsigned = format!("{header}.%%%.c2ln");
+        assert_eq!(
+            v.verify_for_ews(&unsigned, NOW),
+            Err(TokenError::BadSignature)
+        );
+        // A correctly signed payload that is not JSON.
+        let input = format!("{header}.{}", URL_SAFE_NO_PAD.encode("not json"));
+        let key = EncodingKey::from_rsa_pem(s.pem_key.as_bytes()).unwrap();
+        let sig = jsonwebtoken::crypto::sign(input.as_bytes(), &key, Algorithm::RS256).unwrap();
+        let signed_junk = format!("{input}.{sig}");
+        assert!(matches!(
+            v.verify_for_ews(&signed_junk, NOW),
+            Err(TokenError::Malformed(_))
+        ));
+        let no_kid = format!("{}.e30.sig", URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256"}"#));
+        assert_eq!(v.verify_for_ews(&no_kid, NOW), Err(TokenError::NoKeyId));
+        assert_eq!(
+            v.verify_for_ews(&"a".repeat(MAX_TOKEN_BYTES + 1), NOW),
+            Err(TokenError::TooLarge)
+        );
+        // A tampered payload breaks the signature.
+        let token = sign(&s, &callback_claims());
+        let mut parts: Vec<String> = token.split('.').map(str::to_string).collect();
+        parts[1] = URL_SAFE_NO_PAD
+            .encode(with(callback_claims(), "nameid", json!("mallory@example.org")).to_string());
+        assert_eq!(
+            v.verify_for_ews(&parts.join("."), NOW),
+            Err(TokenError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn duplicate_claims_are_refused() {
+        let s = signer();
+        let v = validator(&[&s]);
+        // {"exp": <valid>, ..., "exp": <far future>}: the struct refuses the second one.
+        let body = callback_claims().to_string();
+        let dup = format!("{},\"exp\":\"99999999999\"}}", &body[..body.len() - 1]);
+        let header = json!({"alg": "RS256", "typ": "JWT", "x5t": thumbprint(&s.der)});
+        let signing_input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(&dup)
+        );
+        let key = EncodingKey::from_rsa_pem(s.pem_key.as_bytes()).unwrap();
+        let sig =
+            jsonwebtoken::crypto::sign(signing_input.as_bytes(), &key, Algorithm::RS256).unwrap();
+        let token = format!("{signing_input}.{sig}");
+        assert!(
+            matches!(v.verify_for_ews(&token, NOW), Err(TokenError::Malformed(m)) if m.contains("duplicate")),
+            "{:?}",
+            v.verify_for_ews(&token, NOW)
+        );
+    }
+
+    #[test]
+    fn certificates_must_be_rsa() {
+        let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["ec".into()])
+            .unwrap()
+            .self_signed(&ec)
+            .unwrap();
+        let mut ring = KeyRing::default();
+        assert!(matches!(ring.add_der(cert.der()), Err(KeyError::NotRsa)));
+        assert!(matches!(
+            ring.add_pem("no certificate here"),
+            Err(KeyError::Empty)
+        ));
+        assert!(ring.is_empty());
+    }
+}
