@@ -136,6 +136,25 @@ fn allowed_groups_pass_and_the_internet_is_dropped() {
     );
     let status = s.daemon.cli(&["status"]).unwrap();
     assert!(status.contains("g-office (native)"), "{status}");
+    // The control socket answers root only.
+    use std::os::unix::process::CommandExt;
+    let nobody = std::process::Command::new(tests::lab::ewsgate_bin())
+        .args(["--socket"])
+        .arg(&s.socket)
+        .args(["block", "add", "198.51.100.10"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&nobody.stderr);
+    assert!(
+        !nobody.status.success() && said.contains("Permission denied"),
+        "{said}"
+    );
+    assert!(
+        reaches(&s, "office", GATE_V4, 443),
+        "the unprivileged block did not apply"
+    );
     let json: serde_json::Value =
         serde_json::from_str(&s.daemon.cli(&["status", "--json"]).unwrap()).unwrap();
     let groups = json["groups"].as_array().unwrap();
