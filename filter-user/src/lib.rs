@@ -5,7 +5,9 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod feedback;
 pub mod maps;
 pub mod tables;
+pub mod token_cache;
 pub mod tokens;
 pub mod xdp;

@@ -365,25 +365,26 @@ fn family(ver: Option<&str>, appctx_version: Option<&str>) -> Result<Family, Tok
     }
 }
 
+/// Certificates, keys and tokens minted by the tests themselves.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testkit {
     use super::*;
     use jsonwebtoken::{EncodingKey, Header};
     use serde_json::{json, Value};
 
-    const NOW: u64 = 1_800_000_000;
-    const AUD: &str = "00000002-0000-0ff1-ce00-000000000000/mail.example.org@example.org";
-    const ISS: &str = "00000002-0000-0ff1-ce00-000000000000@example.org";
-    const AMURL: &str = "https://mail.example.org:443/autodiscover/metadata/json/1";
+    pub const NOW: u64 = 1_800_000_000;
+    pub const AUD: &str = "00000002-0000-0ff1-ce00-000000000000/mail.example.org@example.org";
+    pub const ISS: &str = "00000002-0000-0ff1-ce00-000000000000@example.org";
+    pub const AMURL: &str = "https://mail.example.org:443/autodiscover/metadata/json/1";
 
     /// A signing identity minted for the test: RSA-2048 key and self-signed certificate.
-    struct Signer {
-        pem_key: String,
-        der: Vec<u8>,
-        pem_cert: String,
+    pub struct Signer {
+        pub pem_key: String,
+        pub der: Vec<u8>,
+        pub pem_cert: String,
     }
 
-    fn signer() -> Signer {
+    pub fn signer() -> Signer {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
         let params =
             rcgen::CertificateParams::new(
@@ -398,7 +399,7 @@ mod tests {
         }
     }
 
-    fn validator(signers: &[&Signer]) -> Validator {
+    pub fn validator(signers: &[&Signer]) -> Validator {
         let mut keys = KeyRing::default();
         for s in signers {
             keys.add_pem(&s.pem_cert).unwrap();
@@ -416,7 +417,7 @@ mod tests {
 
     /// Synthetic callback token claims after the reported shape (the real claims are
     /// undocumented; see exchange-ews.md §1.6).
-    fn callback_claims() -> Value {
+    pub fn callback_claims() -> Value {
         let appctx = json!({"version": CALLBACK_VERSION, "amurl": AMURL, "scope": "ParentItemId:AAMkAD-item-1="});
         json!({
             "aud": AUD, "iss": ISS, "nbf": (NOW - 10).to_string(), "exp": (NOW + 290).to_string(),
@@ -425,14 +426,14 @@ mod tests {
         })
     }
 
-    fn sign(s: &Signer, claims: &Value) -> String {
+    pub fn sign(s: &Signer, claims: &Value) -> String {
         let mut header = Header::new(Algorithm::RS256);
         header.x5t = Some(thumbprint(&s.der));
         let key = EncodingKey::from_rsa_pem(s.pem_key.as_bytes()).unwrap();
         jsonwebtoken::encode(&header, claims, &key).unwrap()
     }
 
-    fn with(mut claims: Value, key: &str, value: Value) -> Value {
+    pub fn with(mut claims: Value, key: &str, value: Value) -> Value {
         if value.is_null() {
             claims.as_object_mut().unwrap().remove(key);
         } else {
@@ -440,6 +441,14 @@ mod tests {
         }
         claims
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testkit::*;
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header};
+    use serde_json::{json, Value};
 
     #[test]
     fn a_valid_callback_token_passes_with_its_claims() {
