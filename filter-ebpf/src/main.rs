@@ -137,7 +137,7 @@ fn count(reason: Reason) {
 #[inline(always)]
 fn judge(settings: &Settings, generation: u32, policy: &Policy, source: &Source) -> Reason {
     let key = source.mapped();
-    if settings.block_exact != 0 && live(unsafe { BLOCK_EXACT.get(&key) }) {
+    if settings.block_exact != 0 && live(unsafe { BLOCK_EXACT.get(key) }) {
         return Reason::Blocked;
     }
     if settings.block_cidr != 0 && live(BLOCK_CIDR.get(lpm_key(&key).as_key())) {
@@ -154,7 +154,7 @@ fn judge(settings: &Settings, generation: u32, policy: &Policy, source: &Source)
         }
         return Reason::AllowGroup;
     }
-    if settings.allow_exact != 0 && live(unsafe { ALLOW_EXACT.get(&key) }) {
+    if settings.allow_exact != 0 && live(unsafe { ALLOW_EXACT.get(key) }) {
         return Reason::AllowDynamic;
     }
     if settings.allow_cidr != 0 && live(ALLOW_CIDR.get(lpm_key(&key).as_key())) {
