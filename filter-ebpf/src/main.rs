@@ -62,8 +62,8 @@ static ALLOW_CIDR: LpmTrie<[u32; 4], Expiring> = LpmTrie::pinned(1, 0); // sized
 
 #[xdp]
 pub fn ewsgate_xdp(ctx: XdpContext) -> u32 {
-    // Without settings the maps were never set up: fail closed only for what we cannot
-    // classify, which is everything, so pass (the daemon fills SETTINGS before attaching).
+    // Index 0 of a one-entry array (and 0 or 1 of POLICY below) always exists: these
+    // branches only satisfy the verifier. The daemon fills both before it attaches.
     let Some(settings) = SETTINGS.get(0) else {
         return xdp_action::XDP_PASS;
     };
