@@ -6,6 +6,17 @@ pub mod packet;
 
 use std::{fs, path::PathBuf};
 
+/// The source groups the packet-level tests judge against: the lab's offices and
+/// Salesforce ranges, and one partner /32 that lands in a DIR-24-8 long-prefix block.
+pub const TEST_GROUPS: &str = r#"
+[sources.offices]
+cidrs = ["198.51.100.0/25", "2001:db8:100::/64"]
+[sources.salesforce]
+cidrs = ["198.51.100.128/25", "2001:db8:200::/64"]
+[sources.partner]
+cidrs = ["203.0.113.77/32"]
+"#;
+
 /// Writes a config file for a test into a fresh directory and returns its path.
 pub fn write_config(dir_tag: &str, text: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ewsgate-test-{dir_tag}"));

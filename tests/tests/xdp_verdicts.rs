@@ -44,15 +44,11 @@ ports = ["tcp/443"]
 [[protect]]
 address = "{WHOLE}"
 
-[sources.offices]
-cidrs = ["198.51.100.0/25", "2001:db8:100::/64"]
-[sources.salesforce]
-cidrs = ["198.51.100.128/25", "2001:db8:200::/64"]
-[sources.partner]
-cidrs = ["203.0.113.77/32"]
+{groups}
 {extra}
 "#,
-        pin_dir.display()
+        pin_dir.display(),
+        groups = tests::TEST_GROUPS
     );
     Config::parse(Path::new("test.toml"), &text).expect("test config")
 }
