@@ -136,11 +136,12 @@ fn count(reason: Reason) {
 
 #[inline(always)]
 fn judge(settings: &Settings, generation: u32, policy: &Policy, source: &Source) -> Reason {
-    let key = source.mapped();
-    if settings.block_exact != 0 && live(unsafe { BLOCK_EXACT.get(key) }) {
+    // The dynamic-map key is built only when a non-empty map is consulted.
+    let key = || source.mapped();
+    if settings.block_exact != 0 && live(unsafe { BLOCK_EXACT.get(key()) }) {
         return Reason::Blocked;
     }
-    if settings.block_cidr != 0 && live(BLOCK_CIDR.get(lpm_key(&key).as_key())) {
+    if settings.block_cidr != 0 && live(BLOCK_CIDR.get(lpm_key(&key()).as_key())) {
         return Reason::Blocked;
     }
     let group = match source {
@@ -154,10 +155,10 @@ fn judge(settings: &Settings, generation: u32, policy: &Policy, source: &Source)
         }
         return Reason::AllowGroup;
     }
-    if settings.allow_exact != 0 && live(unsafe { ALLOW_EXACT.get(key) }) {
+    if settings.allow_exact != 0 && live(unsafe { ALLOW_EXACT.get(key()) }) {
         return Reason::AllowDynamic;
     }
-    if settings.allow_cidr != 0 && live(ALLOW_CIDR.get(lpm_key(&key).as_key())) {
+    if settings.allow_cidr != 0 && live(ALLOW_CIDR.get(lpm_key(&key()).as_key())) {
         return Reason::AllowDynamic;
     }
     Reason::NotAllowed
