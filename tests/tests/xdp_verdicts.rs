@@ -713,3 +713,32 @@ cidrs = ["2001:db8:300::2", "2001:db8:300::4", "2001:db8:400::/48", "2001:db8:40
     assert_eq!(hits[1], 3, "hosts6 is the first group in name order");
     assert_eq!(hits[2], 1, "offices the second");
 }
+
+#[test]
+fn auto_mode_falls_back_to_generic_where_native_is_refused() {
+    // Loopback has no native XDP: `mode = "auto"` must still attach, in generic mode, and
+    // say so; `mode = "native"` must refuse instead of silently degrading.
+    let fs = BpfFs::new().expect("bpffs");
+    let ns = tests::lab::Netns::new("auto").expect("netns");
+    let dir = fs.dir.join("ewsgate");
+    let attach = move |mode: &'static str| {
+        let dir = dir.clone();
+        move || {
+            let mut c = config(&dir, "");
+            c.xdp.interfaces = vec!["lo".into()];
+            c.xdp.mode = match mode {
+                "auto" => ewsgate::config::AttachMode::Auto,
+                _ => ewsgate::config::AttachMode::Native,
+            };
+            let result = Gate::open(&c)
+                .map(|g| g.attached.clone())
+                .map_err(|e| e.to_string());
+            let _ = ewsgate::xdp::detach(&dir);
+            result
+        }
+    };
+    let refused = ns.run(attach("native"));
+    assert!(refused.is_err(), "native mode on loopback: {refused:?}");
+    let auto = ns.run(attach("auto")).expect("auto mode attaches");
+    assert_eq!(auto.get("lo").map(String::as_str), Some("generic"));
+}
