@@ -9,7 +9,7 @@ use std::{
     fs,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{mpsc, Arc},
     thread,
     time::{Duration, Instant, SystemTime},
 };
@@ -26,6 +26,8 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::Config,
+    feedback::Block,
+    proxy::{self, ProxyHandle},
     control::{Listed, Request, Response, Status},
     maps::List,
     xdp::Gate,
@@ -37,6 +39,8 @@ const MAX_REQUEST: usize = 64 * 1024;
 
 enum Command {
     Request(Request, oneshot::Sender<Response>),
+    /// From the proxy: a source that kept failing.
+    Block(Block),
     Reload(&'static str),
     Sweep,
 }
@@ -49,6 +53,7 @@ struct Worker {
     notes: BTreeMap<(List, IpNet), String>,
     notes_path: PathBuf,
     last_reload: String,
+    proxy: Option<Arc<ProxyHandle>>,
 }
 
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
@@ -59,10 +64,23 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let socket = config.xdp.control_socket.clone();
     refuse_second_daemon(&socket)?;
     let gate = Gate::open(&config).context("setting up XDP")?;
+    let rt = runtime(&config)?;
+    let (tx, rx) = mpsc::channel::<Command>();
+    let proxy = match &config.proxy {
+        Some(_) => {
+            let _inside = rt.enter();
+            let blocks = tx.clone();
+            let sink: proxy::BlockSink = Box::new(move |b| {
+                let _ = blocks.send(Command::Block(b));
+            });
+            Some(Arc::new(proxy::start(&config, sink).context("starting the proxy")?))
+        }
+        None => None,
+    };
     // The socket appears only once the filter is attached and filled: callers may take its
     // presence as "ewsgate is enforcing".
     let listener = bind_control(&socket)?;
-    info!(start = ?gate.start, interfaces = ?gate.attached, prefixes = config.prefix_count(), "ewsgate running");
+    info!(start = ?gate.start, interfaces = ?gate.attached, prefixes = config.prefix_count(), proxy = proxy.is_some(), "ewsgate running");
     let notes_path = socket.with_extension("notes.json");
     let notes = load_notes(&notes_path);
     let mut worker = Worker {
@@ -71,8 +89,8 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         notes,
         notes_path,
         last_reload: "at start: ok".into(),
+        proxy,
     };
-    let (tx, rx) = mpsc::channel::<Command>();
     let (done_tx, done_rx) = oneshot::channel::<()>();
     thread::Builder::new()
         .name("ewsgate-maps".into())
@@ -85,12 +103,23 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             let _ = done_tx.send(());
         })
         .context("starting the worker thread")?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let result = rt.block_on(serve(listener, tx, config_path.to_path_buf(), done_rx));
     let _ = fs::remove_file(&socket);
     result
+}
+
+/// One thread per CPU for the proxy (or `[proxy] threads`); one is enough without it.
+fn runtime(config: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
+    let threads = match &config.proxy {
+        None => 1,
+        Some(p) if p.threads > 0 => p.threads,
+        Some(_) => thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("ewsgate-io")
+        .enable_all()
+        .build()?)
 }
 
 fn refuse_second_daemon(socket: &Path) -> anyhow::Result<()> {
@@ -222,6 +251,14 @@ impl Worker {
                 }
                 false
             }
+            Command::Block(b) => {
+                let net = IpNet::from(b.source);
+                let reason = format!("ewsgate feedback: {}", b.reason);
+                if let Err(e) = self.add(List::Block, net, Some(b.ttl_secs), Some(reason)) {
+                    error!(error = %e, source = %b.source, "feedback block failed");
+                }
+                false
+            }
             Command::Reload(why) => {
                 let _ = self.reload(why);
                 false
@@ -277,9 +314,17 @@ impl Worker {
         }
         let names = |c: &Config| c.groups.iter().map(|g| g.name.clone()).collect::<Vec<_>>();
         let regrouped = names(&new) != names(&self.config);
+        if new.proxy.is_some() != self.proxy.is_some() {
+            anyhow::bail!("adding or removing [proxy] needs a restart");
+        }
+        // Everything is checked before anything changes.
+        let policy = self.proxy.as_ref().map(|p| p.prepare(&new)).transpose()?;
         self.gate.apply(&new)?;
         if regrouped {
             self.gate.maps.reset_group_hits()?;
+        }
+        if let (Some(proxy), Some(policy)) = (&self.proxy, policy) {
+            proxy.commit(policy, &new);
         }
         self.config = new;
         Ok(())

@@ -69,8 +69,16 @@ impl Failures {
         now_ms / (self.settings.window_ms / BUCKETS as u64).max(1)
     }
 
+    pub fn settings(&self) -> Settings {
+        self.settings
+    }
+
     /// Records one failure; returns the block to apply when this one crosses the threshold.
+    /// A threshold of 0 turns blocking off.
     pub fn record(&mut self, source: IpAddr, reason: &str, now_ms: u64) -> Option<Block> {
+        if self.settings.threshold == 0 {
+            return None;
+        }
         let tick = self.tick(now_ms);
         if !self.sources.contains_key(&source) {
             self.make_room(now_ms);

@@ -2,12 +2,19 @@
 //! endpoint unless their source is allowed; this crate loads it, keeps its maps, and
 //! offers the daemon and the CLI that drive it.
 
+pub mod audit;
+pub mod auth;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod feedback;
 pub mod maps;
+pub mod paths;
+pub mod policy;
+pub mod proxy;
+pub mod strict;
 pub mod tables;
+pub mod tls;
 pub mod token_cache;
 pub mod tokens;
 pub mod xdp;

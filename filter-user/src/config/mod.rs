@@ -14,6 +14,12 @@ use toml::Spanned;
 
 use filter_common::{MAX_GROUPS, MAX_PORTS, MAX_PROTECTED};
 
+mod request;
+pub use request::{
+    Action, AuthKind, BodyLimit, FeedbackSettings, Limits, OtherPaths, ProxySettings, Rule,
+    TokenKind, TokenSettings, Upstream,
+};
+
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ewsgate";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/ewsgate/control.sock";
 
@@ -40,6 +46,12 @@ pub struct Config {
     pub xdp: XdpSettings,
     pub protect: Vec<Protected>,
     pub groups: Vec<SourceGroup>,
+    /// The request layer; absent when the daemon runs the packet filter only.
+    pub proxy: Option<ProxySettings>,
+    pub tokens: TokenSettings,
+    pub feedback: FeedbackSettings,
+    /// Ordered, first match wins, default deny.
+    pub rules: Vec<Rule>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -125,23 +137,32 @@ impl Config {
             here.error(at, e.message().to_string())
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
+        let groups = validate_sources(&here, base, raw.sources)?;
+        let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
         Ok(Config {
             path: path.to_path_buf(),
             xdp: raw.xdp.validate(&here)?,
             protect: validate_protect(&here, raw.protect)?,
-            groups: validate_sources(&here, base, raw.sources)?,
+            proxy: raw
+                .proxy
+                .map(|p| p.validate(&here, base))
+                .transpose()?,
+            tokens: raw.tokens.unwrap_or_default().validate(&here, base)?,
+            feedback: raw.feedback.unwrap_or_default().validate(&here)?,
+            rules: request::validate_rules(&here, raw.rule, &names)?,
+            groups,
         })
     }
 }
 
 /// Turns byte offsets into `file:line:column` errors.
-struct Locator<'a> {
+pub(crate) struct Locator<'a> {
     path: &'a Path,
     text: &'a str,
 }
 
 impl Locator<'_> {
-    fn error(&self, offset: usize, message: impl Into<String>) -> ConfigError {
+    pub(crate) fn error(&self, offset: usize, message: impl Into<String>) -> ConfigError {
         let (line, column) = line_column(self.text, offset);
         ConfigError::At {
             path: self.path.display().to_string(),
@@ -151,7 +172,11 @@ impl Locator<'_> {
         }
     }
 
-    fn at<T>(&self, spanned: &Spanned<T>, message: impl Into<String>) -> ConfigError {
+    pub(crate) fn line_of<T>(&self, spanned: &Spanned<T>) -> usize {
+        line_column(self.text, spanned.span().start).0
+    }
+
+    pub(crate) fn at<T>(&self, spanned: &Spanned<T>, message: impl Into<String>) -> ConfigError {
         self.error(spanned.span().start, message)
     }
 }
@@ -172,6 +197,11 @@ struct RawConfig {
     protect: Vec<RawProtect>,
     #[serde(default)]
     sources: BTreeMap<Spanned<String>, RawSource>,
+    proxy: Option<request::RawProxy>,
+    tokens: Option<request::RawTokens>,
+    feedback: Option<request::RawFeedback>,
+    #[serde(default)]
+    rule: Vec<request::RawRule>,
 }
 
 #[derive(Deserialize, Default)]

@@ -1,0 +1,598 @@
+//! The request layer's configuration: the TLS proxy (`[proxy]`), Exchange token trust
+//! (`[tokens]`), failure feedback into XDP (`[feedback]`) and the ordered rules (`[[rule]]`).
+//! Checked with the rest of the file, so a bad rule keeps the running policy.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{ConfigError, Locator};
+use crate::{paths, tokens::Expectations};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxySettings {
+    pub listen: Vec<SocketAddr>,
+    /// PEM chain served to clients: the same certificate as IIS, so Extended Protection
+    /// (channel binding) keeps working.
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+    /// CA that signs client certificates; without it no client certificate is asked for.
+    pub client_ca: Option<PathBuf>,
+    pub upstream: Upstream,
+    pub other_paths: OtherPaths,
+    /// JSON lines, one per decision; `None` writes them to standard output.
+    pub audit_log: Option<PathBuf>,
+    pub limits: Limits,
+    /// Session tickets and the session cache (off only for benchmarks of full handshakes).
+    pub tls_resumption: bool,
+    /// Offset of local time from UTC for `hours` and `days` in rules, in minutes.
+    pub utc_offset_minutes: i32,
+    /// Worker threads of the proxy runtime; 0 means one per CPU.
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `host:port` to connect to.
+    pub authority: String,
+    pub tls: bool,
+    /// Name checked against Exchange's certificate (and sent as SNI).
+    pub server_name: String,
+    /// CA file for Exchange's certificate; required when `tls`.
+    pub ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtherPaths {
+    Pass,
+    Deny,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub header_count: usize,
+    pub header_bytes: usize,
+    /// Default request body cap, and per-path caps (normalised path, bytes).
+    pub body_bytes: u64,
+    pub body_limits: Vec<BodyLimit>,
+    pub handshake_timeout: Duration,
+    pub head_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// A request body slower than this (after `body_grace`) is cut off.
+    pub body_min_rate: u64,
+    pub body_grace: Duration,
+    pub connections_per_source: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyLimit {
+    pub path: String,
+    pub bytes: u64,
+}
+
+impl Limits {
+    /// The body cap for a normalised path: the longest matching entry, else the default.
+    pub fn body_cap(&self, path: &str) -> u64 {
+        self.body_limits
+            .iter()
+            .filter(|l| paths::matches(&l.path, path))
+            .max_by_key(|l| l.path.len())
+            .map_or(self.body_bytes, |l| l.bytes)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TokenSettings {
+    pub expect: Expectations,
+    /// PEM files of pinned Exchange auth certificates (several at once for rotation).
+    pub certificates: Vec<PathBuf>,
+    pub cache_entries: usize,
+}
+
+impl PartialEq for TokenSettings {
+    fn eq(&self, other: &Self) -> bool {
+        self.certificates == other.certificates
+            && self.cache_entries == other.cache_entries
+            && self.expect.audiences == other.expect.audiences
+            && self.expect.issuers == other.expect.issuers
+            && self.expect.metadata_urls == other.expect.metadata_urls
+            && self.expect.leeway == other.expect.leeway
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedbackSettings {
+    pub window: Duration,
+    /// Failures in the window that put the source in the XDP block set; 0 turns it off.
+    pub failures: u32,
+    pub block: Duration,
+}
+
+impl Default for FeedbackSettings {
+    fn default() -> Self {
+        FeedbackSettings {
+            window: Duration::from_secs(60),
+            failures: 20,
+            block: Duration::from_secs(900),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthKind {
+    None,
+    Basic,
+    Ntlm,
+    Negotiate,
+    Bearer,
+    ClientCert,
+}
+
+impl AuthKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthKind::None => "none",
+            AuthKind::Basic => "basic",
+            AuthKind::Ntlm => "ntlm",
+            AuthKind::Negotiate => "negotiate",
+            AuthKind::Bearer => "bearer",
+            AuthKind::ClientCert => "client-cert",
+        }
+    }
+
+    fn parse(text: &str) -> Option<AuthKind> {
+        [
+            AuthKind::None,
+            AuthKind::Basic,
+            AuthKind::Ntlm,
+            AuthKind::Negotiate,
+            AuthKind::Bearer,
+            AuthKind::ClientCert,
+        ]
+        .into_iter()
+        .find(|k| k.name() == text)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// A verified Exchange callback token.
+    Callback,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub name: String,
+    pub line: usize,
+    /// Empty lists mean "any".
+    pub groups: Vec<String>,
+    pub auth: Vec<AuthKind>,
+    pub token: Vec<TokenKind>,
+    /// Normalised paths; a trailing `*` matches a prefix.
+    pub paths: Vec<String>,
+    /// Case-insensitive patterns with `*` wildcards.
+    pub users: Vec<String>,
+    /// Minutes after local midnight: [from, to). `from > to` spans midnight.
+    pub hours: Option<(u16, u16)>,
+    /// Bit 0 = Monday.
+    pub days: u8,
+    pub action: Action,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawProxy {
+    listen: Vec<Spanned<String>>,
+    certificate: Spanned<String>,
+    private_key: Spanned<String>,
+    client_ca: Option<Spanned<String>>,
+    upstream: Spanned<String>,
+    upstream_ca: Option<Spanned<String>>,
+    upstream_server_name: Option<String>,
+    other_paths: Option<Spanned<String>>,
+    audit_log: Option<String>,
+    #[serde(default = "yes")]
+    tls_resumption: bool,
+    utc_offset_minutes: Option<Spanned<i32>>,
+    #[serde(default)]
+    threads: usize,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimits {
+    header_count: usize,
+    header_bytes: usize,
+    body_bytes: u64,
+    body: Vec<RawBodyLimit>,
+    handshake_timeout_ms: u64,
+    head_timeout_ms: u64,
+    idle_timeout_ms: u64,
+    body_min_bytes_per_s: u64,
+    body_grace_ms: u64,
+    connections_per_source: usize,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            header_count: 100,
+            header_bytes: 64 * 1024,
+            body_bytes: 16 << 20,
+            body: Vec::new(),
+            handshake_timeout_ms: 10_000,
+            head_timeout_ms: 30_000,
+            idle_timeout_ms: 120_000,
+            body_min_bytes_per_s: 4096,
+            body_grace_ms: 10_000,
+            connections_per_source: 256,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBodyLimit {
+    path: Spanned<String>,
+    bytes: u64,
+}
+
+impl RawProxy {
+    pub(crate) fn validate(
+        self,
+        here: &Locator,
+        base: &Path,
+    ) -> Result<ProxySettings, ConfigError> {
+        let mut listen = Vec::new();
+        for l in &self.listen {
+            let addr: SocketAddr = l.get_ref().parse().map_err(|_| {
+                here.at(
+                    l,
+                    "not a socket address: expected 192.0.2.10:443 or [2001:db8::10]:443",
+                )
+            })?;
+            listen.push(addr);
+        }
+        if listen.is_empty() {
+            return Err(here.error(0, "[proxy] listen is empty"));
+        }
+        let upstream = parse_upstream(&self.upstream, self.upstream_server_name)
+            .map_err(|m| here.at(&self.upstream, m))?;
+        let ca = self.upstream_ca.as_ref().map(|c| base.join(c.get_ref()));
+        if upstream.tls && ca.is_none() {
+            return Err(here.at(&self.upstream, "an https upstream needs upstream_ca"));
+        }
+        let other_paths = match self.other_paths.as_ref().map(|o| (o, o.get_ref().as_str())) {
+            None | Some((_, "deny")) => OtherPaths::Deny,
+            Some((_, "pass")) => OtherPaths::Pass,
+            Some((o, v)) => {
+                return Err(here.at(o, format!("'{v}': other_paths is pass or deny")));
+            }
+        };
+        let offset = self.utc_offset_minutes.as_ref().map_or(0, |o| *o.get_ref());
+        if let Some(o) = self.utc_offset_minutes.as_ref().filter(|_| offset.abs() > 14 * 60) {
+            return Err(here.at(o, "utc_offset_minutes out of range"));
+        }
+        Ok(ProxySettings {
+            listen,
+            certificate: existing(here, base, &self.certificate)?,
+            private_key: existing(here, base, &self.private_key)?,
+            client_ca: self
+                .client_ca
+                .as_ref()
+                .map(|c| existing(here, base, c))
+                .transpose()?,
+            upstream: Upstream { ca, ..upstream },
+            other_paths,
+            audit_log: self.audit_log.map(|a| base.join(a)),
+            limits: self.limits.validate(here)?,
+            tls_resumption: self.tls_resumption,
+            utc_offset_minutes: offset,
+            threads: self.threads,
+        })
+    }
+}
+
+fn existing(here: &Locator, base: &Path, file: &Spanned<String>) -> Result<PathBuf, ConfigError> {
+    let path = base.join(file.get_ref());
+    if !path.is_file() {
+        return Err(here.at(file, format!("{}: no such file", path.display())));
+    }
+    Ok(path)
+}
+
+fn parse_upstream(text: &Spanned<String>, name: Option<String>) -> Result<Upstream, String> {
+    let t = text.get_ref();
+    let (tls, rest) = if let Some(r) = t.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = t.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err(format!("'{t}': upstream is http://HOST[:PORT] or https://HOST[:PORT]"));
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() || rest.contains('/') || rest.contains('@') {
+        return Err(format!("'{t}': upstream names a host and port only, no path"));
+    }
+    let has_port = match rest.rfind(']') {
+        Some(end) => rest[end..].contains(':'),
+        None => rest.contains(':'),
+    };
+    let authority = if has_port {
+        rest.to_string()
+    } else {
+        format!("{rest}:{}", if tls { 443 } else { 80 })
+    };
+    let host = authority[..authority.rfind(':').unwrap_or(authority.len())]
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    Ok(Upstream {
+        authority,
+        tls,
+        server_name: name.unwrap_or(host),
+        ca: None,
+    })
+}
+
+impl RawLimits {
+    fn validate(self, here: &Locator) -> Result<Limits, ConfigError> {
+        let ms = Duration::from_millis;
+        let checks = [
+            ("header_count", self.header_count as u64, 1, 1000),
+            ("header_bytes", self.header_bytes as u64, 8192, 1 << 20),
+            ("body_bytes", self.body_bytes, 1, 1 << 40),
+            ("handshake_timeout_ms", self.handshake_timeout_ms, 1, 600_000),
+            ("head_timeout_ms", self.head_timeout_ms, 1, 600_000),
+            ("idle_timeout_ms", self.idle_timeout_ms, 1, 3_600_000),
+            ("body_grace_ms", self.body_grace_ms, 1, 600_000),
+            ("connections_per_source", self.connections_per_source as u64, 1, 1 << 20),
+        ];
+        for (name, value, min, max) in checks {
+            if !(min..=max).contains(&value) {
+                return Err(here.error(0, format!("[proxy.limits] {name} = {value}: must be {min}..={max}")));
+            }
+        }
+        let mut body_limits = Vec::new();
+        for b in self.body {
+            let path = paths::normalise(b.path.get_ref().trim_end_matches('*'))
+                .map_err(|e| here.at(&b.path, e.to_string()))?;
+            let star = if b.path.get_ref().ends_with('*') { "*" } else { "" };
+            body_limits.push(BodyLimit {
+                path: format!("{path}{star}"),
+                bytes: b.bytes,
+            });
+        }
+        Ok(Limits {
+            header_count: self.header_count,
+            header_bytes: self.header_bytes,
+            body_bytes: self.body_bytes,
+            body_limits,
+            handshake_timeout: ms(self.handshake_timeout_ms),
+            head_timeout: ms(self.head_timeout_ms),
+            idle_timeout: ms(self.idle_timeout_ms),
+            body_min_rate: self.body_min_bytes_per_s,
+            body_grace: ms(self.body_grace_ms),
+            connections_per_source: self.connections_per_source,
+        })
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTokens {
+    #[serde(default)]
+    audiences: Vec<String>,
+    #[serde(default)]
+    issuers: Vec<String>,
+    #[serde(default)]
+    metadata_urls: Vec<String>,
+    #[serde(default)]
+    certificates: Vec<Spanned<String>>,
+    leeway_secs: Option<Spanned<u64>>,
+    cache_entries: Option<usize>,
+}
+
+impl RawTokens {
+    pub(crate) fn validate(self, here: &Locator, base: &Path) -> Result<TokenSettings, ConfigError> {
+        let mut certificates = Vec::new();
+        for c in &self.certificates {
+            certificates.push(existing(here, base, c)?);
+        }
+        let leeway = match &self.leeway_secs {
+            Some(l) if *l.get_ref() > 900 => {
+                return Err(here.at(l, "leeway_secs above 900 lets expired tokens through"))
+            }
+            Some(l) => *l.get_ref(),
+            None => 60,
+        };
+        if !certificates.is_empty() && (self.audiences.is_empty() || self.issuers.is_empty()) {
+            return Err(here.at(
+                &self.certificates[0],
+                "[tokens] with certificates needs audiences and issuers",
+            ));
+        }
+        Ok(TokenSettings {
+            expect: Expectations {
+                audiences: self.audiences,
+                issuers: self.issuers,
+                metadata_urls: self.metadata_urls,
+                leeway,
+            },
+            certificates,
+            cache_entries: self.cache_entries.unwrap_or(100_000).max(1),
+        })
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFeedback {
+    window_secs: Option<u64>,
+    failures: Option<u32>,
+    block_secs: Option<Spanned<u64>>,
+}
+
+impl RawFeedback {
+    pub(crate) fn validate(self, here: &Locator) -> Result<FeedbackSettings, ConfigError> {
+        let d = FeedbackSettings::default();
+        let block = match &self.block_secs {
+            Some(b) if *b.get_ref() == 0 => return Err(here.at(b, "block_secs must be at least 1")),
+            Some(b) => Duration::from_secs(*b.get_ref()),
+            None => d.block,
+        };
+        Ok(FeedbackSettings {
+            window: self
+                .window_secs
+                .map_or(d.window, |w| Duration::from_secs(w.max(1))),
+            failures: self.failures.unwrap_or(d.failures),
+            block,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRule {
+    name: Spanned<String>,
+    #[serde(default)]
+    groups: Vec<Spanned<String>>,
+    #[serde(default)]
+    auth: Vec<Spanned<String>>,
+    #[serde(default)]
+    token: Vec<Spanned<String>>,
+    #[serde(default)]
+    paths: Vec<Spanned<String>>,
+    #[serde(default)]
+    users: Vec<String>,
+    hours: Option<Spanned<String>>,
+    #[serde(default)]
+    days: Vec<Spanned<String>>,
+    action: Spanned<String>,
+}
+
+pub(crate) fn validate_rules(
+    here: &Locator,
+    raw: Vec<RawRule>,
+    groups: &[&str],
+) -> Result<Vec<Rule>, ConfigError> {
+    let mut rules: Vec<Rule> = Vec::new();
+    for r in raw {
+        let name = r.name.get_ref().clone();
+        if rules.iter().any(|x| x.name == name) {
+            return Err(here.at(&r.name, format!("rule '{name}' is defined twice")));
+        }
+        let line = here.line_of(&r.name);
+        rules.push(r.validate(here, groups, line)?);
+    }
+    Ok(rules)
+}
+
+impl RawRule {
+    fn validate(self, here: &Locator, groups: &[&str], line: usize) -> Result<Rule, ConfigError> {
+        for g in &self.groups {
+            if !groups.contains(&g.get_ref().as_str()) {
+                return Err(here.at(g, format!("no source group named '{}'", g.get_ref())));
+            }
+        }
+        let auth = self
+            .auth
+            .iter()
+            .map(|a| {
+                AuthKind::parse(a.get_ref()).ok_or_else(|| {
+                    here.at(a, format!("unknown auth '{}': expected none, basic, ntlm, negotiate, bearer or client-cert", a.get_ref()))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let token = self
+            .token
+            .iter()
+            .map(|t| match t.get_ref().as_str() {
+                "callback" => Ok(TokenKind::Callback),
+                other => Err(here.at(t, format!("unknown token family '{other}': expected callback"))),
+            })
+            .collect::<Result<_, _>>()?;
+        let mut paths = Vec::new();
+        for p in &self.paths {
+            let text = p.get_ref();
+            let star = if text.ends_with('*') { "*" } else { "" };
+            let norm = paths::normalise(text.trim_end_matches('*')).map_err(|e| here.at(p, e.to_string()))?;
+            paths.push(format!("{norm}{star}"));
+        }
+        let hours = self
+            .hours
+            .as_ref()
+            .map(|h| parse_hours(h.get_ref()).map_err(|m| here.at(h, m)))
+            .transpose()?;
+        let mut days = 0u8;
+        for d in &self.days {
+            days |= parse_day(d.get_ref()).map_err(|m| here.at(d, m))?;
+        }
+        let action = match self.action.get_ref().as_str() {
+            "allow" => Action::Allow,
+            "deny" => Action::Deny,
+            other => return Err(here.at(&self.action, format!("action '{other}': expected allow or deny"))),
+        };
+        Ok(Rule {
+            name: self.name.into_inner(),
+            line,
+            groups: self.groups.into_iter().map(Spanned::into_inner).collect(),
+            auth,
+            token,
+            paths,
+            users: self.users.iter().map(|u| u.to_ascii_lowercase()).collect(),
+            hours,
+            days: if days == 0 { 0x7f } else { days },
+            action,
+        })
+    }
+}
+
+/// "07:00-19:00".
+fn parse_hours(text: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("'{text}': hours are HH:MM-HH:MM");
+    let (a, b) = text.split_once('-').ok_or_else(bad)?;
+    let minutes = |t: &str| -> Option<u16> {
+        let (h, m) = t.trim().split_once(':')?;
+        let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
+        (h <= 24 && m < 60 && h * 60 + m <= 1440).then_some(h * 60 + m)
+    };
+    let (from, to) = (minutes(a).ok_or_else(bad)?, minutes(b).ok_or_else(bad)?);
+    if from == to {
+        return Err(format!("'{text}': an empty range"));
+    }
+    Ok((from, to))
+}
+
+fn parse_day(text: &str) -> Result<u8, String> {
+    const NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+    let index = |d: &str| NAMES.iter().position(|n| *n == d.to_ascii_lowercase());
+    let bad = || format!("'{text}': days are mon..sun or ranges such as mon-fri");
+    match text.split_once('-') {
+        Some((a, b)) => {
+            let (a, b) = (index(a).ok_or_else(bad)?, index(b).ok_or_else(bad)?);
+            if a > b {
+                return Err(bad());
+            }
+            Ok((a..=b).fold(0, |m, i| m | 1 << i))
+        }
+        None => Ok(1 << index(text).ok_or_else(bad)?),
+    }
+}

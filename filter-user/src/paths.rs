@@ -1,0 +1,129 @@
+//! Path normalisation before any decision. IIS in front of Exchange decodes percent
+//! escapes, ignores case, maps `\` to `/`, folds dot segments and strips trailing dots and
+//! spaces from names, so ewsgate judges the path the way IIS will read it, and forwards
+//! that normalised path rather than the client's spelling.
+
+use percent_encoding::percent_decode_str;
+
+/// The one path that is EWS SOAP.
+pub const EWS: &str = "/ews/exchange.asmx";
+/// The path forwarded for it (IIS is case-insensitive; Exchange's own spelling).
+pub const EWS_CANONICAL: &str = "/EWS/Exchange.asmx";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("path does not start with /")]
+    NotAbsolute,
+    #[error("path has an invalid or double percent escape")]
+    BadEscape,
+    #[error("path holds a control character or ':'")]
+    BadCharacter,
+    #[error("path climbs above the root")]
+    AboveRoot,
+}
+
+/// Decodes, lower-cases and folds a request path (without its query).
+pub fn normalise(raw: &str) -> Result<String, PathError> {
+    if !raw.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    let decoded = percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| PathError::BadEscape)?;
+    // IIS refuses double escaping by default; so does ewsgate, rather than guess.
+    if has_escape(&decoded) || (decoded.contains('%') && raw.contains("%25")) {
+        return Err(PathError::BadEscape);
+    }
+    if decoded.chars().any(|c| c.is_control() || c == ':') {
+        return Err(PathError::BadCharacter);
+    }
+    let lowered = decoded.replace('\\', "/").to_lowercase();
+    let mut folded: Vec<&str> = Vec::new();
+    for segment in lowered.split('/') {
+        match segment.trim_end_matches(' ') {
+            "" | "." => {}
+            ".." => {
+                if folded.pop().is_none() {
+                    return Err(PathError::AboveRoot);
+                }
+            }
+            // Windows ignores trailing dots and spaces: "exchange.asmx." is the same file.
+            s => match s.trim_end_matches(['.', ' ']) {
+                "" => {}
+                name => folded.push(name),
+            },
+        }
+    }
+    let mut path = String::with_capacity(lowered.len());
+    for s in &folded {
+        path.push('/');
+        path.push_str(s);
+    }
+    if path.is_empty() || (lowered.ends_with('/') && !folded.is_empty()) {
+        path.push('/');
+    }
+    Ok(path)
+}
+
+fn has_escape(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.windows(3)
+        .any(|w| w[0] == b'%' && w[1].is_ascii_hexdigit() && w[2].is_ascii_hexdigit())
+}
+
+/// A rule or limit path: exact, or a prefix when it ends with `*`.
+pub fn matches(pattern: &str, path: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => path.starts_with(prefix),
+        None => pattern == path,
+    }
+}
+
+/// Paths under /ews/ other than the SOAP endpoint: REST photo, odata, mrsproxy, WSDL files.
+pub fn under_ews(path: &str) -> bool {
+    path == "/ews" || path == "/ews/" || path.starts_with("/ews/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spellings_of_the_ews_endpoint_normalise_to_one() {
+        for raw in [
+            "/EWS/Exchange.asmx",
+            "/ews/exchange.asmx",
+            "/EWS/%45xchange.asmx",
+            "//EWS///Exchange.asmx",
+            "/EWS/./Exchange.asmx",
+            "/OWA/../EWS/Exchange.asmx",
+            "/EWS\\Exchange.asmx",
+            "/EWS/Exchange.asmx.",
+            "/EWS/Exchange.asmx. .",
+            "/x/y/../../EWS/Exchange.asmx",
+        ] {
+            assert_eq!(normalise(raw).as_deref(), Ok(EWS), "{raw}");
+        }
+    }
+
+    #[test]
+    fn hostile_paths_are_refused() {
+        assert_eq!(normalise("EWS/Exchange.asmx"), Err(PathError::NotAbsolute));
+        assert_eq!(normalise("/EWS/%2545xchange.asmx"), Err(PathError::BadEscape));
+        assert_eq!(normalise("/EWS/Exchange.asmx%00"), Err(PathError::BadCharacter));
+        assert_eq!(normalise("/EWS/Exchange.asmx::$DATA"), Err(PathError::BadCharacter));
+        assert_eq!(normalise("/../EWS/Exchange.asmx"), Err(PathError::AboveRoot));
+        assert_eq!(normalise("/EWS/%ff"), Err(PathError::BadEscape));
+    }
+
+    #[test]
+    fn other_paths_keep_their_shape() {
+        assert_eq!(normalise("/").as_deref(), Ok("/"));
+        assert_eq!(normalise("/owa/").as_deref(), Ok("/owa/"));
+        assert_eq!(normalise("/EWS/Services.wsdl").as_deref(), Ok("/ews/services.wsdl"));
+        assert!(under_ews("/ews/services.wsdl"));
+        assert!(!under_ews("/ewsx"));
+        assert!(matches("/ews/*", "/ews/odata"));
+        assert!(!matches("/ews/exchange.asmx", "/ews/exchange.asmx2"));
+    }
+}

@@ -1,0 +1,301 @@
+//! The request rules: ordered, first match wins, default deny. A rule names conditions on
+//! the source group, the authentication, the token family, the path, the user and the time
+//! of day; every empty condition means "any".
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use crate::config::{Action, AuthKind, Config, Rule, TokenKind};
+
+/// What a request is judged on.
+#[derive(Debug, Clone)]
+pub struct Subject<'a> {
+    pub group: Option<&'a str>,
+    pub auth: AuthKind,
+    pub token: Option<TokenKind>,
+    pub path: &'a str,
+    /// `POST /EWS/Exchange.asmx`: a rule without `paths` applies to this alone.
+    pub ews: bool,
+    pub user: Option<&'a str>,
+    /// An NTLM or Negotiate leg that carries no user yet (Type 1): Exchange answers it
+    /// with a challenge only, so a `users` condition is judged on the Type 3 leg instead.
+    pub handshake: bool,
+    pub when: LocalTime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalTime {
+    /// 0 = Monday.
+    pub weekday: u8,
+    pub minute: u16,
+}
+
+impl LocalTime {
+    pub fn now(utc_offset_minutes: i32) -> LocalTime {
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        LocalTime::at(secs, utc_offset_minutes)
+    }
+
+    pub fn at(unix_secs: i64, utc_offset_minutes: i32) -> LocalTime {
+        let local = unix_secs + i64::from(utc_offset_minutes) * 60;
+        let days = local.div_euclid(86_400);
+        LocalTime {
+            // 1970-01-01 was a Thursday.
+            weekday: (days + 3).rem_euclid(7) as u8,
+            minute: (local.rem_euclid(86_400) / 60) as u16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Action,
+    /// The rule that matched; `None` is the default deny.
+    pub rule: Option<String>,
+}
+
+pub fn decide(rules: &[Rule], s: &Subject) -> Decision {
+    match rules.iter().find(|r| matches(r, s)) {
+        Some(r) => Decision {
+            action: r.action,
+            rule: Some(r.name.clone()),
+        },
+        None => Decision {
+            action: Action::Deny,
+            rule: None,
+        },
+    }
+}
+
+fn matches(r: &Rule, s: &Subject) -> bool {
+    let any_or = |empty: bool, hit: bool| empty || hit;
+    any_or(r.groups.is_empty(), s.group.is_some_and(|g| r.groups.iter().any(|x| x == g)))
+        && any_or(r.auth.is_empty(), r.auth.contains(&s.auth))
+        && any_or(r.token.is_empty(), s.token.is_some_and(|t| r.token.contains(&t)))
+        && paths_match(r, s)
+        && users_match(r, s)
+        && r.days & (1 << s.when.weekday) != 0
+        && r.hours.is_none_or(|h| in_hours(h, s.when.minute))
+}
+
+/// Any path other than the EWS SOAP endpoint must be named by the rule.
+fn paths_match(r: &Rule, s: &Subject) -> bool {
+    if r.paths.is_empty() {
+        return s.ews;
+    }
+    r.paths.iter().any(|p| crate::paths::matches(p, s.path))
+}
+
+fn users_match(r: &Rule, s: &Subject) -> bool {
+    if r.users.is_empty() {
+        return true;
+    }
+    match s.user {
+        Some(u) => {
+            let u = u.to_ascii_lowercase();
+            r.users.iter().any(|p| glob(p, &u))
+        }
+        None => s.handshake,
+    }
+}
+
+fn in_hours((from, to): (u16, u16), minute: u16) -> bool {
+    if from < to {
+        (from..to).contains(&minute)
+    } else {
+        minute >= from || minute < to
+    }
+}
+
+/// `*` matches any run of characters; everything else is literal.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for middle in &parts[1..parts.len() - 1] {
+        match rest.find(middle) {
+            Some(i) => rest = &rest[i + middle.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Which source group an address is in: longest prefix first, as in the XDP tables.
+pub struct SourceIndex {
+    names: Vec<String>,
+    v4: Vec<(u8, HashMap<u32, usize>)>,
+    v6: Vec<(u8, HashMap<u128, usize>)>,
+}
+
+impl SourceIndex {
+    pub fn new(config: &Config) -> SourceIndex {
+        let mut v4: HashMap<u8, HashMap<u32, usize>> = HashMap::new();
+        let mut v6: HashMap<u8, HashMap<u128, usize>> = HashMap::new();
+        for (id, g) in config.groups.iter().enumerate() {
+            for n in &g.v4 {
+                v4.entry(n.prefix_len()).or_default().insert(u32::from(n.network()), id);
+            }
+            for n in &g.v6 {
+                v6.entry(n.prefix_len()).or_default().insert(u128::from(n.network()), id);
+            }
+        }
+        fn sorted<K>(m: HashMap<u8, HashMap<K, usize>>) -> Vec<(u8, HashMap<K, usize>)> {
+            let mut v: Vec<_> = m.into_iter().collect();
+            v.sort_by(|a, b| b.0.cmp(&a.0));
+            v
+        }
+        SourceIndex {
+            names: config.groups.iter().map(|g| g.name.clone()).collect(),
+            v4: sorted(v4),
+            v6: sorted(v6),
+        }
+    }
+
+    pub fn group(&self, addr: IpAddr) -> Option<&str> {
+        let id = match addr {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                self.v4.iter().find_map(|(len, m)| {
+                    let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
+                    m.get(&(a & mask)).copied()
+                })
+            }
+            IpAddr::V6(a) => {
+                if let Some(v4) = a.to_ipv4_mapped() {
+                    return self.group(IpAddr::V4(v4));
+                }
+                let a = u128::from(a);
+                self.v6.iter().find_map(|(len, m)| {
+                    let mask = u128::MAX.checked_shl(128 - u32::from(*len)).unwrap_or(0);
+                    m.get(&(a & mask)).copied()
+                })
+            }
+        }?;
+        self.names.get(id).map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const CONFIG: &str = r#"
+[sources.offices]
+cidrs = ["198.51.100.0/25", "2001:db8:100::/64"]
+[sources.salesforce]
+cidrs = ["198.51.100.128/25", "198.51.100.200/32"]
+[sources.partner]
+cidrs = ["198.51.100.200/32"]
+
+[[rule]]
+name = "salesforce-callback"
+groups = ["salesforce"]
+auth = ["bearer"]
+token = ["callback"]
+paths = ["/EWS/Exchange.asmx"]
+action = "allow"
+
+[[rule]]
+name = "office-hours"
+groups = ["offices"]
+auth = ["ntlm", "basic"]
+users = ["*@example.org", "EXAMPLE\\*"]
+hours = "07:00-19:00"
+days = ["mon-fri"]
+action = "allow"
+
+[[rule]]
+name = "no-basic"
+auth = ["basic"]
+action = "deny"
+"#;
+
+    fn config() -> Config {
+        Config::parse(Path::new("/etc/ewsgate/t.toml"), CONFIG).unwrap()
+    }
+
+    fn subject<'a>(group: &'a str, auth: AuthKind, user: Option<&'a str>) -> Subject<'a> {
+        Subject {
+            group: Some(group),
+            auth,
+            token: None,
+            path: "/ews/exchange.asmx",
+            ews: true,
+            user,
+            handshake: false,
+            when: LocalTime { weekday: 1, minute: 600 },
+        }
+    }
+
+    #[test]
+    fn first_match_wins_and_default_is_deny() {
+        let c = config();
+        let mut s = subject("salesforce", AuthKind::Bearer, None);
+        assert_eq!(decide(&c.rules, &s).action, Action::Deny);
+        s.token = Some(TokenKind::Callback);
+        assert_eq!(decide(&c.rules, &s).rule.as_deref(), Some("salesforce-callback"));
+        s.path = "/ews/services.wsdl";
+        s.ews = false;
+        assert_eq!(decide(&c.rules, &s), Decision { action: Action::Deny, rule: None });
+        let basic = subject("offices", AuthKind::Basic, Some("Alice@Example.org"));
+        assert_eq!(decide(&c.rules, &basic).rule.as_deref(), Some("office-hours"));
+        let outsider = subject("offices", AuthKind::Basic, Some("mallory@evil.test"));
+        assert_eq!(decide(&c.rules, &outsider).rule.as_deref(), Some("no-basic"));
+    }
+
+    #[test]
+    fn login_hours_and_days() {
+        let c = config();
+        let mut s = subject("offices", AuthKind::Ntlm, Some("EXAMPLE\\bob"));
+        assert_eq!(decide(&c.rules, &s).action, Action::Allow);
+        s.when.minute = 19 * 60;
+        assert_eq!(decide(&c.rules, &s).action, Action::Deny);
+        s.when = LocalTime { weekday: 5, minute: 600 };
+        assert_eq!(decide(&c.rules, &s).action, Action::Deny);
+        // 2026-11-23 12:00 UTC is a Monday; +60 minutes is 13:00 local.
+        assert_eq!(LocalTime::at(1_795_435_200, 60), LocalTime { weekday: 0, minute: 780 });
+    }
+
+    #[test]
+    fn ntlm_handshake_leg_passes_a_users_condition_only_without_a_user() {
+        let c = config();
+        let mut s = subject("offices", AuthKind::Ntlm, None);
+        assert_eq!(decide(&c.rules, &s).action, Action::Deny);
+        s.handshake = true;
+        assert_eq!(decide(&c.rules, &s).action, Action::Allow);
+    }
+
+    #[test]
+    fn groups_by_longest_prefix() {
+        let idx = SourceIndex::new(&config());
+        assert_eq!(idx.group("198.51.100.10".parse().unwrap()), Some("offices"));
+        assert_eq!(idx.group("198.51.100.140".parse().unwrap()), Some("salesforce"));
+        assert_eq!(idx.group("::ffff:198.51.100.140".parse().unwrap()), Some("salesforce"));
+        assert_eq!(idx.group("2001:db8:100::7".parse().unwrap()), Some("offices"));
+        assert_eq!(idx.group("203.0.113.50".parse().unwrap()), None);
+        let overlap = idx.group("198.51.100.200".parse().unwrap());
+        assert!(overlap == Some("salesforce") || overlap == Some("partner"));
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob("*@example.org", "a@example.org"));
+        assert!(!glob("*@example.org", "a@example.org.evil"));
+        assert!(glob("a*b*c", "axxbyyc"));
+        assert!(!glob("a*b*c", "ac"));
+        assert!(glob("*", ""));
+    }
+}
