@@ -79,7 +79,7 @@ impl Audit {
         match self.tx.try_send(record) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                if self.lost.fetch_add(1, Ordering::Relaxed) % 10_000 == 0 {
+                if self.lost.fetch_add(1, Ordering::Relaxed).is_multiple_of(10_000) {
                     tracing::error!("audit writer behind: lines lost");
                 }
             }
@@ -109,7 +109,9 @@ fn write_lines(rx: Receiver<Record>, mut out: BufWriter<Box<dyn Write + Send>>) 
 
 /// UTC time with milliseconds, e.g. 2026-11-23T12:00:00.123Z.
 pub fn rfc3339_now() -> String {
-    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     rfc3339(d.as_secs() as i64, d.subsec_millis())
 }
 
@@ -150,7 +152,11 @@ mod tests {
         let path = std::env::temp_dir().join(format!("ewsgate-audit-{}.jsonl", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let audit = Audit::open(Some(&path)).unwrap();
-        audit.log(Record { decision: "deny", reason: "no_rule".into(), ..Default::default() });
+        audit.log(Record {
+            decision: "deny",
+            reason: "no_rule".into(),
+            ..Default::default()
+        });
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let mut text = String::new();
         while text.is_empty() && std::time::Instant::now() < deadline {

@@ -12,7 +12,9 @@ pub const MAX_AUTHORIZATION: usize = 48 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Credential {
     None,
-    Basic { user: String },
+    Basic {
+        user: String,
+    },
     /// An NTLM message, bare (`NTLM`) or inside SPNEGO (`Negotiate`).
     Ntlm {
         negotiate: bool,
@@ -20,7 +22,9 @@ pub enum Credential {
     },
     /// `Negotiate` with a Kerberos ticket: the user is not readable here.
     Kerberos,
-    Bearer { token: String },
+    Bearer {
+        token: String,
+    },
     /// A header ewsgate cannot read; refused with this reason.
     Invalid(&'static str),
 }
@@ -43,7 +47,10 @@ impl Credential {
             Credential::Ntlm {
                 negotiate: false, ..
             } => AuthKind::Ntlm,
-            Credential::Ntlm { negotiate: true, .. } | Credential::Kerberos => AuthKind::Negotiate,
+            Credential::Ntlm {
+                negotiate: true, ..
+            }
+            | Credential::Kerberos => AuthKind::Negotiate,
             Credential::Bearer { .. } => AuthKind::Bearer,
         }
     }
@@ -208,10 +215,21 @@ mod tests {
     #[test]
     fn basic_keeps_the_user_and_drops_the_password() {
         let c = classify(Some(&header("Basic", b"alice@example.org:s3cret")));
-        assert_eq!(c, Credential::Basic { user: "alice@example.org".into() });
+        assert_eq!(
+            c,
+            Credential::Basic {
+                user: "alice@example.org".into()
+            }
+        );
         assert!(!format!("{c:?}").contains("s3cret"));
-        assert_eq!(classify(Some(&header("Basic", b"nocolon"))), Credential::Invalid("basic_no_colon"));
-        assert_eq!(classify(Some(b"Basic !!!")), Credential::Invalid("basic_not_base64"));
+        assert_eq!(
+            classify(Some(&header("Basic", b"nocolon"))),
+            Credential::Invalid("basic_no_colon")
+        );
+        assert_eq!(
+            classify(Some(b"Basic !!!")),
+            Credential::Invalid("basic_not_base64")
+        );
     }
 
     #[test]
@@ -220,11 +238,22 @@ mod tests {
         let c = classify(Some(&header("NTLM", &t3)));
         assert_eq!(
             c,
-            Credential::Ntlm { negotiate: false, stage: NtlmStage::Authenticate { user: "EXAMPLE\\bob".into() } }
+            Credential::Ntlm {
+                negotiate: false,
+                stage: NtlmStage::Authenticate {
+                    user: "EXAMPLE\\bob".into()
+                }
+            }
         );
         assert_eq!(c.kind(), AuthKind::Ntlm);
         let t1 = classify(Some(&header("NTLM", &ntlm_messages::negotiate())));
-        assert_eq!(t1, Credential::Ntlm { negotiate: false, stage: NtlmStage::Negotiate });
+        assert_eq!(
+            t1,
+            Credential::Ntlm {
+                negotiate: false,
+                stage: NtlmStage::Negotiate
+            }
+        );
     }
 
     #[test]
@@ -233,8 +262,13 @@ mod tests {
         spnego.extend(ntlm_messages::authenticate("", "carol"));
         let c = classify(Some(&header("Negotiate", &spnego)));
         assert_eq!(c.kind(), AuthKind::Negotiate);
-        assert!(matches!(c, Credential::Ntlm { stage: NtlmStage::Authenticate { ref user }, .. } if user == "carol"));
-        assert_eq!(classify(Some(&header("Negotiate", &[0x60, 0x82, 1, 2]))), Credential::Kerberos);
+        assert!(
+            matches!(c, Credential::Ntlm { stage: NtlmStage::Authenticate { ref user }, .. } if user == "carol")
+        );
+        assert_eq!(
+            classify(Some(&header("Negotiate", &[0x60, 0x82, 1, 2]))),
+            Credential::Kerberos
+        );
     }
 
     #[test]
@@ -243,16 +277,36 @@ mod tests {
         // The user buffer claims to run far past the message.
         t3[36] = 0xff;
         t3[37] = 0x7f;
-        assert_eq!(classify(Some(&header("NTLM", &t3))), Credential::Invalid("ntlm_malformed"));
-        assert_eq!(classify(Some(&header("NTLM", b"NTLMSSP\0\x03"))), Credential::Invalid("ntlm_malformed"));
-        assert_eq!(classify(Some(&header("NTLM", b"garbage"))), Credential::Invalid("ntlm_no_signature"));
+        assert_eq!(
+            classify(Some(&header("NTLM", &t3))),
+            Credential::Invalid("ntlm_malformed")
+        );
+        assert_eq!(
+            classify(Some(&header("NTLM", b"NTLMSSP\0\x03"))),
+            Credential::Invalid("ntlm_malformed")
+        );
+        assert_eq!(
+            classify(Some(&header("NTLM", b"garbage"))),
+            Credential::Invalid("ntlm_no_signature")
+        );
     }
 
     #[test]
     fn bearer_and_unknown_schemes() {
-        assert_eq!(classify(Some(b"Bearer abc.def.ghi")), Credential::Bearer { token: "abc.def.ghi".into() });
-        assert_eq!(classify(Some(b"Bearer ")), Credential::Invalid("authorization_scheme"));
-        assert_eq!(classify(Some(b"Digest x")), Credential::Invalid("authorization_scheme"));
+        assert_eq!(
+            classify(Some(b"Bearer abc.def.ghi")),
+            Credential::Bearer {
+                token: "abc.def.ghi".into()
+            }
+        );
+        assert_eq!(
+            classify(Some(b"Bearer ")),
+            Credential::Invalid("authorization_scheme")
+        );
+        assert_eq!(
+            classify(Some(b"Digest x")),
+            Credential::Invalid("authorization_scheme")
+        );
         assert_eq!(classify(None), Credential::None);
     }
 }

@@ -26,10 +26,10 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::Config,
-    feedback::Block,
-    proxy::{self, ProxyHandle},
     control::{Listed, Request, Response, Status},
+    feedback::Block,
     maps::List,
+    proxy::{self, ProxyHandle},
     xdp::Gate,
 };
 
@@ -73,7 +73,9 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             let sink: proxy::BlockSink = Box::new(move |b| {
                 let _ = blocks.send(Command::Block(b));
             });
-            Some(Arc::new(proxy::start(&config, sink).context("starting the proxy")?))
+            Some(Arc::new(
+                proxy::start(&config, sink).context("starting the proxy")?,
+            ))
         }
         None => None,
     };

@@ -109,10 +109,22 @@ mod tests {
     #[test]
     fn hostile_paths_are_refused() {
         assert_eq!(normalise("EWS/Exchange.asmx"), Err(PathError::NotAbsolute));
-        assert_eq!(normalise("/EWS/%2545xchange.asmx"), Err(PathError::BadEscape));
-        assert_eq!(normalise("/EWS/Exchange.asmx%00"), Err(PathError::BadCharacter));
-        assert_eq!(normalise("/EWS/Exchange.asmx::$DATA"), Err(PathError::BadCharacter));
-        assert_eq!(normalise("/../EWS/Exchange.asmx"), Err(PathError::AboveRoot));
+        assert_eq!(
+            normalise("/EWS/%2545xchange.asmx"),
+            Err(PathError::BadEscape)
+        );
+        assert_eq!(
+            normalise("/EWS/Exchange.asmx%00"),
+            Err(PathError::BadCharacter)
+        );
+        assert_eq!(
+            normalise("/EWS/Exchange.asmx::$DATA"),
+            Err(PathError::BadCharacter)
+        );
+        assert_eq!(
+            normalise("/../EWS/Exchange.asmx"),
+            Err(PathError::AboveRoot)
+        );
         assert_eq!(normalise("/EWS/%ff"), Err(PathError::BadEscape));
     }
 
@@ -120,7 +132,10 @@ mod tests {
     fn other_paths_keep_their_shape() {
         assert_eq!(normalise("/").as_deref(), Ok("/"));
         assert_eq!(normalise("/owa/").as_deref(), Ok("/owa/"));
-        assert_eq!(normalise("/EWS/Services.wsdl").as_deref(), Ok("/ews/services.wsdl"));
+        assert_eq!(
+            normalise("/EWS/Services.wsdl").as_deref(),
+            Ok("/ews/services.wsdl")
+        );
         assert!(under_ews("/ews/services.wsdl"));
         assert!(!under_ews("/ewsx"));
         assert!(matches("/ews/*", "/ews/odata"));

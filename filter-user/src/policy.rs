@@ -74,9 +74,14 @@ pub fn decide(rules: &[Rule], s: &Subject) -> Decision {
 
 fn matches(r: &Rule, s: &Subject) -> bool {
     let any_or = |empty: bool, hit: bool| empty || hit;
-    any_or(r.groups.is_empty(), s.group.is_some_and(|g| r.groups.iter().any(|x| x == g)))
-        && any_or(r.auth.is_empty(), r.auth.contains(&s.auth))
-        && any_or(r.token.is_empty(), s.token.is_some_and(|t| r.token.contains(&t)))
+    any_or(
+        r.groups.is_empty(),
+        s.group.is_some_and(|g| r.groups.iter().any(|x| x == g)),
+    ) && any_or(r.auth.is_empty(), r.auth.contains(&s.auth))
+        && any_or(
+            r.token.is_empty(),
+            s.token.is_some_and(|t| r.token.contains(&t)),
+        )
         && paths_match(r, s)
         && users_match(r, s)
         && r.days & (1 << s.when.weekday) != 0
@@ -145,15 +150,19 @@ impl SourceIndex {
         let mut v6: HashMap<u8, HashMap<u128, usize>> = HashMap::new();
         for (id, g) in config.groups.iter().enumerate() {
             for n in &g.v4 {
-                v4.entry(n.prefix_len()).or_default().insert(u32::from(n.network()), id);
+                v4.entry(n.prefix_len())
+                    .or_default()
+                    .insert(u32::from(n.network()), id);
             }
             for n in &g.v6 {
-                v6.entry(n.prefix_len()).or_default().insert(u128::from(n.network()), id);
+                v6.entry(n.prefix_len())
+                    .or_default()
+                    .insert(u128::from(n.network()), id);
             }
         }
         fn sorted<K>(m: HashMap<u8, HashMap<K, usize>>) -> Vec<(u8, HashMap<K, usize>)> {
             let mut v: Vec<_> = m.into_iter().collect();
-            v.sort_by(|a, b| b.0.cmp(&a.0));
+            v.sort_by_key(|e| std::cmp::Reverse(e.0));
             v
         }
         SourceIndex {
@@ -236,7 +245,10 @@ action = "deny"
             ews: true,
             user,
             handshake: false,
-            when: LocalTime { weekday: 1, minute: 600 },
+            when: LocalTime {
+                weekday: 1,
+                minute: 600,
+            },
         }
     }
 
@@ -246,14 +258,29 @@ action = "deny"
         let mut s = subject("salesforce", AuthKind::Bearer, None);
         assert_eq!(decide(&c.rules, &s).action, Action::Deny);
         s.token = Some(TokenKind::Callback);
-        assert_eq!(decide(&c.rules, &s).rule.as_deref(), Some("salesforce-callback"));
+        assert_eq!(
+            decide(&c.rules, &s).rule.as_deref(),
+            Some("salesforce-callback")
+        );
         s.path = "/ews/services.wsdl";
         s.ews = false;
-        assert_eq!(decide(&c.rules, &s), Decision { action: Action::Deny, rule: None });
+        assert_eq!(
+            decide(&c.rules, &s),
+            Decision {
+                action: Action::Deny,
+                rule: None
+            }
+        );
         let basic = subject("offices", AuthKind::Basic, Some("Alice@Example.org"));
-        assert_eq!(decide(&c.rules, &basic).rule.as_deref(), Some("office-hours"));
+        assert_eq!(
+            decide(&c.rules, &basic).rule.as_deref(),
+            Some("office-hours")
+        );
         let outsider = subject("offices", AuthKind::Basic, Some("mallory@evil.test"));
-        assert_eq!(decide(&c.rules, &outsider).rule.as_deref(), Some("no-basic"));
+        assert_eq!(
+            decide(&c.rules, &outsider).rule.as_deref(),
+            Some("no-basic")
+        );
     }
 
     #[test]
@@ -263,10 +290,19 @@ action = "deny"
         assert_eq!(decide(&c.rules, &s).action, Action::Allow);
         s.when.minute = 19 * 60;
         assert_eq!(decide(&c.rules, &s).action, Action::Deny);
-        s.when = LocalTime { weekday: 5, minute: 600 };
+        s.when = LocalTime {
+            weekday: 5,
+            minute: 600,
+        };
         assert_eq!(decide(&c.rules, &s).action, Action::Deny);
         // 2026-11-23 12:00 UTC is a Monday; +60 minutes is 13:00 local.
-        assert_eq!(LocalTime::at(1_795_435_200, 60), LocalTime { weekday: 0, minute: 780 });
+        assert_eq!(
+            LocalTime::at(1_795_435_200, 60),
+            LocalTime {
+                weekday: 0,
+                minute: 780
+            }
+        );
     }
 
     #[test]
@@ -282,9 +318,18 @@ action = "deny"
     fn groups_by_longest_prefix() {
         let idx = SourceIndex::new(&config());
         assert_eq!(idx.group("198.51.100.10".parse().unwrap()), Some("offices"));
-        assert_eq!(idx.group("198.51.100.140".parse().unwrap()), Some("salesforce"));
-        assert_eq!(idx.group("::ffff:198.51.100.140".parse().unwrap()), Some("salesforce"));
-        assert_eq!(idx.group("2001:db8:100::7".parse().unwrap()), Some("offices"));
+        assert_eq!(
+            idx.group("198.51.100.140".parse().unwrap()),
+            Some("salesforce")
+        );
+        assert_eq!(
+            idx.group("::ffff:198.51.100.140".parse().unwrap()),
+            Some("salesforce")
+        );
+        assert_eq!(
+            idx.group("2001:db8:100::7".parse().unwrap()),
+            Some("offices")
+        );
         assert_eq!(idx.group("203.0.113.50".parse().unwrap()), None);
         let overlap = idx.group("198.51.100.200".parse().unwrap());
         assert!(overlap == Some("salesforce") || overlap == Some("partner"));

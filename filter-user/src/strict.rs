@@ -82,7 +82,11 @@ impl Tracker {
                 State::Head => self.head(bytes),
                 State::Fixed(n) => {
                     let take = n.min(bytes.len() as u64);
-                    self.state = if take == n { State::Head } else { State::Fixed(n - take) };
+                    self.state = if take == n {
+                        State::Head
+                    } else {
+                        State::Fixed(n - take)
+                    };
                     &bytes[take as usize..]
                 }
                 State::ChunkData(n) => {
@@ -100,7 +104,11 @@ impl Tracker {
                         self.refuse("chunk_framing");
                         return;
                     }
-                    self.state = if left == 1 { State::ChunkSize } else { State::ChunkEnd(1) };
+                    self.state = if left == 1 {
+                        State::ChunkSize
+                    } else {
+                        State::ChunkEnd(1)
+                    };
                     &bytes[1..]
                 }
                 State::ChunkSize | State::Trailer => self.line_state(bytes),
@@ -357,23 +365,52 @@ GET /c HTTP/1.1\r\nHost: x\r\n\r\n";
     #[test]
     fn smuggling_shapes_are_refused() {
         let cases: [(&[u8], &str); 7] = [
-            (b"POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n", "content_length_with_transfer_encoding"),
-            (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n", "content_length_with_transfer_encoding"),
-            (b"POST / HTTP/1.1\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\n", "duplicate_content_length"),
-            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", "transfer_encoding_not_chunked"),
-            (b"POST / HTTP/1.1\r\nContent-Length: +4\r\n\r\n", "bad_content_length"),
-            (b"POST / HTTP/1.1\r\nX-A: 1\r\n folded\r\n\r\n", "malformed_head"),
-            (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", "transfer_encoding_in_http10"),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "content_length_with_transfer_encoding",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n",
+                "content_length_with_transfer_encoding",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\n",
+                "duplicate_content_length",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                "transfer_encoding_not_chunked",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: +4\r\n\r\n",
+                "bad_content_length",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nX-A: 1\r\n folded\r\n\r\n",
+                "malformed_head",
+            ),
+            (
+                b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "transfer_encoding_in_http10",
+            ),
         ];
         for (input, reason) in cases {
-            assert_eq!(all_splits(input), vec![HeadCheck::Refused(reason)], "{}", String::from_utf8_lossy(input));
+            assert_eq!(
+                all_splits(input),
+                vec![HeadCheck::Refused(reason)],
+                "{}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 
     #[test]
     fn a_refusal_stops_tracking() {
         let input = b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nxGET / HTTP/1.1\r\n\r\n";
-        assert_eq!(all_splits(input), vec![HeadCheck::Refused("duplicate_content_length")]);
+        assert_eq!(
+            all_splits(input),
+            vec![HeadCheck::Refused("duplicate_content_length")]
+        );
     }
 
     #[test]
@@ -382,8 +419,14 @@ GET /c HTTP/1.1\r\nHost: x\r\n\r\n";
         big.extend(vec![b'a'; 9000]);
         assert_eq!(run(&big, 100), vec![HeadCheck::Refused("head_too_large")]);
         let bad = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
-        assert_eq!(all_splits(bad), vec![HeadCheck::Ok, HeadCheck::Refused("chunk_size")]);
+        assert_eq!(
+            all_splits(bad),
+            vec![HeadCheck::Ok, HeadCheck::Refused("chunk_size")]
+        );
         let bad_end = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\naXY";
-        assert_eq!(all_splits(bad_end), vec![HeadCheck::Ok, HeadCheck::Refused("chunk_framing")]);
+        assert_eq!(
+            all_splits(bad_end),
+            vec![HeadCheck::Ok, HeadCheck::Refused("chunk_framing")]
+        );
     }
 }

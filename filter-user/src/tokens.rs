@@ -365,9 +365,10 @@ fn family(ver: Option<&str>, appctx_version: Option<&str>) -> Result<Family, Tok
     }
 }
 
-/// Certificates, keys and tokens minted by the tests themselves.
-#[cfg(test)]
-pub(crate) mod testkit {
+/// Certificates, keys and tokens minted by the tests themselves (unit tests here, and the
+/// lab tests through the `testkit` feature).
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit {
     use super::*;
     use jsonwebtoken::{EncodingKey, Header};
     use serde_json::{json, Value};
@@ -418,9 +419,19 @@ pub(crate) mod testkit {
     /// Synthetic callback token claims after the reported shape (the real claims are
     /// undocumented; see exchange-ews.md §1.6).
     pub fn callback_claims() -> Value {
-        let appctx = json!({"version": CALLBACK_VERSION, "amurl": AMURL, "scope": "ParentItemId:AAMkAD-item-1="});
+        callback_claims_at(NOW)
+    }
+
+    /// Callback claims valid around `now`, naming `item`.
+    pub fn callback_claims_at(now: u64) -> Value {
+        callback_claims_for(now, "AAMkAD-item-1=")
+    }
+
+    pub fn callback_claims_for(now: u64, item: &str) -> Value {
+        let scope = format!("ParentItemId:{item}");
+        let appctx = json!({"version": CALLBACK_VERSION, "amurl": AMURL, "scope": scope});
         json!({
-            "aud": AUD, "iss": ISS, "nbf": (NOW - 10).to_string(), "exp": (NOW + 290).to_string(),
+            "aud": AUD, "iss": ISS, "nbf": (now - 10).to_string(), "exp": (now + 290).to_string(),
             "ver": CALLBACK_VERSION, "nameid": "alice@example.org",
             "appctx": appctx.to_string(),
         })

@@ -143,10 +143,7 @@ impl Config {
             path: path.to_path_buf(),
             xdp: raw.xdp.validate(&here)?,
             protect: validate_protect(&here, raw.protect)?,
-            proxy: raw
-                .proxy
-                .map(|p| p.validate(&here, base))
-                .transpose()?,
+            proxy: raw.proxy.map(|p| p.validate(&here, base)).transpose()?,
             tokens: raw.tokens.unwrap_or_default().validate(&here, base)?,
             feedback: raw.feedback.unwrap_or_default().validate(&here)?,
             rules: request::validate_rules(&here, raw.rule, &names)?,

@@ -287,7 +287,11 @@ impl RawProxy {
             }
         };
         let offset = self.utc_offset_minutes.as_ref().map_or(0, |o| *o.get_ref());
-        if let Some(o) = self.utc_offset_minutes.as_ref().filter(|_| offset.abs() > 14 * 60) {
+        if let Some(o) = self
+            .utc_offset_minutes
+            .as_ref()
+            .filter(|_| offset.abs() > 14 * 60)
+        {
             return Err(here.at(o, "utc_offset_minutes out of range"));
         }
         Ok(ProxySettings {
@@ -325,11 +329,15 @@ fn parse_upstream(text: &Spanned<String>, name: Option<String>) -> Result<Upstre
     } else if let Some(r) = t.strip_prefix("http://") {
         (false, r)
     } else {
-        return Err(format!("'{t}': upstream is http://HOST[:PORT] or https://HOST[:PORT]"));
+        return Err(format!(
+            "'{t}': upstream is http://HOST[:PORT] or https://HOST[:PORT]"
+        ));
     };
     let rest = rest.trim_end_matches('/');
     if rest.is_empty() || rest.contains('/') || rest.contains('@') {
-        return Err(format!("'{t}': upstream names a host and port only, no path"));
+        return Err(format!(
+            "'{t}': upstream names a host and port only, no path"
+        ));
     }
     let has_port = match rest.rfind(']') {
         Some(end) => rest[end..].contains(':'),
@@ -359,22 +367,39 @@ impl RawLimits {
             ("header_count", self.header_count as u64, 1, 1000),
             ("header_bytes", self.header_bytes as u64, 8192, 1 << 20),
             ("body_bytes", self.body_bytes, 1, 1 << 40),
-            ("handshake_timeout_ms", self.handshake_timeout_ms, 1, 600_000),
+            (
+                "handshake_timeout_ms",
+                self.handshake_timeout_ms,
+                1,
+                600_000,
+            ),
             ("head_timeout_ms", self.head_timeout_ms, 1, 600_000),
             ("idle_timeout_ms", self.idle_timeout_ms, 1, 3_600_000),
             ("body_grace_ms", self.body_grace_ms, 1, 600_000),
-            ("connections_per_source", self.connections_per_source as u64, 1, 1 << 20),
+            (
+                "connections_per_source",
+                self.connections_per_source as u64,
+                1,
+                1 << 20,
+            ),
         ];
         for (name, value, min, max) in checks {
             if !(min..=max).contains(&value) {
-                return Err(here.error(0, format!("[proxy.limits] {name} = {value}: must be {min}..={max}")));
+                return Err(here.error(
+                    0,
+                    format!("[proxy.limits] {name} = {value}: must be {min}..={max}"),
+                ));
             }
         }
         let mut body_limits = Vec::new();
         for b in self.body {
             let path = paths::normalise(b.path.get_ref().trim_end_matches('*'))
                 .map_err(|e| here.at(&b.path, e.to_string()))?;
-            let star = if b.path.get_ref().ends_with('*') { "*" } else { "" };
+            let star = if b.path.get_ref().ends_with('*') {
+                "*"
+            } else {
+                ""
+            };
             body_limits.push(BodyLimit {
                 path: format!("{path}{star}"),
                 bytes: b.bytes,
@@ -411,7 +436,11 @@ pub(crate) struct RawTokens {
 }
 
 impl RawTokens {
-    pub(crate) fn validate(self, here: &Locator, base: &Path) -> Result<TokenSettings, ConfigError> {
+    pub(crate) fn validate(
+        self,
+        here: &Locator,
+        base: &Path,
+    ) -> Result<TokenSettings, ConfigError> {
         let mut certificates = Vec::new();
         for c in &self.certificates {
             certificates.push(existing(here, base, c)?);
@@ -526,14 +555,18 @@ impl RawRule {
             .iter()
             .map(|t| match t.get_ref().as_str() {
                 "callback" => Ok(TokenKind::Callback),
-                other => Err(here.at(t, format!("unknown token family '{other}': expected callback"))),
+                other => Err(here.at(
+                    t,
+                    format!("unknown token family '{other}': expected callback"),
+                )),
             })
             .collect::<Result<_, _>>()?;
         let mut paths = Vec::new();
         for p in &self.paths {
             let text = p.get_ref();
             let star = if text.ends_with('*') { "*" } else { "" };
-            let norm = paths::normalise(text.trim_end_matches('*')).map_err(|e| here.at(p, e.to_string()))?;
+            let norm = paths::normalise(text.trim_end_matches('*'))
+                .map_err(|e| here.at(p, e.to_string()))?;
             paths.push(format!("{norm}{star}"));
         }
         let hours = self
@@ -548,7 +581,12 @@ impl RawRule {
         let action = match self.action.get_ref().as_str() {
             "allow" => Action::Allow,
             "deny" => Action::Deny,
-            other => return Err(here.at(&self.action, format!("action '{other}': expected allow or deny"))),
+            other => {
+                return Err(here.at(
+                    &self.action,
+                    format!("action '{other}': expected allow or deny"),
+                ))
+            }
         };
         Ok(Rule {
             name: self.name.into_inner(),

@@ -102,7 +102,10 @@ where
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    let total = self.stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed)
+                    let total = self
+                        .stats
+                        .bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed)
                         + data.len() as u64;
                     if total > self.cap {
                         return self.cut(Cut::TooLarge, "request body over its cap");
@@ -144,7 +147,13 @@ pub struct AuditedBody<B> {
 }
 
 impl<B> AuditedBody<B> {
-    pub fn new(inner: B, record: Record, audit: Audit, started: std::time::Instant, bytes_in: Arc<BodyStats>) -> Self {
+    pub fn new(
+        inner: B,
+        record: Record,
+        audit: Audit,
+        started: std::time::Instant,
+        bytes_in: Arc<BodyStats>,
+    ) -> Self {
         AuditedBody {
             inner,
             record: Some(record),

@@ -287,12 +287,12 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, slot:
     let policy = shared.policy.load_full();
     let limits = &policy.settings.limits;
     let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(limits.handshake_timeout, shared.acceptor.accept(tcp)).await
-    {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(_)) => return shared.refuse_connection(peer, "tls_handshake_failed"),
-        Err(_) => return shared.refuse_connection(peer, "tls_handshake_timeout"),
-    };
+    let tls =
+        match tokio::time::timeout(limits.handshake_timeout, shared.acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(_)) => return shared.refuse_connection(peer, "tls_handshake_failed"),
+            Err(_) => return shared.refuse_connection(peer, "tls_handshake_timeout"),
+        };
     let client_cert = tls
         .get_ref()
         .1

@@ -3,7 +3,9 @@
 use std::{convert::Infallible, sync::Arc, time::Instant};
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{
+    header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 
@@ -125,7 +127,10 @@ fn local_response(status: StatusCode, text: String) -> Response<RespBody> {
     let mut resp = Response::new(Full::new(Bytes::from(text)).map_err(|e| match e {}).boxed());
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     // A refused request's body may be unread: the connection cannot be trusted to continue.
     h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp
@@ -165,7 +170,10 @@ fn judge(
         return Err(refusal(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"));
     }
     let ews = req.method() == Method::POST && path == paths::EWS;
-    let rule = if !ews && !paths::under_ews(&path) && policy.settings.other_paths == OtherPaths::Pass {
+    let rule = if !ews
+        && !paths::under_ews(&path)
+        && policy.settings.other_paths == OtherPaths::Pass
+    {
         Some("(other_paths = pass)".to_string())
     } else {
         let subject = Subject {
@@ -190,7 +198,11 @@ fn judge(
         }
         decision.rule
     };
-    let target = if ews { paths::EWS_CANONICAL } else { path.as_str() };
+    let target = if ews {
+        paths::EWS_CANONICAL
+    } else {
+        path.as_str()
+    };
     let uri = match req.uri().query() {
         Some(q) => format!("{target}?{q}"),
         None => target.to_string(),
@@ -301,7 +313,13 @@ async fn forward(
     parts.uri = plan.uri;
     parts.version = Version::HTTP_11;
     let stats = Arc::new(BodyStats::default());
-    let body = GuardedBody::new(body, plan.body_cap, limits.body_min_rate, limits.body_grace, stats.clone());
+    let body = GuardedBody::new(
+        body,
+        plan.body_cap,
+        limits.body_min_rate,
+        limits.body_grace,
+        stats.clone(),
+    );
     rec.rule = plan.rule;
     let mut upstream = conn.upstream.lock().await;
     if upstream.as_ref().is_none_or(|s| s.is_closed()) {
@@ -309,12 +327,28 @@ async fn forward(
             Ok(s) => *upstream = Some(s),
             Err(e) => {
                 tracing::warn!(error = %e, "upstream");
-                return conn.refuse(rec, Refusal { status: StatusCode::BAD_GATEWAY, reason: "upstream_unreachable".into(), fail: false }, started);
+                return conn.refuse(
+                    rec,
+                    Refusal {
+                        status: StatusCode::BAD_GATEWAY,
+                        reason: "upstream_unreachable".into(),
+                        fail: false,
+                    },
+                    started,
+                );
             }
         }
     }
     let Some(sender) = upstream.as_mut() else {
-        return conn.refuse(rec, Refusal { status: StatusCode::BAD_GATEWAY, reason: "upstream_unreachable".into(), fail: false }, started);
+        return conn.refuse(
+            rec,
+            Refusal {
+                status: StatusCode::BAD_GATEWAY,
+                reason: "upstream_unreachable".into(),
+                fail: false,
+            },
+            started,
+        );
     };
     let sent = async {
         sender.ready().await?;
@@ -329,8 +363,16 @@ async fn forward(
             let r = match (stats.cut(), failed.is_err()) {
                 (Cut::TooLarge, _) => refusal(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
                 (Cut::TooSlow, _) => refusal(StatusCode::REQUEST_TIMEOUT, "body_too_slow"),
-                (Cut::None, true) => Refusal { status: StatusCode::GATEWAY_TIMEOUT, reason: "upstream_timeout".into(), fail: false },
-                (Cut::None, false) => Refusal { status: StatusCode::BAD_GATEWAY, reason: "upstream_error".into(), fail: false },
+                (Cut::None, true) => Refusal {
+                    status: StatusCode::GATEWAY_TIMEOUT,
+                    reason: "upstream_timeout".into(),
+                    fail: false,
+                },
+                (Cut::None, false) => Refusal {
+                    status: StatusCode::BAD_GATEWAY,
+                    reason: "upstream_error".into(),
+                    fail: false,
+                },
             };
             return conn.refuse(rec, r, started);
         }
@@ -371,7 +413,13 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
         }
     }
     for name in [
-        "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
     ] {
         h.remove(name);
     }
