@@ -9,17 +9,18 @@ use std::{
     path::Path,
     sync::{
         atomic::{AtomicU64, Ordering},
-        mpsc::{sync_channel, Receiver, SyncSender, TrySendError},
-        Arc,
+        Arc, Mutex,
     },
     thread,
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use serde::Serialize;
 
-/// Lines queued before the writer falls behind and lines are counted as lost.
-const QUEUE: usize = 65_536;
+/// Bytes buffered before lines are counted as lost (the writer is far behind).
+const MAX_BUFFERED: usize = 64 << 20;
+/// How often the writer thread empties the buffer. Lines reach the file within this.
+const FLUSH_EVERY: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Record {
@@ -46,10 +47,33 @@ pub struct Record {
     pub connection: u64,
 }
 
+/// Request threads append serialized lines to a buffer; one writer thread empties it on a
+/// timer. A line costs a serialization and an uncontended lock, never a wake-up or a write.
 #[derive(Clone)]
 pub struct Audit {
-    tx: SyncSender<Record>,
-    lost: Arc<AtomicU64>,
+    shared: Arc<Buffer>,
+}
+
+struct Buffer {
+    lines: Mutex<Vec<u8>>,
+    lost: AtomicU64,
+    out: Mutex<BufWriter<Box<dyn Write + Send>>>,
+}
+
+impl Buffer {
+    /// Writes out what is buffered.
+    fn flush(&self) {
+        let pending = match self.lines.lock() {
+            Ok(mut l) => std::mem::take(&mut *l),
+            Err(_) => return,
+        };
+        if let Ok(mut out) = self.out.lock() {
+            let result = out.write_all(&pending).and_then(|()| out.flush());
+            if let Err(e) = result {
+                tracing::error!(error = %e, "writing the audit log");
+            }
+        }
+    }
 }
 
 impl Audit {
@@ -64,46 +88,55 @@ impl Audit {
             }
             None => Box::new(io::stdout()),
         };
-        let (tx, rx) = sync_channel(QUEUE);
+        let shared = Arc::new(Buffer {
+            lines: Mutex::new(Vec::new()),
+            lost: AtomicU64::new(0),
+            out: Mutex::new(BufWriter::new(out)),
+        });
+        let writer = Arc::downgrade(&shared);
         thread::Builder::new()
             .name("ewsgate-audit".into())
-            .spawn(move || write_lines(rx, BufWriter::new(out)))?;
-        Ok(Audit {
-            tx,
-            lost: Arc::new(AtomicU64::new(0)),
-        })
+            .spawn(move || loop {
+                thread::sleep(FLUSH_EVERY);
+                match writer.upgrade() {
+                    Some(b) => b.flush(),
+                    None => return,
+                }
+            })?;
+        Ok(Audit { shared })
     }
 
     pub fn log(&self, mut record: Record) {
         record.time = rfc3339_now();
-        match self.tx.try_send(record) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                if self.lost.fetch_add(1, Ordering::Relaxed).is_multiple_of(10_000) {
-                    tracing::error!("audit writer behind: lines lost");
-                }
+        let Ok(mut line) = serde_json::to_vec(&record) else {
+            return;
+        };
+        line.push(b'\n');
+        let kept = match self.shared.lines.lock() {
+            Ok(mut buf) if buf.len() + line.len() <= MAX_BUFFERED => {
+                buf.extend_from_slice(&line);
+                true
             }
+            _ => false,
+        };
+        if !kept
+            && self
+                .shared
+                .lost
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(10_000)
+        {
+            tracing::error!("audit writer behind: lines lost");
         }
+    }
+
+    /// Writes out buffered lines now (at shutdown).
+    pub fn flush(&self) {
+        self.shared.flush();
     }
 
     pub fn lost(&self) -> u64 {
-        self.lost.load(Ordering::Relaxed)
-    }
-}
-
-fn write_lines(rx: Receiver<Record>, mut out: BufWriter<Box<dyn Write + Send>>) {
-    while let Ok(first) = rx.recv() {
-        let mut next = Some(first);
-        while let Some(r) = next {
-            if serde_json::to_writer(&mut out, &r).is_ok() {
-                let _ = out.write_all(b"\n");
-            }
-            next = rx.try_recv().ok();
-        }
-        // Flushed whenever the queue runs dry: lines reach the file within one batch.
-        if let Err(e) = out.flush() {
-            tracing::error!(error = %e, "writing the audit log");
-        }
+        self.shared.lost.load(Ordering::Relaxed)
     }
 }
 

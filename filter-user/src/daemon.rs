@@ -64,6 +64,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let socket = config.xdp.control_socket.clone();
     refuse_second_daemon(&socket)?;
     let gate = Gate::open(&config).context("setting up XDP")?;
+    raise_fd_limit();
     let rt = runtime(&config)?;
     let (tx, rx) = mpsc::channel::<Command>();
     let proxy = match &config.proxy {
@@ -91,7 +92,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         notes,
         notes_path,
         last_reload: "at start: ok".into(),
-        proxy,
+        proxy: proxy.clone(),
     };
     let (done_tx, done_rx) = oneshot::channel::<()>();
     thread::Builder::new()
@@ -107,7 +108,28 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         .context("starting the worker thread")?;
     let result = rt.block_on(serve(listener, tx, config_path.to_path_buf(), done_rx));
     let _ = fs::remove_file(&socket);
+    if let Some(p) = &proxy {
+        p.flush_audit();
+    }
     result
+}
+
+/// Each client connection holds two descriptors (client and Exchange): lift the soft limit
+/// to the hard one, as nginx and HAProxy do.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                warn!("could not raise the open-file limit");
+            }
+        }
+    }
 }
 
 /// One thread per CPU for the proxy (or `[proxy] threads`); one is enough without it.
@@ -117,11 +139,17 @@ fn runtime(config: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
         Some(p) if p.threads > 0 => p.threads,
         Some(_) => thread::available_parallelism().map_or(1, |n| n.get()),
     };
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .thread_name("ewsgate-io")
-        .enable_all()
-        .build()?)
+    // One thread: everything runs on the thread that drives the runtime, with no
+    // cross-thread wake-ups.
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    Ok(builder.thread_name("ewsgate-io").enable_all().build()?)
 }
 
 fn refuse_second_daemon(socket: &Path) -> anyhow::Result<()> {

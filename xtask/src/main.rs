@@ -24,6 +24,10 @@ const APT_PACKAGES: &[&str] = &[
     "xdp-tools",
     "nftables",
     "bpftool",
+    // Peers and load generator of `cargo xtask bench proxy`.
+    "haproxy",
+    "nginx-light",
+    "wrk",
 ];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 
@@ -49,7 +53,8 @@ enum Cmd {
     Demo,
     /// Benchmarks against the peers, written to target/bench/*.json.
     Bench {
-        #[arg(default_value = "xdp")]
+        /// xdp, proxy, or all.
+        #[arg(default_value = "all")]
         suite: String,
     },
 }

@@ -125,6 +125,10 @@ impl ProxyHandle {
         self.shared.policy.store(Arc::new(policy));
     }
 
+    pub fn flush_audit(&self) {
+        self.shared.audit.flush();
+    }
+
     pub fn audit_lost(&self) -> u64 {
         self.shared.audit.lost()
     }
@@ -322,6 +326,8 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, slot:
         .max_headers(limits.header_count)
         .max_buf_size(limits.header_bytes.max(8192))
         .keep_alive(true)
+        // One buffer per write: one TLS record for a response head and a small body.
+        .writev(false)
         .serve_connection(TokioIo::new(io), service)
         .await;
     if let Err(e) = result {
