@@ -18,6 +18,31 @@ cidrs = ["198.51.100.128/25", "2001:db8:200::/64"]
 cidrs = ["203.0.113.77/32"]
 "#;
 
+/// The `[xdp]` and `[[protect]]` part of a lab config: the gate's three client-facing
+/// interfaces, tcp/443 on both gate addresses.
+pub fn lab_xdp_config(pin_dir: &std::path::Path, socket: &std::path::Path, mode: &str) -> String {
+    format!(
+        r#"
+[xdp]
+interfaces = ["g-office", "g-sf", "g-inet"]
+mode = "{mode}"
+pin_dir = "{}"
+control_socket = "{}"
+
+[[protect]]
+address = "{}"
+ports = ["tcp/443"]
+[[protect]]
+address = "{}"
+ports = ["tcp/443"]
+"#,
+        pin_dir.display(),
+        socket.display(),
+        lab::GATE_V4,
+        lab::GATE_V6,
+    )
+}
+
 /// Writes a config file for a test into a fresh directory and returns its path.
 pub fn write_config(dir_tag: &str, text: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ewsgate-test-{dir_tag}"));

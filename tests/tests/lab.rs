@@ -38,24 +38,7 @@ fn config_text(pin_dir: &Path, socket: &Path, sources: &str) -> String {
 }
 
 fn config_text_mode(pin_dir: &Path, socket: &Path, sources: &str, mode: &str) -> String {
-    format!(
-        r#"
-[xdp]
-interfaces = ["g-office", "g-sf", "g-inet"]
-mode = "{mode}"
-pin_dir = "{}"
-control_socket = "{}"
-
-[[protect]]
-address = "{GATE_V4}"
-ports = ["tcp/443"]
-[[protect]]
-address = "{GATE_V6}"
-ports = ["tcp/443"]
-{sources}"#,
-        pin_dir.display(),
-        socket.display()
-    )
+    format!("{}{sources}", tests::lab_xdp_config(pin_dir, socket, mode))
 }
 
 const SOURCES: &str = r#"

@@ -46,19 +46,7 @@ fn setup(failures: u32) -> Setup {
     let socket = dir.join("ctl.sock");
     let config = dir.join("ewsgate.toml");
     let text = format!(
-        r#"
-[xdp]
-interfaces = ["g-office", "g-sf", "g-inet"]
-mode = "native"
-pin_dir = "{pins}"
-control_socket = "{socket}"
-
-[[protect]]
-address = "{GATE_V4}"
-ports = ["tcp/443"]
-[[protect]]
-address = "{GATE_V6}"
-ports = ["tcp/443"]
+        r#"{xdp}
 {TEST_GROUPS}
 [proxy]
 listen = ["{GATE_V4}:443", "[{GATE_V6}]:443"]
@@ -118,8 +106,7 @@ auth = ["client-cert"]
 users = ["phone-*"]
 action = "allow"
 "#,
-        pins = fs.dir.join("ewsgate").display(),
-        socket = socket.display(),
+        xdp = tests::lab_xdp_config(&fs.dir.join("ewsgate"), &socket, "native"),
         aud = testkit::AUD,
         iss = testkit::ISS,
         amurl = testkit::AMURL,

@@ -39,6 +39,15 @@ struct Refusal {
     fail: bool,
 }
 
+/// A refusal that does not count against the source (Exchange unreachable, say).
+fn not_the_clients_fault(status: StatusCode, reason: &str) -> Refusal {
+    Refusal {
+        status,
+        reason: reason.into(),
+        fail: false,
+    }
+}
+
 fn refusal(status: StatusCode, reason: impl Into<String>) -> Refusal {
     Refusal {
         status,
@@ -323,32 +332,17 @@ async fn forward(
     rec.rule = plan.rule;
     let mut upstream = conn.upstream.lock().await;
     if upstream.as_ref().is_none_or(|s| s.is_closed()) {
-        match conn.shared.upstream.connect(conn.id).await {
-            Ok(s) => *upstream = Some(s),
+        *upstream = match conn.shared.upstream.connect(conn.id).await {
+            Ok(s) => Some(s),
             Err(e) => {
                 tracing::warn!(error = %e, "upstream");
-                return conn.refuse(
-                    rec,
-                    Refusal {
-                        status: StatusCode::BAD_GATEWAY,
-                        reason: "upstream_unreachable".into(),
-                        fail: false,
-                    },
-                    started,
-                );
+                None
             }
-        }
+        };
     }
     let Some(sender) = upstream.as_mut() else {
-        return conn.refuse(
-            rec,
-            Refusal {
-                status: StatusCode::BAD_GATEWAY,
-                reason: "upstream_unreachable".into(),
-                fail: false,
-            },
-            started,
-        );
+        let r = not_the_clients_fault(StatusCode::BAD_GATEWAY, "upstream_unreachable");
+        return conn.refuse(rec, r, started);
     };
     let sent = async {
         sender.ready().await?;
@@ -363,16 +357,12 @@ async fn forward(
             let r = match (stats.cut(), failed.is_err()) {
                 (Cut::TooLarge, _) => refusal(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
                 (Cut::TooSlow, _) => refusal(StatusCode::REQUEST_TIMEOUT, "body_too_slow"),
-                (Cut::None, true) => Refusal {
-                    status: StatusCode::GATEWAY_TIMEOUT,
-                    reason: "upstream_timeout".into(),
-                    fail: false,
-                },
-                (Cut::None, false) => Refusal {
-                    status: StatusCode::BAD_GATEWAY,
-                    reason: "upstream_error".into(),
-                    fail: false,
-                },
+                (Cut::None, true) => {
+                    not_the_clients_fault(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
+                }
+                (Cut::None, false) => {
+                    not_the_clients_fault(StatusCode::BAD_GATEWAY, "upstream_error")
+                }
             };
             return conn.refuse(rec, r, started);
         }
