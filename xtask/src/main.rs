@@ -1,4 +1,4 @@
-//! Developer commands: `cargo xtask setup | build | test | demo | bench [xdp]`.
+//! Developer commands: `cargo xtask setup | build | test | demo | bench [xdp|proxy|all]`.
 //!
 //! This crate depends on nothing that needs the eBPF toolchain, so `cargo xtask setup` builds
 //! on a machine that has only Rust, gcc and apt.
