@@ -70,11 +70,6 @@ impl Tracker {
         }
     }
 
-    /// True between requests (nothing of the next head seen yet).
-    pub fn idle(&self) -> bool {
-        self.state == State::Head && self.line.is_empty()
-    }
-
     pub fn feed(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             bytes = match self.state {
