@@ -134,10 +134,6 @@ impl Audit {
     pub fn flush(&self) {
         self.shared.flush();
     }
-
-    pub fn lost(&self) -> u64 {
-        self.shared.lost.load(Ordering::Relaxed)
-    }
 }
 
 /// UTC time with milliseconds, e.g. 2026-11-23T12:00:00.123Z.

@@ -9,8 +9,11 @@
 //! takes the check for each request hyper hands it, in order; any refusal closes the
 //! connection, so the two parsers never have to agree past a bad request.
 //!
-//! The wrapper also enforces the idle timeout: no byte either way for that long closes the
-//! connection.
+//! The wrapper also owns the connection's two clocks, because it knows where a head begins:
+//! the head timeout runs from the first byte of a request head until its end (a slow head
+//! is refused as `head_timeout`), and the idle timeout covers the rest: no byte either way
+//! for that long closes the connection. hyper's own header timer would run while a
+//! keep-alive connection waits for its next request, closing idle connections early.
 
 use std::{
     collections::VecDeque,
@@ -109,6 +112,11 @@ impl Tracker {
                 State::ChunkSize | State::Trailer => self.line_state(bytes),
             };
         }
+    }
+
+    /// True once part of a request head has arrived and its end has not.
+    fn in_head(&self) -> bool {
+        self.state == State::Head && !self.line.is_empty()
     }
 
     fn refuse(&mut self, reason: &'static str) {
@@ -241,21 +249,43 @@ pub struct Framing<IO> {
     io: IO,
     tracker: Tracker,
     idle: Duration,
+    head_timeout: Duration,
+    /// When the head being read began; `None` between heads.
+    head_started: Option<Instant>,
     timer: Pin<Box<Sleep>>,
 }
 
 impl<IO> Framing<IO> {
-    pub fn new(io: IO, tracker: Tracker, idle: Duration) -> Framing<IO> {
+    pub fn new(io: IO, tracker: Tracker, idle: Duration, head_timeout: Duration) -> Framing<IO> {
         Framing {
             io,
             tracker,
             idle,
+            head_timeout,
+            head_started: None,
             timer: Box::pin(sleep(idle)),
         }
     }
 
+    /// Bytes moved: re-arm the clock that applies now.
     fn touch(&mut self) {
-        self.timer.as_mut().reset(Instant::now() + self.idle);
+        let now = Instant::now();
+        let deadline = if self.tracker.in_head() {
+            let started = *self.head_started.get_or_insert(now);
+            started + self.head_timeout
+        } else {
+            self.head_started = None;
+            now + self.idle
+        };
+        self.timer.as_mut().reset(deadline);
+    }
+
+    fn timed_out(&mut self) -> io::Error {
+        if self.tracker.in_head() {
+            self.tracker.refuse("head_timeout");
+            return io::Error::new(io::ErrorKind::TimedOut, "head timeout");
+        }
+        io::Error::new(io::ErrorKind::TimedOut, "idle timeout")
     }
 }
 
@@ -277,10 +307,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Framing<IO> {
             }
             Poll::Pending => {
                 if self.timer.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "idle timeout",
-                    )));
+                    return Poll::Ready(Err(self.timed_out()));
                 }
                 Poll::Pending
             }

@@ -163,7 +163,7 @@ pub fn thumbprint(der: &[u8]) -> String {
 }
 
 /// What the deployment expects of Exchange tokens.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Expectations {
     /// Accepted `aud` values of callback tokens (the Exchange principal, exact).
     pub audiences: Vec<String>,

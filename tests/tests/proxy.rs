@@ -175,6 +175,8 @@ fn callback_tokens_from_salesforce_pass_and_every_bad_token_is_denied_with_its_r
                 ("Authorization", &auth),
                 ("X-Forwarded-For", "203.0.113.99"),
                 ("X-Original-URL", "/ecp/"),
+                ("Connection", "X-Hop-Secret"),
+                ("X-Hop-Secret", "1"),
             ],
             b"<soap/>",
         )
@@ -193,6 +195,10 @@ fn callback_tokens_from_salesforce_pass_and_every_bad_token_is_denied_with_its_r
     assert_eq!(seen[0].header("x-forwarded-for"), vec!["198.51.100.140"]);
     assert_eq!(seen[1].header("x-forwarded-for"), vec!["2001:db8:200::10"]);
     assert!(seen[0].header("x-original-url").is_empty());
+    assert!(
+        seen[0].header("x-hop-secret").is_empty(),
+        "a header named by Connection is hop-by-hop"
+    );
     assert_eq!(seen[0].header("x-forwarded-proto"), vec!["https"]);
     let line = wait_audit(&s.audit, |v| v["decision"] == "allow").expect("audit line");
     assert_eq!(line["rule"], "salesforce-callback");
@@ -410,6 +416,15 @@ fn smuggling_slow_clients_and_large_bodies() {
     let s = setup(0);
     let token = s.pki.token(|c| c);
     let auth = format!("Authorization: Bearer {token}\r\n");
+    let mut idle = s.https("sf");
+    assert_eq!(
+        idle.ews(&[("Authorization", &format!("Bearer {token}"))], b"<soap/>")
+            .unwrap()
+            .status,
+        200
+    );
+    let idle_since = Instant::now();
+    s.backend.clear();
     let cases = [
         (
             "content_length_with_transfer_encoding",
@@ -509,6 +524,10 @@ fn smuggling_slow_clients_and_large_bodies() {
     let reply = big.read_reply().unwrap();
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(s.backend.requests().last().unwrap().body_bytes, size as u64);
+    let line = wait_audit(&s.audit, |v| v["bytes_in"] == size as u64)
+        .expect("audit line with the body's size");
+    assert_eq!(line["upstream_status"], 200);
+    assert!(line["bytes_out"].as_u64().unwrap() > 0);
     let grew_kib = hwm(pid).saturating_sub(before);
     println!("50 MB upload: daemon peak RSS grew {grew_kib} KiB");
     assert!(
@@ -517,8 +536,16 @@ fn smuggling_slow_clients_and_large_bodies() {
     );
     // Other paths keep the 1 MiB default cap.
     let mut c = s.https("sf");
-    let r = c.request("POST", "/owa/", &[], &vec![b'y'; 2 << 20]);
-    assert_eq!(r.map(|r| r.status).unwrap_or(413), 413);
+    c.send(
+        format!(
+            "POST /owa/ HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            2 << 20
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let r = c.read_reply().unwrap();
+    assert_eq!(r.status, 413, "{}", r.body);
 
     // At most 16 connections per source: the 17th is closed before its handshake ends.
     let held: Vec<Https> = (0..16).map(|_| s.https("office")).collect();
@@ -529,6 +556,19 @@ fn smuggling_slow_clients_and_large_bodies() {
     );
     drop(held);
     assert!(wait_audit(&s.audit, |v| v["reason"] == "too_many_connections").is_some());
+
+    // The connection left idle at the start is closed at idle_timeout_ms (5 s), not before.
+    let left = Duration::from_secs(7).saturating_sub(idle_since.elapsed());
+    assert!(
+        idle.closed_within(left),
+        "idle connection still open after {:?}",
+        idle_since.elapsed()
+    );
+    assert!(
+        idle_since.elapsed() >= Duration::from_millis(4900),
+        "closed early at {:?}",
+        idle_since.elapsed()
+    );
 }
 
 #[test]

@@ -86,23 +86,12 @@ impl Limits {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TokenSettings {
     pub expect: Expectations,
     /// PEM files of pinned Exchange auth certificates (several at once for rotation).
     pub certificates: Vec<PathBuf>,
     pub cache_entries: usize,
-}
-
-impl PartialEq for TokenSettings {
-    fn eq(&self, other: &Self) -> bool {
-        self.certificates == other.certificates
-            && self.cache_entries == other.cache_entries
-            && self.expect.audiences == other.expect.audiences
-            && self.expect.issuers == other.expect.issuers
-            && self.expect.metadata_urls == other.expect.metadata_urls
-            && self.expect.leeway == other.expect.leeway
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -128,10 +128,6 @@ impl ProxyHandle {
     pub fn flush_audit(&self) {
         self.shared.audit.flush();
     }
-
-    pub fn audit_lost(&self) -> u64 {
-        self.shared.audit.lost()
-    }
 }
 
 fn feedback_settings(config: &Config) -> feedback::Settings {
@@ -305,7 +301,7 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, slot:
         .and_then(crate::tls::client_identity);
     let checks: Checks = Default::default();
     let tracker = Tracker::new(limits.header_bytes, limits.header_count, checks.clone());
-    let io = Framing::new(tls, tracker, limits.idle_timeout);
+    let io = Framing::new(tls, tracker, limits.idle_timeout, limits.head_timeout);
     let conn = Arc::new(Conn {
         id: shared.next_connection.fetch_add(1, Ordering::Relaxed),
         peer,
@@ -322,7 +318,8 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, slot:
     };
     let result = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.head_timeout)
+        // `Framing` times heads; hyper's timer would also run on idle keep-alive connections.
+        .header_read_timeout(None)
         .max_headers(limits.header_count)
         .max_buf_size(limits.header_bytes.max(8192))
         .keep_alive(true)

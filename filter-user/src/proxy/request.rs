@@ -20,7 +20,6 @@ use crate::{
     paths,
     policy::{self, LocalTime, Subject},
     strict::HeadCheck,
-    tokens::Family,
 };
 
 pub(crate) type RespBody = BoxBody<Bytes, BoxError>;
@@ -280,10 +279,8 @@ fn identify(
         Credential::Bearer { token } => {
             let verified = verify(policy, &token)?;
             who.token = Some(TokenKind::Callback);
-            rec.token_family = Some(match verified.family {
-                Family::Callback => "callback",
-                Family::Identity => "identity",
-            });
+            // `verify_for_ews` accepts callback tokens only.
+            rec.token_family = Some("callback");
             rec.token_item = verified.item;
             who.user = verified.user;
         }
