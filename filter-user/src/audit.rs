@@ -35,6 +35,14 @@ pub struct Record {
     pub method: String,
     pub path: String,
     pub operation: Option<String>,
+    /// The data types an EWS request touches, or "unresolved".
+    pub data: Option<String>,
+    /// The mailbox an EWS request acts on.
+    pub mailbox: Option<String>,
+    /// Item and attachment IDs the request names.
+    pub items: Option<usize>,
+    /// Response messages replaced by an access-denied error.
+    pub withheld: Option<usize>,
     pub rule: Option<String>,
     pub decision: &'static str,
     pub reason: String,

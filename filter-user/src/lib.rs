@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod auth;
 pub mod config;
+pub mod content;
 pub mod control;
 pub mod daemon;
 pub mod feedback;
@@ -12,6 +13,7 @@ pub mod maps;
 pub mod paths;
 pub mod policy;
 pub mod proxy;
+pub mod soap;
 pub mod strict;
 pub mod tables;
 pub mod tls;

@@ -8,7 +8,11 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use crate::config::{Action, AuthKind, Config, Rule, TokenKind};
+use crate::{
+    config::{Action, AuthKind, Config, OpMatch, Rule, Scope, TokenKind},
+    content::{Access, DataSet, OpInfo, Shape, Touch},
+    soap,
+};
 
 /// What a request is judged on.
 #[derive(Debug, Clone)]
@@ -24,6 +28,28 @@ pub struct Subject<'a> {
     /// with a challenge only, so a `users` condition is judged on the Type 3 leg instead.
     pub handshake: bool,
     pub when: LocalTime,
+    /// What the SOAP body showed; `None` before it is read, and for other paths.
+    pub content: Option<Content<'a>>,
+}
+
+/// An EWS request's content, as the rules judge it.
+#[derive(Debug, Clone)]
+pub struct Content<'a> {
+    pub request: &'a soap::Request,
+    pub info: Option<OpInfo>,
+    pub touch: Touch,
+    pub access: &'a Access,
+    /// The item a verified callback token names.
+    pub token_item: Option<&'a str>,
+    /// The items the request's attachments belong to, where ewsgate knows them.
+    pub roots: Vec<Option<&'a str>>,
+}
+
+/// What the response must be checked for before the client sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspect {
+    pub data: DataSet,
+    pub token_item: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,22 +83,138 @@ pub struct Decision {
     pub action: Action,
     /// The rule that matched; `None` is the default deny.
     pub rule: Option<String>,
+    /// Set when the response must be inspected under the rule's data types and scope.
+    pub inspect: Option<Inspect>,
 }
 
 pub fn decide(rules: &[Rule], s: &Subject) -> Decision {
-    match rules.iter().find(|r| matches(r, s)) {
-        Some(r) => Decision {
+    for r in rules {
+        if !head_matches(r, s) {
+            continue;
+        }
+        let provisional = match &s.content {
+            Some(c) => match content_matches(r, c) {
+                Fit::No => continue,
+                Fit::Yes => false,
+                Fit::Provisional => true,
+            },
+            None if r.judges_content() => continue,
+            None => false,
+        };
+        let inspect = (r.action == Action::Allow).then(|| inspection(r, s, provisional)).flatten();
+        return Decision {
             action: r.action,
             rule: Some(r.name.clone()),
-        },
-        None => Decision {
-            action: Action::Deny,
-            rule: None,
-        },
+            inspect,
+        };
+    }
+    Decision {
+        action: Action::Deny,
+        rule: None,
+        inspect: None,
     }
 }
 
-fn matches(r: &Rule, s: &Subject) -> bool {
+/// Before the body is read: could any rule allow this request? A deny rule that judges no
+/// content ends the search, as it would after the body.
+pub fn may_allow(rules: &[Rule], s: &Subject) -> bool {
+    for r in rules.iter().filter(|r| head_matches(r, s)) {
+        match r.action {
+            Action::Allow => return true,
+            Action::Deny if !r.judges_content() => return false,
+            Action::Deny => {}
+        }
+    }
+    false
+}
+
+/// Whether a rule matched for sure, or only once the response shows the data types.
+enum Fit {
+    No,
+    Yes,
+    Provisional,
+}
+
+fn content_matches(r: &Rule, c: &Content) -> Fit {
+    let op = c.request.operation.as_str();
+    let named = |class| {
+        r.operations.iter().any(|m| match m {
+            OpMatch::Name(n) => n == op,
+            OpMatch::Class(k) => Some(*k) == class,
+        })
+    };
+    let class = c.info.map(|i| i.class);
+    let op_ok = if r.operations.is_empty() {
+        class.is_some_and(|k| !k.restricted())
+    } else {
+        named(class)
+    };
+    if !op_ok
+        || (c.access.impersonation.is_some() && !r.impersonation)
+        || (c.access.delegate.is_some() && !r.delegate)
+        || (r.scope == Some(Scope::TokenItem) && !in_token_scope(c))
+    {
+        return Fit::No;
+    }
+    let Some(allowed) = r.data else {
+        return Fit::Yes;
+    };
+    let reveals = c.info.is_some_and(|i| i.shape == Shape::Items);
+    match (r.action, c.touch.unresolved) {
+        // A deny rule for a type matches whatever might be of that type.
+        (Action::Deny, true) => Fit::Yes,
+        (Action::Deny, false) if c.touch.data.intersects(allowed) => Fit::Yes,
+        (Action::Deny, false) => Fit::No,
+        (Action::Allow, true) if reveals => Fit::Provisional,
+        (Action::Allow, true) => Fit::No,
+        (Action::Allow, false) if c.touch.data.within(allowed) => Fit::Yes,
+        (Action::Allow, false) => Fit::No,
+    }
+}
+
+/// Only the token's item and that item's attachments; no folders, no other mailbox.
+fn in_token_scope(c: &Content) -> bool {
+    let Some(item) = c.token_item else {
+        return false;
+    };
+    c.request.folders.is_empty()
+        && c.access == &Access::default()
+        && c.request.items.iter().all(|i| i == item)
+        && c.roots.iter().all(|r| *r == Some(item))
+}
+
+fn inspection(r: &Rule, s: &Subject, provisional: bool) -> Option<Inspect> {
+    let c = s.content.as_ref()?;
+    let reveals = c.info.is_some_and(|i| i.shape == Shape::Items);
+    let scoped = r.scope == Some(Scope::TokenItem);
+    (reveals && (provisional || r.data.is_some() || scoped)).then(|| Inspect {
+        data: r.data.unwrap_or(DataSet::ALL),
+        token_item: c.token_item.filter(|_| scoped).map(str::to_string),
+    })
+}
+
+/// Why nothing allowed a request that no rule matched: the first thing ewsgate could not
+/// grant by default.
+pub fn default_deny_reason(c: &Content) -> String {
+    let op = &c.request.operation;
+    match c.info {
+        None => format!("unknown operation {op}: only a rule that names it allows it"),
+        Some(i) if i.class.restricted() => {
+            format!("{op} is allowed only by a rule that names it")
+        }
+        _ if c.access.impersonation.is_some() => {
+            "impersonation is allowed only by a rule with access = [\"impersonation\"]".into()
+        }
+        _ if c.access.delegate.is_some() => format!(
+            "access to mailbox {} is allowed only by a rule with access = [\"delegate\"]",
+            c.access.delegate.as_deref().unwrap_or("")
+        ),
+        _ if c.touch.unresolved => format!("{op}: data type unresolved"),
+        _ => format!("no rule allows {op} on {}", c.touch.data),
+    }
+}
+
+fn head_matches(r: &Rule, s: &Subject) -> bool {
     let any_or = |empty: bool, hit: bool| empty || hit;
     any_or(
         r.groups.is_empty(),
@@ -90,6 +232,9 @@ fn matches(r: &Rule, s: &Subject) -> bool {
 
 /// Any path other than the EWS SOAP endpoint must be named by the rule.
 fn paths_match(r: &Rule, s: &Subject) -> bool {
+    if r.judges_content() {
+        return s.ews;
+    }
     if r.paths.is_empty() {
         return s.ews;
     }
@@ -249,6 +394,7 @@ action = "deny"
                 weekday: 1,
                 minute: 600,
             },
+            content: None,
         }
     }
 
@@ -268,7 +414,8 @@ action = "deny"
             decide(&c.rules, &s),
             Decision {
                 action: Action::Deny,
-                rule: None
+                rule: None,
+                inspect: None,
             }
         );
         let basic = subject("offices", AuthKind::Basic, Some("Alice@Example.org"));

@@ -122,7 +122,14 @@ pub struct Seen {
     pub body_bytes: u64,
     /// The user the backend's NTLM emulation had authenticated on that connection.
     pub user: Option<String>,
+    /// The SOAP operation, when the body was SOAP.
+    pub operation: Option<String>,
+    /// The item and attachment IDs it named.
+    pub items: Vec<String>,
 }
+
+/// Bodies up to this are kept to be answered; larger ones are only counted.
+const KEEP_BODY: usize = 1 << 20;
 
 impl Seen {
     pub fn header(&self, name: &str) -> Vec<String> {
@@ -148,6 +155,7 @@ impl Backend {
             .build()?;
         let seen: Arc<Mutex<Vec<Seen>>> = Default::default();
         let record = seen.clone();
+        let mailbox = Arc::new(crate::mailbox::Mailbox::default());
         runtime.spawn(async move {
             let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
                 return;
@@ -157,9 +165,11 @@ impl Backend {
                 let id = ids.fetch_add(1, Ordering::Relaxed);
                 let record = record.clone();
                 let user: Arc<Mutex<Option<String>>> = Default::default();
+                let mailbox = mailbox.clone();
                 tokio::spawn(async move {
-                    let svc =
-                        service_fn(move |req| exchange(req, id, user.clone(), record.clone()));
+                    let svc = service_fn(move |req| {
+                        exchange(req, id, user.clone(), record.clone(), mailbox.clone())
+                    });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(tcp), svc)
                         .await;
@@ -191,12 +201,17 @@ async fn exchange(
     connection: u64,
     user: Arc<Mutex<Option<String>>>,
     record: Arc<Mutex<Vec<Seen>>>,
+    mailbox: Arc<crate::mailbox::Mailbox>,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let (parts, mut body) = req.into_parts();
     let mut body_bytes = 0u64;
+    let mut kept = Vec::new();
     while let Some(frame) = body.frame().await {
         if let Some(d) = frame?.data_ref() {
             body_bytes += d.len() as u64;
+            if kept.len() < KEEP_BODY {
+                kept.extend_from_slice(d);
+            }
         }
     }
     let credential = auth::classify(parts.headers.get("authorization").map(|v| v.as_bytes()));
@@ -231,6 +246,7 @@ async fn exchange(
             .or_default()
             .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
     }
+    let soap = ewsgate::soap::parse_request(&kept, true, Default::default()).ok();
     if let Ok(mut r) = record.lock() {
         r.push(Seen {
             connection,
@@ -239,10 +255,20 @@ async fn exchange(
             headers,
             body_bytes,
             user: current.clone(),
+            operation: soap.as_ref().map(|s| s.operation.clone()),
+            items: soap.map(|s| [s.items, s.attachments].concat()).unwrap_or_default(),
         });
     }
-    let text = format!("<ok connection=\"{connection}\" bytes=\"{body_bytes}\"/>");
+    let answer = (status == 200 && body_bytes as usize == kept.len())
+        .then(|| mailbox.answer(&kept))
+        .flatten();
+    let soap = answer.is_some();
+    let text = answer.unwrap_or_else(|| format!("<ok connection=\"{connection}\" bytes=\"{body_bytes}\"/>"));
     let mut resp = Response::new(Full::new(Bytes::from(text)));
+    if soap {
+        resp.headers_mut()
+            .insert("content-type", "text/xml; charset=utf-8".parse().unwrap());
+    }
     *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or_default();
     let h = resp.headers_mut();
     h.insert("x-backend-connection", connection.into());

@@ -3,6 +3,7 @@
 
 pub mod ews;
 pub mod lab;
+pub mod mailbox;
 pub mod packet;
 
 use std::{fs, path::PathBuf};

@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use tests::{
     ews::{audit_lines, now, wait_audit, Backend, Https, Pki},
     lab::{tag, BpfFs, Daemon, Lab, GATE_V4, GATE_V6, INTERNET, OFFICE, SALESFORCE},
+    mailbox::{requests, TOKEN_ITEM},
     TEST_GROUPS,
 };
 
@@ -140,9 +141,14 @@ impl Setup {
     fn bearer(&self, role: &str, token: &str) -> tests::ews::Reply {
         let auth = format!("Bearer {token}");
         self.https(role)
-            .ews(&[("Authorization", &auth)], b"<soap/>")
+            .ews(&[("Authorization", &auth)], soap().as_bytes())
             .expect("reply")
     }
+}
+
+/// A request every rule in this lab allows: the callback token's own item.
+fn soap() -> String {
+    requests::get_item(&[TOKEN_ITEM])
 }
 
 fn body_has(reply: &tests::ews::Reply, what: &str) -> bool {
@@ -178,13 +184,13 @@ fn callback_tokens_from_salesforce_pass_and_every_bad_token_is_denied_with_its_r
                 ("Connection", "X-Hop-Secret"),
                 ("X-Hop-Secret", "1"),
             ],
-            b"<soap/>",
+            soap().as_bytes(),
         )
         .unwrap();
     assert_eq!(reply.status, 200, "{}", reply.body);
     let mut v6 = Https::connect(s.lab.client("sf"), gate6(), &s.pki, None).unwrap();
     assert_eq!(
-        v6.ews(&[("Authorization", &auth)], b"<soap/>")
+        v6.ews(&[("Authorization", &auth)], soap().as_bytes())
             .unwrap()
             .status,
         200
@@ -270,7 +276,7 @@ fn callback_tokens_from_salesforce_pass_and_every_bad_token_is_denied_with_its_r
             "POST",
             "/ews/%45xchange.asmx.",
             &[("Authorization", &auth)],
-            b"<soap/>",
+            soap().as_bytes(),
         )
         .unwrap();
     assert_eq!(odd.status, 200, "{}", odd.body);
@@ -290,7 +296,7 @@ fn office_basic_ntlm_and_client_certificates_follow_their_rules() {
         .https("office")
         .ews(
             &[("Authorization", &basic("alice@example.org"))],
-            b"<soap/>",
+            soap().as_bytes(),
         )
         .unwrap();
     assert_eq!(ok.status, 200, "{}", ok.body);
@@ -298,7 +304,7 @@ fn office_basic_ntlm_and_client_certificates_follow_their_rules() {
         .https("office")
         .ews(
             &[("Authorization", &basic("mallory@evil.test"))],
-            b"<soap/>",
+            soap().as_bytes(),
         )
         .unwrap();
     assert_eq!(no.status, 403, "{}", no.body);
@@ -306,7 +312,7 @@ fn office_basic_ntlm_and_client_certificates_follow_their_rules() {
         .https("sf")
         .ews(
             &[("Authorization", &basic("alice@example.org"))],
-            b"<soap/>",
+            soap().as_bytes(),
         )
         .unwrap();
     assert_eq!(from_sf.status, 403, "Basic is allowed from offices only");
@@ -333,7 +339,7 @@ fn office_basic_ntlm_and_client_certificates_follow_their_rules() {
                 "Authorization",
                 &ntlm(ntlm_messages::authenticate("EXAMPLE", "alice")),
             )],
-            b"<soap/>",
+            soap().as_bytes(),
         )
         .unwrap();
     let b3 = b
@@ -342,13 +348,13 @@ fn office_basic_ntlm_and_client_certificates_follow_their_rules() {
                 "Authorization",
                 &ntlm(ntlm_messages::authenticate("EXAMPLE", "bob")),
             )],
-            b"<soap/>",
+            soap().as_bytes(),
         )
         .unwrap();
     assert_eq!((a3.status, b3.status), (200, 200));
     for _ in 0..3 {
-        let ra = a.ews(&[], b"<soap/>").unwrap();
-        let rb = b.ews(&[], b"<soap/>").unwrap();
+        let ra = a.ews(&[], soap().as_bytes()).unwrap();
+        let rb = b.ews(&[], soap().as_bytes()).unwrap();
         assert_eq!(ra.header("x-backend-user"), Some("EXAMPLE\\alice"));
         assert_eq!(rb.header("x-backend-user"), Some("EXAMPLE\\bob"));
         assert_ne!(
@@ -369,12 +375,12 @@ fn office_basic_ntlm_and_client_certificates_follow_their_rules() {
     // An office phone with a client certificate from the configured CA.
     let mut phone =
         Https::connect(s.lab.client("office"), gate4(), &s.pki, Some("phone-0042")).unwrap();
-    let r = phone.ews(&[], b"<soap/>").unwrap();
+    let r = phone.ews(&[], soap().as_bytes()).unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(wait_audit(&s.audit, |v| v["auth"] == "client-cert"
         && v["user"] == "phone-0042")
     .is_some());
-    let anonymous = s.https("office").ews(&[], b"<soap/>").unwrap();
+    let anonymous = s.https("office").ews(&[], soap().as_bytes()).unwrap();
     assert_eq!(anonymous.status, 403);
 
     // Internet hosts never reach the TLS listener: XDP drops their SYNs.
@@ -387,12 +393,12 @@ fn office_basic_ntlm_and_client_certificates_follow_their_rules() {
     // A new certificate is served after a reload; open connections carry on.
     let mut open =
         Https::connect(s.lab.client("office"), gate4(), &s.pki, Some("phone-0042")).unwrap();
-    assert_eq!(open.ews(&[], b"<soap/>").unwrap().status, 200);
+    assert_eq!(open.ews(&[], soap().as_bytes()).unwrap().status, 200);
     let before = open.server_cert();
     s.pki.server_cert("gate").unwrap();
     s.daemon.cli(&["reload"]).unwrap();
     assert_eq!(
-        open.ews(&[], b"<soap/>").unwrap().status,
+        open.ews(&[], soap().as_bytes()).unwrap().status,
         200,
         "open connection survives"
     );
@@ -418,7 +424,7 @@ fn smuggling_slow_clients_and_large_bodies() {
     let auth = format!("Authorization: Bearer {token}\r\n");
     let mut idle = s.https("sf");
     assert_eq!(
-        idle.ews(&[("Authorization", &format!("Bearer {token}"))], b"<soap/>")
+        idle.ews(&[("Authorization", &format!("Bearer {token}"))], soap().as_bytes())
             .unwrap()
             .status,
         200
@@ -509,22 +515,25 @@ fn smuggling_slow_clients_and_large_bodies() {
     let pid = s.daemon.child.id();
     let before = hwm(pid);
     let size = 50 << 20;
+    let (head, tail) = requests::create_attachment_head(TOKEN_ITEM);
+    let total = head.len() + size + tail.len();
     let mut big = s.https("sf");
     big.send(
         format!(
-            "POST /EWS/Exchange.asmx HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {size}\r\n\r\n"
+            "POST /EWS/Exchange.asmx HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {total}\r\n\r\n{head}"
         )
         .as_bytes(),
     )
     .unwrap();
-    let chunk = vec![b'x'; 64 * 1024];
+    let chunk = vec![b'Q'; 64 * 1024];
     for _ in 0..size / chunk.len() {
         big.send(&chunk).unwrap();
     }
+    big.send(tail.as_bytes()).unwrap();
     let reply = big.read_reply().unwrap();
     assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_eq!(s.backend.requests().last().unwrap().body_bytes, size as u64);
-    let line = wait_audit(&s.audit, |v| v["bytes_in"] == size as u64)
+    assert_eq!(s.backend.requests().last().unwrap().body_bytes, total as u64);
+    let line = wait_audit(&s.audit, |v| v["bytes_in"] == total as u64)
         .expect("audit line with the body's size");
     assert_eq!(line["upstream_status"], 200);
     assert!(line["bytes_out"].as_u64().unwrap() > 0);
@@ -581,7 +590,7 @@ fn a_source_that_keeps_failing_is_dropped_by_xdp() {
         let mut c = s.https("office");
         decided = Instant::now();
         let reply = c
-            .ews(&[("Authorization", &format!("Bearer {bad}"))], b"<soap/>")
+            .ews(&[("Authorization", &format!("Bearer {bad}"))], soap().as_bytes())
             .unwrap();
         assert_eq!(reply.status, 401);
     }

@@ -16,8 +16,8 @@ use filter_common::{MAX_GROUPS, MAX_PORTS, MAX_PROTECTED};
 
 mod request;
 pub use request::{
-    Action, AuthKind, BodyLimit, FeedbackSettings, Limits, OtherPaths, ProxySettings, Rule,
-    TokenKind, TokenSettings, Upstream,
+    Action, AuthKind, BodyLimit, ContentSettings, FeedbackSettings, Limits, OpMatch, OtherPaths,
+    ProxySettings, Rule, Scope, TokenKind, TokenSettings, Upstream,
 };
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ewsgate";
@@ -50,6 +50,7 @@ pub struct Config {
     pub proxy: Option<ProxySettings>,
     pub tokens: TokenSettings,
     pub feedback: FeedbackSettings,
+    pub content: ContentSettings,
     /// Ordered, first match wins, default deny.
     pub rules: Vec<Rule>,
 }
@@ -146,6 +147,7 @@ impl Config {
             proxy: raw.proxy.map(|p| p.validate(&here, base)).transpose()?,
             tokens: raw.tokens.unwrap_or_default().validate(&here, base)?,
             feedback: raw.feedback.unwrap_or_default().validate(&here)?,
+            content: raw.content.unwrap_or_default().validate(&here)?,
             rules: request::validate_rules(&here, raw.rule, &names)?,
             groups,
         })
@@ -197,6 +199,7 @@ struct RawConfig {
     proxy: Option<request::RawProxy>,
     tokens: Option<request::RawTokens>,
     feedback: Option<request::RawFeedback>,
+    content: Option<request::RawContent>,
     #[serde(default)]
     rule: Vec<request::RawRule>,
 }

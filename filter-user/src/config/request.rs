@@ -12,7 +12,11 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{ConfigError, Locator};
-use crate::{paths, tokens::Expectations};
+use crate::{
+    content::{self, DataSet, Meetings, OpClass},
+    paths,
+    tokens::Expectations,
+};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProxySettings {
@@ -176,7 +180,104 @@ pub struct Rule {
     pub hours: Option<(u16, u16)>,
     /// Bit 0 = Monday.
     pub days: u8,
+    /// EWS operations by name or class; empty means every operation that is not
+    /// restricted (export, eDiscovery, delegates, inbox rules, apps).
+    pub operations: Vec<OpMatch>,
+    /// Data types the request may touch; `None` means any.
+    pub data: Option<DataSet>,
+    pub scope: Option<Scope>,
+    /// Acting on another mailbox: by `ExchangeImpersonation`, or as a delegate.
+    pub impersonation: bool,
+    pub delegate: bool,
     pub action: Action,
+}
+
+impl Rule {
+    /// Conditions only a SOAP request can meet.
+    pub fn judges_content(&self) -> bool {
+        !self.operations.is_empty()
+            || self.data.is_some()
+            || self.scope.is_some()
+            || self.impersonation
+            || self.delegate
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpMatch {
+    Name(String),
+    Class(OpClass),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Only the item an Exchange callback token names, and its attachments.
+    TokenItem,
+}
+
+/// `[content]`: how EWS SOAP is read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ContentSettings {
+    /// Requests are read whole up to this; past it, only bulk content may continue.
+    pub request_buffer: usize,
+    /// Responses that must be inspected are held whole up to this.
+    pub response_bytes: usize,
+    pub limits: crate::soap::Limits,
+    pub cache_entries: usize,
+    pub meetings: Meetings,
+}
+
+impl Default for ContentSettings {
+    fn default() -> Self {
+        ContentSettings {
+            request_buffer: 1 << 20,
+            response_bytes: 32 << 20,
+            limits: crate::soap::Limits::default(),
+            cache_entries: 100_000,
+            meetings: Meetings::default(),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawContent {
+    request_buffer_bytes: Option<Spanned<u64>>,
+    response_bytes: Option<Spanned<u64>>,
+    max_depth: Option<Spanned<u64>>,
+    max_elements: Option<Spanned<u64>>,
+    cache_entries: Option<Spanned<u64>>,
+    meeting_messages: Option<Spanned<String>>,
+}
+
+impl RawContent {
+    pub(crate) fn validate(self, here: &Locator) -> Result<ContentSettings, ConfigError> {
+        let d = ContentSettings::default();
+        let bounded = |v: &Option<Spanned<u64>>, default: usize, min: u64, max: u64, name: &str| {
+            match v {
+                None => Ok(default),
+                Some(x) if (min..=max).contains(x.get_ref()) => Ok(*x.get_ref() as usize),
+                Some(x) => Err(here.at(x, format!("{name} must be {min}..={max}"))),
+            }
+        };
+        let meetings = match self.meeting_messages.as_ref().map(|m| (m, m.get_ref().as_str())) {
+            None | Some((_, "calendar")) => Meetings(DataSet::CALENDAR),
+            Some((_, "email")) => Meetings(DataSet::EMAIL),
+            Some((m, other)) => {
+                return Err(here.at(m, format!("'{other}': meeting_messages is calendar or email")))
+            }
+        };
+        Ok(ContentSettings {
+            request_buffer: bounded(&self.request_buffer_bytes, d.request_buffer, 4096, 1 << 30, "request_buffer_bytes")?,
+            response_bytes: bounded(&self.response_bytes, d.response_bytes, 4096, 1 << 31, "response_bytes")?,
+            limits: crate::soap::Limits {
+                depth: bounded(&self.max_depth, d.limits.depth, 8, 256, "max_depth")?,
+                elements: bounded(&self.max_elements, d.limits.elements, 16, 10_000_000, "max_elements")?,
+            },
+            cache_entries: bounded(&self.cache_entries, d.cache_entries, 1, 100_000_000, "cache_entries")?,
+            meetings,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -503,6 +604,12 @@ pub(crate) struct RawRule {
     hours: Option<Spanned<String>>,
     #[serde(default)]
     days: Vec<Spanned<String>>,
+    #[serde(default)]
+    operations: Vec<Spanned<String>>,
+    data: Option<Vec<Spanned<String>>>,
+    scope: Option<Spanned<String>>,
+    #[serde(default)]
+    access: Vec<Spanned<String>>,
     action: Spanned<String>,
 }
 
@@ -567,6 +674,49 @@ impl RawRule {
         for d in &self.days {
             days |= parse_day(d.get_ref()).map_err(|m| here.at(d, m))?;
         }
+        let operations = self
+            .operations
+            .iter()
+            .map(|o| {
+                let name = o.get_ref();
+                if let Some(c) = OpClass::parse(name) {
+                    Ok(OpMatch::Class(c))
+                } else if content::is_operation(name) {
+                    Ok(OpMatch::Name(name.clone()))
+                } else {
+                    Err(here.at(o, format!("'{name}' is neither an EWS operation ewsgate knows nor a class (read, write, send, sync, export, ediscovery, delegates, inbox-rules, apps)")))
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        let data = match &self.data {
+            None => None,
+            Some(list) => {
+                let mut set = DataSet::NONE;
+                for d in list {
+                    set = set.union(DataSet::parse(d.get_ref()).ok_or_else(|| {
+                        here.at(d, format!("unknown data type '{}': expected email, calendar, contacts, tasks or notes", d.get_ref()))
+                    })?);
+                }
+                Some(set)
+            }
+        };
+        let scope = match self.scope.as_ref().map(|s| (s, s.get_ref().as_str())) {
+            None => None,
+            Some((_, "token-item")) => Some(Scope::TokenItem),
+            Some((s, other)) => {
+                return Err(here.at(s, format!("scope '{other}': expected token-item")))
+            }
+        };
+        let (mut impersonation, mut delegate) = (false, false);
+        for a in &self.access {
+            match a.get_ref().as_str() {
+                "impersonation" => impersonation = true,
+                "delegate" => delegate = true,
+                other => {
+                    return Err(here.at(a, format!("access '{other}': expected impersonation or delegate")))
+                }
+            }
+        }
         let action = match self.action.get_ref().as_str() {
             "allow" => Action::Allow,
             "deny" => Action::Deny,
@@ -587,6 +737,11 @@ impl RawRule {
             users: self.users.iter().map(|u| u.to_ascii_lowercase()).collect(),
             hours,
             days: if days == 0 { 0x7f } else { days },
+            operations,
+            data,
+            scope,
+            impersonation,
+            delegate,
             action,
         })
     }

@@ -28,6 +28,8 @@ pub enum Cut {
     None = 0,
     TooLarge = 1,
     TooSlow = 2,
+    /// What followed the classified part of a SOAP request was not bulk content.
+    BulkContent = 3,
 }
 
 /// Shared between the body in flight and the request handler.
@@ -38,10 +40,15 @@ pub struct BodyStats {
 }
 
 impl BodyStats {
+    pub fn mark(&self, why: Cut) {
+        self.cut.store(why as u8, Ordering::Relaxed);
+    }
+
     pub fn cut(&self) -> Cut {
         match self.cut.load(Ordering::Relaxed) {
             1 => Cut::TooLarge,
             2 => Cut::TooSlow,
+            3 => Cut::BulkContent,
             _ => Cut::None,
         }
     }

@@ -5,6 +5,7 @@
 //! daemon for the XDP block set.
 
 mod body;
+mod ews;
 mod request;
 mod upstream;
 
@@ -28,7 +29,8 @@ use tracing::{info, warn};
 
 use crate::{
     audit::{Audit, Record},
-    config::{Config, ProxySettings, Rule},
+    config::{Config, ContentSettings, ProxySettings, Rule},
+    content::IdCache,
     feedback::{self, Block, Failures},
     policy::SourceIndex,
     strict::{Checks, Framing, HeadCheck, Tracker},
@@ -47,6 +49,7 @@ pub struct Policy {
     /// `None` when no Exchange certificate is pinned: every bearer token is refused.
     pub tokens: Option<Mutex<TokenCache>>,
     pub settings: ProxySettings,
+    pub content: ContentSettings,
 }
 
 impl Policy {
@@ -74,6 +77,7 @@ impl Policy {
             sources: SourceIndex::new(config),
             tokens,
             settings,
+            content: config.content,
         })
     }
 }
@@ -91,6 +95,8 @@ struct Shared {
     blocks: BlockSink,
     per_source: Mutex<HashMap<IpAddr, usize>>,
     next_connection: AtomicU64,
+    /// What Exchange's responses showed of opaque IDs; kept across reloads.
+    ids: Mutex<IdCache>,
 }
 
 /// The running proxy, as the daemon sees it.
@@ -156,6 +162,7 @@ pub fn start(config: &Config, blocks: BlockSink) -> anyhow::Result<ProxyHandle> 
         blocks,
         per_source: Mutex::new(HashMap::new()),
         next_connection: AtomicU64::new(1),
+        ids: Mutex::new(IdCache::new(config.content.cache_entries)),
         policy: ArcSwap::from_pointee(policy),
     });
     for addr in &s.listen {

@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 
 use super::{
     body::{AuditedBody, BodyStats, BoxError, Cut, GuardedBody},
+    upstream::UpstreamBody,
     Conn, Policy,
 };
 use crate::{
@@ -19,6 +20,7 @@ use crate::{
     config::{Action, AuthKind, OtherPaths, TokenKind},
     paths,
     policy::{self, LocalTime, Subject},
+    soap,
     strict::HeadCheck,
 };
 
@@ -32,14 +34,14 @@ pub(crate) struct Session {
 }
 
 /// A refusal: the status sent, the reason audited, and whether it counts as a failure.
-struct Refusal {
-    status: StatusCode,
-    reason: String,
-    fail: bool,
+pub(super) struct Refusal {
+    pub(super) status: StatusCode,
+    pub(super) reason: String,
+    pub(super) fail: bool,
 }
 
 /// A refusal that does not count against the source (Exchange unreachable, say).
-fn not_the_clients_fault(status: StatusCode, reason: &str) -> Refusal {
+pub(super) fn not_the_clients_fault(status: StatusCode, reason: &str) -> Refusal {
     Refusal {
         status,
         reason: reason.into(),
@@ -47,7 +49,7 @@ fn not_the_clients_fault(status: StatusCode, reason: &str) -> Refusal {
     }
 }
 
-fn refusal(status: StatusCode, reason: impl Into<String>) -> Refusal {
+pub(super) fn refusal(status: StatusCode, reason: impl Into<String>) -> Refusal {
     Refusal {
         status,
         reason: reason.into(),
@@ -56,12 +58,15 @@ fn refusal(status: StatusCode, reason: impl Into<String>) -> Refusal {
 }
 
 /// What a request that passed becomes.
-struct Plan {
-    uri: Uri,
-    body_cap: u64,
+pub(super) struct Plan {
+    pub(super) uri: Uri,
+    pub(super) body_cap: u64,
     /// Set on the connection once Exchange accepts this handshake leg.
-    pending_session: Option<Session>,
-    rule: Option<String>,
+    pub(super) pending_session: Option<Session>,
+    pub(super) rule: Option<String>,
+    /// `POST /EWS/Exchange.asmx`: the SOAP body is judged before anything is forwarded.
+    pub(super) ews: bool,
+    pub(super) who: Identity,
 }
 
 pub(crate) async fn handle(
@@ -72,9 +77,40 @@ pub(crate) async fn handle(
     let policy = conn.shared.policy.load_full();
     let mut rec = conn.record(&req);
     Ok(match judge(&conn, &policy, &req, &mut rec) {
-        Ok(plan) => forward(&conn, &policy, req, rec, plan, started).await,
+        Ok(plan) if plan.ews => super::ews::exchange(&conn, &policy, req, rec, plan, started).await,
+        Ok(plan) => {
+            let (parts, body) = req.into_parts();
+            let stats = Arc::new(BodyStats::default());
+            let limits = &policy.settings.limits;
+            let body = GuardedBody::new(
+                body,
+                plan.body_cap,
+                limits.body_min_rate,
+                limits.body_grace,
+                stats.clone(),
+            );
+            let sent = Sent {
+                parts,
+                body: body.boxed_unsync(),
+                stats,
+            };
+            match forward(&conn, &policy, sent, &mut rec, plan).await {
+                Ok((resp, stats)) => {
+                    let resp = resp.map(|b| b.map_err(BoxError::from).boxed());
+                    conn.pass(resp, rec, stats, started)
+                }
+                Err(r) => conn.refuse(rec, r, started),
+            }
+        }
         Err(r) => conn.refuse(rec, r, started),
     })
+}
+
+/// A request on its way to Exchange.
+pub(super) struct Sent {
+    pub(super) parts: http::request::Parts,
+    pub(super) body: UpstreamBody,
+    pub(super) stats: Arc<BodyStats>,
 }
 
 impl Conn {
@@ -96,7 +132,7 @@ impl Conn {
         }
     }
 
-    fn refuse(&self, mut rec: Record, r: Refusal, started: Instant) -> Response<RespBody> {
+    pub(super) fn refuse(&self, mut rec: Record, r: Refusal, started: Instant) -> Response<RespBody> {
         rec.decision = "deny";
         rec.status = r.status.as_u16();
         rec.reason = r.reason;
@@ -104,9 +140,30 @@ impl Conn {
         if r.fail {
             self.shared.fail(self.peer.ip(), &rec.reason);
         }
-        let text = format!("ewsgate: request refused ({})\n", rec.reason);
+        // EWS clients read SOAP faults: they raise the named error and show its text.
+        let resp = if rec.method == "POST" && rec.path == paths::EWS {
+            let text = soap::fault(fault_code(r.status), &format!("request refused: {}", rec.reason));
+            local_response(r.status, "text/xml; charset=utf-8", text)
+        } else {
+            let text = format!("ewsgate: request refused ({})\n", rec.reason);
+            local_response(r.status, "text/plain; charset=utf-8", text)
+        };
         self.shared.audit.log(rec);
-        local_response(r.status, text)
+        resp
+    }
+
+    /// A response from Exchange on its way to the client; its end writes the audit line.
+    pub(super) fn pass(
+        &self,
+        resp: Response<RespBody>,
+        rec: Record,
+        stats: Arc<BodyStats>,
+        started: Instant,
+    ) -> Response<RespBody> {
+        let (parts, body) = resp.into_parts();
+        let audit = self.shared.audit.clone();
+        let body = AuditedBody::new(body, rec, audit, started, stats);
+        Response::from_parts(parts, body.boxed())
     }
 
     /// Audits a request hyper refused before ewsgate saw it.
@@ -131,14 +188,26 @@ impl Conn {
     }
 }
 
-fn local_response(status: StatusCode, text: String) -> Response<RespBody> {
+/// The EWS error code a refusal is reported as.
+fn fault_code(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "ErrorInvalidRequest",
+        408 => "ErrorTimeoutExpired",
+        413 => "ErrorRequestTooLarge",
+        502..=504 => "ErrorInternalServerTransientError",
+        _ => "ErrorAccessDenied",
+    }
+}
+
+pub(super) fn local_response(
+    status: StatusCode,
+    content_type: &'static str,
+    text: String,
+) -> Response<RespBody> {
     let mut resp = Response::new(Full::new(Bytes::from(text)).map_err(|e| match e {}).boxed());
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     // A refused request's body may be unread: the connection cannot be trusted to continue.
     h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp
@@ -184,19 +253,15 @@ fn judge(
     {
         Some("(other_paths = pass)".to_string())
     } else {
-        let subject = Subject {
-            group: conn.group.as_deref(),
-            auth: who.kind,
-            token: who.token,
-            path: &path,
-            ews,
-            user: who.user.as_deref(),
-            handshake: who.handshake,
-            when: LocalTime::now(policy.settings.utc_offset_minutes),
-        };
+        let subject = who.subject(conn, policy, &path, ews);
         let decision = policy::decide(&policy.rules, &subject);
         rec.rule = decision.rule.clone();
-        if decision.action == Action::Deny {
+        // The body decides EWS requests; here only whether any rule could allow one.
+        let refused = match ews {
+            true => !policy::may_allow(&policy.rules, &subject),
+            false => decision.action == Action::Deny,
+        };
+        if refused {
             let reason = match &decision.rule {
                 Some(name) => format!("denied by rule {name}"),
                 None if !ews && paths::under_ews(&path) => "ews_path_not_named_by_a_rule".into(),
@@ -220,18 +285,44 @@ fn judge(
             .parse()
             .map_err(|_| refusal(StatusCode::BAD_REQUEST, "path: not a valid URI"))?,
         body_cap,
-        pending_session: who.pending,
+        pending_session: who.pending.clone(),
         rule,
+        ews,
+        who,
     })
 }
 
 /// Who a request is from, as far as ewsgate can tell.
-struct Identity {
-    kind: AuthKind,
-    user: Option<String>,
-    token: Option<TokenKind>,
-    handshake: bool,
+pub(super) struct Identity {
+    pub(super) kind: AuthKind,
+    pub(super) user: Option<String>,
+    pub(super) token: Option<TokenKind>,
+    /// The item a verified callback token names.
+    pub(super) token_item: Option<String>,
+    pub(super) handshake: bool,
     pending: Option<Session>,
+}
+
+impl Identity {
+    pub(super) fn subject<'a>(
+        &'a self,
+        conn: &'a Conn,
+        policy: &Policy,
+        path: &'a str,
+        ews: bool,
+    ) -> Subject<'a> {
+        Subject {
+            group: conn.group.as_deref(),
+            auth: self.kind,
+            token: self.token,
+            path,
+            ews,
+            user: self.user.as_deref(),
+            handshake: self.handshake,
+            when: LocalTime::now(policy.settings.utc_offset_minutes),
+            content: None,
+        }
+    }
 }
 
 fn identify(
@@ -250,6 +341,7 @@ fn identify(
         kind: credential.kind(),
         user: None,
         token: None,
+        token_item: None,
         handshake: false,
         pending: None,
     };
@@ -281,7 +373,8 @@ fn identify(
             who.token = Some(TokenKind::Callback);
             // `verify_for_ews` accepts callback tokens only.
             rec.token_family = Some("callback");
-            rec.token_item = verified.item;
+            rec.token_item = verified.item.clone();
+            who.token_item = verified.item;
             who.user = verified.user;
         }
     }
@@ -305,27 +398,23 @@ fn verify(policy: &Policy, token: &str) -> Result<crate::tokens::Verified, Refus
         .map_err(|e| refusal(StatusCode::UNAUTHORIZED, e.reason()))
 }
 
-async fn forward(
+/// Sends a request to Exchange on the connection's own upstream connection.
+pub(super) async fn forward(
     conn: &Arc<Conn>,
     policy: &Policy,
-    req: Request<Incoming>,
-    mut rec: Record,
+    sent: Sent,
+    rec: &mut Record,
     plan: Plan,
-    started: Instant,
-) -> Response<RespBody> {
+) -> Result<(Response<Incoming>, Arc<BodyStats>), Refusal> {
     let limits = &policy.settings.limits;
-    let (mut parts, body) = req.into_parts();
+    let Sent {
+        mut parts,
+        body,
+        stats,
+    } = sent;
     clean_request_headers(&mut parts.headers, conn);
     parts.uri = plan.uri;
     parts.version = Version::HTTP_11;
-    let stats = Arc::new(BodyStats::default());
-    let body = GuardedBody::new(
-        body,
-        plan.body_cap,
-        limits.body_min_rate,
-        limits.body_grace,
-        stats.clone(),
-    );
     rec.rule = plan.rule;
     let mut upstream = conn.upstream.lock().await;
     if upstream.as_ref().is_none_or(|s| s.is_closed()) {
@@ -338,30 +427,32 @@ async fn forward(
         };
     }
     let Some(sender) = upstream.as_mut() else {
-        let r = not_the_clients_fault(StatusCode::BAD_GATEWAY, "upstream_unreachable");
-        return conn.refuse(rec, r, started);
+        return Err(not_the_clients_fault(
+            StatusCode::BAD_GATEWAY,
+            "upstream_unreachable",
+        ));
     };
-    let sent = async {
+    let request = async {
         sender.ready().await?;
         sender.send_request(Request::from_parts(parts, body)).await
     };
-    let result = tokio::time::timeout(limits.idle_timeout, sent).await;
+    let result = tokio::time::timeout(limits.idle_timeout, request).await;
     let resp = match result {
         Ok(Ok(resp)) => resp,
         failed => {
             // Part of a body may have gone upstream: that connection is done.
             *upstream = None;
-            let r = match (stats.cut(), failed.is_err()) {
+            return Err(match (stats.cut(), failed.is_err()) {
                 (Cut::TooLarge, _) => refusal(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
                 (Cut::TooSlow, _) => refusal(StatusCode::REQUEST_TIMEOUT, "body_too_slow"),
+                (Cut::BulkContent, _) => refusal(StatusCode::BAD_REQUEST, "soap_bulk_content"),
                 (Cut::None, true) => {
                     not_the_clients_fault(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
                 }
                 (Cut::None, false) => {
                     not_the_clients_fault(StatusCode::BAD_GATEWAY, "upstream_error")
                 }
-            };
-            return conn.refuse(rec, r, started);
+            });
         }
     };
     drop(upstream);
@@ -379,9 +470,7 @@ async fn forward(
     rec.upstream_status = Some(status.as_u16());
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let audit = conn.shared.audit.clone();
-    let body = AuditedBody::new(body, rec, audit, started, stats);
-    Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+    Ok((Response::from_parts(parts, body), stats))
 }
 
 /// Headers that belong to one hop only (RFC 9110 §7.6.1), and those `Connection` names.

@@ -11,10 +11,11 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::body::GuardedBody;
+use super::body::BoxError;
 use crate::config::Upstream;
 
-pub type UpstreamBody = GuardedBody<hyper::body::Incoming>;
+/// A request body as it goes upstream: streamed from the client, or read and judged first.
+pub type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;
 pub type Sender = SendRequest<UpstreamBody>;
 
 pub struct Connector {

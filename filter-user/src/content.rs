@@ -1,0 +1,658 @@
+//! What an EWS request touches: its operation and that operation's class, the data types
+//! (e-mail, calendar, contacts, tasks, notes), who it acts for, and what ewsgate has learnt
+//! of opaque IDs from earlier responses.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    fmt,
+};
+
+use crate::soap::{self, Folder};
+
+/// A set of data types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct DataSet(u8);
+
+impl DataSet {
+    pub const NONE: DataSet = DataSet(0);
+    pub const EMAIL: DataSet = DataSet(1);
+    pub const CALENDAR: DataSet = DataSet(2);
+    pub const CONTACTS: DataSet = DataSet(4);
+    pub const TASKS: DataSet = DataSet(8);
+    pub const NOTES: DataSet = DataSet(16);
+    pub const ALL: DataSet = DataSet(31);
+    const NAMES: [(&'static str, DataSet); 5] = [
+        ("email", DataSet::EMAIL),
+        ("calendar", DataSet::CALENDAR),
+        ("contacts", DataSet::CONTACTS),
+        ("tasks", DataSet::TASKS),
+        ("notes", DataSet::NOTES),
+    ];
+
+    pub fn parse(name: &str) -> Option<DataSet> {
+        DataSet::NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, d)| *d)
+    }
+
+    pub fn union(self, other: DataSet) -> DataSet {
+        DataSet(self.0 | other.0)
+    }
+
+    pub fn within(self, other: DataSet) -> bool {
+        self.0 & !other.0 == 0
+    }
+
+    pub fn intersects(self, other: DataSet) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl fmt::Display for DataSet {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let names: Vec<&str> = DataSet::NAMES
+            .iter()
+            .filter(|(_, d)| !d.within(DataSet(!self.0)))
+            .map(|(n, _)| *n)
+            .collect();
+        if names.is_empty() {
+            f.write_str("none")
+        } else {
+            f.write_str(&names.join(","))
+        }
+    }
+}
+
+/// Operation classes a rule can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpClass {
+    Read,
+    Write,
+    Send,
+    Sync,
+    /// The classes below are never granted by default: a rule must name them, or the
+    /// operation itself.
+    Export,
+    Ediscovery,
+    Delegates,
+    InboxRules,
+    Apps,
+}
+
+impl OpClass {
+    pub const ALL: [(&'static str, OpClass); 9] = [
+        ("read", OpClass::Read),
+        ("write", OpClass::Write),
+        ("send", OpClass::Send),
+        ("sync", OpClass::Sync),
+        ("export", OpClass::Export),
+        ("ediscovery", OpClass::Ediscovery),
+        ("delegates", OpClass::Delegates),
+        ("inbox-rules", OpClass::InboxRules),
+        ("apps", OpClass::Apps),
+    ];
+
+    pub fn parse(name: &str) -> Option<OpClass> {
+        OpClass::ALL
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, c)| *c)
+    }
+
+    /// Reachable only through a rule that names it.
+    pub fn restricted(self) -> bool {
+        !matches!(
+            self,
+            OpClass::Read | OpClass::Write | OpClass::Send | OpClass::Sync
+        )
+    }
+}
+
+/// What ewsgate knows of an operation.
+#[derive(Debug, Clone, Copy)]
+pub struct OpInfo {
+    pub class: OpClass,
+    /// The data type the operation is about whatever its arguments.
+    pub data: Option<DataSet>,
+    pub shape: Shape,
+}
+
+/// How an operation's data type shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Its arguments (folders, item IDs) decide; the response shows the items' classes.
+    Items,
+    /// Like `Items`, but it changes the store: an unresolved type cannot wait for the
+    /// response, and the IDs it names are forgotten.
+    Changes,
+    /// Folder metadata: distinguished folders decide; roots are neutral.
+    Folders,
+    /// Only the operation's own `data`.
+    Fixed,
+}
+
+const E: DataSet = DataSet::EMAIL;
+const C: DataSet = DataSet::CALENDAR;
+const P: DataSet = DataSet::CONTACTS;
+const CT: DataSet = DataSet(2 | 8);
+
+/// The EWS operations ewsgate knows; any other is denied unless a rule names it.
+const OPERATIONS: &[(&str, OpClass, Option<DataSet>, Shape)] = {
+    use OpClass::*;
+    use Shape::*;
+    &[
+        ("GetItem", Read, None, Items),
+        ("FindItem", Read, None, Items),
+        ("GetAttachment", Read, None, Items),
+        ("SyncFolderItems", Sync, None, Items),
+        ("GetConversationItems", Read, Some(E), Items),
+        ("FindConversation", Read, Some(E), Fixed),
+        ("GetFolder", Read, None, Folders),
+        ("FindFolder", Read, None, Folders),
+        ("SyncFolderHierarchy", Sync, None, Folders),
+        ("Subscribe", Sync, None, Folders),
+        ("GetEvents", Sync, None, Fixed),
+        ("GetStreamingEvents", Sync, None, Fixed),
+        ("Unsubscribe", Sync, None, Fixed),
+        ("ConvertId", Read, None, Fixed),
+        ("GetServerTimeZones", Read, None, Fixed),
+        ("ResolveNames", Read, Some(P), Fixed),
+        ("ExpandDL", Read, Some(P), Fixed),
+        ("FindPeople", Read, Some(P), Fixed),
+        ("GetPersona", Read, Some(P), Fixed),
+        ("GetUserPhoto", Read, Some(P), Fixed),
+        ("GetUserAvailability", Read, Some(C), Fixed),
+        ("GetRooms", Read, Some(C), Fixed),
+        ("GetRoomLists", Read, Some(C), Fixed),
+        ("GetReminders", Read, Some(CT), Fixed),
+        ("PerformReminderAction", Write, Some(CT), Fixed),
+        ("GetMailTips", Read, Some(E), Fixed),
+        ("GetUserOofSettings", Read, Some(E), Fixed),
+        ("SetUserOofSettings", Write, Some(E), Fixed),
+        ("MarkAllItemsAsRead", Write, Some(E), Fixed),
+        ("ApplyConversationAction", Write, Some(E), Fixed),
+        ("SendItem", Send, Some(E), Changes),
+        ("CreateItem", Write, None, Changes),
+        ("UpdateItem", Write, None, Changes),
+        ("DeleteItem", Write, None, Changes),
+        ("MoveItem", Write, None, Changes),
+        ("CopyItem", Write, None, Changes),
+        ("ArchiveItem", Write, None, Changes),
+        ("MarkAsJunk", Write, Some(E), Changes),
+        ("CreateAttachment", Write, None, Changes),
+        ("DeleteAttachment", Write, None, Changes),
+        ("CreateFolder", Write, None, Folders),
+        ("CreateFolderPath", Write, None, Folders),
+        ("UpdateFolder", Write, None, Folders),
+        ("DeleteFolder", Write, None, Changes),
+        ("EmptyFolder", Write, None, Changes),
+        ("MoveFolder", Write, None, Changes),
+        ("CopyFolder", Write, None, Changes),
+        ("ExportItems", Export, None, Changes),
+        ("UploadItems", Export, None, Changes),
+        ("GetSearchableMailboxes", Ediscovery, None, Fixed),
+        ("SearchMailboxes", Ediscovery, None, Fixed),
+        ("GetDiscoverySearchConfiguration", Ediscovery, None, Fixed),
+        ("GetHoldOnMailboxes", Ediscovery, None, Fixed),
+        ("SetHoldOnMailboxes", Ediscovery, None, Fixed),
+        ("GetNonIndexableItemDetails", Ediscovery, None, Fixed),
+        ("GetNonIndexableItemStatistics", Ediscovery, None, Fixed),
+        ("AddDelegate", Delegates, None, Fixed),
+        ("GetDelegate", Delegates, None, Fixed),
+        ("UpdateDelegate", Delegates, None, Fixed),
+        ("RemoveDelegate", Delegates, None, Fixed),
+        ("GetInboxRules", InboxRules, Some(E), Fixed),
+        ("UpdateInboxRules", InboxRules, Some(E), Fixed),
+        ("GetAppManifests", Apps, None, Fixed),
+        ("GetAppMarketplaceUrl", Apps, None, Fixed),
+        ("InstallApp", Apps, None, Fixed),
+        ("UninstallApp", Apps, None, Fixed),
+        ("DisableApp", Apps, None, Fixed),
+        ("GetClientAccessToken", Apps, None, Fixed),
+    ]
+};
+
+pub fn operation(name: &str) -> Option<OpInfo> {
+    OPERATIONS
+        .iter()
+        .find(|(n, ..)| *n == name)
+        .map(|&(_, class, data, shape)| OpInfo { class, data, shape })
+}
+
+pub fn is_operation(name: &str) -> bool {
+    operation(name).is_some()
+}
+
+/// Meeting requests and responses: calendar data that lives in the Inbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meetings(pub DataSet);
+
+impl Default for Meetings {
+    fn default() -> Self {
+        Meetings(DataSet::CALENDAR)
+    }
+}
+
+/// The data type of an `ItemClass`; `None` for classes ewsgate does not know.
+pub fn item_class(class: &str, meetings: Meetings) -> Option<DataSet> {
+    let c = class.to_ascii_lowercase();
+    let is = |prefix: &str| c == prefix || c.starts_with(&format!("{prefix}."));
+    if is("ipm.schedule.meeting") {
+        Some(meetings.0)
+    } else if is("ipm.note") || is("ipm.post") || is("report") || is("ipm.outlook.recall") {
+        Some(DataSet::EMAIL)
+    } else if is("ipm.appointment") {
+        Some(DataSet::CALENDAR)
+    } else if is("ipm.contact") || is("ipm.distlist") {
+        Some(DataSet::CONTACTS)
+    } else if is("ipm.task") || is("ipm.taskrequest") {
+        Some(DataSet::TASKS)
+    } else if is("ipm.stickynote") {
+        Some(DataSet::NOTES)
+    } else {
+        None
+    }
+}
+
+/// The types an item element can hold. `t:Message` holds e-mail and notes alike.
+pub fn item_element(element: &str, meetings: Meetings) -> Option<DataSet> {
+    Some(match element {
+        "Message" => DataSet::EMAIL.union(DataSet::NOTES),
+        "PostItem" => DataSet::EMAIL,
+        "CalendarItem" => DataSet::CALENDAR,
+        "MeetingRequest" | "MeetingResponse" | "MeetingCancellation" | "MeetingMessage" => {
+            meetings.0
+        }
+        "Contact" | "DistributionList" => DataSet::CONTACTS,
+        "Task" => DataSet::TASKS,
+        "AcceptItem" | "TentativelyAcceptItem" | "DeclineItem" | "CancelCalendarItem"
+        | "RemoveItem" | "CalendarView" | "OccurrenceItemId" | "RecurringMasterItemId" => {
+            DataSet::CALENDAR
+        }
+        "ReplyToItem" | "ReplyAllToItem" | "ForwardItem" | "SuppressReadReceipt" => {
+            DataSet::EMAIL
+        }
+        "ContactsView" => DataSet::CONTACTS,
+        _ => return None,
+    })
+}
+
+/// An item's type as a response shows it: its class, else its element.
+pub fn item_data(item: &soap::Item, meetings: Meetings) -> Option<DataSet> {
+    match &item.class {
+        Some(c) if !c.is_empty() => item_class(c, meetings),
+        _ => item_element(&item.element, meetings),
+    }
+}
+
+/// The data a distinguished folder holds; `None` for roots and search folders (any type).
+pub fn distinguished(id: &str) -> Option<DataSet> {
+    Some(match id {
+        "inbox" | "sentitems" | "drafts" | "outbox" | "junkemail" | "deleteditems"
+        | "conversationhistory" => DataSet::EMAIL,
+        _ if id.starts_with("archive") => DataSet::EMAIL,
+        "calendar" => DataSet::CALENDAR,
+        "contacts" | "mycontacts" | "quickcontacts" | "recipientcache" | "peopleconnect"
+        | "imcontactlist" | "directory" => DataSet::CONTACTS,
+        "tasks" | "todosearch" => DataSet::TASKS,
+        "notes" => DataSet::NOTES,
+        _ => return None,
+    })
+}
+
+/// The data a folder class holds (`IPF.Appointment`, ...); unknown classes hold mail.
+pub fn folder_class(class: &str) -> DataSet {
+    let c = class.to_ascii_lowercase();
+    let is = |prefix: &str| c == prefix || c.starts_with(&format!("{prefix}."));
+    if is("ipf.appointment") {
+        DataSet::CALENDAR
+    } else if is("ipf.contact") {
+        DataSet::CONTACTS
+    } else if is("ipf.task") {
+        DataSet::TASKS
+    } else if is("ipf.stickynote") {
+        DataSet::NOTES
+    } else {
+        DataSet::EMAIL
+    }
+}
+
+/// What ewsgate learnt of an ID from Exchange's responses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Known {
+    pub data: DataSet,
+    /// For an attachment: the item it belongs to.
+    pub root: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum IdKind {
+    Item,
+    Attachment,
+    Folder,
+}
+
+/// ID → type, keyed by mailbox and ID (EWS IDs are case-sensitive), bounded: the oldest
+/// entries go first.
+pub struct IdCache {
+    map: HashMap<(IdKind, String, String), Known>,
+    order: VecDeque<(IdKind, String, String)>,
+    capacity: usize,
+}
+
+impl IdCache {
+    pub fn new(capacity: usize) -> IdCache {
+        IdCache {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    fn put(&mut self, kind: IdKind, mailbox: &str, id: &str, known: Known) {
+        if id.is_empty() || id.len() > 1024 {
+            return;
+        }
+        let key = (kind, mailbox.to_string(), id.to_string());
+        if self.map.insert(key.clone(), known).is_none() {
+            self.order.push_back(key);
+        }
+        while self.map.len() > self.capacity {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.map.remove(&old);
+                }
+                None => break,
+            }
+        }
+    }
+
+    fn get(&self, kind: IdKind, mailbox: &str, id: &str) -> Option<&Known> {
+        self.map.get(&(kind, mailbox.to_string(), id.to_string()))
+    }
+
+    pub fn item(&self, mailbox: &str, id: &str) -> Option<&Known> {
+        self.get(IdKind::Item, mailbox, id)
+    }
+
+    pub fn attachment(&self, mailbox: &str, id: &str) -> Option<&Known> {
+        self.get(IdKind::Attachment, mailbox, id)
+    }
+
+    pub fn folder(&self, mailbox: &str, id: &str) -> Option<&Known> {
+        self.get(IdKind::Folder, mailbox, id)
+    }
+
+    /// Items that move, are copied or deleted get new IDs or none: forget them. (Their
+    /// entries stay in `order` until they age out; `put` tolerates that.)
+    pub fn forget(&mut self, mailbox: &str, items: &[String]) {
+        for id in items {
+            for kind in [IdKind::Item, IdKind::Folder] {
+                self.map.remove(&(kind, mailbox.to_string(), id.clone()));
+            }
+        }
+    }
+
+    /// Learns from a response: items, the attachments they list, and folders.
+    pub fn learn(&mut self, mailbox: &str, response: &soap::Response, meetings: Meetings) {
+        for m in &response.messages {
+            for item in &m.items {
+                self.learn_item(mailbox, item, meetings);
+            }
+            for f in &m.folders {
+                let data = f.class.as_deref().map_or_else(
+                    || match f.element.as_str() {
+                        "CalendarFolder" => DataSet::CALENDAR,
+                        "ContactsFolder" => DataSet::CONTACTS,
+                        "TasksFolder" => DataSet::TASKS,
+                        "SearchFolder" => DataSet::ALL,
+                        _ => DataSet::EMAIL,
+                    },
+                    folder_class,
+                );
+                self.put(IdKind::Folder, mailbox, &f.id, Known { data, root: None });
+            }
+        }
+    }
+
+    fn learn_item(&mut self, mailbox: &str, item: &soap::Item, meetings: Meetings) {
+        let (Some(id), Some(data)) = (&item.id, item_data(item, meetings)) else {
+            return;
+        };
+        self.put(IdKind::Item, mailbox, id, Known { data, root: None });
+        for a in &item.attachments {
+            let known = Known {
+                data,
+                root: Some(id.clone()),
+            };
+            self.put(IdKind::Attachment, mailbox, a, known);
+        }
+    }
+}
+
+/// The data a request touches, as far as ewsgate can tell before forwarding it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Touch {
+    pub data: DataSet,
+    /// Some ID or folder is opaque and unknown: the data may be anything.
+    pub unresolved: bool,
+}
+
+/// Judges the request's own signals and the IDs it names against the cache.
+pub fn touched(
+    req: &soap::Request,
+    op: &OpInfo,
+    cache: &IdCache,
+    mailbox: &str,
+    meetings: Meetings,
+) -> Touch {
+    let mut t = Touch {
+        data: op.data.unwrap_or(DataSet::NONE),
+        unresolved: false,
+    };
+    if op.shape == Shape::Fixed {
+        return t;
+    }
+    let views: Vec<DataSet> = req
+        .shown
+        .iter()
+        .filter(|s| matches!(s.as_str(), "CalendarView" | "ContactsView"))
+        .filter_map(|s| item_element(s, meetings))
+        .collect();
+    // A calendar or contacts view returns only items of its type, whatever the folder.
+    if views.is_empty() {
+        for f in &req.folders {
+            folder_touch(&mut t, f, op.shape, cache, mailbox);
+        }
+    }
+    for v in views {
+        t.data = t.data.union(v);
+    }
+    for s in &req.shown {
+        if let Some(d) = item_element(s, meetings) {
+            t.data = t.data.union(d);
+        }
+    }
+    for c in &req.item_classes {
+        match item_class(c, meetings) {
+            Some(d) => t.data = t.data.union(d),
+            None => t.unresolved = true,
+        }
+    }
+    // A new message's class decides between e-mail and notes.
+    if req.operation == "CreateItem" && !req.item_classes.is_empty() {
+        t.data = DataSet(t.data.0 & !(DataSet::EMAIL.0 | DataSet::NOTES.0));
+        for c in &req.item_classes {
+            if let Some(d) = item_class(c, meetings) {
+                t.data = t.data.union(d);
+            }
+        }
+    }
+    if req.sends {
+        t.data = t.data.union(DataSet::EMAIL);
+    }
+    for id in &req.items {
+        match cache.item(mailbox, id) {
+            Some(k) => t.data = t.data.union(k.data),
+            None => t.unresolved = true,
+        }
+    }
+    for id in &req.attachments {
+        match cache.attachment(mailbox, id) {
+            Some(k) => t.data = t.data.union(k.data),
+            None => t.unresolved = true,
+        }
+    }
+    t
+}
+
+fn folder_touch(t: &mut Touch, f: &Folder, shape: Shape, cache: &IdCache, mailbox: &str) {
+    let data = match f {
+        Folder::Distinguished { id, .. } => distinguished(id),
+        Folder::Opaque(id) => match cache.folder(mailbox, id) {
+            Some(k) => Some(k.data),
+            // Folder metadata reveals no items: an unknown folder is neutral there.
+            None if shape == Shape::Folders => Some(DataSet::NONE),
+            None => {
+                t.unresolved = true;
+                None
+            }
+        },
+    };
+    match data {
+        Some(d) => t.data = t.data.union(d),
+        // Roots and search folders: metadata is neutral, items may be anything.
+        None if shape == Shape::Folders => {}
+        None => t.data = DataSet::ALL,
+    }
+}
+
+/// Whose mailbox a request acts on.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Access {
+    pub impersonation: Option<String>,
+    /// A mailbox other than the caller's own, from folder IDs or `X-AnchorMailbox`.
+    pub delegate: Option<String>,
+}
+
+impl Access {
+    /// The mailbox the request acts on, as the cache key: lower-case.
+    pub fn mailbox<'a>(&'a self, user: Option<&'a str>) -> String {
+        self.impersonation
+            .as_deref()
+            .or(self.delegate.as_deref())
+            .or(user)
+            .unwrap_or("")
+            .to_ascii_lowercase()
+    }
+}
+
+pub fn access(req: &soap::Request, anchor: Option<&str>, user: Option<&str>) -> Access {
+    let mut delegate = None;
+    let named = req.folders.iter().filter_map(|f| match f {
+        Folder::Distinguished {
+            mailbox: Some(m), ..
+        } => Some(m.as_str()),
+        _ => None,
+    });
+    for m in named.chain(anchor) {
+        if !own_mailbox(m, user) {
+            delegate = Some(m.to_ascii_lowercase());
+        }
+    }
+    Access {
+        impersonation: req.impersonation.clone(),
+        delegate,
+    }
+}
+
+/// Whether `mailbox` is the caller's own: the same address, or for a caller known only as
+/// `DOMAIN\name` or `name` (NTLM), a mailbox whose local part is that name.
+pub fn own_mailbox(mailbox: &str, user: Option<&str>) -> bool {
+    let Some(user) = user else { return false };
+    let (m, u) = (mailbox.to_ascii_lowercase(), user.to_ascii_lowercase());
+    if u.contains('@') {
+        return m == u;
+    }
+    let name = u.rsplit('\\').next().unwrap_or(&u);
+    m.split('@').next() == Some(name)
+}
+
+/// Judges each response message under the rule that allowed the request: `Some(reason)`
+/// for a message whose items or attachments the rule does not allow, or whose types
+/// ewsgate cannot tell.
+pub fn judge_response(
+    response: &soap::Response,
+    inspect: &crate::policy::Inspect,
+    cache: &IdCache,
+    mailbox: &str,
+    meetings: Meetings,
+) -> Vec<Option<String>> {
+    response
+        .messages
+        .iter()
+        .map(|m| judge_message(m, inspect, cache, mailbox, meetings))
+        .collect()
+}
+
+fn judge_message(
+    m: &soap::Message,
+    inspect: &crate::policy::Inspect,
+    cache: &IdCache,
+    mailbox: &str,
+    meetings: Meetings,
+) -> Option<String> {
+    let token = inspect.token_item.as_deref();
+    for item in &m.items {
+        if let Some(why) = judge_item(item, inspect.data, meetings) {
+            return Some(why);
+        }
+        if token.is_some() && item.id.as_deref() != token {
+            return Some("the item is outside the callback token's scope".into());
+        }
+    }
+    for a in &m.attachments {
+        let Some(known) = a.id.as_deref().and_then(|id| cache.attachment(mailbox, id)) else {
+            return Some("attachment of an item ewsgate has not seen: data type unresolved".into());
+        };
+        if !known.data.within(inspect.data) {
+            return Some(format!("attachment of {} is not allowed", known.data));
+        }
+        if token.is_some() && known.root.as_deref() != token {
+            return Some("the attachment is outside the callback token's scope".into());
+        }
+        if let Some(why) = a.item.as_ref().and_then(|i| judge_item(i, inspect.data, meetings)) {
+            return Some(why);
+        }
+    }
+    None
+}
+
+fn judge_item(item: &soap::Item, allowed: DataSet, meetings: Meetings) -> Option<String> {
+    match item_data(item, meetings) {
+        None => Some(format!(
+            "{} of class {}: data type unresolved",
+            item.element,
+            item.class.as_deref().unwrap_or("(none)")
+        )),
+        Some(d) if !d.within(allowed) => Some(format!(
+            "{} ({}) is not allowed",
+            d,
+            item.class.as_deref().unwrap_or(&item.element)
+        )),
+        Some(_) => None,
+    }
+}

@@ -1,0 +1,480 @@
+//! EWS SOAP, read with a streaming XML parser (quick-xml) under strict limits: exact
+//! namespaces, no DTDs, no entities beyond XML's five and character references, bounded
+//! depth and element count, exactly one operation in `soap:Body`.
+//!
+//! A request is read whole when it fits in the classification buffer. A larger one is read
+//! up to the buffer and must then be inside bulk content (`t:Content`, `t:MimeContent`,
+//! `m:Data`): the rest of the stream is checked by [`Tail`], which admits only base64 and
+//! the closing tags of what is open, so nothing the policy has not read can follow.
+
+use quick_xml::{
+    events::{BytesStart, Event},
+    name::ResolveResult,
+    NsReader,
+};
+use thiserror::Error;
+
+mod response;
+pub use response::{fault, parse_response, rewrite, Attachment, FolderInfo, Item, Message, Response};
+
+pub const SOAP_NS: &str = "http://schemas.xmlsoap.org/soap/envelope/";
+pub const MESSAGES_NS: &str = "http://schemas.microsoft.com/exchange/services/2006/messages";
+pub const TYPES_NS: &str = "http://schemas.microsoft.com/exchange/services/2006/types";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub depth: usize,
+    pub elements: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            depth: 48,
+            elements: 200_000,
+        }
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SoapError {
+    #[error("not well-formed XML: {0}")]
+    Xml(String),
+    #[error("a DTD is not accepted")]
+    Dtd,
+    #[error("a processing instruction is not accepted")]
+    ProcessingInstruction,
+    #[error("entity reference &{0}; is not accepted")]
+    Entity(String),
+    #[error("nesting deeper than {0}")]
+    TooDeep(usize),
+    #[error("more than {0} elements")]
+    TooManyElements(usize),
+    #[error("the document is not a SOAP 1.1 envelope")]
+    NotEnvelope,
+    #[error("unexpected element {0}")]
+    Unexpected(String),
+    #[error("element {0} is in no EWS namespace")]
+    Namespace(String),
+    #[error("soap:Body holds no operation")]
+    NoOperation,
+    #[error("soap:Body holds more than one operation")]
+    TwoOperations,
+    #[error("text where only elements belong")]
+    StrayText,
+    #[error("the document ends early")]
+    Truncated,
+    #[error("the request is larger than the classification buffer outside bulk content")]
+    TooLarge,
+    #[error("bulk content holds more than base64")]
+    BulkContent,
+    #[error("something follows bulk content other than the closing tags")]
+    AfterBulk,
+}
+
+impl SoapError {
+    /// A short audit reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SoapError::Xml(_) => "soap_malformed",
+            SoapError::Dtd => "soap_dtd",
+            SoapError::ProcessingInstruction => "soap_processing_instruction",
+            SoapError::Entity(_) => "soap_entity",
+            SoapError::TooDeep(_) => "soap_too_deep",
+            SoapError::TooManyElements(_) => "soap_too_many_elements",
+            SoapError::NotEnvelope => "soap_not_envelope",
+            SoapError::Unexpected(_) => "soap_unexpected_element",
+            SoapError::Namespace(_) => "soap_namespace",
+            SoapError::NoOperation => "soap_no_operation",
+            SoapError::TwoOperations => "soap_two_operations",
+            SoapError::StrayText => "soap_stray_text",
+            SoapError::Truncated => "soap_truncated",
+            SoapError::TooLarge => "soap_too_large",
+            SoapError::BulkContent | SoapError::AfterBulk => "soap_bulk_content",
+        }
+    }
+}
+
+/// A folder a request names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Folder {
+    /// `t:DistinguishedFolderId@Id`, with the `t:Mailbox` it names (delegate access).
+    Distinguished { id: String, mailbox: Option<String> },
+    /// `t:FolderId@Id`: opaque.
+    Opaque(String),
+}
+
+/// What an EWS request shows about itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Request {
+    pub operation: String,
+    /// `t:ExchangeImpersonation/t:ConnectingSID`'s value.
+    pub impersonation: Option<String>,
+    pub folders: Vec<Folder>,
+    /// Item IDs: `ItemId`, `ParentItemId`, `ReferenceItemId`, occurrence and master IDs.
+    pub items: Vec<String>,
+    pub attachments: Vec<String>,
+    /// Elements that show a data type: `CalendarView`, `ContactsView`, occurrence IDs, and
+    /// the item elements a `CreateItem` or `UpdateItem` carries.
+    pub shown: Vec<String>,
+    /// `t:ItemClass` values the request itself carries.
+    pub item_classes: Vec<String>,
+    /// `CreateItem@MessageDisposition` sends mail.
+    pub sends: bool,
+    /// The request was longer than the buffer; the rest is bulk content for [`Tail`].
+    pub tail: Option<Tail>,
+}
+
+impl Request {
+    /// IDs that name items, the ones attachments hang from included.
+    pub fn item_count(&self) -> usize {
+        self.items.len() + self.attachments.len()
+    }
+}
+
+/// Where in the envelope the parser is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ns {
+    Soap,
+    Messages,
+    Types,
+    Other,
+}
+
+struct Open {
+    ns: Ns,
+    local: String,
+    /// The name as written, for the closing tags a [`Tail`] expects.
+    raw: Vec<u8>,
+}
+
+/// Elements whose text is bulk base64 and may run past the buffer.
+fn is_bulk(ns: Ns, local: &str) -> bool {
+    matches!(
+        (ns, local),
+        (Ns::Types, "Content") | (Ns::Types, "MimeContent") | (Ns::Messages, "Data")
+    )
+}
+
+pub(crate) fn namespace(r: &ResolveResult) -> Ns {
+    match r {
+        ResolveResult::Bound(n) if n.as_ref() == SOAP_NS => Ns::Soap,
+        ResolveResult::Bound(n) if n.as_ref() == MESSAGES_NS => Ns::Messages,
+        ResolveResult::Bound(n) if n.as_ref() == TYPES_NS => Ns::Types,
+        _ => Ns::Other,
+    }
+}
+
+pub(crate) fn attr(e: &BytesStart, name: &str) -> Result<Option<String>, SoapError> {
+    match e.try_get_attribute(name) {
+        Ok(Some(a)) => a
+            .normalized_value(quick_xml::XmlVersion::Implicit1_0)
+            .map(|v| Some(v.into_owned()))
+            .map_err(|e| SoapError::Xml(e.to_string())),
+        Ok(None) => Ok(None),
+        Err(e) => Err(SoapError::Xml(e.to_string())),
+    }
+}
+
+/// Parses a request. `complete` is false when `bytes` is only the start of a longer body.
+pub fn parse_request(bytes: &[u8], complete: bool, limits: Limits) -> Result<Request, SoapError> {
+    let mut p = RequestParser {
+        out: Request::default(),
+        stack: Vec::new(),
+        text: String::new(),
+        elements: 0,
+        seen_header: false,
+        seen_body: false,
+        limits,
+    };
+    let mut reader = NsReader::from_reader(bytes);
+    reader.config_mut().check_end_names = true;
+    loop {
+        let (ns, event) = match reader.read_resolved_event() {
+            Ok(x) => x,
+            // Cut inside a tag: a longer body that was not in bulk content at the cut.
+            Err(_) if !complete && p.in_bulk() => return p.cut(),
+            Err(e) => return Err(SoapError::Xml(e.to_string())),
+        };
+        let ns = namespace(&ns);
+        match event {
+            Event::Start(e) => p.start(ns, &e, false)?,
+            Event::Empty(e) => p.start(ns, &e, true)?,
+            Event::End(_) => p.end()?,
+            Event::Text(t) => p.text(&t.xml10_content())?,
+            Event::CData(t) => p.text(&t)?,
+            Event::GeneralRef(r) => p.reference(&r)?,
+            Event::Comment(_) | Event::Decl(_) => {}
+            Event::PI(_) => return Err(SoapError::ProcessingInstruction),
+            Event::DocType(_) => return Err(SoapError::Dtd),
+            Event::Eof if !complete => return p.cut(),
+            Event::Eof => return p.finish(),
+        }
+    }
+}
+
+struct RequestParser {
+    out: Request,
+    stack: Vec<Open>,
+    /// Text of the innermost element, for the few whose text matters.
+    text: String,
+    elements: usize,
+    seen_header: bool,
+    seen_body: bool,
+    limits: Limits,
+}
+
+impl RequestParser {
+    fn in_bulk(&self) -> bool {
+        self.stack.last().is_some_and(|o| is_bulk(o.ns, &o.local))
+    }
+
+    fn start(&mut self, ns: Ns, e: &BytesStart, empty: bool) -> Result<(), SoapError> {
+        self.elements += 1;
+        if self.elements > self.limits.elements {
+            return Err(SoapError::TooManyElements(self.limits.elements));
+        }
+        if self.stack.len() >= self.limits.depth {
+            return Err(SoapError::TooDeep(self.limits.depth));
+        }
+        let local = e.local_name().into_inner().to_string();
+        let shown = || e.name().into_inner().to_string();
+        match self.stack.len() {
+            0 if ns == Ns::Soap && local == "Envelope" => {}
+            0 => return Err(SoapError::NotEnvelope),
+            1 if ns == Ns::Soap && local == "Header" && !self.seen_header && !self.seen_body => {
+                self.seen_header = true
+            }
+            1 if ns == Ns::Soap && local == "Body" && !self.seen_body => self.seen_body = true,
+            1 => return Err(SoapError::Unexpected(shown())),
+            2 if self.section() == "Body" => {
+                if !self.out.operation.is_empty() {
+                    return Err(SoapError::TwoOperations);
+                }
+                if ns != Ns::Messages {
+                    return Err(SoapError::Namespace(shown()));
+                }
+                self.out.operation = local.clone();
+                if local == "CreateItem" {
+                    let d = attr(e, "MessageDisposition")?;
+                    self.out.sends = matches!(d.as_deref(), Some("SendOnly" | "SendAndSaveCopy"));
+                }
+            }
+            _ if self.section() == "Body" => {
+                if ns != Ns::Messages && ns != Ns::Types {
+                    return Err(SoapError::Namespace(shown()));
+                }
+                self.operation_element(ns, &local, e)?;
+            }
+            _ => {}
+        }
+        self.text.clear();
+        if !empty {
+            self.stack.push(Open {
+                ns,
+                local,
+                raw: e.name().into_inner().as_bytes().to_vec(),
+            });
+        } else {
+            self.closed(ns, &local);
+        }
+        Ok(())
+    }
+
+    /// `Header` or `Body`, when inside one.
+    fn section(&self) -> &str {
+        self.stack.get(1).map_or("", |o| o.local.as_str())
+    }
+
+    fn parent(&self) -> Option<&str> {
+        self.stack.last().map(|o| o.local.as_str())
+    }
+
+    fn operation_element(&mut self, ns: Ns, local: &str, e: &BytesStart) -> Result<(), SoapError> {
+        let out = &mut self.out;
+        match local {
+            "DistinguishedFolderId" => {
+                let id = attr(e, "Id")?.unwrap_or_default();
+                out.folders.push(Folder::Distinguished { id, mailbox: None });
+            }
+            "FolderId" => out
+                .folders
+                .push(Folder::Opaque(attr(e, "Id")?.unwrap_or_default())),
+            "ItemId" | "ParentItemId" | "ReferenceItemId" => {
+                out.items.push(attr(e, "Id")?.unwrap_or_default())
+            }
+            "OccurrenceItemId" => {
+                out.items
+                    .push(attr(e, "RecurringMasterId")?.unwrap_or_default());
+                out.shown.push(local.into());
+            }
+            "RecurringMasterItemId" => {
+                out.items.push(attr(e, "OccurrenceId")?.unwrap_or_default());
+                out.shown.push(local.into());
+            }
+            "AttachmentId" => out
+                .attachments
+                .push(attr(e, "Id")?.unwrap_or_default()),
+            "CalendarView" | "ContactsView" if ns == Ns::Messages => out.shown.push(local.into()),
+            _ => {}
+        }
+        // Item elements (and response objects) under `Items` or an item change.
+        if ns == Ns::Types && matches!(self.parent(), Some("Items" | "ItemChange" | "Updates")) {
+            self.out.shown.push(local.into());
+        }
+        if ns == Ns::Types && self.parent() == Some("SetItemField") {
+            self.out.shown.push(local.into());
+        }
+        Ok(())
+    }
+
+    fn end(&mut self) -> Result<(), SoapError> {
+        let Some(open) = self.stack.pop() else {
+            return Err(SoapError::Xml("unmatched end tag".into()));
+        };
+        self.closed(open.ns, &open.local);
+        self.text.clear();
+        Ok(())
+    }
+
+    /// An element ended: keep the text of the few that matter.
+    fn closed(&mut self, ns: Ns, local: &str) {
+        let text = self.text.trim();
+        if ns != Ns::Types || text.is_empty() {
+            return;
+        }
+        let under = |name: &str| self.stack.iter().any(|o| o.local == name);
+        match local {
+            "PrimarySmtpAddress" | "SmtpAddress" | "PrincipalName" | "SID"
+                if self.section() == "Header" && under("ExchangeImpersonation") =>
+            {
+                self.out.impersonation = Some(text.to_string());
+            }
+            "EmailAddress" if under("DistinguishedFolderId") && under("Mailbox") => {
+                if let Some(Folder::Distinguished { mailbox, .. }) = self.out.folders.last_mut() {
+                    *mailbox = Some(text.to_ascii_lowercase());
+                }
+            }
+            "ItemClass" if self.section() == "Body" => {
+                self.out.item_classes.push(text.to_string());
+            }
+            _ => {}
+        }
+    }
+
+    fn text(&mut self, t: &str) -> Result<(), SoapError> {
+        if t.trim().is_empty() {
+            return Ok(());
+        }
+        // Only elements inside the operation or a header may hold text.
+        if self.stack.len() < 3 {
+            return Err(SoapError::StrayText);
+        }
+        if self.text.len() < 1024 && !self.in_bulk() {
+            self.text.push_str(t);
+        }
+        Ok(())
+    }
+
+    fn reference(&mut self, r: &quick_xml::events::BytesRef) -> Result<(), SoapError> {
+        let name = r.to_string();
+        let c = match name.as_str() {
+            "lt" => '<',
+            "gt" => '>',
+            "amp" => '&',
+            "apos" => '\'',
+            "quot" => '"',
+            _ => match r.resolve_char_ref() {
+                Ok(Some(c)) => c,
+                _ => return Err(SoapError::Entity(name)),
+            },
+        };
+        self.text(&c.to_string())
+    }
+
+    fn finish(mut self) -> Result<Request, SoapError> {
+        if !self.stack.is_empty() {
+            return Err(SoapError::Truncated);
+        }
+        if self.out.operation.is_empty() {
+            return Err(if self.seen_body {
+                SoapError::NoOperation
+            } else {
+                SoapError::NotEnvelope
+            });
+        }
+        self.out.tail = None;
+        Ok(self.out)
+    }
+
+    /// The buffer ended before the body did: acceptable only inside bulk content.
+    fn cut(mut self) -> Result<Request, SoapError> {
+        if !self.in_bulk() || self.out.operation.is_empty() {
+            return Err(SoapError::TooLarge);
+        }
+        let closing = self
+            .stack
+            .iter()
+            .rev()
+            .map(|o| [b"</".as_slice(), &o.raw, b">"].concat())
+            .collect();
+        self.out.tail = Some(Tail::new(closing));
+        Ok(self.out)
+    }
+}
+
+/// Checks the part of a request body past the classification buffer: base64 (and white
+/// space) to the end of the bulk element, then exactly the closing tags of every open
+/// element, then nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tail {
+    closing: Vec<Vec<u8>>,
+    /// Which closing tag, and how far into it; `None` while still in base64.
+    at: Option<(usize, usize)>,
+}
+
+impl Tail {
+    fn new(closing: Vec<Vec<u8>>) -> Tail {
+        Tail { closing, at: None }
+    }
+
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<(), SoapError> {
+        for &b in bytes {
+            self.step(b)?;
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, b: u8) -> Result<(), SoapError> {
+        let space = matches!(b, b' ' | b'\t' | b'\r' | b'\n');
+        match self.at {
+            None if b == b'<' => self.at = Some((0, 1)),
+            None if space || b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=') => {}
+            None => return Err(SoapError::BulkContent),
+            Some((_, 0)) if space => {}
+            Some((tag, pos)) => {
+                let want = self.closing.get(tag).ok_or(SoapError::AfterBulk)?;
+                if want.get(pos) != Some(&b) {
+                    return Err(SoapError::AfterBulk);
+                }
+                self.at = Some(if pos + 1 == want.len() {
+                    (tag + 1, 0)
+                } else {
+                    (tag, pos + 1)
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The body ended: every closing tag must have been seen.
+    pub fn finish(&self) -> Result<(), SoapError> {
+        match self.at {
+            Some((tag, 0)) if tag == self.closing.len() => Ok(()),
+            _ => Err(SoapError::Truncated),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
