@@ -5,7 +5,6 @@ use std::{
     fs,
     io::Write,
     net::{SocketAddr, TcpStream},
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -15,71 +14,12 @@ use base64::{
 use ewsgate::{auth::ntlm_messages, tokens::testkit};
 use serde_json::{json, Value};
 use tests::{
-    ews::{audit_lines, now, wait_audit, Backend, Https, Pki},
-    lab::{tag, BpfFs, Daemon, Lab, GATE_V4, GATE_V6, INTERNET, OFFICE, SALESFORCE},
+    ews::{audit_lines, now, wait_audit, Https, Pki},
+    gate::Gate,
     mailbox::{requests, TOKEN_ITEM},
-    TEST_GROUPS,
 };
 
-struct Setup {
-    daemon: Daemon,
-    backend: Backend,
-    pki: Pki,
-    audit: PathBuf,
-    dir: PathBuf,
-    lab: Lab,
-    _fs: BpfFs,
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn setup(failures: u32) -> Setup {
-    let fs = BpfFs::new().expect("bpffs");
-    let lab = Lab::new(&[OFFICE, SALESFORCE, INTERNET]).expect("lab");
-    let backend = Backend::start(&lab.gate).expect("backend");
-    let t = tag();
-    let dir = std::env::temp_dir().join(format!("ewsgate-test-{t}"));
-    let pki = Pki::new(&dir).expect("pki");
-    let socket = dir.join("ctl.sock");
-    let config = dir.join("ewsgate.toml");
-    let text = format!(
-        r#"{xdp}
-{TEST_GROUPS}
-[proxy]
-listen = ["{GATE_V4}:443", "[{GATE_V6}]:443"]
-certificate = "gate.pem"
-private_key = "gate.key"
-client_ca = "ca.pem"
-upstream = "http://127.0.0.1:8080"
-audit_log = "audit.jsonl"
-threads = 1
-
-[proxy.limits]
-head_timeout_ms = 1500
-idle_timeout_ms = 5000
-body_grace_ms = 1000
-body_min_bytes_per_s = 2000
-body_bytes = 1048576
-connections_per_source = 16
-[[proxy.limits.body]]
-path = "/EWS/Exchange.asmx"
-bytes = 104857600
-
-[tokens]
-audiences = ["{aud}"]
-issuers = ["{iss}"]
-metadata_urls = ["{amurl}"]
-certificates = ["exchange-auth.pem"]
-
-[feedback]
-failures = {failures}
-window_secs = 60
-block_secs = 60
-
+const RULES: &str = r#"
 [[rule]]
 name = "salesforce-callback"
 groups = ["salesforce"]
@@ -106,38 +46,25 @@ groups = ["offices"]
 auth = ["client-cert"]
 users = ["phone-*"]
 action = "allow"
-"#,
-        xdp = tests::lab_xdp_config(&fs.dir.join("ewsgate"), &socket, "native"),
-        aud = testkit::AUD,
-        iss = testkit::ISS,
-        amurl = testkit::AMURL,
-    );
-    fs::write(&config, text).expect("config");
-    let daemon = Daemon::start(&lab.gate, &config, &socket).expect("daemon");
-    Setup {
-        daemon,
-        backend,
-        pki,
-        audit: dir.join("audit.jsonl"),
-        dir,
-        lab,
-        _fs: fs,
-    }
+"#;
+
+fn setup(failures: u32) -> Gate {
+    Gate::start(failures, RULES)
 }
 
 fn gate4() -> SocketAddr {
-    SocketAddr::new(GATE_V4.parse().unwrap(), 443)
+    tests::gate::gate4()
 }
 
 fn gate6() -> SocketAddr {
-    SocketAddr::new(GATE_V6.parse().unwrap(), 443)
+    tests::gate::gate6()
 }
 
-impl Setup {
-    fn https(&self, role: &str) -> Https {
-        Https::connect(self.lab.client(role), gate4(), &self.pki, None).expect("TLS to the gate")
-    }
+trait Bearer {
+    fn bearer(&self, role: &str, token: &str) -> tests::ews::Reply;
+}
 
+impl Bearer for Gate {
     fn bearer(&self, role: &str, token: &str) -> tests::ews::Reply {
         let auth = format!("Bearer {token}");
         self.https(role)

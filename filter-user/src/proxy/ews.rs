@@ -212,7 +212,11 @@ fn judge(
             Some(name) => format!("denied by rule {name}"),
             None => policy::default_deny_reason(&c),
         };
-        return Err(refusal(StatusCode::INTERNAL_SERVER_ERROR, reason));
+        let mut r = refusal(StatusCode::INTERNAL_SERVER_ERROR, reason);
+        // Read whole, the request leaves the connection in a known state (and an NTLM
+        // session on it intact).
+        r.keep_alive = tail.is_none();
+        return Err(r);
     }
     if info.is_some_and(|i| i.shape == Shape::Changes) {
         // Moved, copied, deleted or changed items get new IDs or classes: forget them.

@@ -38,6 +38,8 @@ pub(super) struct Refusal {
     pub(super) status: StatusCode,
     pub(super) reason: String,
     pub(super) fail: bool,
+    /// The request was read whole: the connection may carry the next one.
+    pub(super) keep_alive: bool,
 }
 
 /// A refusal that does not count against the source (Exchange unreachable, say).
@@ -46,6 +48,7 @@ pub(super) fn not_the_clients_fault(status: StatusCode, reason: &str) -> Refusal
         status,
         reason: reason.into(),
         fail: false,
+        keep_alive: false,
     }
 }
 
@@ -54,6 +57,7 @@ pub(super) fn refusal(status: StatusCode, reason: impl Into<String>) -> Refusal 
         status,
         reason: reason.into(),
         fail: true,
+        keep_alive: false,
     }
 }
 
@@ -148,6 +152,10 @@ impl Conn {
             let text = format!("ewsgate: request refused ({})\n", rec.reason);
             local_response(r.status, "text/plain; charset=utf-8", text)
         };
+        let mut resp = resp;
+        if r.keep_alive {
+            resp.headers_mut().remove(header::CONNECTION);
+        }
         self.shared.audit.log(rec);
         resp
     }

@@ -192,8 +192,8 @@ pub fn parse_request(bytes: &[u8], complete: bool, limits: Limits) -> Result<Req
     loop {
         let (ns, event) = match reader.read_resolved_event() {
             Ok(x) => x,
-            // Cut inside a tag: a longer body that was not in bulk content at the cut.
-            Err(_) if !complete && p.in_bulk() => return p.cut(),
+            // Cut inside a tag: a longer body, too large unless cut inside bulk content.
+            Err(_) if !complete => return p.cut(),
             Err(e) => return Err(SoapError::Xml(e.to_string())),
         };
         let ns = namespace(&ns);

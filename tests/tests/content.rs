@@ -1,0 +1,282 @@
+//! The EWS content policy in the lab: real TLS, real SOAP, a stand-in Exchange mailbox
+//! that answers like Exchange. Each case asserts what the client received and what
+//! reached Exchange.
+
+use base64::{engine::general_purpose::STANDARD, Engine as _};
+use ewsgate::{auth::ntlm_messages, tokens::testkit};
+use tests::{
+    ews::{now, wait_audit, Https, Reply},
+    gate::Gate,
+    mailbox::{requests, TOKEN_ITEM},
+};
+
+const RULES: &str = r#"
+[[rule]]
+name = "salesforce-token-item"
+groups = ["salesforce"]
+auth = ["bearer"]
+token = ["callback"]
+operations = ["GetItem", "GetAttachment"]
+scope = "token-item"
+action = "allow"
+
+[[rule]]
+name = "phones-calendar-contacts"
+groups = ["offices"]
+auth = ["client-cert", "basic"]
+operations = ["read", "sync", "write"]
+data = ["calendar", "contacts"]
+action = "allow"
+
+[[rule]]
+name = "office-windows"
+groups = ["offices"]
+auth = ["ntlm"]
+action = "allow"
+"#;
+
+fn post(c: &mut Https, body: &str) -> Reply {
+    c.ews(&[], body.as_bytes()).expect("reply")
+}
+
+/// A refusal the way an EWS client sees it: a SOAP fault with Exchange's error code.
+fn assert_fault(r: &Reply, status: u16, code: &str, says: &str) {
+    assert_eq!(r.status, status, "{}", r.body);
+    assert!(r.body.contains("<s:Fault>"), "{}", r.body);
+    assert!(r.body.contains(&format!("a:{code}")), "{}", r.body);
+    assert!(r.body.contains(says), "expected {says:?} in {}", r.body);
+}
+
+/// How many requests with `op` reached the stand-in Exchange.
+fn reached(g: &Gate, op: &str) -> usize {
+    g.backend
+        .requests()
+        .iter()
+        .filter(|s| s.operation.as_deref() == Some(op))
+        .count()
+}
+
+fn ntlm_client(g: &Gate, user: &str) -> Https {
+    let ntlm = |m: Vec<u8>| format!("NTLM {}", STANDARD.encode(m));
+    let mut c = g.https("office");
+    let r = c
+        .ews(&[("Authorization", &ntlm(ntlm_messages::negotiate()))], b"")
+        .expect("type 1");
+    assert_eq!(r.status, 401);
+    let r = c
+        .ews(
+            &[(
+                "Authorization",
+                &ntlm(ntlm_messages::authenticate("EXAMPLE", user)),
+            )],
+            requests::find_item("calendar", true, None).as_bytes(),
+        )
+        .expect("type 3");
+    assert_eq!(r.status, 200, "{}", r.body);
+    c
+}
+
+#[test]
+fn a_calendar_and_contacts_rule_reads_the_calendar_and_never_sees_mail_or_notes() {
+    let g = Gate::start(0, RULES);
+    let mut phone = g.https_with_cert("office", "phone-0042");
+
+    let r = post(&mut phone, &requests::find_item("calendar", true, None));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("Dentist") && r.body.contains("Standup"));
+
+    // The inbox and notes: refused before Exchange sees them.
+    for folder in ["inbox", "notes", "sentitems"] {
+        let r = post(&mut phone, &requests::find_item(folder, false, None));
+        assert_fault(&r, 500, "ErrorAccessDenied", "no rule allows FindItem");
+    }
+    assert_eq!(reached(&g, "FindItem"), 1);
+    let line = wait_audit(&g.audit, |v| v["operation"] == "FindItem" && v["data"] == "notes")
+        .expect("audit of the notes denial");
+    assert_eq!(line["decision"], "deny");
+    assert_eq!(line["mailbox"], "phone-0042");
+
+    // One GetItem for a calendar item and an e-mail, both unknown to the gate: Exchange
+    // answers both, the client gets the calendar item and an error for the e-mail.
+    let r = post(&mut phone, &requests::get_item(&["C-cal-1", "M-mail-2"]));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("Dentist"), "{}", r.body);
+    assert!(!r.body.contains("Board minutes"), "{}", r.body);
+    assert!(r.body.contains("ErrorAccessDenied"));
+    let line = wait_audit(&g.audit, |v| v["withheld"] == 1).expect("withheld audit");
+    assert_eq!(line["items"], 2);
+    assert_eq!(line["data"], "unresolved");
+
+    // Now the gate knows M-mail-2 is e-mail: refused before Exchange.
+    let before = reached(&g, "GetItem");
+    let r = post(&mut phone, &requests::get_item(&["M-mail-2"]));
+    assert_fault(&r, 500, "ErrorAccessDenied", "on email");
+    assert_eq!(reached(&g, "GetItem"), before);
+
+    // A note is a t:Message with IPM.StickyNote; a meeting request lives in the Inbox but
+    // is calendar data.
+    let r = post(&mut phone, &requests::get_item(&["N-note-1"]));
+    assert!(!r.body.contains("Door code"), "{}", r.body);
+    assert!(r.body.contains("ErrorAccessDenied"));
+    let r = post(&mut phone, &requests::get_item(&["R-meet-1"]));
+    assert!(r.body.contains("Planning"), "{}", r.body);
+    assert!(!r.body.contains("ErrorAccessDenied"), "{}", r.body);
+
+    // An e-mail's attachment under the calendar-only rule; a calendar item's attachment.
+    let r = post(&mut phone, &requests::get_attachment(&["A-mail-2"]));
+    assert_fault(&r, 500, "ErrorAccessDenied", "on email");
+    let r = post(&mut phone, &requests::get_attachment(&["A-mail-1"]));
+    assert!(!r.body.contains("JVBERi0xLjQK"), "{}", r.body);
+    assert!(r.body.contains("data type unresolved"), "{}", r.body);
+    let r = post(&mut phone, &requests::get_attachment(&["A-cal-1"]));
+    assert!(r.body.contains("JVBERi0xLjQK"), "{}", r.body);
+
+    // Moves: a known calendar item may move; its old ID is forgotten, its new one is
+    // judged on its class wherever it now lives. Unknown and e-mail items may not move.
+    post(&mut phone, &requests::get_item(&["C-cal-2"]));
+    let r = post(&mut phone, &requests::move_item("C-cal-2", "contacts"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = post(&mut phone, &requests::move_item("M-mail-2", "calendar"));
+    assert_fault(&r, 500, "ErrorAccessDenied", "on email");
+    let r = post(&mut phone, &requests::move_item("X-unknown", "calendar"));
+    assert_fault(&r, 500, "ErrorAccessDenied", "data type unresolved");
+    assert_eq!(reached(&g, "MoveItem"), 1);
+    let r = post(&mut phone, &requests::get_item(&["C-cal-2-moved"]));
+    assert!(r.body.contains("Standup"), "{}", r.body);
+    let gone = wait_audit(&g.audit, |v| {
+        v["operation"] == "MoveItem" && v["decision"] == "allow"
+    });
+    assert!(gone.is_some());
+}
+
+#[test]
+fn a_callback_token_reads_its_own_item_and_nothing_else() {
+    let g = Gate::start(0, RULES);
+    let token = g.pki.token(|_| testkit::callback_claims_at(now()));
+    let auth = format!("Bearer {token}");
+    let send = |body: String| {
+        g.https("sf")
+            .ews(&[("Authorization", &auth)], body.as_bytes())
+            .expect("reply")
+    };
+    let r = send(requests::get_item(&[TOKEN_ITEM]));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("Quote for ACME"));
+    // Its attachment, learnt from that answer.
+    let r = send(requests::get_attachment(&["A-mail-1"]));
+    assert!(r.body.contains("JVBERi0xLjQK"), "{}", r.body);
+    let before = (reached(&g, "GetItem"), reached(&g, "GetAttachment"));
+    // Another item, alone or with its own; another item's attachment; a folder.
+    for body in [
+        requests::get_item(&["M-mail-2"]),
+        requests::get_item(&[TOKEN_ITEM, "M-mail-2"]),
+        requests::get_attachment(&["A-mail-2"]),
+        requests::find_item("inbox", false, None),
+    ] {
+        let r = send(body);
+        assert_fault(&r, 500, "ErrorAccessDenied", "request refused");
+    }
+    assert_eq!(
+        (reached(&g, "GetItem"), reached(&g, "GetAttachment"), reached(&g, "FindItem")),
+        (before.0, before.1, 0)
+    );
+    let line = wait_audit(&g.audit, |v| v["operation"] == "GetItem" && v["items"] == 2)
+        .expect("audit");
+    assert_eq!(line["decision"], "deny");
+    assert_eq!(line["mailbox"], "alice@example.org");
+}
+
+#[test]
+fn impersonation_delegates_export_and_non_soap_paths_need_a_rule_that_names_them() {
+    let g = Gate::start(0, RULES);
+    let cal = requests::find_item("calendar", true, None);
+    let cases = [
+        (
+            requests::impersonating("ceo@example.org", &cal),
+            "impersonation is allowed only by a rule",
+        ),
+        (
+            requests::find_item("calendar", true, Some("ceo@example.org")),
+            "access to mailbox ceo@example.org",
+        ),
+        (requests::export_items("C-cal-1"), "ExportItems is allowed only by a rule"),
+        (
+            requests::envelope("", "<m:GetDelegate IncludePermissions=\"true\"><m:Mailbox><t:EmailAddress>bob@example.org</t:EmailAddress></m:Mailbox></m:GetDelegate>"),
+            "GetDelegate is allowed only by a rule",
+        ),
+        (
+            requests::envelope("", "<m:GetSearchableMailboxes/>"),
+            "GetSearchableMailboxes is allowed only by a rule",
+        ),
+        (
+            requests::envelope("", "<m:GetInboxRules/>"),
+            "GetInboxRules is allowed only by a rule",
+        ),
+        (
+            requests::envelope("", "<m:FrobnicateItem/>"),
+            "unknown operation FrobnicateItem",
+        ),
+    ];
+    for (body, says) in &cases {
+        // A refusal closes the connection: a fresh NTLM session each time.
+        let mut bob = ntlm_client(&g, "bob");
+        let before = g.backend.requests().len();
+        let r = post(&mut bob, body);
+        assert_fault(&r, 500, "ErrorAccessDenied", says);
+        assert_eq!(g.backend.requests().len(), before, "reached Exchange: {body}");
+    }
+    let mut bob = ntlm_client(&g, "bob");
+    // Bob's own mailbox named explicitly is not delegate access.
+    let r = post(&mut bob, &requests::find_item("calendar", true, Some("bob@example.org")));
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    let mut c = g.https("office");
+    for path in [
+        "/EWS/Exchange.asmx/s/GetUserPhoto?email=bob@example.org&size=HR48x48",
+        "/ews/odata/me/messages",
+        "/EWS/mrsproxy.svc",
+        "/EWS/Services.wsdl",
+    ] {
+        let r = c.request("GET", path, &[], b"").expect("reply");
+        assert_eq!(r.status, 403, "{path}: {}", r.body);
+        c = g.https("office");
+    }
+}
+
+#[test]
+fn hostile_xml_is_refused_before_exchange_sees_it() {
+    let g = Gate::start(0, RULES);
+    let get = requests::get_item(&["C-cal-1"]);
+    let lol = format!(
+        "<?xml version=\"1.0\"?><!DOCTYPE lolz [<!ENTITY lol \"lol\"><!ENTITY lol2 \"&lol;&lol;&lol;&lol;\">]>{}",
+        get.trim_start_matches("<?xml version=\"1.0\" encoding=\"utf-8\"?>")
+    );
+    let deep = get.replace(
+        "<m:ItemIds>",
+        &format!("{}<m:ItemIds>", "<t:X>".repeat(200)),
+    );
+    let op = "<m:GetItem><m:ItemShape><t:BaseShape>IdOnly</t:BaseShape></m:ItemShape><m:ItemIds><t:ItemId Id=\"C-cal-1\"/></m:ItemIds></m:GetItem>";
+    let two = requests::envelope("", &format!("{op}<m:ExportItems><m:ItemIds><t:ItemId Id=\"M-mail-2\"/></m:ItemIds></m:ExportItems>"));
+    let huge = requests::envelope(
+        "",
+        &format!(
+            "<m:GetItem><m:ItemShape><t:BaseShape>IdOnly</t:BaseShape></m:ItemShape><m:ItemIds>{}</m:ItemIds></m:GetItem>",
+            "<t:ItemId Id=\"C-cal-1\"/>".repeat(60_000)
+        ),
+    );
+    let entity = get.replace("IdOnly", "&xxe;");
+    let cases = [
+        (lol, "soap_dtd"),
+        (deep, "soap_too_deep"),
+        (two, "soap_two_operations"),
+        (huge, "soap_too_large"),
+        (entity, "soap_entity"),
+        ("<soap/>".to_string(), "soap_not_envelope"),
+    ];
+    for (body, reason) in cases {
+        let mut phone = g.https_with_cert("office", "phone-0042");
+        let r = post(&mut phone, &body);
+        assert_fault(&r, 400, "ErrorInvalidRequest", reason);
+    }
+    assert_eq!(g.backend.requests().len(), 0, "nothing reached Exchange");
+}
