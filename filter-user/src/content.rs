@@ -270,13 +270,15 @@ pub fn item_element(element: &str, meetings: Meetings) -> Option<DataSet> {
         }
         "Contact" | "DistributionList" => DataSet::CONTACTS,
         "Task" => DataSet::TASKS,
-        "AcceptItem" | "TentativelyAcceptItem" | "DeclineItem" | "CancelCalendarItem"
-        | "RemoveItem" | "CalendarView" | "OccurrenceItemId" | "RecurringMasterItemId" => {
-            DataSet::CALENDAR
-        }
-        "ReplyToItem" | "ReplyAllToItem" | "ForwardItem" | "SuppressReadReceipt" => {
-            DataSet::EMAIL
-        }
+        "AcceptItem"
+        | "TentativelyAcceptItem"
+        | "DeclineItem"
+        | "CancelCalendarItem"
+        | "RemoveItem"
+        | "CalendarView"
+        | "OccurrenceItemId"
+        | "RecurringMasterItemId" => DataSet::CALENDAR,
+        "ReplyToItem" | "ReplyAllToItem" | "ForwardItem" | "SuppressReadReceipt" => DataSet::EMAIL,
         "ContactsView" => DataSet::CONTACTS,
         _ => return None,
     })
@@ -293,7 +295,12 @@ pub fn item_data(item: &soap::Item, meetings: Meetings) -> Option<DataSet> {
 /// The data a distinguished folder holds; `None` for roots and search folders (any type).
 pub fn distinguished(id: &str) -> Option<DataSet> {
     Some(match id {
-        "inbox" | "sentitems" | "drafts" | "outbox" | "junkemail" | "deleteditems"
+        "inbox"
+        | "sentitems"
+        | "drafts"
+        | "outbox"
+        | "junkemail"
+        | "deleteditems"
         | "conversationhistory" => DataSet::EMAIL,
         _ if id.starts_with("archive") => DataSet::EMAIL,
         "calendar" => DataSet::CALENDAR,
@@ -634,7 +641,11 @@ fn judge_message(
         if token.is_some() && known.root.as_deref() != token {
             return Some("the attachment is outside the callback token's scope".into());
         }
-        if let Some(why) = a.item.as_ref().and_then(|i| judge_item(i, inspect.data, meetings)) {
+        if let Some(why) = a
+            .item
+            .as_ref()
+            .and_then(|i| judge_item(i, inspect.data, meetings))
+        {
             return Some(why);
         }
     }

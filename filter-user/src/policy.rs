@@ -101,7 +101,9 @@ pub fn decide(rules: &[Rule], s: &Subject) -> Decision {
             None if r.judges_content() => continue,
             None => false,
         };
-        let inspect = (r.action == Action::Allow).then(|| inspection(r, s, provisional)).flatten();
+        let inspect = (r.action == Action::Allow)
+            .then(|| inspection(r, s, provisional))
+            .flatten();
         return Decision {
             action: r.action,
             rule: Some(r.name.clone()),

@@ -256,14 +256,17 @@ async fn exchange(
             body_bytes,
             user: current.clone(),
             operation: soap.as_ref().map(|s| s.operation.clone()),
-            items: soap.map(|s| [s.items, s.attachments].concat()).unwrap_or_default(),
+            items: soap
+                .map(|s| [s.items, s.attachments].concat())
+                .unwrap_or_default(),
         });
     }
     let answer = (status == 200 && body_bytes as usize == kept.len())
         .then(|| mailbox.answer(&kept))
         .flatten();
     let soap = answer.is_some();
-    let text = answer.unwrap_or_else(|| format!("<ok connection=\"{connection}\" bytes=\"{body_bytes}\"/>"));
+    let text = answer
+        .unwrap_or_else(|| format!("<ok connection=\"{connection}\" bytes=\"{body_bytes}\"/>"));
     let mut resp = Response::new(Full::new(Bytes::from(text)));
     if soap {
         resp.headers_mut()

@@ -37,18 +37,18 @@ impl Drop for Gate {
 }
 
 impl Gate {
-/// Starts a gate whose `[[rule]]`s are `rules`; `failures` is the feedback threshold.
-pub fn start(failures: u32, rules: &str) -> Gate {
-    let fs = BpfFs::new().expect("bpffs");
-    let lab = Lab::new(&[OFFICE, SALESFORCE, INTERNET]).expect("lab");
-    let backend = Backend::start(&lab.gate).expect("backend");
-    let t = tag();
-    let dir = std::env::temp_dir().join(format!("ewsgate-test-{t}"));
-    let pki = Pki::new(&dir).expect("pki");
-    let socket = dir.join("ctl.sock");
-    let config = dir.join("ewsgate.toml");
-    let text = format!(
-        r#"{xdp}
+    /// Starts a gate whose `[[rule]]`s are `rules`; `failures` is the feedback threshold.
+    pub fn start(failures: u32, rules: &str) -> Gate {
+        let fs = BpfFs::new().expect("bpffs");
+        let lab = Lab::new(&[OFFICE, SALESFORCE, INTERNET]).expect("lab");
+        let backend = Backend::start(&lab.gate).expect("backend");
+        let t = tag();
+        let dir = std::env::temp_dir().join(format!("ewsgate-test-{t}"));
+        let pki = Pki::new(&dir).expect("pki");
+        let socket = dir.join("ctl.sock");
+        let config = dir.join("ewsgate.toml");
+        let text = format!(
+            r#"{xdp}
 {TEST_GROUPS}
 [proxy]
 listen = ["{GATE_V4}:443", "[{GATE_V6}]:443"]
@@ -82,23 +82,23 @@ window_secs = 60
 block_secs = 60
 
 {rules}"#,
-        xdp = crate::lab_xdp_config(&fs.dir.join("ewsgate"), &socket, "native"),
-        aud = testkit::AUD,
-        iss = testkit::ISS,
-        amurl = testkit::AMURL,
-    );
-    fs::write(&config, text).expect("config");
-    let daemon = Daemon::start(&lab.gate, &config, &socket).expect("daemon");
-    Gate {
-        daemon,
-        backend,
-        pki,
-        audit: dir.join("audit.jsonl"),
-        dir,
-        lab,
-        _fs: fs,
+            xdp = crate::lab_xdp_config(&fs.dir.join("ewsgate"), &socket, "native"),
+            aud = testkit::AUD,
+            iss = testkit::ISS,
+            amurl = testkit::AMURL,
+        );
+        fs::write(&config, text).expect("config");
+        let daemon = Daemon::start(&lab.gate, &config, &socket).expect("daemon");
+        Gate {
+            daemon,
+            backend,
+            pki,
+            audit: dir.join("audit.jsonl"),
+            dir,
+            lab,
+            _fs: fs,
+        }
     }
-}
 }
 
 impl Gate {

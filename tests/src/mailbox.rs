@@ -22,13 +22,19 @@ pub struct Item {
 }
 
 /// folder id, distinguished name, class, display name.
-pub const FOLDERS: [(&str, &str, &str, &str); 6] = [
+pub const FOLDERS: [(&str, &str, &str, &str); 7] = [
+    ("F-top", "root", "", "root"),
     ("F-inbox", "inbox", "IPF.Note", "Inbox"),
     ("F-calendar", "calendar", "IPF.Appointment", "Calendar"),
     ("F-contacts", "contacts", "IPF.Contact", "Contacts"),
     ("F-tasks", "tasks", "IPF.Task", "Tasks"),
     ("F-notes", "notes", "IPF.StickyNote", "Notes"),
-    ("F-root", "msgfolderroot", "IPF.Note", "Top of Information Store"),
+    (
+        "F-root",
+        "msgfolderroot",
+        "IPF.Note",
+        "Top of Information Store",
+    ),
 ];
 
 fn item(
@@ -51,14 +57,70 @@ fn item(
 
 pub fn items() -> Vec<Item> {
     vec![
-        item(TOKEN_ITEM, "F-inbox", "Message", "IPM.Note", "Quote for ACME", vec!["A-mail-1"]),
-        item("M-mail-2", "F-inbox", "Message", "IPM.Note", "Board minutes", vec!["A-mail-2"]),
-        item("R-meet-1", "F-inbox", "MeetingRequest", "IPM.Schedule.Meeting.Request", "Planning", vec![]),
-        item("C-cal-1", "F-calendar", "CalendarItem", "IPM.Appointment", "Dentist", vec!["A-cal-1"]),
-        item("C-cal-2", "F-calendar", "CalendarItem", "IPM.Appointment", "Standup", vec![]),
-        item("P-con-1", "F-contacts", "Contact", "IPM.Contact", "Bob Example", vec![]),
-        item("T-task-1", "F-tasks", "Task", "IPM.Task", "File taxes", vec![]),
-        item("N-note-1", "F-notes", "Message", "IPM.StickyNote", "Door code 4711", vec![]),
+        item(
+            TOKEN_ITEM,
+            "F-inbox",
+            "Message",
+            "IPM.Note",
+            "Quote for ACME",
+            vec!["A-mail-1"],
+        ),
+        item(
+            "M-mail-2",
+            "F-inbox",
+            "Message",
+            "IPM.Note",
+            "Board minutes",
+            vec!["A-mail-2"],
+        ),
+        item(
+            "R-meet-1",
+            "F-inbox",
+            "MeetingRequest",
+            "IPM.Schedule.Meeting.Request",
+            "Planning",
+            vec![],
+        ),
+        item(
+            "C-cal-1",
+            "F-calendar",
+            "CalendarItem",
+            "IPM.Appointment",
+            "Dentist",
+            vec!["A-cal-1"],
+        ),
+        item(
+            "C-cal-2",
+            "F-calendar",
+            "CalendarItem",
+            "IPM.Appointment",
+            "Standup",
+            vec![],
+        ),
+        item(
+            "P-con-1",
+            "F-contacts",
+            "Contact",
+            "IPM.Contact",
+            "Bob Example",
+            vec![],
+        ),
+        item(
+            "T-task-1",
+            "F-tasks",
+            "Task",
+            "IPM.Task",
+            "File taxes",
+            vec![],
+        ),
+        item(
+            "N-note-1",
+            "F-notes",
+            "Message",
+            "IPM.StickyNote",
+            "Door code 4711",
+            vec![],
+        ),
     ]
 }
 
@@ -176,7 +238,12 @@ impl Mailbox {
                                 "IPF.Task" => "TasksFolder",
                                 _ => "Folder",
                             };
-                            format!("<t:{el}><t:FolderId Id=\"{id}\" ChangeKey=\"AQAAAA==\"/><t:FolderClass>{class}</t:FolderClass><t:DisplayName>{name}</t:DisplayName></t:{el}>")
+                            let class = if class.is_empty() {
+                                String::new()
+                            } else {
+                                format!("<t:FolderClass>{class}</t:FolderClass>")
+                            };
+                            format!("<t:{el}><t:FolderId Id=\"{id}\" ChangeKey=\"AQAAAA==\"/>{class}<t:DisplayName>{name}</t:DisplayName></t:{el}>")
                         })
                         .collect()
                 };
@@ -233,7 +300,10 @@ pub mod requests {
             .iter()
             .map(|i| format!("<t:ItemId Id=\"{i}\"/>"))
             .collect();
-        envelope("", &format!("<m:GetItem>{SHAPE}<m:ItemIds>{ids}</m:ItemIds></m:GetItem>"))
+        envelope(
+            "",
+            &format!("<m:GetItem>{SHAPE}<m:ItemIds>{ids}</m:ItemIds></m:GetItem>"),
+        )
     }
 
     pub fn get_attachment(ids: &[&str]) -> String {
@@ -241,7 +311,10 @@ pub mod requests {
             .iter()
             .map(|i| format!("<t:AttachmentId Id=\"{i}\"/>"))
             .collect();
-        envelope("", &format!("<m:GetAttachment><m:AttachmentIds>{ids}</m:AttachmentIds></m:GetAttachment>"))
+        envelope(
+            "",
+            &format!("<m:GetAttachment><m:AttachmentIds>{ids}</m:AttachmentIds></m:GetAttachment>"),
+        )
     }
 
     /// `FindItem` in a distinguished folder (or an opaque one: `folder` starting with `F-`),
@@ -282,7 +355,12 @@ pub mod requests {
     }
 
     pub fn export_items(id: &str) -> String {
-        envelope("", &format!("<m:ExportItems><m:ItemIds><t:ItemId Id=\"{id}\"/></m:ItemIds></m:ExportItems>"))
+        envelope(
+            "",
+            &format!(
+                "<m:ExportItems><m:ItemIds><t:ItemId Id=\"{id}\"/></m:ItemIds></m:ExportItems>"
+            ),
+        )
     }
 
     /// `CreateAttachment` whose content is `size` bytes of base64.

@@ -91,8 +91,10 @@ fn a_calendar_and_contacts_rule_reads_the_calendar_and_never_sees_mail_or_notes(
         assert_fault(&r, 500, "ErrorAccessDenied", "no rule allows FindItem");
     }
     assert_eq!(reached(&g, "FindItem"), 1);
-    let line = wait_audit(&g.audit, |v| v["operation"] == "FindItem" && v["data"] == "notes")
-        .expect("audit of the notes denial");
+    let line = wait_audit(&g.audit, |v| {
+        v["operation"] == "FindItem" && v["data"] == "notes"
+    })
+    .expect("audit of the notes denial");
     assert_eq!(line["decision"], "deny");
     assert_eq!(line["mailbox"], "phone-0042");
 
@@ -177,11 +179,15 @@ fn a_callback_token_reads_its_own_item_and_nothing_else() {
         assert_fault(&r, 500, "ErrorAccessDenied", "request refused");
     }
     assert_eq!(
-        (reached(&g, "GetItem"), reached(&g, "GetAttachment"), reached(&g, "FindItem")),
+        (
+            reached(&g, "GetItem"),
+            reached(&g, "GetAttachment"),
+            reached(&g, "FindItem")
+        ),
         (before.0, before.1, 0)
     );
-    let line = wait_audit(&g.audit, |v| v["operation"] == "GetItem" && v["items"] == 2)
-        .expect("audit");
+    let line =
+        wait_audit(&g.audit, |v| v["operation"] == "GetItem" && v["items"] == 2).expect("audit");
     assert_eq!(line["decision"], "deny");
     assert_eq!(line["mailbox"], "alice@example.org");
 }
@@ -223,11 +229,18 @@ fn impersonation_delegates_export_and_non_soap_paths_need_a_rule_that_names_them
         let before = g.backend.requests().len();
         let r = post(&mut bob, body);
         assert_fault(&r, 500, "ErrorAccessDenied", says);
-        assert_eq!(g.backend.requests().len(), before, "reached Exchange: {body}");
+        assert_eq!(
+            g.backend.requests().len(),
+            before,
+            "reached Exchange: {body}"
+        );
     }
     let mut bob = ntlm_client(&g, "bob");
     // Bob's own mailbox named explicitly is not delegate access.
-    let r = post(&mut bob, &requests::find_item("calendar", true, Some("bob@example.org")));
+    let r = post(
+        &mut bob,
+        &requests::find_item("calendar", true, Some("bob@example.org")),
+    );
     assert_eq!(r.status, 200, "{}", r.body);
 
     let mut c = g.https("office");
@@ -256,7 +269,12 @@ fn hostile_xml_is_refused_before_exchange_sees_it() {
         &format!("{}<m:ItemIds>", "<t:X>".repeat(200)),
     );
     let op = "<m:GetItem><m:ItemShape><t:BaseShape>IdOnly</t:BaseShape></m:ItemShape><m:ItemIds><t:ItemId Id=\"C-cal-1\"/></m:ItemIds></m:GetItem>";
-    let two = requests::envelope("", &format!("{op}<m:ExportItems><m:ItemIds><t:ItemId Id=\"M-mail-2\"/></m:ItemIds></m:ExportItems>"));
+    let two = requests::envelope(
+        "",
+        &format!(
+            "{op}<m:ExportItems><m:ItemIds><t:ItemId Id=\"M-mail-2\"/></m:ItemIds></m:ExportItems>"
+        ),
+    );
     let huge = requests::envelope(
         "",
         &format!(
@@ -279,4 +297,58 @@ fn hostile_xml_is_refused_before_exchange_sees_it() {
         assert_fault(&r, 400, "ErrorInvalidRequest", reason);
     }
     assert_eq!(g.backend.requests().len(), 0, "nothing reached Exchange");
+}
+
+/// exchangelib (from PyPI), the client many scripts and tools use, through the gate.
+#[test]
+fn exchangelib_lists_the_calendar_and_contacts_and_is_refused_the_inbox() {
+    let g = Gate::start(0, RULES);
+    let python = std::env::var("EWSGATE_PYTHON").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/py/bin/python3").to_string()
+    });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/ews_client.py");
+    let url = format!("https://{}/EWS/Exchange.asmx", tests::lab::GATE_V4);
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &g.lab.client("office").name,
+            &python,
+            script,
+            &url,
+        ])
+        .args(["alice@example.org", "not-logged"])
+        .arg(&g.pki.ca)
+        .output()
+        .expect("run exchangelib (cargo xtask setup installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("exchangelib: {stdout}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
+    assert_eq!(v["calendar"], serde_json::json!(["Dentist", "Standup"]));
+    assert_eq!(v["contacts"], serde_json::json!(["Bob Example"]));
+    assert!(v.get("inbox").is_none(), "{v}");
+    let err = v["inbox_error"].as_str().expect("inbox error");
+    assert!(err.starts_with("ErrorAccessDenied"), "{err}");
+    assert!(err.contains("ewsgate"), "{err}");
+    let line = wait_audit(&g.audit, |v| {
+        v["decision"] == "deny" && v["data"] == "email"
+    })
+    .expect("audit of the inbox denial");
+    assert_eq!(line["auth"], "basic");
+    assert_eq!(line["user"], "alice@example.org");
+    assert!(!std::fs::read_to_string(&g.audit)
+        .unwrap_or_default()
+        .contains("not-logged"));
+    let inbox = g
+        .backend
+        .requests()
+        .iter()
+        .filter(|s| s.items.is_empty() && s.operation.is_some())
+        .count();
+    assert!(inbox > 0);
 }

@@ -351,9 +351,12 @@ fn smuggling_slow_clients_and_large_bodies() {
     let auth = format!("Authorization: Bearer {token}\r\n");
     let mut idle = s.https("sf");
     assert_eq!(
-        idle.ews(&[("Authorization", &format!("Bearer {token}"))], soap().as_bytes())
-            .unwrap()
-            .status,
+        idle.ews(
+            &[("Authorization", &format!("Bearer {token}"))],
+            soap().as_bytes()
+        )
+        .unwrap()
+        .status,
         200
     );
     let idle_since = Instant::now();
@@ -459,7 +462,10 @@ fn smuggling_slow_clients_and_large_bodies() {
     big.send(tail.as_bytes()).unwrap();
     let reply = big.read_reply().unwrap();
     assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_eq!(s.backend.requests().last().unwrap().body_bytes, total as u64);
+    assert_eq!(
+        s.backend.requests().last().unwrap().body_bytes,
+        total as u64
+    );
     let line = wait_audit(&s.audit, |v| v["bytes_in"] == total as u64)
         .expect("audit line with the body's size");
     assert_eq!(line["upstream_status"], 200);
@@ -517,7 +523,10 @@ fn a_source_that_keeps_failing_is_dropped_by_xdp() {
         let mut c = s.https("office");
         decided = Instant::now();
         let reply = c
-            .ews(&[("Authorization", &format!("Bearer {bad}"))], soap().as_bytes())
+            .ews(
+                &[("Authorization", &format!("Bearer {bad}"))],
+                soap().as_bytes(),
+            )
             .unwrap();
         assert_eq!(reply.status, 401);
     }

@@ -28,7 +28,12 @@ const APT_PACKAGES: &[&str] = &[
     "haproxy",
     "nginx-light",
     "wrk",
+    // A real EWS client (exchangelib, from PyPI) drives the gate end to end.
+    "python3",
+    "python3-venv",
 ];
+/// exchangelib, pinned, in a virtual environment under target/.
+const EXCHANGELIB: &str = "exchangelib==5.6.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 
 #[derive(Parser)]
@@ -136,6 +141,26 @@ fn quiet_ok(cmd: &mut Command) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// The Python the end-to-end test runs exchangelib with.
+fn python() -> PathBuf {
+    root().join("target/py/bin/python3")
+}
+
+fn python_env() -> anyhow::Result<()> {
+    let ready = |py: &Path| quiet_ok(Command::new(py).args(["-c", "import exchangelib"]));
+    if ready(&python()) {
+        return Ok(());
+    }
+    eprintln!("setup: installing {EXCHANGELIB} into target/py");
+    status(
+        Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(root().join("target/py")),
+    )?;
+    status(Command::new(python()).args(["-m", "pip", "install", "--quiet", EXCHANGELIB]))?;
+    Ok(())
+}
+
 fn setup() -> anyhow::Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
@@ -157,6 +182,7 @@ fn setup() -> anyhow::Result<()> {
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
     }
+    python_env()?;
     let src = Command::new("rustup")
         .args(["component", "list", "--toolchain", "nightly", "--installed"])
         .output()?;
@@ -234,6 +260,7 @@ fn test() -> anyhow::Result<()> {
         .current_dir(root())
         .env("PATH", path_env())
         .env("EWSGATE_BIN", &bin)
+        .env("EWSGATE_PYTHON", python())
         .stdout(Stdio::piped())
         .spawn()
         .context("running cargo test")?;

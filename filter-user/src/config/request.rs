@@ -253,28 +253,58 @@ pub(crate) struct RawContent {
 impl RawContent {
     pub(crate) fn validate(self, here: &Locator) -> Result<ContentSettings, ConfigError> {
         let d = ContentSettings::default();
-        let bounded = |v: &Option<Spanned<u64>>, default: usize, min: u64, max: u64, name: &str| {
-            match v {
+        let bounded =
+            |v: &Option<Spanned<u64>>, default: usize, min: u64, max: u64, name: &str| match v {
                 None => Ok(default),
                 Some(x) if (min..=max).contains(x.get_ref()) => Ok(*x.get_ref() as usize),
                 Some(x) => Err(here.at(x, format!("{name} must be {min}..={max}"))),
-            }
-        };
-        let meetings = match self.meeting_messages.as_ref().map(|m| (m, m.get_ref().as_str())) {
+            };
+        let meetings = match self
+            .meeting_messages
+            .as_ref()
+            .map(|m| (m, m.get_ref().as_str()))
+        {
             None | Some((_, "calendar")) => Meetings(DataSet::CALENDAR),
             Some((_, "email")) => Meetings(DataSet::EMAIL),
             Some((m, other)) => {
-                return Err(here.at(m, format!("'{other}': meeting_messages is calendar or email")))
+                return Err(here.at(
+                    m,
+                    format!("'{other}': meeting_messages is calendar or email"),
+                ))
             }
         };
         Ok(ContentSettings {
-            request_buffer: bounded(&self.request_buffer_bytes, d.request_buffer, 4096, 1 << 30, "request_buffer_bytes")?,
-            response_bytes: bounded(&self.response_bytes, d.response_bytes, 4096, 1 << 31, "response_bytes")?,
+            request_buffer: bounded(
+                &self.request_buffer_bytes,
+                d.request_buffer,
+                4096,
+                1 << 30,
+                "request_buffer_bytes",
+            )?,
+            response_bytes: bounded(
+                &self.response_bytes,
+                d.response_bytes,
+                4096,
+                1 << 31,
+                "response_bytes",
+            )?,
             limits: crate::soap::Limits {
                 depth: bounded(&self.max_depth, d.limits.depth, 8, 256, "max_depth")?,
-                elements: bounded(&self.max_elements, d.limits.elements, 16, 10_000_000, "max_elements")?,
+                elements: bounded(
+                    &self.max_elements,
+                    d.limits.elements,
+                    16,
+                    10_000_000,
+                    "max_elements",
+                )?,
             },
-            cache_entries: bounded(&self.cache_entries, d.cache_entries, 1, 100_000_000, "cache_entries")?,
+            cache_entries: bounded(
+                &self.cache_entries,
+                d.cache_entries,
+                1,
+                100_000_000,
+                "cache_entries",
+            )?,
             meetings,
         })
     }
@@ -713,7 +743,10 @@ impl RawRule {
                 "impersonation" => impersonation = true,
                 "delegate" => delegate = true,
                 other => {
-                    return Err(here.at(a, format!("access '{other}': expected impersonation or delegate")))
+                    return Err(here.at(
+                        a,
+                        format!("access '{other}': expected impersonation or delegate"),
+                    ))
                 }
             }
         }

@@ -73,7 +73,19 @@ pub(super) async fn exchange(
                         tail: t,
                         stats: stats.clone(),
                     };
-                    return send(conn, policy, parts, rest.boxed_unsync(), head, stats, rec, plan, j, started).await;
+                    return send(
+                        conn,
+                        policy,
+                        parts,
+                        rest.boxed_unsync(),
+                        head,
+                        stats,
+                        rec,
+                        plan,
+                        j,
+                        started,
+                    )
+                    .await;
                 }
                 j
             }
@@ -83,7 +95,19 @@ pub(super) async fn exchange(
     // Read whole: hyper sends it with its length.
     parts.headers.remove(header::TRANSFER_ENCODING);
     let whole = Full::new(head.clone()).map_err(|e| match e {});
-    send(conn, policy, parts, whole.boxed_unsync(), Bytes::new(), stats, rec, plan, judged, started).await
+    send(
+        conn,
+        policy,
+        parts,
+        whole.boxed_unsync(),
+        Bytes::new(),
+        stats,
+        rec,
+        plan,
+        judged,
+        started,
+    )
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -262,13 +286,26 @@ async fn inspected(
     let settings: &ContentSettings = &policy.content;
     let (mut parts, body) = resp.into_parts();
     if parts.headers.contains_key(header::CONTENT_ENCODING) {
-        return Err(not_the_clients_fault(StatusCode::BAD_GATEWAY, "response_encoded"));
+        return Err(not_the_clients_fault(
+            StatusCode::BAD_GATEWAY,
+            "response_encoded",
+        ));
     }
     let read = Limited::new(body, settings.response_bytes).collect();
     let bytes = match tokio::time::timeout(policy.settings.limits.idle_timeout, read).await {
         Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(_)) => return Err(not_the_clients_fault(StatusCode::BAD_GATEWAY, "response_too_large_to_inspect")),
-        Err(_) => return Err(not_the_clients_fault(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")),
+        Ok(Err(_)) => {
+            return Err(not_the_clients_fault(
+                StatusCode::BAD_GATEWAY,
+                "response_too_large_to_inspect",
+            ))
+        }
+        Err(_) => {
+            return Err(not_the_clients_fault(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+            ))
+        }
     };
     let out = if bytes.is_empty() || parts.status == StatusCode::UNAUTHORIZED {
         bytes
@@ -277,7 +314,8 @@ async fn inspected(
             not_the_clients_fault(StatusCode::BAD_GATEWAY, format!("response: {e}").as_str())
         })?;
         let mut cache = conn.shared.ids.lock().map_err(|_| poisoned())?;
-        let denied = content::judge_response(&response, inspect, &cache, mailbox, settings.meetings);
+        let denied =
+            content::judge_response(&response, inspect, &cache, mailbox, settings.meetings);
         cache.learn(mailbox, &response, settings.meetings);
         drop(cache);
         let withheld = denied.iter().filter(|d| d.is_some()).count();
@@ -293,7 +331,9 @@ async fn inspected(
         }
     };
     parts.headers.remove(header::TRANSFER_ENCODING);
-    parts.headers.insert(header::CONTENT_LENGTH, out.len().into());
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, out.len().into());
     let body = Full::new(out).map_err(|e| match e {}).boxed();
     Ok(Response::from_parts(parts, body))
 }
@@ -362,4 +402,3 @@ impl Body for TailBody {
         }
     }
 }
-

@@ -136,7 +136,12 @@ impl Conn {
         }
     }
 
-    pub(super) fn refuse(&self, mut rec: Record, r: Refusal, started: Instant) -> Response<RespBody> {
+    pub(super) fn refuse(
+        &self,
+        mut rec: Record,
+        r: Refusal,
+        started: Instant,
+    ) -> Response<RespBody> {
         rec.decision = "deny";
         rec.status = r.status.as_u16();
         rec.reason = r.reason;
@@ -146,7 +151,10 @@ impl Conn {
         }
         // EWS clients read SOAP faults: they raise the named error and show its text.
         let resp = if rec.method == "POST" && rec.path == paths::EWS {
-            let text = soap::fault(fault_code(r.status), &format!("request refused: {}", rec.reason));
+            let text = soap::fault(
+                fault_code(r.status),
+                &format!("request refused: {}", rec.reason),
+            );
             local_response(r.status, "text/xml; charset=utf-8", text)
         } else {
             let text = format!("ewsgate: request refused ({})\n", rec.reason);

@@ -15,7 +15,9 @@ use quick_xml::{
 use thiserror::Error;
 
 mod response;
-pub use response::{fault, parse_response, rewrite, Attachment, FolderInfo, Item, Message, Response};
+pub use response::{
+    fault, parse_response, rewrite, Attachment, FolderInfo, Item, Message, Response,
+};
 
 pub const SOAP_NS: &str = "http://schemas.xmlsoap.org/soap/envelope/";
 pub const MESSAGES_NS: &str = "http://schemas.microsoft.com/exchange/services/2006/messages";
@@ -295,7 +297,8 @@ impl RequestParser {
         match local {
             "DistinguishedFolderId" => {
                 let id = attr(e, "Id")?.unwrap_or_default();
-                out.folders.push(Folder::Distinguished { id, mailbox: None });
+                out.folders
+                    .push(Folder::Distinguished { id, mailbox: None });
             }
             "FolderId" => out
                 .folders
@@ -312,9 +315,7 @@ impl RequestParser {
                 out.items.push(attr(e, "OccurrenceId")?.unwrap_or_default());
                 out.shown.push(local.into());
             }
-            "AttachmentId" => out
-                .attachments
-                .push(attr(e, "Id")?.unwrap_or_default()),
+            "AttachmentId" => out.attachments.push(attr(e, "Id")?.unwrap_or_default()),
             "CalendarView" | "ContactsView" if ns == Ns::Messages => out.shown.push(local.into()),
             _ => {}
         }

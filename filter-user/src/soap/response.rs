@@ -102,8 +102,7 @@ pub fn parse_response(bytes: &[u8], limits: Limits) -> Result<Response, SoapErro
             }
             Event::Start(e) => {
                 w.start(ns, &e, before, limits)?;
-                w.stack
-                    .push((ns, e.local_name().into_inner().to_string()));
+                w.stack.push((ns, e.local_name().into_inner().to_string()));
             }
             Event::Empty(e) => {
                 w.start(ns, &e, before, limits)?;
@@ -254,7 +253,9 @@ impl Walk {
                 return;
             };
             match self.attachments.last_mut() {
-                Some((d, a)) if self.items.last().is_none_or(|(i, _)| *d > *i) => a.item = Some(item),
+                Some((d, a)) if self.items.last().is_none_or(|(i, _)| *d > *i) => {
+                    a.item = Some(item)
+                }
                 _ => {
                     if let Some((_, m)) = self.message.as_mut() {
                         m.items.push(item);

@@ -149,9 +149,7 @@ fn a_long_attachment_continues_only_as_base64_and_the_closing_tags() {
         "</m:CreateAttachment>",
         "</m:CreateAttachment><m:ExportItems/>",
     );
-    assert!(tail
-        .feed(&smuggled.as_bytes()[cut..])
-        .is_err());
+    assert!(tail.feed(&smuggled.as_bytes()[cut..]).is_err());
     // Markup inside the content, and a body that stops early.
     let mut tail = r.tail.clone().unwrap();
     assert!(tail.feed(b"QUJD&amp;").is_err());
