@@ -211,6 +211,9 @@ pub fn default_deny_reason(c: &Content) -> String {
             "access to mailbox {} is allowed only by a rule with access = [\"delegate\"]",
             c.access.delegate.as_deref().unwrap_or("")
         ),
+        _ if c.token_item.is_some() && !in_token_scope(c) => {
+            format!("{op} names items outside the callback token's scope")
+        }
         _ if c.touch.unresolved => format!("{op}: data type unresolved"),
         _ => format!("no rule allows {op} on {}", c.touch.data),
     }

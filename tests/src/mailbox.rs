@@ -190,6 +190,18 @@ fn item_xml(i: &Item) -> String {
     )
 }
 
+/// A `GetItem` answer: each item, or ErrorItemNotFound.
+pub fn get_item_response(items: &[Option<&Item>]) -> String {
+    let messages: Vec<String> = items
+        .iter()
+        .map(|i| match i {
+            Some(i) => ok("GetItem", &format!("<m:Items>{}</m:Items>", item_xml(i))),
+            None => error("GetItem", "ErrorItemNotFound"),
+        })
+        .collect();
+    response("GetItem", &messages)
+}
+
 impl Mailbox {
     /// Exchange's answer to a SOAP request, or `None` for what is not SOAP.
     pub fn answer(&self, body: &[u8]) -> Option<String> {
@@ -197,15 +209,11 @@ impl Mailbox {
         let items = self.items.lock().ok()?.clone();
         let find = |id: &str| items.iter().find(|i| i.id == id);
         let op = req.operation.as_str();
+        if op == "GetItem" {
+            let found: Vec<Option<&Item>> = req.items.iter().map(|id| find(id)).collect();
+            return Some(get_item_response(&found));
+        }
         let messages: Vec<String> = match op {
-            "GetItem" => req
-                .items
-                .iter()
-                .map(|id| match find(id) {
-                    Some(i) => ok(op, &format!("<m:Items>{}</m:Items>", item_xml(i))),
-                    None => error(op, "ErrorItemNotFound"),
-                })
-                .collect(),
             "GetAttachment" => req
                 .attachments
                 .iter()

@@ -32,6 +32,7 @@ use crate::{
 struct Judged {
     mailbox: String,
     inspect: Option<Inspect>,
+    rule: Option<String>,
 }
 
 pub(super) async fn exchange(
@@ -62,6 +63,7 @@ pub(super) async fn exchange(
         Judged {
             mailbox: String::new(),
             inspect: None,
+            rule: plan.rule.clone(),
         }
     } else {
         match judge(conn, policy, &parts.headers, &head, ended, &plan, &mut rec) {
@@ -119,10 +121,11 @@ async fn send(
     prefix: Bytes,
     stats: Arc<BodyStats>,
     mut rec: Record,
-    plan: Plan,
+    mut plan: Plan,
     judged: Judged,
     started: Instant,
 ) -> Response<RespBody> {
+    plan.rule = judged.rule.clone();
     // A response ewsgate must read has to arrive in a form it can read.
     if judged.inspect.is_some() {
         parts.headers.remove(header::ACCEPT_ENCODING);
@@ -252,6 +255,7 @@ fn judge(
         Judged {
             mailbox,
             inspect: decision.inspect,
+            rule: decision.rule,
         },
         tail,
     ))

@@ -1,40 +1,49 @@
-//! `cargo xtask demo`: builds a lab (office, Salesforce and internet hosts, the gate with a
-//! stand-in EWS listener), runs ewsgate on it with the example config, sends traffic from
-//! each host, prints what passed and what was dropped, and removes the lab.
+//! `cargo xtask demo`: builds a lab (office, Salesforce and internet hosts; the gate with a
+//! stand-in Exchange mailbox), runs ewsgate on it with the example config, and shows the
+//! packet layer (what XDP drops), the content policy (an office phone reads the calendar
+//! and is refused the inbox; a Salesforce token is refused an item it was not issued for),
+//! the audit lines, the block list, and a restart that keeps filtering. Then removes it all.
 
-use std::{fs, path::Path, time::Duration};
+use std::{
+    fs,
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    time::Duration,
+};
 
-use tests::lab::{reach, tag, BpfFs, Daemon, Lab, GATE_V4, GATE_V6, INTERNET, OFFICE, SALESFORCE};
+use ewsgate::tokens::testkit;
+use tests::{
+    ews::{audit_lines, now, Backend, Https, Pki, Reply},
+    gate::gate4,
+    lab::{tag, BpfFs, Daemon, Lab, GATE_V4, GATE_V6, INTERNET, OFFICE, SALESFORCE},
+    mailbox::{requests, TOKEN_ITEM},
+};
 
 fn main() -> anyhow::Result<()> {
     let fs_guard = BpfFs::new()?;
     let mut lab = Lab::new(&[OFFICE, SALESFORCE, INTERNET])?;
-    lab.serve(443)?; // stand-in for the EWS front (TLS arrives with the request layer)
     lab.serve(8080)?; // another service on the same host, not protected
+    let _exchange = Backend::start(&lab.gate)?;
     let dir = std::env::temp_dir().join(format!("ewsgate-demo-{}", tag()));
-    fs::create_dir_all(&dir)?;
+    let pki = Pki::new(&dir.join("tls"))?;
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     fs::copy(
         examples.join("salesforce-ip-ranges.json"),
         dir.join("salesforce-ip-ranges.json"),
     )?;
     let socket = dir.join("control.sock");
-    let config = fs::read_to_string(examples.join("ewsgate.toml"))?
-        .replace(
-            r#"interfaces = ["eth0"]"#,
-            r#"interfaces = ["g-office", "g-sf", "g-inet"]"#,
-        )
-        .replace(
-            "/sys/fs/bpf/ewsgate",
-            &fs_guard.dir.join("ewsgate").display().to_string(),
-        )
-        .replace("/run/ewsgate/control.sock", &socket.display().to_string());
+    let audit = dir.join("audit.jsonl");
+    let config = demo_config(&examples, &fs_guard.dir, &socket, &audit)?;
     let config_path = dir.join("ewsgate.toml");
     fs::write(&config_path, config)?;
 
     println!("== lab: gate {GATE_V4} / {GATE_V6}, office 198.51.100.10, salesforce 198.51.100.140, internet 203.0.113.50");
     let mut daemon = Daemon::start(&lab.gate, &config_path, &socket)?;
-    traffic(&lab, "ewsgate running, enforcing");
+    traffic(
+        &lab,
+        "ewsgate running: XDP on the gate's links (TCP connect)",
+    );
+    content(&lab, &pki, &audit)?;
 
     println!("\n== ewsgate block add 198.51.100.10 --ttl 5m --reason demo");
     daemon.cli(&[
@@ -54,7 +63,6 @@ fn main() -> anyhow::Result<()> {
 
     println!("\n== kill -9 of the daemon: the pinned program keeps filtering");
     daemon.kill9();
-    row(&lab, "office", GATE_V4, 443);
     row(&lab, "inet", GATE_V4, 443);
     let daemon = Daemon::start(&lab.gate, &config_path, &socket)?;
     println!("== a new daemon adopts the pinned state:");
@@ -65,6 +73,111 @@ fn main() -> anyhow::Result<()> {
     drop(lab);
     let _ = fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// The example config, pointed at the lab: its links, certificates minted for the run,
+/// the stand-in Exchange over plain HTTP, files in the demo's directory.
+fn demo_config(
+    examples: &Path,
+    bpffs: &Path,
+    socket: &Path,
+    audit: &Path,
+) -> anyhow::Result<String> {
+    let text = fs::read_to_string(examples.join("ewsgate.toml"))?;
+    let replaced = [
+        (
+            r#"interfaces = ["eth0"]"#,
+            r#"interfaces = ["g-office", "g-sf", "g-inet"]"#.to_string(),
+        ),
+        (
+            "/sys/fs/bpf/ewsgate",
+            bpffs.join("ewsgate").display().to_string(),
+        ),
+        ("/run/ewsgate/control.sock", socket.display().to_string()),
+        ("tls/mail.example.org.pem", "tls/gate.pem".into()),
+        ("tls/mail.example.org.key", "tls/gate.key".into()),
+        (
+            r#"# client_ca = "tls/phones-ca.pem""#,
+            r#"client_ca = "tls/ca.pem""#.into(),
+        ),
+        (
+            "https://mail.example.org:443\"",
+            format!("http://{}\"", tests::ews::BACKEND),
+        ),
+        (r#"upstream_ca = "tls/exchange-ca.pem""#, String::new()),
+        ("/var/log/ewsgate/audit.jsonl", audit.display().to_string()),
+    ];
+    Ok(replaced
+        .iter()
+        .fold(text, |t, (from, to)| t.replace(from, to)))
+}
+
+fn content(lab: &Lab, pki: &Pki, audit: &Path) -> anyhow::Result<()> {
+    println!("\n== EWS through the gate (TLS, SOAP, the stand-in Exchange mailbox)");
+    let mut phone = Https::connect(lab.client("office"), gate4(), pki, Some("phone-0042"))?;
+    show(
+        "office phone, FindItem calendar",
+        &phone.ews(&[], requests::find_item("calendar", true, None).as_bytes())?,
+    );
+    show(
+        "office phone, FindItem inbox",
+        &phone.ews(&[], requests::find_item("inbox", false, None).as_bytes())?,
+    );
+    let token = pki.token(|_| testkit::callback_claims_at(now()));
+    let auth = format!("Bearer {token}");
+    let mut sf = Https::connect(lab.client("sf"), gate4(), pki, None)?;
+    show(
+        &format!("salesforce token for {TOKEN_ITEM}, GetItem {TOKEN_ITEM}"),
+        &sf.ews(
+            &[("Authorization", &auth)],
+            requests::get_item(&[TOKEN_ITEM]).as_bytes(),
+        )?,
+    );
+    show(
+        &format!("salesforce token for {TOKEN_ITEM}, GetItem M-mail-2"),
+        &sf.ews(
+            &[("Authorization", &auth)],
+            requests::get_item(&["M-mail-2"]).as_bytes(),
+        )?,
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    println!("\n== audit lines ({})", audit.display());
+    for v in audit_lines(audit)
+        .into_iter()
+        .filter(|v| v["operation"].is_string())
+    {
+        println!(
+            "{} {:<5} {:<11} {:<24} op={} data={} rule={} reason={}",
+            v["source"].as_str().unwrap_or("-"),
+            v["decision"].as_str().unwrap_or("-"),
+            v["auth"].as_str().unwrap_or("-"),
+            v["user"].as_str().unwrap_or("-"),
+            v["operation"].as_str().unwrap_or("-"),
+            v["data"].as_str().unwrap_or("-"),
+            v["rule"].as_str().unwrap_or("-"),
+            v["reason"].as_str().unwrap_or("-"),
+        );
+    }
+    Ok(())
+}
+
+fn show(what: &str, r: &Reply) {
+    let between = |open: &str, close: &str| -> Vec<String> {
+        r.body
+            .split(open)
+            .skip(1)
+            .filter_map(|s| s.split(close).next())
+            .map(str::to_string)
+            .collect()
+    };
+    let subjects = between("<t:Subject>", "</t:Subject>");
+    let faults = between("<faultstring xml:lang=\"en-US\">", "</faultstring>");
+    let detail = if faults.is_empty() {
+        format!("items: {}", subjects.join(", "))
+    } else {
+        format!("SOAP fault: {}", faults.join("; ").replace("&apos;", "'"))
+    };
+    println!("{what:<58} HTTP {}  {detail}", r.status);
 }
 
 fn traffic(lab: &Lab, title: &str) {
@@ -80,7 +193,10 @@ fn traffic(lab: &Lab, title: &str) {
 }
 
 fn row(lab: &Lab, role: &str, addr: &str, port: u16) {
-    let ok = reach(lab.client(role), addr, port, Duration::from_millis(600));
+    let sa = SocketAddr::new(addr.parse().expect("address"), port);
+    let ok = lab
+        .client(role)
+        .run(move || TcpStream::connect_timeout(&sa, Duration::from_millis(600)).is_ok());
     let name = match role {
         "sf" => "salesforce",
         "inet" => "internet",
