@@ -73,10 +73,10 @@ const FOLDERS: [&str; 5] = [
 ];
 
 #[derive(Default)]
-struct Walk {
+struct Walk<'i> {
     out: Response,
-    /// Local names of the open elements, with their namespace.
-    stack: Vec<(Ns, String)>,
+    /// Local names of the open elements (borrowed from the document), with their namespace.
+    stack: Vec<(Ns, &'i str)>,
     message: Option<(usize, Message)>,
     items: Vec<(usize, Item)>,
     attachments: Vec<(usize, Attachment)>,
@@ -101,17 +101,20 @@ pub fn parse_response(bytes: &[u8], limits: Limits) -> Result<Response, SoapErro
                 return Err(SoapError::TooDeep(limits.depth));
             }
             Event::Start(e) => {
-                w.start(ns, &e, before, limits)?;
-                w.stack.push((ns, e.local_name().into_inner().to_string()));
+                let local = local_of(&bytes[before..]);
+                w.start(ns, &e, local, before, limits)?;
+                w.stack.push((ns, local));
             }
             Event::Empty(e) => {
-                w.start(ns, &e, before, limits)?;
-                let local = e.local_name().into_inner().to_string();
+                let local = local_of(&bytes[before..]);
+                w.start(ns, &e, local, before, limits)?;
                 w.stack.push((ns, local));
                 w.end(reader.buffer_position() as usize);
             }
             Event::End(_) => w.end(reader.buffer_position() as usize),
-            Event::Text(t) => w.text.push_str(&t.xml10_content()),
+            // Only the classes' text matters.
+            Event::Text(t) if w.wants_text() => w.text.push_str(&t.xml10_content()),
+            Event::Text(_) => {}
             Event::GeneralRef(_) | Event::CData(_) | Event::Comment(_) | Event::Decl(_) => {}
             Event::PI(_) => return Err(SoapError::ProcessingInstruction),
             Event::DocType(_) => return Err(SoapError::Dtd),
@@ -121,11 +124,28 @@ pub fn parse_response(bytes: &[u8], limits: Limits) -> Result<Response, SoapErro
     }
 }
 
-impl Walk {
+/// The local name of the tag that starts `at` (`<prefix:local ...`), borrowed.
+fn local_of(at: &[u8]) -> &str {
+    let name = at
+        .get(1..)
+        .unwrap_or_default()
+        .split(|b| b.is_ascii_whitespace() || matches!(b, b'>' | b'/'))
+        .next()
+        .unwrap_or_default();
+    let local = name.rsplit(|b| *b == b':').next().unwrap_or_default();
+    std::str::from_utf8(local).unwrap_or("")
+}
+
+impl<'i> Walk<'i> {
+    fn wants_text(&self) -> bool {
+        matches!(self.stack.last(), Some((Ns::Types, "ItemClass" | "FolderClass")))
+    }
+
     fn start(
         &mut self,
         ns: Ns,
         e: &quick_xml::events::BytesStart,
+        local: &'i str,
         at: usize,
         limits: Limits,
     ) -> Result<(), SoapError> {
@@ -134,7 +154,6 @@ impl Walk {
             return Err(SoapError::TooManyElements(limits.elements));
         }
         self.text.clear();
-        let local = e.local_name().into_inner().to_string();
         let depth = self.stack.len();
         if depth == 0 && !(ns == Ns::Soap && local == "Envelope") {
             return Err(SoapError::NotEnvelope);
@@ -142,11 +161,11 @@ impl Walk {
         if ns == Ns::Soap && local == "Fault" {
             self.out.fault = true;
         }
-        let parent = self.stack.last().map(|(_, l)| l.as_str());
+        let parent = self.stack.last().map(|(_, l)| *l);
         if ns == Ns::Messages && parent == Some("ResponseMessages") && self.message.is_none() {
             let m = Message {
                 span: at..at,
-                name: local,
+                name: local.to_string(),
                 ..Default::default()
             };
             self.message = Some((depth, m));
@@ -155,26 +174,26 @@ impl Walk {
         if self.message.is_none() || ns != Ns::Types {
             return Ok(());
         }
-        if ITEMS.contains(&local.as_str()) && self.item_may_start(depth) {
+        if ITEMS.contains(&local) && self.item_may_start(depth) {
             self.items.push((
                 depth,
                 Item {
-                    element: local,
+                    element: local.to_string(),
                     ..Default::default()
                 },
             ));
         } else if local == "FileAttachment" || local == "ItemAttachment" {
             self.attachments.push((depth, Attachment::default()));
-        } else if FOLDERS.contains(&local.as_str()) && self.folder.is_none() {
+        } else if FOLDERS.contains(&local) && self.folder.is_none() {
             self.folder = Some((
                 depth,
                 FolderInfo {
-                    element: local,
+                    element: local.to_string(),
                     ..Default::default()
                 },
             ));
         } else {
-            self.id_element(&local, e, depth)?;
+            self.id_element(local, e, depth)?;
         }
         Ok(())
     }
