@@ -362,6 +362,20 @@ pub mod requests {
         )
     }
 
+    pub fn sync_folder_items(folder: &str) -> String {
+        envelope("", &format!("<m:SyncFolderItems><m:ItemShape><t:BaseShape>IdOnly</t:BaseShape></m:ItemShape><m:SyncFolderId><t:DistinguishedFolderId Id=\"{folder}\"/></m:SyncFolderId><m:MaxChangesReturned>100</m:MaxChangesReturned></m:SyncFolderItems>"))
+    }
+
+    /// `CreateItem` of a new e-mail that is sent, or of a calendar item.
+    pub fn create_item(send_mail: bool) -> String {
+        let body = if send_mail {
+            "<m:CreateItem MessageDisposition=\"SendAndSaveCopy\"><m:Items><t:Message><t:Subject>Invoice</t:Subject><t:ToRecipients><t:Mailbox><t:EmailAddress>x@example.net</t:EmailAddress></t:Mailbox></t:ToRecipients></t:Message></m:Items></m:CreateItem>"
+        } else {
+            "<m:CreateItem SendMeetingInvitations=\"SendToNone\"><m:SavedItemFolderId><t:DistinguishedFolderId Id=\"calendar\"/></m:SavedItemFolderId><m:Items><t:CalendarItem><t:Subject>Lunch</t:Subject></t:CalendarItem></m:Items></m:CreateItem>"
+        };
+        envelope("", body)
+    }
+
     pub fn export_items(id: &str) -> String {
         envelope(
             "",

@@ -98,6 +98,21 @@ fn a_calendar_and_contacts_rule_reads_the_calendar_and_never_sees_mail_or_notes(
     assert_eq!(line["decision"], "deny");
     assert_eq!(line["mailbox"], "phone-0042");
 
+    // The other classes: sync of the calendar and a new calendar item pass; sending mail
+    // is refused before Exchange.
+    let r = post(&mut phone, &requests::sync_folder_items("calendar"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = post(&mut phone, &requests::create_item(false));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = post(&mut phone, &requests::create_item(true));
+    assert_fault(
+        &r,
+        500,
+        "ErrorAccessDenied",
+        "no rule allows CreateItem on email",
+    );
+    assert_eq!(reached(&g, "CreateItem"), 1);
+
     // One GetItem for a calendar item and an e-mail, both unknown to the gate: Exchange
     // answers both, the client gets the calendar item and an error for the e-mail.
     let r = post(&mut phone, &requests::get_item(&["C-cal-1", "M-mail-2"]));

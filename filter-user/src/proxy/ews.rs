@@ -193,7 +193,13 @@ fn judge(
     let mut request = soap::parse_request(head, ended, settings.limits)
         .map_err(|e| refusal(StatusCode::BAD_REQUEST, format!("{}: {e}", e.reason())))?;
     let tail = request.tail.take();
-    let info = content::operation(&request.operation);
+    // A `CreateItem` that sends mail is a send, whatever `write` allows.
+    let info = content::operation(&request.operation).map(|mut i| {
+        if request.sends {
+            i.class = content::OpClass::Send;
+        }
+        i
+    });
     rec.operation = Some(request.operation.clone());
     rec.items = Some(request.item_count());
     let anchor = headers

@@ -138,7 +138,10 @@ fn local_of(at: &[u8]) -> &str {
 
 impl<'i> Walk<'i> {
     fn wants_text(&self) -> bool {
-        matches!(self.stack.last(), Some((Ns::Types, "ItemClass" | "FolderClass")))
+        matches!(
+            self.stack.last(),
+            Some((Ns::Types, "ItemClass" | "FolderClass"))
+        )
     }
 
     fn start(
