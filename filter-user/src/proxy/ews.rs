@@ -70,7 +70,6 @@ pub(super) async fn exchange(
             Ok((j, tail)) => {
                 if let Some(t) = tail {
                     let rest = TailBody {
-                        prefix: None,
                         rest: body,
                         tail: t,
                         stats: stats.clone(),
@@ -375,7 +374,6 @@ where
 /// The body past the classification buffer: every byte goes through [`Tail`]; anything
 /// but bulk content and the closing tags cuts the request off before Exchange has it all.
 struct TailBody {
-    prefix: Option<Bytes>,
     rest: GuardedBody<Incoming>,
     tail: Tail,
     stats: Arc<BodyStats>,
@@ -389,9 +387,6 @@ impl Body for TailBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(p) = self.prefix.take() {
-            return Poll::Ready(Some(Ok(Frame::data(p))));
-        }
         let polled = Pin::new(&mut self.rest).poll_frame(cx);
         let this = &mut *self;
         match polled {
