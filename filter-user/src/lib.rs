@@ -10,6 +10,7 @@ pub mod control;
 pub mod daemon;
 pub mod feedback;
 pub mod maps;
+pub mod metadata;
 pub mod paths;
 pub mod policy;
 pub mod proxy;

@@ -71,12 +71,18 @@ impl TokenCache {
                     now,
                 );
             }
+            // An unknown key may be fetched a moment later: never remember that refusal.
+            Err(TokenError::UnknownKey(_)) => {}
             Err(e) => {
                 let until = now + NEGATIVE_TTL;
                 insert(&mut self.refused, self.capacity, key, e.clone(), until, now);
             }
         }
         result
+    }
+
+    pub fn knows(&self, x5t: &str) -> bool {
+        self.validator.knows(x5t)
     }
 
     pub fn len(&self) -> (usize, usize) {
@@ -182,6 +188,7 @@ mod tests {
     /// A validator with no keys refuses everything; enough to exercise the negative half.
     fn empty_validator() -> Validator {
         Validator {
+            fetched: None,
             keys: KeyRing::default(),
             expect: Expectations {
                 leeway: 60,

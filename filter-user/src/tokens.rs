@@ -177,7 +177,19 @@ pub struct Expectations {
 
 pub struct Validator {
     pub keys: KeyRing,
+    /// Keys fetched from allow-listed auth metadata URLs, replaced whole on each fetch.
+    pub fetched: Option<std::sync::Arc<arc_swap::ArcSwap<KeyRing>>>,
     pub expect: Expectations,
+}
+
+/// The `x5t` a token's header names, if it reads as a JWT header at all.
+pub fn x5t_of(token: &str) -> Option<String> {
+    let head = token.split('.').next()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(head.trim_end_matches('='))
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    v.get("x5t")?.as_str().map(str::to_string)
 }
 
 /// A claim holding seconds, as a number or a numeric string.
@@ -234,6 +246,15 @@ fn seconds(value: Option<Seconds>, name: &'static str) -> Result<u64, TokenError
 }
 
 impl Validator {
+    /// Whether a pinned or fetched certificate has this thumbprint.
+    pub fn knows(&self, x5t: &str) -> bool {
+        self.keys.keys.contains_key(x5t)
+            || self
+                .fetched
+                .as_ref()
+                .is_some_and(|f| f.load().keys.contains_key(x5t))
+    }
+
     /// Verifies a token and says what it is. An identity token verifies here; only
     /// `verify_for_ews` refuses it.
     pub fn verify(&self, token: &str, now: u64) -> Result<Verified, TokenError> {
@@ -315,10 +336,12 @@ impl Validator {
             return Err(TokenError::Malformed("typ is not JWT".into()));
         }
         let x5t = header.x5t.ok_or(TokenError::NoKeyId)?;
+        let fetched = self.fetched.as_ref().map(|f| f.load());
         let key = self
             .keys
             .keys
             .get(&x5t)
+            .or_else(|| fetched.as_ref().and_then(|ring| ring.keys.get(&x5t)))
             .ok_or_else(|| TokenError::UnknownKey(x5t.clone()))?;
         let mut validation = Validation::new(Algorithm::RS256);
         // Claims are checked in `verify`, with string-or-number times and our own families.
@@ -407,6 +430,7 @@ pub mod testkit {
         }
         Validator {
             keys,
+            fetched: None,
             expect: Expectations {
                 audiences: vec![AUD.into()],
                 issuers: vec![ISS.into()],

@@ -140,6 +140,8 @@ impl Seen {
 /// The stand-in Exchange: HTTP on the gate's loopback.
 pub struct Backend {
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// What `GET /autodiscover/metadata/json/1` answers: status, body, `Location`.
+    pub metadata: Arc<Mutex<(u16, String, Option<String>)>>,
     _runtime: tokio::runtime::Runtime,
 }
 
@@ -156,6 +158,9 @@ impl Backend {
         let seen: Arc<Mutex<Vec<Seen>>> = Default::default();
         let record = seen.clone();
         let mailbox = Arc::new(crate::mailbox::Mailbox::default());
+        let metadata: Arc<Mutex<(u16, String, Option<String>)>> =
+            Arc::new(Mutex::new((404, String::new(), None)));
+        let served = metadata.clone();
         runtime.spawn(async move {
             let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
                 return;
@@ -166,9 +171,17 @@ impl Backend {
                 let record = record.clone();
                 let user: Arc<Mutex<Option<String>>> = Default::default();
                 let mailbox = mailbox.clone();
+                let served = served.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
-                        exchange(req, id, user.clone(), record.clone(), mailbox.clone())
+                        let ex = Exchange {
+                            connection: id,
+                            user: user.clone(),
+                            record: record.clone(),
+                            mailbox: mailbox.clone(),
+                            metadata: served.clone(),
+                        };
+                        exchange(req, ex)
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(tcp), svc)
@@ -178,6 +191,7 @@ impl Backend {
         });
         Ok(Backend {
             seen,
+            metadata,
             _runtime: runtime,
         })
     }
@@ -196,13 +210,47 @@ impl Backend {
 /// Answers like Exchange behind IIS: NTLM's Type 1 gets a challenge, Type 3 authenticates
 /// the connection, later requests on it run as that user. Anything else is answered 200:
 /// the stand-in checks nothing itself, so every request that reaches it is ewsgate's doing.
-async fn exchange(
-    req: Request<Incoming>,
+/// One backend connection's state.
+struct Exchange {
     connection: u64,
     user: Arc<Mutex<Option<String>>>,
     record: Arc<Mutex<Vec<Seen>>>,
     mailbox: Arc<crate::mailbox::Mailbox>,
+    metadata: Arc<Mutex<(u16, String, Option<String>)>>,
+}
+
+async fn exchange(
+    req: Request<Incoming>,
+    ex: Exchange,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let Exchange {
+        connection,
+        user,
+        record,
+        mailbox,
+        metadata,
+    } = ex;
+    if req.uri().path().starts_with("/autodiscover/metadata/") {
+        let (status, body, location) = metadata.lock().map(|m| m.clone()).unwrap_or_default();
+        if let Ok(mut r) = record.lock() {
+            r.push(Seen {
+                connection,
+                method: req.method().to_string(),
+                path: req.uri().to_string(),
+                headers: HashMap::new(),
+                body_bytes: 0,
+                user: None,
+                operation: None,
+                items: Vec::new(),
+            });
+        }
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or_default();
+        if let Some(l) = location.and_then(|l| l.parse().ok()) {
+            resp.headers_mut().insert("location", l);
+        }
+        return Ok(resp);
+    }
     let (parts, mut body) = req.into_parts();
     let mut body_bytes = 0u64;
     let mut kept = Vec::new();

@@ -39,6 +39,12 @@ impl Drop for Gate {
 impl Gate {
     /// Starts a gate whose `[[rule]]`s are `rules`; `failures` is the feedback threshold.
     pub fn start(failures: u32, rules: &str) -> Gate {
+        let tokens = format!("metadata_urls = [\"{}\"]\n", testkit::AMURL);
+        Gate::start_with(failures, &tokens, rules)
+    }
+
+    /// The same, with `tokens` (lines of the `[tokens]` section) for the metadata URLs.
+    pub fn start_with(failures: u32, tokens: &str, rules: &str) -> Gate {
         let fs = BpfFs::new().expect("bpffs");
         let lab = Lab::new(&[OFFICE, SALESFORCE, INTERNET]).expect("lab");
         let backend = Backend::start(&lab.gate).expect("backend");
@@ -73,8 +79,7 @@ bytes = 104857600
 [tokens]
 audiences = ["{aud}"]
 issuers = ["{iss}"]
-metadata_urls = ["{amurl}"]
-certificates = ["exchange-auth.pem"]
+{tokens}certificates = ["exchange-auth.pem"]
 
 [feedback]
 failures = {failures}
@@ -85,7 +90,6 @@ block_secs = 60
             xdp = crate::lab_xdp_config(&fs.dir.join("ewsgate"), &socket, "native"),
             aud = testkit::AUD,
             iss = testkit::ISS,
-            amurl = testkit::AMURL,
         );
         fs::write(&config, text).expect("config");
         let daemon = Daemon::start(&lab.gate, &config, &socket).expect("daemon");

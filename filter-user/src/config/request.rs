@@ -96,6 +96,8 @@ pub struct TokenSettings {
     /// PEM files of pinned Exchange auth certificates (several at once for rotation).
     pub certificates: Vec<PathBuf>,
     pub cache_entries: usize,
+    /// Keys fetched from the metadata URLs (`metadata_fetch = true`).
+    pub fetch: Option<crate::metadata::FetchSettings>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -553,6 +555,13 @@ pub(crate) struct RawTokens {
     certificates: Vec<Spanned<String>>,
     leeway_secs: Option<Spanned<u64>>,
     cache_entries: Option<usize>,
+    #[serde(default)]
+    metadata_fetch: bool,
+    metadata_ca: Option<Spanned<String>>,
+    metadata_refresh_secs: Option<u64>,
+    metadata_timeout_ms: Option<u64>,
+    metadata_max_bytes: Option<usize>,
+    metadata_refetch_min_secs: Option<u64>,
 }
 
 impl RawTokens {
@@ -572,7 +581,13 @@ impl RawTokens {
             Some(l) => *l.get_ref(),
             None => 60,
         };
-        if !certificates.is_empty() && (self.audiences.is_empty() || self.issuers.is_empty()) {
+        let fetch = self.fetch_settings(here, base)?;
+        if (!certificates.is_empty() || fetch.is_some())
+            && (self.audiences.is_empty() || self.issuers.is_empty())
+        {
+            if certificates.is_empty() {
+                return Err(here.error(0, "[tokens] metadata_fetch needs audiences and issuers"));
+            }
             return Err(here.at(
                 &self.certificates[0],
                 "[tokens] with certificates needs audiences and issuers",
@@ -587,7 +602,60 @@ impl RawTokens {
             },
             certificates,
             cache_entries: self.cache_entries.unwrap_or(100_000).max(1),
+            fetch,
         })
+    }
+
+    fn fetch_settings(
+        &self,
+        here: &Locator,
+        base: &Path,
+    ) -> Result<Option<crate::metadata::FetchSettings>, ConfigError> {
+        if !self.metadata_fetch {
+            return Ok(None);
+        }
+        if self.metadata_urls.is_empty() {
+            return Err(here.error(0, "[tokens] metadata_fetch needs metadata_urls"));
+        }
+        let ca = self
+            .metadata_ca
+            .as_ref()
+            .map(|c| existing(here, base, c))
+            .transpose()?;
+        for url in &self.metadata_urls {
+            let uri: Option<http::Uri> = url.parse().ok();
+            let scheme = uri
+                .as_ref()
+                .and_then(|u| u.scheme_str().map(str::to_string));
+            let ok = uri.as_ref().is_some_and(|u| u.host().is_some())
+                && matches!(scheme.as_deref(), Some("http" | "https"));
+            if !ok {
+                return Err(here.error(
+                    0,
+                    format!("[tokens] metadata URL '{url}' is not http(s)://HOST[:PORT]/PATH"),
+                ));
+            }
+            if scheme.as_deref() == Some("https") && ca.is_none() {
+                return Err(here.error(
+                    0,
+                    format!("[tokens] metadata URL '{url}' is https: set metadata_ca"),
+                ));
+            }
+        }
+        let secs = Duration::from_secs;
+        Ok(Some(crate::metadata::FetchSettings {
+            urls: self.metadata_urls.clone(),
+            ca,
+            refresh: secs(self.metadata_refresh_secs.unwrap_or(3600).max(10)),
+            timeout: Duration::from_millis(
+                self.metadata_timeout_ms.unwrap_or(5000).clamp(100, 60_000),
+            ),
+            max_bytes: self
+                .metadata_max_bytes
+                .unwrap_or(256 * 1024)
+                .clamp(1024, 16 << 20),
+            refetch_min: secs(self.metadata_refetch_min_secs.unwrap_or(60)),
+        }))
     }
 }
 

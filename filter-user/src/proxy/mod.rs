@@ -48,6 +48,8 @@ pub struct Policy {
     pub sources: SourceIndex,
     /// `None` when no Exchange certificate is pinned: every bearer token is refused.
     pub tokens: Option<Mutex<TokenCache>>,
+    /// Keys from allow-listed auth metadata URLs, when fetching is on.
+    pub keys: Option<Arc<crate::metadata::KeySource>>,
     pub settings: ProxySettings,
     pub content: ContentSettings,
 }
@@ -56,18 +58,25 @@ impl Policy {
     pub fn build(config: &Config) -> anyhow::Result<Policy> {
         let settings = config.proxy.clone().context("no [proxy] section")?;
         let t = &config.tokens;
-        let tokens = if t.certificates.is_empty() {
+        let keys = t
+            .fetch
+            .clone()
+            .map(crate::metadata::KeySource::new)
+            .transpose()?
+            .map(Arc::new);
+        let tokens = if t.certificates.is_empty() && keys.is_none() {
             None
         } else {
-            let mut keys = KeyRing::default();
+            let mut ring = KeyRing::default();
             for path in &t.certificates {
                 let pem = std::fs::read_to_string(path)
                     .with_context(|| format!("reading {}", path.display()))?;
-                keys.add_pem(&pem)
+                ring.add_pem(&pem)
                     .with_context(|| format!("{}", path.display()))?;
             }
             let validator = Validator {
-                keys,
+                keys: ring,
+                fetched: keys.as_ref().map(|k| k.ring.clone()),
                 expect: t.expect.clone(),
             };
             Some(Mutex::new(TokenCache::new(validator, t.cache_entries)))
@@ -76,6 +85,7 @@ impl Policy {
             rules: config.rules.clone(),
             sources: SourceIndex::new(config),
             tokens,
+            keys,
             settings,
             content: config.content,
         })
@@ -97,6 +107,7 @@ struct Shared {
     next_connection: AtomicU64,
     /// What Exchange's responses showed of opaque IDs; kept across reloads.
     ids: Mutex<IdCache>,
+    runtime: tokio::runtime::Handle,
 }
 
 /// The running proxy, as the daemon sees it.
@@ -127,6 +138,9 @@ impl ProxyHandle {
             if f.settings() != feedback_settings(config) {
                 *f = Failures::new(feedback_settings(config));
             }
+        }
+        if let Some(keys) = &policy.keys {
+            crate::metadata::keep_fresh(keys, &self.shared.runtime);
         }
         self.shared.policy.store(Arc::new(policy));
     }
@@ -163,8 +177,12 @@ pub fn start(config: &Config, blocks: BlockSink) -> anyhow::Result<ProxyHandle> 
         per_source: Mutex::new(HashMap::new()),
         next_connection: AtomicU64::new(1),
         ids: Mutex::new(IdCache::new(config.content.cache_entries)),
+        runtime: tokio::runtime::Handle::current(),
         policy: ArcSwap::from_pointee(policy),
     });
+    if let Some(keys) = &shared.policy.load().keys {
+        crate::metadata::keep_fresh(keys, &shared.runtime);
+    }
     for addr in &s.listen {
         let std = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
         std.set_nonblocking(true)?;

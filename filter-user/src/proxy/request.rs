@@ -79,6 +79,7 @@ pub(crate) async fn handle(
 ) -> Result<Response<RespBody>, Infallible> {
     let started = Instant::now();
     let policy = conn.shared.policy.load_full();
+    refetch_for_unknown_key(&policy, &req).await;
     let mut rec = conn.record(&req);
     Ok(match judge(&conn, &policy, &req, &mut rec) {
         Ok(plan) if plan.ews => super::ews::exchange(&conn, &policy, req, rec, plan, started).await,
@@ -108,6 +109,28 @@ pub(crate) async fn handle(
         }
         Err(r) => conn.refuse(rec, r, started),
     })
+}
+
+/// A bearer token signed by a key ewsgate has not seen: fetch the allow-listed metadata
+/// again first (rate limited), as Exchange's auth certificate may just have rotated.
+async fn refetch_for_unknown_key(policy: &Policy, req: &Request<Incoming>) {
+    let Some(keys) = &policy.keys else { return };
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let Some(x5t) = token.and_then(crate::tokens::x5t_of) else {
+        return;
+    };
+    let known = policy
+        .tokens
+        .as_ref()
+        .and_then(|t| t.lock().ok().map(|c| c.knows(&x5t)))
+        .unwrap_or(false);
+    if !known {
+        keys.refetch().await;
+    }
 }
 
 /// A request on its way to Exchange.
