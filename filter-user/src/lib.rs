@@ -8,6 +8,7 @@ pub mod config;
 pub mod content;
 pub mod control;
 pub mod daemon;
+pub mod entra;
 pub mod feedback;
 pub mod maps;
 pub mod metadata;

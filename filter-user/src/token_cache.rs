@@ -189,6 +189,7 @@ mod tests {
     fn empty_validator() -> Validator {
         Validator {
             fetched: None,
+            entra: None,
             keys: KeyRing::default(),
             expect: Expectations {
                 leeway: 60,

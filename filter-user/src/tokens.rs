@@ -95,6 +95,8 @@ pub enum KeyError {
 pub enum Family {
     Callback,
     Identity,
+    /// An Entra ID access token with the EWS permission (hybrid set-ups).
+    Entra,
 }
 
 /// What a verified token says, for rules and the audit log.
@@ -180,6 +182,8 @@ pub struct Validator {
     /// Keys fetched from allow-listed auth metadata URLs, replaced whole on each fetch.
     pub fetched: Option<std::sync::Arc<arc_swap::ArcSwap<KeyRing>>>,
     pub expect: Expectations,
+    /// Entra ID tokens, told apart by their issuer.
+    pub entra: Option<crate::entra::EntraValidator>,
 }
 
 /// The `x5t` a token's header names, if it reads as a JWT header at all.
@@ -311,9 +315,12 @@ impl Validator {
 
     /// `verify`, then refuse anything that is not a callback token.
     pub fn verify_for_ews(&self, token: &str, now: u64) -> Result<Verified, TokenError> {
+        if let Some(e) = self.entra.as_ref().filter(|e| e.claims_ours(token)) {
+            return e.verify(token, now);
+        }
         let v = self.verify(token, now)?;
         match v.family {
-            Family::Callback => Ok(v),
+            Family::Callback | Family::Entra => Ok(v),
             Family::Identity => Err(TokenError::IdentityToken),
         }
     }
@@ -431,6 +438,7 @@ pub mod testkit {
         Validator {
             keys,
             fetched: None,
+            entra: None,
             expect: Expectations {
                 audiences: vec![AUD.into()],
                 issuers: vec![ISS.into()],

@@ -79,7 +79,8 @@ bytes = 104857600
 [tokens]
 audiences = ["{aud}"]
 issuers = ["{iss}"]
-{tokens}certificates = ["exchange-auth.pem"]
+certificates = ["exchange-auth.pem"]
+{tokens}
 
 [feedback]
 failures = {failures}

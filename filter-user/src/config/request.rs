@@ -98,6 +98,8 @@ pub struct TokenSettings {
     pub cache_entries: usize,
     /// Keys fetched from the metadata URLs (`metadata_fetch = true`).
     pub fetch: Option<crate::metadata::FetchSettings>,
+    /// `[tokens.entra]`: Entra ID bearer tokens.
+    pub entra: Option<crate::entra::EntraSettings>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,6 +160,8 @@ impl AuthKind {
 pub enum TokenKind {
     /// A verified Exchange callback token.
     Callback,
+    /// A verified Entra ID token with the EWS permission.
+    Entra,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -562,6 +566,15 @@ pub(crate) struct RawTokens {
     metadata_timeout_ms: Option<u64>,
     metadata_max_bytes: Option<usize>,
     metadata_refetch_min_secs: Option<u64>,
+    entra: Option<RawEntra>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntra {
+    issuers: Vec<String>,
+    audiences: Vec<String>,
+    keys_file: Spanned<String>,
 }
 
 impl RawTokens {
@@ -582,6 +595,17 @@ impl RawTokens {
             None => 60,
         };
         let fetch = self.fetch_settings(here, base)?;
+        let entra = match &self.entra {
+            None => None,
+            Some(e) if e.issuers.is_empty() || e.audiences.is_empty() => {
+                return Err(here.at(&e.keys_file, "[tokens.entra] needs issuers and audiences"))
+            }
+            Some(e) => Some(crate::entra::EntraSettings {
+                issuers: e.issuers.clone(),
+                audiences: e.audiences.clone(),
+                keys_file: existing(here, base, &e.keys_file)?,
+            }),
+        };
         if (!certificates.is_empty() || fetch.is_some())
             && (self.audiences.is_empty() || self.issuers.is_empty())
         {
@@ -603,6 +627,7 @@ impl RawTokens {
             certificates,
             cache_entries: self.cache_entries.unwrap_or(100_000).max(1),
             fetch,
+            entra,
         })
     }
 
@@ -749,9 +774,10 @@ impl RawRule {
             .iter()
             .map(|t| match t.get_ref().as_str() {
                 "callback" => Ok(TokenKind::Callback),
+                "entra" => Ok(TokenKind::Entra),
                 other => Err(here.at(
                     t,
-                    format!("unknown token family '{other}': expected callback"),
+                    format!("unknown token family '{other}': expected callback or entra"),
                 )),
             })
             .collect::<Result<_, _>>()?;

@@ -64,7 +64,13 @@ impl Policy {
             .map(crate::metadata::KeySource::new)
             .transpose()?
             .map(Arc::new);
-        let tokens = if t.certificates.is_empty() && keys.is_none() {
+        let entra = t
+            .entra
+            .as_ref()
+            .map(|e| crate::entra::EntraValidator::load(e, t.expect.leeway))
+            .transpose()
+            .context("[tokens.entra] keys_file")?;
+        let tokens = if t.certificates.is_empty() && keys.is_none() && entra.is_none() {
             None
         } else {
             let mut ring = KeyRing::default();
@@ -78,6 +84,7 @@ impl Policy {
                 keys: ring,
                 fetched: keys.as_ref().map(|k| k.ring.clone()),
                 expect: t.expect.clone(),
+                entra,
             };
             Some(Mutex::new(TokenCache::new(validator, t.cache_entries)))
         };

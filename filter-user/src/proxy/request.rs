@@ -409,9 +409,13 @@ fn identify(
         Credential::Kerberos => {}
         Credential::Bearer { token } => {
             let verified = verify(policy, &token)?;
-            who.token = Some(TokenKind::Callback);
-            // `verify_for_ews` accepts callback tokens only.
-            rec.token_family = Some("callback");
+            // `verify_for_ews` accepts callback and Entra tokens only.
+            let (kind, family) = match verified.family {
+                crate::tokens::Family::Entra => (TokenKind::Entra, "entra"),
+                _ => (TokenKind::Callback, "callback"),
+            };
+            who.token = Some(kind);
+            rec.token_family = Some(family);
             rec.token_item = verified.item.clone();
             who.token_item = verified.item;
             who.user = verified.user;

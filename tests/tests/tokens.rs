@@ -1,6 +1,7 @@
-//! Signing keys fetched from an allow-listed Exchange auth metadata URL: a rotated key is
-//! picked up on its first token, refetches are rate limited, a failed, redirected or
-//! oversized fetch keeps the last good keys, and a token's own `amurl` is never fetched.
+//! Token trust in the lab. Signing keys fetched from an allow-listed Exchange auth metadata
+//! URL: a rotated key is picked up on its first token, refetches are rate limited, a
+//! failed, redirected or oversized fetch keeps the last good keys, and a token's own `amurl`
+//! is never fetched. Entra ID tokens: the EWS permission, audience, issuer and key checked.
 
 use std::{thread, time::Duration};
 
@@ -124,4 +125,91 @@ fn keys_come_from_the_allow_listed_metadata_url_only() {
         .requests()
         .iter()
         .all(|s| !s.path.contains("evil")));
+}
+
+const TENANT: &str = "https://sts.windows.net/0d7b2d1d-0000-4000-8000-000000000000/";
+const OUTLOOK: &str = "https://outlook.office365.com";
+
+fn entra_token(
+    signer: &testkit::Signer,
+    kid: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> String {
+    let n = now();
+    let mut claims = json!({"iss": TENANT, "aud": OUTLOOK, "nbf": n - 10, "exp": n + 300,
+        "scp": "EWS.AccessAsUser.All", "upn": "Carol@example.org"});
+    edit(&mut claims);
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some(kid.to_string());
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(signer.pem_key.as_bytes()).unwrap();
+    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+}
+
+#[test]
+fn entra_tokens_with_the_ews_permission_pass_their_rule() {
+    let entra = testkit::signer();
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(entra.pem_key.as_bytes()).unwrap();
+    let mut jwk =
+        jsonwebtoken::jwk::Jwk::from_encoding_key(&key, jsonwebtoken::Algorithm::RS256).unwrap();
+    jwk.common.key_id = Some("kid-1".into());
+    let jwks = std::env::temp_dir().join(format!("ewsgate-jwks-{}.json", tests::lab::tag()));
+    std::fs::write(&jwks, json!({"keys": [jwk]}).to_string()).unwrap();
+    let tokens = format!(
+        "metadata_urls = [\"{}\"]\n[tokens.entra]\nissuers = [\"{TENANT}\"]\naudiences = [\"{OUTLOOK}\"]\nkeys_file = \"{}\"\n",
+        testkit::AMURL,
+        jwks.display()
+    );
+    let rules = format!(
+        "{RULES}\n[[rule]]\nname = \"hybrid-entra\"\ngroups = [\"salesforce\"]\nauth = [\"bearer\"]\ntoken = [\"entra\"]\naction = \"allow\"\n"
+    );
+    let g = Gate::start_with(0, &tokens, &rules);
+    assert_eq!(status(&g, &entra_token(&entra, "kid-1", |_| {})), 200);
+    let line = wait_audit(&g.audit, |v| v["token_family"] == "entra").expect("audit");
+    assert_eq!(line["rule"], "hybrid-entra");
+    assert_eq!(line["user"], "carol@example.org");
+    let other = testkit::signer();
+    let cases: Vec<(String, &str)> = vec![
+        (
+            entra_token(&entra, "kid-1", |c| {
+                c["aud"] = json!("https://graph.microsoft.com")
+            }),
+            "token_audience",
+        ),
+        (
+            entra_token(&entra, "kid-1", |c| c["scp"] = json!("Mail.Read")),
+            "token_family",
+        ),
+        (
+            entra_token(&entra, "kid-1", |c| c["exp"] = json!(now() - 3600)),
+            "token_expired",
+        ),
+        (
+            entra_token(&entra, "kid-1", |c| {
+                c.as_object_mut().unwrap().remove("nbf");
+            }),
+            "token_claims",
+        ),
+        (entra_token(&entra, "kid-2", |_| {}), "token_unknown_key"),
+        (entra_token(&other, "kid-1", |_| {}), "token_bad_signature"),
+    ];
+    for (t, reason) in cases {
+        assert_eq!(status(&g, &t), 401, "{reason}");
+        assert!(
+            wait_audit(&g.audit, |v| v["reason"] == reason).is_some(),
+            "{reason}"
+        );
+    }
+    // An app with the application role passes too.
+    let app = entra_token(&entra, "kid-1", |c| {
+        let o = c.as_object_mut().unwrap();
+        o.remove("scp");
+        o.remove("upn");
+        o.insert("roles".into(), json!(["full_access_as_app"]));
+        o.insert(
+            "appid".into(),
+            json!("11111111-2222-3333-4444-555555555555"),
+        );
+    });
+    assert_eq!(status(&g, &app), 200);
+    let _ = std::fs::remove_file(&jwks);
 }
