@@ -239,9 +239,16 @@ impl Default for Meetings {
 }
 
 /// The data type of an `ItemClass`; `None` for classes ewsgate does not know.
+/// `class` is `prefix` or starts with `prefix.`, ignoring ASCII case.
+fn class_is(class: &str, prefix: &str) -> bool {
+    let c = class.as_bytes();
+    c.len() >= prefix.len()
+        && c[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+        && (c.len() == prefix.len() || c[prefix.len()] == b'.')
+}
+
 pub fn item_class(class: &str, meetings: Meetings) -> Option<DataSet> {
-    let c = class.to_ascii_lowercase();
-    let is = |prefix: &str| c == prefix || c.starts_with(&format!("{prefix}."));
+    let is = |prefix: &str| class_is(class, prefix);
     if is("ipm.schedule.meeting") {
         Some(meetings.0)
     } else if is("ipm.note") || is("ipm.post") || is("report") || is("ipm.outlook.recall") {
@@ -314,8 +321,7 @@ pub fn distinguished(id: &str) -> Option<DataSet> {
 
 /// The data a folder class holds (`IPF.Appointment`, ...); unknown classes hold mail.
 pub fn folder_class(class: &str) -> DataSet {
-    let c = class.to_ascii_lowercase();
-    let is = |prefix: &str| c == prefix || c.starts_with(&format!("{prefix}."));
+    let is = |prefix: &str| class_is(class, prefix);
     if is("ipf.appointment") {
         DataSet::CALENDAR
     } else if is("ipf.contact") {

@@ -143,11 +143,11 @@ pub(crate) enum Ns {
     Other,
 }
 
-struct Open {
+struct Open<'i> {
     ns: Ns,
-    local: String,
+    local: &'i str,
     /// The name as written, for the closing tags a [`Tail`] expects.
-    raw: Vec<u8>,
+    raw: &'i [u8],
 }
 
 /// Elements whose text is bulk base64 and may run past the buffer.
@@ -192,6 +192,7 @@ pub fn parse_request(bytes: &[u8], complete: bool, limits: Limits) -> Result<Req
     let mut reader = NsReader::from_reader(bytes);
     reader.config_mut().check_end_names = true;
     loop {
+        let before = reader.buffer_position() as usize;
         let (ns, event) = match reader.read_resolved_event() {
             Ok(x) => x,
             // Cut inside a tag: a longer body, too large unless cut inside bulk content.
@@ -200,8 +201,8 @@ pub fn parse_request(bytes: &[u8], complete: bool, limits: Limits) -> Result<Req
         };
         let ns = namespace(&ns);
         match event {
-            Event::Start(e) => p.start(ns, &e, false)?,
-            Event::Empty(e) => p.start(ns, &e, true)?,
+            Event::Start(e) => p.start(ns, &e, tag_name(&bytes[before..]), false)?,
+            Event::Empty(e) => p.start(ns, &e, tag_name(&bytes[before..]), true)?,
             Event::End(_) => p.end()?,
             Event::Text(t) => p.text(&t.xml10_content())?,
             Event::CData(t) => p.text(&t)?,
@@ -215,9 +216,24 @@ pub fn parse_request(bytes: &[u8], complete: bool, limits: Limits) -> Result<Req
     }
 }
 
-struct RequestParser {
+/// The name of the tag that starts `at` (`<prefix:local ...`), as written and as its local
+/// part, borrowed from the document.
+pub(crate) fn tag_name(at: &[u8]) -> (&[u8], &str) {
+    // From the `<`: the position may sit before a byte-order mark.
+    let at = &at[at.iter().position(|b| *b == b'<').unwrap_or(0)..];
+    let name = at
+        .get(1..)
+        .unwrap_or_default()
+        .split(|b| b.is_ascii_whitespace() || matches!(b, b'>' | b'/'))
+        .next()
+        .unwrap_or_default();
+    let local = name.rsplit(|b| *b == b':').next().unwrap_or_default();
+    (name, std::str::from_utf8(local).unwrap_or(""))
+}
+
+struct RequestParser<'i> {
     out: Request,
-    stack: Vec<Open>,
+    stack: Vec<Open<'i>>,
     /// Text of the innermost element, for the few whose text matters.
     text: String,
     elements: usize,
@@ -226,12 +242,18 @@ struct RequestParser {
     limits: Limits,
 }
 
-impl RequestParser {
+impl<'i> RequestParser<'i> {
     fn in_bulk(&self) -> bool {
-        self.stack.last().is_some_and(|o| is_bulk(o.ns, &o.local))
+        self.stack.last().is_some_and(|o| is_bulk(o.ns, o.local))
     }
 
-    fn start(&mut self, ns: Ns, e: &BytesStart, empty: bool) -> Result<(), SoapError> {
+    fn start(
+        &mut self,
+        ns: Ns,
+        e: &BytesStart,
+        (raw, local): (&'i [u8], &'i str),
+        empty: bool,
+    ) -> Result<(), SoapError> {
         self.elements += 1;
         if self.elements > self.limits.elements {
             return Err(SoapError::TooManyElements(self.limits.elements));
@@ -239,7 +261,6 @@ impl RequestParser {
         if self.stack.len() >= self.limits.depth {
             return Err(SoapError::TooDeep(self.limits.depth));
         }
-        let local = e.local_name().into_inner().to_string();
         let shown = || e.name().into_inner().to_string();
         match self.stack.len() {
             0 if ns == Ns::Soap && local == "Envelope" => {}
@@ -256,7 +277,7 @@ impl RequestParser {
                 if ns != Ns::Messages {
                     return Err(SoapError::Namespace(shown()));
                 }
-                self.out.operation = local.clone();
+                self.out.operation = local.to_string();
                 if local == "CreateItem" {
                     let d = attr(e, "MessageDisposition")?;
                     self.out.sends = matches!(d.as_deref(), Some("SendOnly" | "SendAndSaveCopy"));
@@ -266,30 +287,26 @@ impl RequestParser {
                 if ns != Ns::Messages && ns != Ns::Types {
                     return Err(SoapError::Namespace(shown()));
                 }
-                self.operation_element(ns, &local, e)?;
+                self.operation_element(ns, local, e)?;
             }
             _ => {}
         }
         self.text.clear();
         if !empty {
-            self.stack.push(Open {
-                ns,
-                local,
-                raw: e.name().into_inner().as_bytes().to_vec(),
-            });
+            self.stack.push(Open { ns, local, raw });
         } else {
-            self.closed(ns, &local);
+            self.closed(ns, local);
         }
         Ok(())
     }
 
     /// `Header` or `Body`, when inside one.
     fn section(&self) -> &str {
-        self.stack.get(1).map_or("", |o| o.local.as_str())
+        self.stack.get(1).map_or("", |o| o.local)
     }
 
     fn parent(&self) -> Option<&str> {
-        self.stack.last().map(|o| o.local.as_str())
+        self.stack.last().map(|o| o.local)
     }
 
     fn operation_element(&mut self, ns: Ns, local: &str, e: &BytesStart) -> Result<(), SoapError> {
@@ -417,7 +434,7 @@ impl RequestParser {
             .stack
             .iter()
             .rev()
-            .map(|o| [b"</".as_slice(), &o.raw, b">"].concat())
+            .map(|o| [b"</".as_slice(), o.raw, b">"].concat())
             .collect();
         self.out.tail = Some(Tail::new(closing));
         Ok(self.out)

@@ -124,16 +124,8 @@ pub fn parse_response(bytes: &[u8], limits: Limits) -> Result<Response, SoapErro
     }
 }
 
-/// The local name of the tag that starts `at` (`<prefix:local ...`), borrowed.
 fn local_of(at: &[u8]) -> &str {
-    let name = at
-        .get(1..)
-        .unwrap_or_default()
-        .split(|b| b.is_ascii_whitespace() || matches!(b, b'>' | b'/'))
-        .next()
-        .unwrap_or_default();
-    let local = name.rsplit(|b| *b == b':').next().unwrap_or_default();
-    std::str::from_utf8(local).unwrap_or("")
+    super::tag_name(at).1
 }
 
 impl<'i> Walk<'i> {

@@ -195,3 +195,16 @@ fn responses_show_items_attachments_and_folders_with_their_spans() {
     assert!(out.contains("ErrorAccessDenied"));
     assert!(!out.contains("M1"));
 }
+
+#[test]
+fn a_byte_order_mark_and_a_missing_declaration_are_read_alike() {
+    let doc = envelope(
+        "",
+        "<m:GetItem><m:ItemIds><t:ItemId Id=\"a\"/></m:ItemIds></m:GetItem>",
+    );
+    let bare = doc.split_once("?>").unwrap().1.trim_start().to_string();
+    for text in [format!("\u{feff}{bare}"), bare] {
+        let r = parse(&text).unwrap();
+        assert_eq!((r.operation.as_str(), r.items.len()), ("GetItem", 1));
+    }
+}
