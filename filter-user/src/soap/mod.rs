@@ -350,7 +350,7 @@ impl<'i> RequestParser<'i> {
         let Some(open) = self.stack.pop() else {
             return Err(SoapError::Xml("unmatched end tag".into()));
         };
-        self.closed(open.ns, &open.local);
+        self.closed(open.ns, open.local);
         self.text.clear();
         Ok(())
     }
