@@ -547,6 +547,41 @@ cidrs = ["198.51.100.0/25", "2001:db8:100::/64", "203.0.113.7"]
     }
 
     #[test]
+    fn content_conditions_parse_and_their_errors_name_the_line() {
+        let base = "[sources.offices]\ncidrs = [\"198.51.100.0/25\"]\n[content]\nmeeting_messages = \"email\"\n[[rule]]\nname = \"r\"\naction = \"allow\"\n";
+        let c = parse(&format!(
+            "{base}operations = [\"read\", \"ExportItems\"]\ndata = [\"calendar\", \"notes\"]\nscope = \"token-item\"\naccess = [\"delegate\"]\n"
+        ))
+        .unwrap();
+        let r = &c.rules[0];
+        assert_eq!(
+            r.operations,
+            vec![
+                OpMatch::Class(crate::content::OpClass::Read),
+                OpMatch::Name("ExportItems".into())
+            ]
+        );
+        assert_eq!(
+            r.data,
+            Some(crate::content::DataSet::CALENDAR.union(crate::content::DataSet::NOTES))
+        );
+        assert_eq!(r.scope, Some(Scope::TokenItem));
+        assert!(r.delegate && !r.impersonation && r.judges_content());
+        assert_eq!(c.content.meetings.0, crate::content::DataSet::EMAIL);
+        for (line, want) in [
+            ("operations = [\"GetItme\"]", "'GetItme' is neither"),
+            ("data = [\"mail\"]", "unknown data type 'mail'"),
+            ("scope = \"mailbox\"", "scope 'mailbox'"),
+            ("access = [\"everything\"]", "access 'everything'"),
+        ] {
+            let e = error_of(&format!("{base}{line}\n"));
+            assert!(e.contains(":8:") && e.contains(want), "{line}: {e}");
+        }
+        let e = error_of(&base.replace("\"email\"", "\"spam\""));
+        assert!(e.contains(":4:") && e.contains("meeting_messages"), "{e}");
+    }
+
+    #[test]
     fn host_bits_are_refused_with_a_hint() {
         let e = error_of("[sources.a]\ncidrs = [\"198.51.100.7/24\"]\n");
         assert!(e.contains(":2:10:") && e.contains("198.51.100.0/24"), "{e}");

@@ -235,7 +235,7 @@ fn judge(
         token_item: who.token_item.as_deref(),
         roots: roots.iter().map(Option::as_deref).collect(),
     };
-    let mut subject = who.subject(conn, policy, paths_ews(), true);
+    let mut subject = who.subject(conn, policy, crate::paths::EWS, true);
     subject.content = Some(c.clone());
     let decision = policy::decide(&policy.rules, &subject);
     rec.rule = decision.rule.clone();
@@ -264,10 +264,6 @@ fn judge(
         },
         tail,
     ))
-}
-
-fn paths_ews() -> &'static str {
-    crate::paths::EWS
 }
 
 fn poisoned() -> Refusal {
