@@ -8,7 +8,7 @@ use std::{collections::HashMap, path::Path};
 use jsonwebtoken::{jwk::JwkSet, Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use crate::tokens::{Family, TokenError, Verified};
+use crate::tokens::{unverified_field, Audience, Family, TokenError, Verified};
 
 const DELEGATED_SCOPE: &str = "EWS.AccessAsUser.All";
 const APP_ROLE: &str = "full_access_as_app";
@@ -28,13 +28,6 @@ pub struct EntraValidator {
 }
 
 #[derive(Deserialize)]
-#[serde(untagged)]
-enum Audience {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Deserialize)]
 struct Claims {
     iss: Option<String>,
     aud: Option<Audience>,
@@ -48,12 +41,6 @@ struct Claims {
     unique_name: Option<String>,
     appid: Option<String>,
     azp: Option<String>,
-}
-
-/// Just enough of a token's claims to tell which validator owns it; nothing here is trusted.
-#[derive(Deserialize)]
-struct Issuer {
-    iss: Option<String>,
 }
 
 impl EntraValidator {
@@ -83,17 +70,7 @@ impl EntraValidator {
 
     /// Whether the token names one of this tenant's issuers (unverified: routing only).
     pub fn claims_ours(&self, token: &str) -> bool {
-        let Some(payload) = token.split('.').nth(1) else {
-            return false;
-        };
-        use base64::Engine as _;
-        let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload) else {
-            return false;
-        };
-        serde_json::from_slice::<Issuer>(&bytes)
-            .ok()
-            .and_then(|i| i.iss)
-            .is_some_and(|iss| self.issuers.contains(&iss))
+        unverified_field(token, 1, "iss").is_some_and(|iss| self.issuers.contains(&iss))
     }
 
     pub fn verify(&self, token: &str, now: u64) -> Result<Verified, TokenError> {
@@ -130,10 +107,11 @@ impl EntraValidator {
         if !self.issuers.contains(&iss) {
             return Err(TokenError::Issuer(iss));
         }
-        let auds = match claims.aud.as_ref().ok_or(TokenError::MissingClaim("aud"))? {
-            Audience::One(a) => vec![a.clone()],
-            Audience::Many(v) => v.clone(),
-        };
+        let auds = claims
+            .aud
+            .as_ref()
+            .ok_or(TokenError::MissingClaim("aud"))?
+            .values();
         if !auds.iter().any(|a| self.audiences.contains(a)) {
             return Err(TokenError::Audience(auds.join(",")));
         }

@@ -81,8 +81,8 @@ impl TokenCache {
         result
     }
 
-    pub fn knows(&self, x5t: &str) -> bool {
-        self.validator.knows(x5t)
+    pub fn unknown_key(&self, token: &str) -> Option<String> {
+        self.validator.unknown_key(token)
     }
 
     pub fn len(&self) -> (usize, usize) {

@@ -186,14 +186,13 @@ pub struct Validator {
     pub entra: Option<crate::entra::EntraValidator>,
 }
 
-/// The `x5t` a token's header names, if it reads as a JWT header at all.
-pub fn x5t_of(token: &str) -> Option<String> {
-    let head = token.split('.').next()?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(head.trim_end_matches('='))
-        .ok()?;
+/// A string field of a token's header (`part` 0) or claims (`part` 1), read without
+/// verifying anything: for routing a token to its validator, never for trusting it.
+pub fn unverified_field(token: &str, part: usize, field: &str) -> Option<String> {
+    let text = token.split('.').nth(part)?;
+    let bytes = URL_SAFE_NO_PAD.decode(text.trim_end_matches('=')).ok()?;
     let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    v.get("x5t")?.as_str().map(str::to_string)
+    v.get(field)?.as_str().map(str::to_string)
 }
 
 /// A claim holding seconds, as a number or a numeric string.
@@ -207,9 +206,18 @@ enum Seconds {
 /// `aud` may be one string or a list.
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum Audience {
+pub(crate) enum Audience {
     One(String),
     Many(Vec<String>),
+}
+
+impl Audience {
+    pub(crate) fn values(&self) -> Vec<String> {
+        match self {
+            Audience::One(a) => vec![a.clone()],
+            Audience::Many(v) => v.clone(),
+        }
+    }
 }
 
 /// `appctx` is a JSON-encoded string on the wire; accept an object too.
@@ -250,13 +258,18 @@ fn seconds(value: Option<Seconds>, name: &'static str) -> Result<u64, TokenError
 }
 
 impl Validator {
-    /// Whether a pinned or fetched certificate has this thumbprint.
-    pub fn knows(&self, x5t: &str) -> bool {
-        self.keys.keys.contains_key(x5t)
-            || self
-                .fetched
-                .as_ref()
-                .is_some_and(|f| f.load().keys.contains_key(x5t))
+    /// The `x5t` of an Exchange token signed by a certificate ewsgate has neither pinned
+    /// nor fetched: worth a refetch of the auth metadata. Entra tokens never are.
+    pub fn unknown_key(&self, token: &str) -> Option<String> {
+        if self.entra.as_ref().is_some_and(|e| e.claims_ours(token)) {
+            return None;
+        }
+        let x5t = unverified_field(token, 0, "x5t")?;
+        let fetched = self
+            .fetched
+            .as_ref()
+            .is_some_and(|f| f.load().keys.contains_key(&x5t));
+        (!self.keys.keys.contains_key(&x5t) && !fetched).then_some(x5t)
     }
 
     /// Verifies a token and says what it is. An identity token verifies here; only
@@ -291,10 +304,11 @@ impl Validator {
         }
         let family = family(claims.ver.as_deref(), appctx.version.as_deref())?;
         if family == Family::Callback {
-            let aud = match claims.aud.ok_or(TokenError::MissingClaim("aud"))? {
-                Audience::One(a) => vec![a],
-                Audience::Many(v) => v,
-            };
+            let aud = claims
+                .aud
+                .as_ref()
+                .ok_or(TokenError::MissingClaim("aud"))?
+                .values();
             if let Some(bad) = aud.iter().find(|a| !self.expect.audiences.contains(a)) {
                 return Err(TokenError::Audience(bad.clone()));
             }

@@ -114,21 +114,16 @@ pub(crate) async fn handle(
 /// A bearer token signed by a key ewsgate has not seen: fetch the allow-listed metadata
 /// again first (rate limited), as Exchange's auth certificate may just have rotated.
 async fn refetch_for_unknown_key(policy: &Policy, req: &Request<Incoming>) {
-    let Some(keys) = &policy.keys else { return };
+    let (Some(keys), Some(tokens)) = (&policy.keys, &policy.tokens) else {
+        return;
+    };
     let token = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let Some(x5t) = token.and_then(crate::tokens::x5t_of) else {
-        return;
-    };
-    let known = policy
-        .tokens
-        .as_ref()
-        .and_then(|t| t.lock().ok().map(|c| c.knows(&x5t)))
-        .unwrap_or(false);
-    if !known {
+    let unknown = token.and_then(|t| tokens.lock().ok().and_then(|c| c.unknown_key(t)));
+    if unknown.is_some() {
         keys.refetch().await;
     }
 }
