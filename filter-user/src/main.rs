@@ -30,8 +30,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load, attach and keep the filter (needs --config).
+    /// The agent: load, attach and keep the filter, and run the proxy (needs --config).
     Run,
+    /// The proxy process, as the agent starts it (not for direct use).
+    #[command(hide = true)]
+    Proxy {
+        /// The agent's proxy socket.
+        #[arg(long)]
+        agent: PathBuf,
+        /// Worker threads; 0 means one per CPU.
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
     /// Check a config file and exit.
     Check,
     /// Interfaces, mode, entry counts and counters per reason and group.
@@ -76,10 +86,13 @@ enum EntryAction {
 }
 
 fn main() -> ExitCode {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        // Colour codes only on a terminal: never in a journal or a log file.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -114,6 +127,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Run => ewsgate::agent::daemon::run(&need_config()?),
+        Command::Proxy { ref agent, threads } => ewsgate::proxy::serve(agent.clone(), threads),
         Command::Check => {
             let c = Config::load(&need_config()?)?;
             println!(
@@ -143,12 +157,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The control socket: from `--socket`, else the config's `[xdp]` section read on its own,
+/// so that `status`, `reload` and `detach` still work when the rest of the file does not
+/// parse (that is when an operator most needs to see why a reload was refused).
 fn socket_of(cli: &Cli) -> anyhow::Result<PathBuf> {
     if let Some(s) = &cli.socket {
         return Ok(s.clone());
     }
     match &cli.config {
-        Some(path) => Ok(Config::load(path)?.xdp.control_socket),
+        Some(path) => Ok(config::paths_of(path)?.control_socket),
         None => Ok(DEFAULT_CONTROL_SOCKET.into()),
     }
 }
@@ -227,7 +244,7 @@ fn parse_ttl(text: &str) -> anyhow::Result<u64> {
 fn detach(cli: &Cli, pin_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let pin_dir = match (pin_dir, &cli.config) {
         (Some(d), _) => d,
-        (None, Some(path)) => Config::load(path)?.xdp.pin_dir,
+        (None, Some(path)) => config::paths_of(path)?.pin_dir,
         (None, None) => DEFAULT_PIN_DIR.into(),
     };
     // Stop a running daemon first, or it would keep the program attached through its fds.

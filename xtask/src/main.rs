@@ -183,6 +183,7 @@ fn setup() -> anyhow::Result<()> {
         )?;
     }
     python_env()?;
+    proxy_user()?;
     let src = Command::new("rustup")
         .args(["component", "list", "--toolchain", "nightly", "--installed"])
         .output()?;
@@ -219,6 +220,26 @@ fn setup() -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// The unprivileged system user the agent runs the proxy as (the package creates it too).
+const PROXY_USER: &str = "ewsgate";
+
+fn proxy_user() -> anyhow::Result<()> {
+    if quiet_ok(Command::new("getent").args(["passwd", PROXY_USER])) {
+        return Ok(());
+    }
+    eprintln!("setup: creating the system user {PROXY_USER} for the proxy");
+    status(Command::new("useradd").args([
+        "--system",
+        "--user-group",
+        "--no-create-home",
+        "--home-dir",
+        "/nonexistent",
+        "--shell",
+        "/usr/sbin/nologin",
+        PROXY_USER,
+    ]))
 }
 
 fn cargo(args: &[&str], envs: &[(&str, &Path)]) -> anyhow::Result<()> {

@@ -69,6 +69,10 @@ pub struct Status {
     /// group → packets passed
     pub groups: Vec<(String, u64)>,
     pub last_reload: String,
+    /// The policy the agent runs (the proxy commits the same).
+    pub policy: u64,
+    /// Identities refused at the request layer for repeated credential failures.
+    pub refused_identities: usize,
 }
 
 #[derive(Debug, thiserror::Error)]

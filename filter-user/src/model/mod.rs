@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod config;
 pub mod ews;
+pub mod outcome;
 pub mod packet;
 pub mod paths;
 pub mod rules;
