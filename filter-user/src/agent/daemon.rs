@@ -26,11 +26,18 @@ use tracing::{error, info, warn};
 
 use crate::{
     agent::{
+        claims::{self, BlockSet, Claim, Ledger, Source},
         control::{Listed, Request, Response, Status},
         feedback::Block,
+        feeds::Update,
+        tasks::{Agent, Ask, Sink},
     },
+    config::save_copy,
     model::Config,
-    packet::{maps::List, xdp::Gate},
+    packet::{
+        maps::{monotonic_ns, List, Maps},
+        xdp::Gate,
+    },
     proxy::{self, ProxyHandle},
 };
 
@@ -44,6 +51,8 @@ enum Command {
     Block(Block),
     Reload(&'static str),
     Sweep,
+    /// From the feed and CrowdSec tasks.
+    Agent(Ask),
 }
 
 /// State owned by the worker thread.
@@ -55,6 +64,11 @@ struct Worker {
     notes_path: PathBuf,
     last_reload: String,
     proxy: Option<Arc<ProxyHandle>>,
+    /// Who holds each block entry (administrator, feedback, CrowdSec).
+    ledger: Ledger,
+    ledger_path: PathBuf,
+    agent: Agent,
+    runtime: tokio::runtime::Handle,
 }
 
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
@@ -87,6 +101,11 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     info!(start = ?gate.start, interfaces = ?gate.attached, prefixes = config.prefix_count(), proxy = proxy.is_some(), "ewsgate running");
     let notes_path = socket.with_extension("notes.json");
     let notes = load_notes(&notes_path);
+    let ledger_path = socket.with_extension("claims.json");
+    let ledger = load_ledger(&ledger_path, &gate.maps, &notes);
+    let asks = tx.clone();
+    let sink: Sink = Arc::new(move |a| asks.send(Command::Agent(a)).is_ok());
+    let agent = Agent::start(&config, sink, rt.handle());
     let mut worker = Worker {
         gate,
         config,
@@ -94,7 +113,12 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
         notes_path,
         last_reload: "at start: ok".into(),
         proxy: proxy.clone(),
+        ledger,
+        ledger_path,
+        agent,
+        runtime: rt.handle().clone(),
     };
+    worker.save_ledger();
     let (done_tx, done_rx) = oneshot::channel::<()>();
     thread::Builder::new()
         .name("ewsgate-maps".into())
@@ -280,14 +304,47 @@ impl Worker {
                 if let Err(e) = self.gate.maps.sweep() {
                     warn!(error = %e, "sweeping expired entries");
                 }
+                if self.ledger.sweep(monotonic_ns()) > 0 {
+                    self.save_ledger();
+                }
                 false
             }
             Command::Block(b) => {
                 let net = IpNet::from(b.source);
                 let reason = format!("ewsgate feedback: {}", b.reason);
-                if let Err(e) = self.add(List::Block, net, Some(b.ttl_secs), Some(reason)) {
+                if let Err(e) = self.block(net, Source::Feedback, Some(b.ttl_secs), reason) {
                     error!(error = %e, source = %b.source, "feedback block failed");
                 }
+                false
+            }
+            Command::Agent(Ask::Feed(update, reply)) => {
+                let _ = reply.send(self.feed(update));
+                false
+            }
+            Command::Agent(Ask::Claims(batch, reply)) => {
+                let mut blocks = Blocks {
+                    maps: &mut self.gate.maps,
+                    notes: &mut self.notes,
+                };
+                let outcome = claims::apply(&mut self.ledger, batch, monotonic_ns(), &mut blocks);
+                self.save_notes();
+                self.save_ledger();
+                let _ = reply.send(outcome);
+                false
+            }
+            Command::Request(Request::FeedRefresh { group }, reply) => {
+                let (tx, rx) = oneshot::channel();
+                self.agent.refresh(group, tx);
+                self.runtime.spawn(async move {
+                    let response = match rx.await {
+                        Ok(Ok(message)) => Response::Ok { message },
+                        Ok(Err(message)) => Response::Error { message },
+                        Err(_) => Response::Error {
+                            message: "no answer from the feed task".into(),
+                        },
+                    };
+                    let _ = reply.send(response);
+                });
                 false
             }
             Command::Reload(why) => {
@@ -358,7 +415,66 @@ impl Worker {
             proxy.commit(policy, &new);
         }
         self.config = new;
+        self.agent.publish(&self.config);
         Ok(())
+    }
+
+    /// A live feed's accepted document: the group reloads through `apply` (all or nothing),
+    /// then the copy is saved as the last good one.
+    fn feed(&mut self, u: Update) -> Result<String, String> {
+        let started = Instant::now();
+        let mut new = self.config.clone();
+        let changed = new.set_feed(&u.group, u.nets, u.meta.clone())?;
+        if changed {
+            self.apply(new).map_err(|e| format!("{e:#}"))?;
+            self.last_reload = format!(
+                "feed {}: ok in {:.3} s",
+                u.group,
+                started.elapsed().as_secs_f64()
+            );
+            info!(group = %u.group, seconds = started.elapsed().as_secs_f64(), prefixes = self.config.prefix_count(), "reloaded for a feed");
+        } else {
+            self.config = new;
+            self.agent.publish(&self.config);
+        }
+        let dir = &self.config.feeds.state_dir;
+        if let Err(e) = save_copy(dir, &u.group, &u.meta, &u.document) {
+            error!(group = %u.group, error = %e, dir = %dir.display(), "feed: in force, but its copy could not be saved");
+            return Ok(format!("in force; the copy was not saved: {e}"));
+        }
+        Ok(if changed { "reloaded" } else { "unchanged" }.into())
+    }
+
+    /// Sets `source`'s claim on a block entry; the entry follows all claims on it.
+    fn block(
+        &mut self,
+        net: IpNet,
+        source: Source,
+        ttl: Option<u64>,
+        reason: String,
+    ) -> anyhow::Result<()> {
+        let until = ttl.map(|t| monotonic_ns().saturating_add(t.saturating_mul(1_000_000_000)));
+        let before = self.ledger.claims(&net).cloned();
+        let effect = self.ledger.claim(net, source, Claim { until, reason });
+        let mut out = claims::Outcome::default();
+        let mut blocks = Blocks {
+            maps: &mut self.gate.maps,
+            notes: &mut self.notes,
+        };
+        claims::enact(
+            &mut self.ledger,
+            net,
+            Some(before),
+            effect,
+            &mut blocks,
+            &mut out,
+        );
+        self.save_notes();
+        self.save_ledger();
+        match out.failed.first() {
+            Some(f) => anyhow::bail!("{f}"),
+            None => Ok(()),
+        }
     }
 
     fn request(&mut self, req: Request) -> Response {
@@ -377,7 +493,8 @@ impl Worker {
             } => self.add(list, net, ttl_secs, reason),
             Request::Del { list, net } => self.del(list, net),
             Request::List { list } => return self.list(list),
-            Request::Shutdown => Ok(String::new()),
+            // Answered by the worker's `handle`, never here.
+            Request::Shutdown | Request::FeedRefresh { .. } => Ok(String::new()),
         };
         match result {
             Ok(message) => Response::Ok { message },
@@ -400,6 +517,16 @@ impl Worker {
         if ttl == Some(0) {
             anyhow::bail!("--ttl must be at least 1 second");
         }
+        if list == List::Block {
+            self.block(
+                net,
+                Source::Manual,
+                ttl,
+                reason.unwrap_or_else(|| "manual".into()),
+            )?;
+            info!(?list, %net, ttl, "entry added");
+            return Ok(format!("{net} added to the block list"));
+        }
         self.gate
             .maps
             .add(list, net, ttl.map(Duration::from_secs))?;
@@ -413,13 +540,33 @@ impl Worker {
     }
 
     fn del(&mut self, list: List, net: IpNet) -> anyhow::Result<String> {
+        // An administrator's removal lifts every claim on the entry.
+        let holders = match list {
+            List::Block => self.ledger.release_all(&net),
+            List::Allow => Vec::new(),
+        };
+        if !holders.is_empty() {
+            self.save_ledger();
+        }
         if !self.gate.maps.remove(list, net)? {
             anyhow::bail!("{net} is not in the {} list", name(list));
         }
         self.notes.remove(&(list, net));
         self.save_notes();
-        info!(?list, %net, "entry removed");
-        Ok(format!("{net} removed from the {} list", name(list)))
+        info!(?list, %net, ?holders, "entry removed");
+        let others: Vec<&str> = holders
+            .iter()
+            .filter(|s| **s != Source::Manual)
+            .map(|s| s.name())
+            .collect();
+        Ok(match others.is_empty() {
+            true => format!("{net} removed from the {} list", name(list)),
+            false => format!(
+                "{net} removed from the {} list (also held by {}; it may block it again)",
+                name(list),
+                others.join(", ")
+            ),
+        })
     }
 
     fn list(&self, list: List) -> Response {
@@ -471,7 +618,17 @@ impl Worker {
                 .map(|(i, g)| (g.name.clone(), hits[i + 1]))
                 .collect(),
             last_reload: self.last_reload.clone(),
+            feeds: self.agent.feeds_status(),
+            crowdsec: self.agent.crowdsec_status(),
         })))
+    }
+
+    fn save_ledger(&self) {
+        if let Ok(text) = serde_json::to_string(&self.ledger) {
+            if let Err(e) = fs::write(&self.ledger_path, text) {
+                warn!(error = %e, path = %self.ledger_path.display(), "saving block claims");
+            }
+        }
     }
 
     fn save_notes(&self) {
@@ -490,6 +647,69 @@ fn load_notes(path: &Path) -> BTreeMap<(List, IpNet), String> {
     };
     let list: Vec<((List, IpNet), String)> = serde_json::from_str(&text).unwrap_or_default();
     list.into_iter().collect()
+}
+
+/// The claims saved by the last daemon, checked against the maps it left: claims on entries
+/// that are gone are dropped, entries nobody claims are the administrator's.
+fn load_ledger(path: &Path, maps: &Maps, notes: &BTreeMap<(List, IpNet), String>) -> Ledger {
+    let mut ledger: Ledger = fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let now = monotonic_ns();
+    let entries = maps.list(List::Block);
+    let present: std::collections::BTreeSet<IpNet> = entries.iter().map(|e| e.net).collect();
+    for net in ledger.nets() {
+        if !present.contains(&net) {
+            ledger.release_all(&net);
+        }
+    }
+    for e in entries {
+        if !ledger.knows(&e.net) {
+            let claim = Claim {
+                until: e
+                    .ttl_left
+                    .map(|s| now.saturating_add(s.saturating_mul(1_000_000_000))),
+                reason: notes
+                    .get(&(List::Block, e.net))
+                    .cloned()
+                    .unwrap_or_else(|| "manual".into()),
+            };
+            ledger.claim(e.net, Source::Manual, claim);
+        }
+    }
+    ledger
+}
+
+/// The block set as the ledger writes it: the maps and the entries' reasons.
+struct Blocks<'a> {
+    maps: &'a mut Maps,
+    notes: &'a mut BTreeMap<(List, IpNet), String>,
+}
+
+impl BlockSet for Blocks<'_> {
+    fn write(&mut self, net: IpNet, until: Option<u64>, reason: &str) -> Result<(), String> {
+        let ttl = match until {
+            None => None,
+            Some(u) => match u.checked_sub(monotonic_ns()) {
+                Some(left) if left > 0 => Some(Duration::from_nanos(left)),
+                _ => return self.remove(net),
+            },
+        };
+        self.maps
+            .add(List::Block, net, ttl)
+            .map_err(|e| e.to_string())?;
+        self.notes.insert((List::Block, net), reason.to_string());
+        Ok(())
+    }
+
+    fn remove(&mut self, net: IpNet) -> Result<(), String> {
+        self.maps
+            .remove(List::Block, net)
+            .map_err(|e| e.to_string())?;
+        self.notes.remove(&(List::Block, net));
+        Ok(())
+    }
 }
 
 fn name(list: List) -> &'static str {
