@@ -23,7 +23,10 @@ use crate::lab::Netns;
 #[derive(Debug, Clone)]
 pub enum Serve {
     /// 200 with this body and ETag; 304 when `If-None-Match` names the ETag.
-    Doc { body: String, etag: String },
+    Doc {
+        body: String,
+        etag: String,
+    },
     /// The handshake completes and then nothing comes, for up to 30 s.
     Stall,
     Status(u16),
@@ -48,7 +51,12 @@ pub struct FeedServer {
 
 impl FeedServer {
     /// Listens on `addr` inside `ns` with `<dir>/<cert>.pem` and `.key`.
-    pub fn start(ns: &Netns, addr: SocketAddr, dir: &Path, cert: &str) -> anyhow::Result<FeedServer> {
+    pub fn start(
+        ns: &Netns,
+        addr: SocketAddr,
+        dir: &Path,
+        cert: &str,
+    ) -> anyhow::Result<FeedServer> {
         let chain = CertificateDer::pem_file_iter(dir.join(format!("{cert}.pem")))?
             .collect::<Result<Vec<_>, _>>()?;
         let key = PrivateKeyDer::from_pem_file(dir.join(format!("{cert}.key")))?;
@@ -135,9 +143,13 @@ fn answer(
     let path = text.split(' ').nth(1).unwrap_or("").to_string();
     let if_none_match = text.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
-        k.eq_ignore_ascii_case("if-none-match").then(|| v.trim().to_string())
+        k.eq_ignore_ascii_case("if-none-match")
+            .then(|| v.trim().to_string())
     });
-    let what = serve.lock().map(|s| s.clone()).unwrap_or(Serve::Status(500));
+    let what = serve
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or(Serve::Status(500));
     let (status, headers, body) = match what {
         Serve::Stall => {
             record(seen, &path, &if_none_match, 0);

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: crafted frames and network-namespace labs.
 //! Every test here needs root (BPF and namespaces); `cargo xtask test` runs them.
 
+pub mod crowdsec;
 pub mod ews;
 pub mod feedserver;
 pub mod gate;

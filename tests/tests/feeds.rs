@@ -68,7 +68,8 @@ fn generation(d: &Daemon) -> u64 {
 }
 
 fn refresh(d: &Daemon) -> Result<String, String> {
-    d.cli(&["feed", "refresh", "salesforce"]).map_err(|e| e.to_string())
+    d.cli(&["feed", "refresh", "salesforce"])
+        .map_err(|e| e.to_string())
 }
 
 /// (internet over IPv4, internet over IPv6, Salesforce over IPv4) reach the gate's tcp/443.
@@ -87,7 +88,8 @@ fn a_live_feed_grows_and_refuses_what_it_should() {
     lab.serve(443).expect("echo");
     let dir = std::env::temp_dir().join(format!("ewsgate-feeds-{}", tag()));
     let pki = Pki::new(&dir).expect("pki");
-    pki.server_cert_for("feed", &["127.0.0.1"]).expect("feed cert");
+    pki.server_cert_for("feed", &["127.0.0.1"])
+        .expect("feed cert");
     let addr: SocketAddr = FEED.parse().unwrap();
     let server = FeedServer::start(&lab.gate, addr, &dir, "feed").expect("feed server");
     let v1 = doc(&["198.51.100.128/25"], &["2001:db8:200::/64"]);
@@ -129,7 +131,8 @@ fn a_live_feed_grows_and_refuses_what_it_should() {
     assert_eq!(verdicts(&lab), (true, true, true));
     let log = daemon.log();
     assert!(
-        log.contains("feed: prefixes changed") && log.contains(r#""added":["203.0.113.0/24","2001:db8:300::/64"]"#),
+        log.contains("feed: prefixes changed")
+            && log.contains(r#""added":["203.0.113.0/24","2001:db8:300::/64"]"#),
         "the change is audited: {log}"
     );
     let copy = dir.join("state/salesforce.json");
@@ -160,8 +163,14 @@ fn a_live_feed_grows_and_refuses_what_it_should() {
             },
             "refused: the feed holds no prefixes",
         ),
-        (Serve::Stall, "stale: https://127.0.0.1:8443/ip-ranges.json: no answer within 1.5s"),
-        (Serve::Status(503), "stale: https://127.0.0.1:8443/ip-ranges.json: answered 503"),
+        (
+            Serve::Stall,
+            "stale: https://127.0.0.1:8443/ip-ranges.json: no answer within 1.5s",
+        ),
+        (
+            Serve::Status(503),
+            "stale: https://127.0.0.1:8443/ip-ranges.json: answered 503",
+        ),
         (
             Serve::Redirect(format!("https://{FEED}/elsewhere.json")),
             "(redirects are not followed)",
@@ -172,16 +181,26 @@ fn a_live_feed_grows_and_refuses_what_it_should() {
         let started = std::time::Instant::now();
         let e = refresh(&daemon).expect_err("refused");
         assert!(e.contains(want), "want {want:?}: {e}");
-        assert!(started.elapsed() < Duration::from_secs(5), "the deadline holds");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the deadline holds"
+        );
         assert_eq!(verdicts(&lab), (true, true, true), "after {want}");
-        assert_eq!(fs::read_to_string(&copy).unwrap(), saved, "the copy on disk stays");
+        assert_eq!(
+            fs::read_to_string(&copy).unwrap(),
+            saved,
+            "the copy on disk stays"
+        );
         assert_eq!(generation(&daemon), generation_v2, "no reload after {want}");
         let st = feed_status(&daemon);
         assert_eq!(st["prefixes"], 4);
         assert!(st["why"].as_str().unwrap_or("").len() > 10, "{st}");
     }
     assert!(
-        !server.requests().iter().any(|r| r.path.contains("elsewhere")),
+        !server
+            .requests()
+            .iter()
+            .any(|r| r.path.contains("elsewhere")),
         "the redirect was not followed"
     );
     let st = feed_status(&daemon);
@@ -196,16 +215,25 @@ fn a_live_feed_grows_and_refuses_what_it_should() {
         etag: "\"v2\"".into(),
     });
     let line = refresh(&daemon).expect("304");
-    assert!(line.contains("not modified (4 prefixes in force)"), "{line}");
+    assert!(
+        line.contains("not modified (4 prefixes in force)"),
+        "{line}"
+    );
     let last = server.requests().pop().expect("a request");
-    assert_eq!((last.if_none_match.as_deref(), last.answered), (Some("\"v2\""), 304));
+    assert_eq!(
+        (last.if_none_match.as_deref(), last.answered),
+        (Some("\"v2\""), 304)
+    );
     assert_eq!(generation(&daemon), generation_v2);
     let st = feed_status(&daemon);
     assert_eq!(st["state"], "ok", "{st}");
     assert_eq!(st["counters"]["not_modified"], 1, "{st}");
     assert_eq!(st["counters"]["changes"], 2, "{st}");
     let text = daemon.cli(&["status"]).expect("status");
-    assert!(text.contains("salesforce") && text.contains("4 prefixes, copy fetched"), "{text}");
+    assert!(
+        text.contains("salesforce") && text.contains("4 prefixes, copy fetched"),
+        "{text}"
+    );
 
     // Restart with no network: the last good copy on disk is what XDP enforces, from
     // fresh maps. The feed then comes back and is picked up by the periodic refresh.
@@ -214,7 +242,11 @@ fn a_live_feed_grows_and_refuses_what_it_should() {
     drop(server);
     fs::write(&path, config(&dir, &pins, &socket, 1)).unwrap();
     let daemon = Daemon::start(&lab.gate, &path, &socket).expect("daemon without its feed");
-    assert_eq!(verdicts(&lab), (true, true, true), "the copy on disk is in force");
+    assert_eq!(
+        verdicts(&lab),
+        (true, true, true),
+        "the copy on disk is in force"
+    );
     thread::sleep(Duration::from_millis(1500));
     let st = feed_status(&daemon);
     assert_eq!(st["state"], "stale", "{st}");
@@ -235,7 +267,11 @@ fn a_live_feed_grows_and_refuses_what_it_should() {
         thread::sleep(Duration::from_millis(100));
         st = feed_status(&daemon);
     }
-    assert_eq!((st["state"].as_str(), st["prefixes"].as_u64()), (Some("ok"), Some(5)), "{st}");
+    assert_eq!(
+        (st["state"].as_str(), st["prefixes"].as_u64()),
+        (Some("ok"), Some(5)),
+        "{st}"
+    );
     assert_eq!(verdicts(&lab), (true, true, true));
     daemon.cli(&["detach"]).expect("detach");
     drop(daemon);
