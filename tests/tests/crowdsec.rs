@@ -476,4 +476,34 @@ fn fail2ban_matches_failures_only(file: &Path, lines: &[Value]) {
         !text.contains("192.0.2.99  "),
         "the spoofed source never matches: {text}"
     );
+    // The example jail loads with the filter, in a copy of Debian's fail2ban configuration.
+    let conf = file.with_extension("fail2ban");
+    let copied = Command::new("cp")
+        .arg("-r")
+        .arg("/etc/fail2ban")
+        .arg(&conf)
+        .status();
+    assert!(copied.is_ok_and(|s| s.success()));
+    let _ = fs::remove_file(conf.join("jail.d/defaults-debian.conf"));
+    fs::copy(&filter, conf.join("filter.d/ewsgate.conf")).unwrap();
+    let jail = fs::read_to_string(contrib().join("fail2ban/jail.d/ewsgate.conf")).unwrap();
+    let jail = jail.replace("/var/log/ewsgate/audit.jsonl", &file.display().to_string());
+    fs::write(conf.join("jail.d/ewsgate.conf"), jail).unwrap();
+    let out = Command::new("fail2ban-client")
+        .arg("-c")
+        .arg(&conf)
+        .arg("-d")
+        .output()
+        .expect("fail2ban-client");
+    let dump = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{dump}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        dump.contains("['add', 'ewsgate', 'polling']") && dump.contains("'addfailregex'"),
+        "{dump}"
+    );
+    let _ = fs::remove_dir_all(&conf);
 }

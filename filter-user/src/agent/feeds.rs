@@ -98,6 +98,8 @@ struct Key {
     filter: FeedFilter,
     timeout: Duration,
     max_bytes: usize,
+    refresh: Duration,
+    max_shrink: f64,
 }
 
 struct Tracked {
@@ -166,6 +168,8 @@ fn reconcile(feeds: &mut BTreeMap<String, Tracked>, settings: &FeedSettings) {
             filter: live.filter.clone(),
             timeout: settings.timeout,
             max_bytes: settings.max_bytes,
+            refresh: settings.refresh,
+            max_shrink: settings.max_shrink,
         };
         let stale = feeds.get(&live.group).is_none_or(|t| t.key != key);
         if stale {
