@@ -276,7 +276,7 @@ fn crowdsec_and_fail2ban_read_the_audit_log() {
     // Credential failures: a burst of refused tokens from the office host.
     let expired = gate
         .pki
-        .token(|c| ewsgate::tokens::testkit::with(c, "aud", json!("wrong")));
+        .token(|c| ewsgate::identity::tokens::testkit::with(c, "aud", json!("wrong")));
     for _ in 0..12 {
         let r = office()
             .ews(
