@@ -61,11 +61,22 @@ enum Command {
         #[command(subcommand)]
         action: EntryAction,
     },
+    /// Live range feeds (`feed_url` groups).
+    Feed {
+        #[command(subcommand)]
+        action: FeedAction,
+    },
     /// Stop the daemon and remove the program, its links and maps.
     Detach {
         #[arg(long)]
         pin_dir: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum FeedAction {
+    /// Fetch now (one group, or every feed) and print what happened.
+    Refresh { group: Option<String> },
 }
 
 #[derive(Subcommand)]
@@ -153,6 +164,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reload => print_ok(ask(&cli, &Request::Reload)?),
         Command::Block { ref action } => entries(&cli, List::Block, action),
         Command::Allow { ref action } => entries(&cli, List::Allow, action),
+        Command::Feed {
+            action: FeedAction::Refresh { ref group },
+        } => print_ok(ask(
+            &cli,
+            &Request::FeedRefresh {
+                group: group.clone(),
+            },
+        )?),
         Command::Detach { ref pin_dir } => detach(&cli, pin_dir.clone()),
     }
 }
@@ -304,5 +323,55 @@ fn print_status(s: &Status) {
     println!("groups (packets passed)");
     for (name, n) in &s.groups {
         println!("  {name:<20} {n}");
+    }
+    print_agent(s);
+}
+
+fn print_agent(s: &Status) {
+    let now = ewsgate::agent::feeds::unix_now();
+    let ago = |t: Option<u64>| {
+        t.map_or("never".to_string(), |t| {
+            format!("{} ago", span(now.saturating_sub(t)))
+        })
+    };
+    if !s.feeds.is_empty() {
+        println!("feeds");
+    }
+    for f in &s.feeds {
+        let state = match (&f.since, &f.why) {
+            (Some(since), Some(why)) => format!("{} since {}: {why}", f.state, ago(Some(*since))),
+            (None, Some(why)) => format!("{}: {why}", f.state),
+            _ => f.state.clone(),
+        };
+        println!(
+            "  {:<20} {} prefixes, copy fetched {}, confirmed {}; {state}",
+            f.group,
+            f.prefixes,
+            ago(f.fetched),
+            ago(f.confirmed)
+        );
+    }
+    if let Some(c) = &s.crowdsec {
+        let state = match &c.why {
+            Some(why) => format!("{}: {why}", c.state),
+            None => c.state.clone(),
+        };
+        println!(
+            "crowdsec     {} {state}; {} decisions on {} entries, last pull {}",
+            c.lapi,
+            c.decisions,
+            c.entries,
+            ago(c.last_pull)
+        );
+    }
+}
+
+/// 42s, 5m, 3h, 2d.
+fn span(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
     }
 }

@@ -29,6 +29,7 @@ use crate::{
     agent::{
         control::{Request, Response},
         supervisor::{self, Ask},
+        tasks,
         worker::{Command, Worker},
     },
     config,
@@ -71,7 +72,17 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let listener = bind_control(&socket)?;
     info!(start = ?gate.start, interfaces = ?gate.attached, prefixes = config.prefix_count(), proxy = proxy.is_some(), "ewsgate agent running");
     let audit_path = config.proxy.as_ref().and_then(|p| p.audit_log.clone());
-    let worker = Worker::new(gate, config, bundle, proxy.is_some().then(|| link.clone()));
+    let tasks_tx = tx.clone();
+    let sink: tasks::Sink = Arc::new(move |a| tasks_tx.send(Command::Agent(a)).is_ok());
+    let agent = tasks::Agent::start(&config, sink, rt.handle());
+    let worker = Worker::new(
+        gate,
+        config,
+        bundle,
+        proxy.is_some().then(|| link.clone()),
+        agent,
+        rt.handle().clone(),
+    );
     let (done_tx, done_rx) = oneshot::channel::<()>();
     thread::Builder::new()
         .name("ewsgate-maps".into())

@@ -20,14 +20,20 @@ use tracing::{error, info, warn};
 
 use crate::{
     agent::{
+        claims::{self, BlockSet, Claim, Ledger, Source},
         control::{Listed, Request, Response, Status},
         feedback::{Action, Feedback},
+        feeds::Update,
         supervisor::{Ask, ProxyLink},
+        tasks::{self, Agent},
     },
-    config::{self, Bundle},
+    config::{self, copy_bytes, copy_path, save_copy, Bundle},
     ipc::{EntryChange, Failure, Init, PolicyState, ToProxy},
     model::{packet::Protected, Config},
-    packet::{maps::List, xdp::Gate},
+    packet::{
+        maps::{List, Maps},
+        xdp::Gate,
+    },
     proxy::{admission::monotonic_ns, state::State},
 };
 
@@ -36,6 +42,8 @@ pub enum Command {
     Reload(&'static str),
     Sweep,
     Proxy(Ask),
+    /// From the feed and CrowdSec tasks.
+    Agent(tasks::Ask),
     /// The audit log was rotated: reopen it and hand it to the proxy.
     ReopenAudit,
 }
@@ -54,14 +62,35 @@ pub struct Worker {
     feedback: Feedback,
     /// Identities refused at the request layer: until, reason.
     refused: BTreeMap<String, (Instant, String)>,
+    /// Who holds each block entry (administrator, feedback, CrowdSec).
+    ledger: Ledger,
+    ledger_path: PathBuf,
+    /// The feed and CrowdSec tasks.
+    agent: Agent,
+    runtime: tokio::runtime::Handle,
 }
 
 impl Worker {
-    pub fn new(gate: Gate, config: Config, bundle: Bundle, proxy: Option<ProxyLink>) -> Worker {
-        let notes_path = config.xdp.control_socket.with_extension("notes.json");
+    pub fn new(
+        gate: Gate,
+        config: Config,
+        bundle: Bundle,
+        proxy: Option<ProxyLink>,
+        agent: Agent,
+        runtime: tokio::runtime::Handle,
+    ) -> Worker {
+        let socket = &config.xdp.control_socket;
+        let notes_path = socket.with_extension("notes.json");
+        let notes = load_notes(&notes_path);
+        let ledger_path = socket.with_extension("claims.json");
+        let ledger = load_ledger(&ledger_path, &gate.maps, &notes);
         Worker {
-            notes: load_notes(&notes_path),
+            notes,
             notes_path,
+            ledger,
+            ledger_path,
+            agent,
+            runtime,
             feedback: Feedback::new(&config),
             gate,
             config,
@@ -75,6 +104,7 @@ impl Worker {
 
     /// Serves commands until asked to stop.
     pub fn run(mut self, rx: mpsc::Receiver<Command>) {
+        self.save_ledger();
         while let Ok(cmd) = rx.recv() {
             if self.handle(cmd) {
                 break;
@@ -93,6 +123,19 @@ impl Worker {
                 let _ = reply.send(self.init());
             }
             Command::Proxy(Ask::Failures(items)) => self.failures(&items),
+            Command::Agent(tasks::Ask::Feed(update, reply)) => {
+                let _ = reply.send(self.feed(update));
+            }
+            Command::Agent(tasks::Ask::Claims(batch, reply)) => {
+                let mut blocks = Blocks::new(&mut self.gate.maps, &mut self.notes);
+                let outcome = claims::apply(&mut self.ledger, batch, monotonic_ns(), &mut blocks);
+                let changes = blocks.changes;
+                self.push(changes);
+                self.save_notes();
+                self.save_ledger();
+                let _ = reply.send(outcome);
+            }
+            Command::Request(Request::FeedRefresh { group }, reply) => self.refresh(group, reply),
             Command::ReopenAudit => self.reopen_audit(),
             Command::Request(Request::Shutdown, reply) => {
                 let _ = reply.send(Response::Ok {
@@ -113,7 +156,112 @@ impl Worker {
         }
     }
 
+    /// Changes to the dynamic sets, for the proxy's copy.
+    fn push(&self, changes: Vec<EntryChange>) {
+        if !changes.is_empty() {
+            self.send(ToProxy::Entries {
+                changes,
+                reset: false,
+            });
+        }
+    }
+
+    fn refresh(&self, group: Option<String>, reply: tokio::sync::oneshot::Sender<Response>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.agent.refresh(group, tx);
+        self.runtime.spawn(async move {
+            let response = match rx.await {
+                Ok(Ok(message)) => Response::Ok { message },
+                Ok(Err(message)) => Response::Error { message },
+                Err(_) => Response::Error {
+                    message: "no answer from the feed task".into(),
+                },
+            };
+            let _ = reply.send(response);
+        });
+    }
+
+    /// A live feed's accepted document. The copy joins the config's bundle, the config is
+    /// read again from it (so the proxy reads exactly the same), and a change in the group's
+    /// prefixes goes through the normal all-or-nothing apply; only then is the copy saved
+    /// as the last good one.
+    fn feed(&mut self, u: Update) -> Result<String, String> {
+        let started = Instant::now();
+        let dir = self.config.feeds.state_dir.clone();
+        let bytes = copy_bytes(&u.meta, &u.document).map_err(|e| e.to_string())?;
+        let mut bundle = self.bundle.clone();
+        bundle.files.insert(copy_path(&dir, &u.group), bytes);
+        let new = Config::from_bundle(&bundle).map_err(|e| e.to_string())?;
+        let prefixes = |c: &Config| {
+            c.groups
+                .iter()
+                .find(|g| g.name == u.group)
+                .map(|g| (g.v4.clone(), g.v6.clone()))
+        };
+        let changed = prefixes(&new) != prefixes(&self.config);
+        if changed {
+            self.apply(new, bundle).map_err(|e| format!("{e:#}"))?;
+            self.last_reload = format!(
+                "feed {}: ok in {:.3} s",
+                u.group,
+                started.elapsed().as_secs_f64()
+            );
+            info!(group = %u.group, seconds = started.elapsed().as_secs_f64(), prefixes = self.config.prefix_count(), "reloaded for a feed");
+        } else {
+            self.config = new;
+            self.bundle = bundle;
+            self.agent.publish(&self.config);
+        }
+        if let Err(e) = save_copy(&dir, &u.group, &u.meta, &u.document) {
+            error!(group = %u.group, error = %e, dir = %dir.display(), "feed: in force, but its copy could not be saved");
+            return Ok(format!("in force; the copy was not saved: {e}"));
+        }
+        Ok(if changed { "reloaded" } else { "unchanged" }.into())
+    }
+
+    /// Sets `source`'s claim on a block entry; the entry follows all claims on it.
+    fn block(
+        &mut self,
+        net: IpNet,
+        source: Source,
+        ttl: Option<u64>,
+        reason: String,
+    ) -> anyhow::Result<()> {
+        let until = ttl.map(|t| monotonic_ns().saturating_add(t.saturating_mul(1_000_000_000)));
+        let before = self.ledger.claims(&net).cloned();
+        let effect = self.ledger.claim(net, source, Claim { until, reason });
+        let mut out = claims::Outcome::default();
+        let mut blocks = Blocks::new(&mut self.gate.maps, &mut self.notes);
+        claims::enact(
+            &mut self.ledger,
+            net,
+            Some(before),
+            effect,
+            &mut blocks,
+            &mut out,
+        );
+        let changes = blocks.changes;
+        self.push(changes);
+        self.save_notes();
+        self.save_ledger();
+        match out.failed.first() {
+            Some(f) => anyhow::bail!("{f}"),
+            None => Ok(()),
+        }
+    }
+
+    fn save_ledger(&self) {
+        if let Ok(text) = serde_json::to_string(&self.ledger) {
+            if let Err(e) = fs::write(&self.ledger_path, text) {
+                warn!(error = %e, path = %self.ledger_path.display(), "saving block claims");
+            }
+        }
+    }
+
     fn sweep(&mut self) {
+        if self.ledger.sweep(monotonic_ns()) > 0 {
+            self.save_ledger();
+        }
         match self.gate.maps.sweep() {
             Ok(0) => {}
             Ok(_) => {
@@ -206,9 +354,8 @@ impl Worker {
             } => {
                 warn!(%source, ttl = ttl_secs, %reason, "source blocked in XDP");
                 let note = format!("ewsgate feedback: {reason}");
-                if let Err(e) =
-                    self.add(List::Block, IpNet::from(source), Some(ttl_secs), Some(note))
-                {
+                let net = IpNet::from(source);
+                if let Err(e) = self.block(net, Source::Feedback, Some(ttl_secs), note) {
                     error!(error = %e, %source, "feedback block failed");
                 }
             }
@@ -313,6 +460,7 @@ impl Worker {
         self.policy_id = id;
         self.config = new;
         self.bundle = bundle;
+        self.agent.publish(&self.config);
         Ok(())
     }
 
@@ -332,7 +480,8 @@ impl Worker {
             } => self.add(list, net, ttl_secs, reason),
             Request::Del { list, net } => self.del(list, net),
             Request::List { list } => return self.list(list),
-            Request::Shutdown => Ok(String::new()),
+            // Answered by `handle`, never here.
+            Request::Shutdown | Request::FeedRefresh { .. } => Ok(String::new()),
         };
         match result {
             Ok(message) => Response::Ok { message },
@@ -354,6 +503,12 @@ impl Worker {
         }
         if ttl == Some(0) {
             anyhow::bail!("--ttl must be at least 1 second");
+        }
+        if list == List::Block {
+            let reason = reason.unwrap_or_else(|| "manual".into());
+            self.block(net, Source::Manual, ttl, reason)?;
+            info!(?list, %net, ttl, "entry added");
+            return Ok(format!("{net} added to the block list"));
         }
         let expires_ns = ttl.map_or(0, |s| monotonic_ns() + s * 1_000_000_000);
         self.gate
@@ -378,6 +533,14 @@ impl Worker {
     }
 
     fn del(&mut self, list: List, net: IpNet) -> anyhow::Result<String> {
+        // An administrator's removal lifts every claim on the entry.
+        let holders = match list {
+            List::Block => self.ledger.release_all(&net),
+            List::Allow => Vec::new(),
+        };
+        if !holders.is_empty() {
+            self.save_ledger();
+        }
         if !self.gate.maps.remove(list, net)? {
             anyhow::bail!("{net} is not in the {} list", name(list));
         }
@@ -392,8 +555,20 @@ impl Worker {
         });
         self.notes.remove(&(list, net));
         self.save_notes();
-        info!(?list, %net, "entry removed");
-        Ok(format!("{net} removed from the {} list", name(list)))
+        info!(?list, %net, ?holders, "entry removed");
+        let others: Vec<&str> = holders
+            .iter()
+            .filter(|s| **s != Source::Manual)
+            .map(|s| s.name())
+            .collect();
+        Ok(match others.is_empty() {
+            true => format!("{net} removed from the {} list", name(list)),
+            false => format!(
+                "{net} removed from the {} list (also held by {}; it may block it again)",
+                name(list),
+                others.join(", ")
+            ),
+        })
     }
 
     fn list(&self, list: List) -> Response {
@@ -447,6 +622,8 @@ impl Worker {
             last_reload: self.last_reload.clone(),
             policy: self.policy_id,
             refused_identities: self.refused.len(),
+            feeds: self.agent.feeds_status(),
+            crowdsec: self.agent.crowdsec_status(),
         })))
     }
 
@@ -489,6 +666,97 @@ fn load_notes(path: &std::path::Path) -> BTreeMap<(List, IpNet), String> {
     };
     let list: Vec<((List, IpNet), String)> = serde_json::from_str(&text).unwrap_or_default();
     list.into_iter().collect()
+}
+
+/// The claims saved by the last agent, checked against the maps it left: claims on entries
+/// that are gone are dropped, entries nobody claims are the administrator's.
+fn load_ledger(
+    path: &std::path::Path,
+    maps: &Maps,
+    notes: &BTreeMap<(List, IpNet), String>,
+) -> Ledger {
+    let mut ledger: Ledger = fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let now = monotonic_ns();
+    let entries = maps.list(List::Block);
+    let present: std::collections::BTreeSet<IpNet> = entries.iter().map(|e| e.net).collect();
+    for net in ledger.nets() {
+        if !present.contains(&net) {
+            ledger.release_all(&net);
+        }
+    }
+    for e in entries {
+        if !ledger.knows(&e.net) {
+            let claim = Claim {
+                until: e
+                    .ttl_left
+                    .map(|s| now.saturating_add(s.saturating_mul(1_000_000_000))),
+                reason: notes
+                    .get(&(List::Block, e.net))
+                    .cloned()
+                    .unwrap_or_else(|| "manual".into()),
+            };
+            ledger.claim(e.net, Source::Manual, claim);
+        }
+    }
+    ledger
+}
+
+/// The block set as the ledger writes it: the maps, the entries' reasons, and the changes
+/// the proxy's copy needs.
+struct Blocks<'a> {
+    maps: &'a mut Maps,
+    notes: &'a mut BTreeMap<(List, IpNet), String>,
+    changes: Vec<EntryChange>,
+}
+
+impl<'a> Blocks<'a> {
+    fn new(maps: &'a mut Maps, notes: &'a mut BTreeMap<(List, IpNet), String>) -> Blocks<'a> {
+        Blocks {
+            maps,
+            notes,
+            changes: Vec::new(),
+        }
+    }
+}
+
+impl BlockSet for Blocks<'_> {
+    fn write(&mut self, net: IpNet, until: Option<u64>, reason: &str) -> Result<(), String> {
+        let ttl = match until {
+            None => None,
+            Some(u) => match u.checked_sub(monotonic_ns()) {
+                Some(left) if left > 0 => Some(Duration::from_nanos(left)),
+                _ => return self.remove(net),
+            },
+        };
+        self.maps
+            .add(List::Block, net, ttl)
+            .map_err(|e| e.to_string())?;
+        self.notes.insert((List::Block, net), reason.to_string());
+        self.changes.push(EntryChange {
+            list: List::Block,
+            net,
+            expires_ns: until.unwrap_or(0),
+            add: true,
+        });
+        Ok(())
+    }
+
+    fn remove(&mut self, net: IpNet) -> Result<(), String> {
+        self.maps
+            .remove(List::Block, net)
+            .map_err(|e| e.to_string())?;
+        self.notes.remove(&(List::Block, net));
+        self.changes.push(EntryChange {
+            list: List::Block,
+            net,
+            expires_ns: 0,
+            add: false,
+        });
+        Ok(())
+    }
 }
 
 fn name(list: List) -> &'static str {

@@ -15,6 +15,7 @@ use toml::Spanned;
 use filter_common::{MAX_GROUPS, MAX_PORTS, MAX_PROTECTED};
 
 use crate::model::{
+    agent::{Copy, FeedFilter, FeedSettings, LiveFeed},
     outcome::FailureClass,
     packet::{
         AttachMode, Capacity, Protected, SourceGroup, XdpSettings, DEFAULT_CONTROL_SOCKET,
@@ -26,9 +27,12 @@ use crate::model::{
 pub use crate::model::Config;
 
 mod bundle;
+mod crowdsec;
+mod feed;
 mod request;
 
 pub use bundle::{Bundle, Disk, Files};
+pub use feed::{copy_bytes, copy_path, load_copy, parse_feed, save_copy, FeedError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -133,7 +137,8 @@ impl Config {
             here.error(at, e.message().to_string())
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let groups = validate_sources(&here, base, raw.sources)?;
+        let mut feeds = raw.feeds.unwrap_or_default().validate(&here)?;
+        let groups = validate_sources(&here, base, raw.sources, &mut feeds)?;
         let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
         Ok(Config {
             path: path.to_path_buf(),
@@ -144,6 +149,8 @@ impl Config {
             feedback: raw.feedback.unwrap_or_default().validate(&here)?,
             content: raw.content.unwrap_or_default().validate(&here)?,
             rules: request::validate_rules(&here, raw.rule, &names)?,
+            crowdsec: raw.crowdsec.map(|c| c.validate(&here, base)).transpose()?,
+            feeds,
             groups,
         })
     }
@@ -212,6 +219,8 @@ struct RawConfig {
     content: Option<request::RawContent>,
     #[serde(default)]
     rule: Vec<request::RawRule>,
+    feeds: Option<feed::RawFeeds>,
+    crowdsec: Option<crowdsec::RawCrowdSec>,
 }
 
 #[derive(Deserialize, Default)]
@@ -243,12 +252,30 @@ struct RawSource {
     #[serde(default)]
     files: Vec<Spanned<String>>,
     feed: Option<Spanned<String>>,
-    /// Keep only these regions of the feed (all when empty).
+    /// Salesforce's `ip-ranges.json` fetched over HTTPS (see `[feeds]`).
+    feed_url: Option<Spanned<String>>,
+    /// CA for `feed_url`; the system's roots without it.
+    feed_ca: Option<String>,
+    /// Keep only these regions, providers, directions of the feed (all when empty).
     #[serde(default)]
     feed_regions: Vec<String>,
     /// Failure classes that may block this group's addresses.
     block_on: Option<Vec<Spanned<String>>>,
     block_failures: Option<u32>,
+    #[serde(default)]
+    feed_providers: Vec<String>,
+    #[serde(default)]
+    feed_directions: Vec<String>,
+}
+
+impl RawSource {
+    fn filter(&self) -> FeedFilter {
+        FeedFilter {
+            regions: self.feed_regions.clone(),
+            providers: self.feed_providers.clone(),
+            directions: self.feed_directions.clone(),
+        }
+    }
 }
 
 impl RawXdp {
@@ -367,6 +394,7 @@ fn validate_sources(
     here: &Locator,
     base: &Path,
     raw: BTreeMap<Spanned<String>, RawSource>,
+    feeds: &mut FeedSettings,
 ) -> Result<Vec<SourceGroup>, ConfigError> {
     if raw.len() > MAX_GROUPS {
         return Err(here.error(0, format!("at most {MAX_GROUPS} source groups")));
@@ -381,15 +409,44 @@ fn validate_sources(
             let (path, bytes) = here.file(base, f)?;
             nets.extend(read_cidr_file(&path, &bytes).map_err(|m| here.at(f, m))?);
         }
+        let filter = src.filter();
         if let Some(feed) = &src.feed {
             let (path, bytes) = here.file(base, feed)?;
-            nets.extend(read_feed(&path, &bytes, &src.feed_regions).map_err(|m| here.at(feed, m))?);
+            nets.extend(feed::read_feed(&path, &bytes, &filter).map_err(|m| here.at(feed, m))?);
         }
-        if src.cidrs.is_empty() && src.files.is_empty() && src.feed.is_none() {
-            return Err(here.at(&name, "source group has no cidrs, files or feed"));
+        if let Some(url) = &src.feed_url {
+            if let Some(feed) = &src.feed {
+                return Err(here.at(feed, "a source group has feed or feed_url, not both"));
+            }
+            feed::check_group_name(name.get_ref()).map_err(|m| here.at(&name, m))?;
+            feed::check_feed_url(url.get_ref()).map_err(|m| here.at(url, m))?;
+            let copy = load_copy(here.files, &feeds.state_dir, name.get_ref(), &filter);
+            let mut own = nets.clone();
+            own.sort();
+            own.dedup();
+            if let Copy::Held(h) = &copy {
+                nets.extend(h.nets.iter().copied());
+            }
+            feeds.live.push(LiveFeed {
+                group: name.get_ref().clone(),
+                url: url.get_ref().clone(),
+                ca: src.feed_ca.as_ref().map(|c| base.join(c)),
+                filter,
+                base: own,
+                copy,
+            });
+        } else if src.feed_ca.is_some() {
+            return Err(here.at(&name, "feed_ca is set but the group has no feed_url"));
+        }
+        if src.cidrs.is_empty()
+            && src.files.is_empty()
+            && src.feed.is_none()
+            && src.feed_url.is_none()
+        {
+            return Err(here.at(&name, "source group has no cidrs, files, feed or feed_url"));
         }
         let block_on = block_classes(here, &src)?;
-        let mut group = group_from(name.into_inner(), nets);
+        let mut group = SourceGroup::from_nets(name.into_inner(), nets);
         group.block_on = block_on;
         group.block_failures = src.block_failures;
         groups.push(group);
@@ -402,9 +459,9 @@ fn validate_sources(
 /// Policy denials never may: one client's denied request must not block its neighbours.
 fn block_classes(here: &Locator, src: &RawSource) -> Result<Vec<FailureClass>, ConfigError> {
     let Some(list) = &src.block_on else {
-        return Ok(match src.feed {
-            Some(_) => Vec::new(),
-            None => vec![FailureClass::Protocol, FailureClass::Credential],
+        return Ok(match src.feed.is_some() || src.feed_url.is_some() {
+            true => Vec::new(),
+            false => vec![FailureClass::Protocol, FailureClass::Credential],
         });
     };
     let mut classes = Vec::new();
@@ -430,28 +487,6 @@ fn block_classes(here: &Locator, src: &RawSource) -> Result<Vec<FailureClass>, C
         }
     }
     Ok(classes)
-}
-
-fn group_from(name: String, nets: Vec<IpNet>) -> SourceGroup {
-    let mut v4 = Vec::new();
-    let mut v6 = Vec::new();
-    for n in nets {
-        match n {
-            IpNet::V4(n) => v4.push(n),
-            IpNet::V6(n) => v6.push(n),
-        }
-    }
-    v4.sort();
-    v4.dedup();
-    v6.sort();
-    v6.dedup();
-    SourceGroup {
-        name,
-        v4,
-        v6,
-        block_on: vec![FailureClass::Protocol, FailureClass::Credential],
-        block_failures: None,
-    }
 }
 
 /// A CIDR, or a bare address meaning /32 or /128. Host bits must be zero: a typo such as
@@ -486,68 +521,6 @@ fn read_cidr_file(path: &Path, bytes: &[u8]) -> Result<Vec<IpNet>, String> {
         }
         let net = parse_cidr(content).map_err(|m| format!("{}:{}: {m}", path.display(), i + 1))?;
         nets.push(net);
-    }
-    Ok(nets)
-}
-
-#[derive(Deserialize)]
-struct Feed {
-    #[serde(default)]
-    prefixes: Vec<FeedEntry>,
-    #[serde(default)]
-    ipv6_prefixes: Vec<FeedEntry>,
-}
-
-#[derive(Deserialize)]
-struct FeedEntry {
-    #[serde(default)]
-    region: Option<String>,
-    #[serde(default)]
-    ip_prefix: Option<OneOrMany>,
-    #[serde(default)]
-    ipv6_prefix: Option<OneOrMany>,
-}
-
-/// Salesforce's feed gives arrays where AWS's schema has strings; accept both.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
-}
-
-/// Salesforce's `ip-ranges.json`.
-fn read_feed(path: &Path, bytes: &[u8], regions: &[String]) -> Result<Vec<IpNet>, String> {
-    let feed: Feed = serde_json::from_slice(bytes).map_err(|e| {
-        format!(
-            "{}:{}:{}: not a Salesforce ip-ranges feed: {e}",
-            path.display(),
-            e.line(),
-            e.column()
-        )
-    })?;
-    let mut nets = Vec::new();
-    for entry in feed.prefixes.iter().chain(&feed.ipv6_prefixes) {
-        let wanted = regions.is_empty()
-            || entry
-                .region
-                .as_ref()
-                .is_some_and(|r| regions.iter().any(|w| w == r));
-        if !wanted {
-            continue;
-        }
-        for p in [&entry.ip_prefix, &entry.ipv6_prefix].into_iter().flatten() {
-            let list = match p {
-                OneOrMany::One(s) => std::slice::from_ref(s),
-                OneOrMany::Many(v) => v.as_slice(),
-            };
-            for s in list {
-                nets.push(parse_cidr(s).map_err(|m| format!("{}: {m}", path.display()))?);
-            }
-        }
-    }
-    if nets.is_empty() {
-        return Err(format!("{}: the feed holds no prefixes", path.display()));
     }
     Ok(nets)
 }
@@ -688,6 +661,20 @@ cidrs = ["198.51.100.0/25", "2001:db8:100::/64", "203.0.113.7"]
         );
         assert!(e.contains(":4:") && e.contains("twice"), "{e}");
         assert!(error_of("[sources.empty]\n").contains("no cidrs"));
+        let e = error_of("[sources.sf]\nfeed_url = \"http://ranges.example/ip-ranges.json\"\n");
+        assert!(e.contains(":2:12:") && e.contains("HTTPS only"), "{e}");
+        let e =
+            error_of("[sources.\"s f\"]\nfeed_url = \"https://ranges.example/ip-ranges.json\"\n");
+        assert!(
+            e.contains(":1:") && e.contains("names the feed's state file"),
+            "{e}"
+        );
+        let e = error_of("[feeds]\nmax_shrink = 1.5\n");
+        assert!(e.contains(":2:14:") && e.contains("max_shrink"), "{e}");
+        let e = error_of("[crowdsec]\nlapi_url = \"http://192.0.2.7:8080\"\napi_key = \"k\"\n");
+        assert!(e.contains(":2:12:") && e.contains("loopback"), "{e}");
+        let e = error_of("[crowdsec]\nlapi_url = \"http://127.0.0.1:8080\"\n");
+        assert!(e.contains("exactly one of api_key"), "{e}");
         let nine: String = (1..=9)
             .map(|i| format!("[[protect]]\naddress = \"192.0.2.{i}\"\n"))
             .collect();

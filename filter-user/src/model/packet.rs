@@ -2,7 +2,7 @@
 
 use std::{fmt, net::IpAddr, path::PathBuf};
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
 use super::outcome::FailureClass;
@@ -76,4 +76,29 @@ pub struct SourceGroup {
     pub block_on: Vec<FailureClass>,
     /// This group's own threshold, instead of `[feedback] failures`.
     pub block_failures: Option<u32>,
+}
+
+impl SourceGroup {
+    /// A group of `nets`, split by family, sorted, without duplicates.
+    pub fn from_nets(name: String, nets: impl IntoIterator<Item = IpNet>) -> SourceGroup {
+        let mut v4 = Vec::new();
+        let mut v6 = Vec::new();
+        for n in nets {
+            match n {
+                IpNet::V4(n) => v4.push(n),
+                IpNet::V6(n) => v6.push(n),
+            }
+        }
+        v4.sort();
+        v4.dedup();
+        v6.sort();
+        v6.dedup();
+        SourceGroup {
+            name,
+            v4,
+            v6,
+            block_on: vec![FailureClass::Protocol, FailureClass::Credential],
+            block_failures: None,
+        }
+    }
 }
