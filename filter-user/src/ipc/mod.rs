@@ -140,3 +140,37 @@ impl Failure {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_reads_only_the_messages_a_proxy_may_send() {
+        let ok: ToAgent = serde_json::from_str(
+            r#"{"type":"failures","items":[{"source":"198.51.100.9","group":"offices","class":"credential","reason":"token_expired","identity":"token:ab"}]}"#,
+        )
+        .unwrap();
+        let ToAgent::Failures { items } = ok else {
+            panic!("not failures")
+        };
+        assert!(items[0].check().is_ok());
+        // Unknown types and fields, a class that does not exist, an address that is not one.
+        for bad in [
+            r#"{"type":"block","source":"198.51.100.9"}"#,
+            r#"{"type":"hello","listening":[],"policy":null,"root":true}"#,
+            r#"{"type":"failures","items":[{"source":"198.51.100.9","group":null,"class":"admin","reason":"x","identity":null}]}"#,
+            r#"{"type":"failures","items":[{"source":"not-an-address","group":null,"class":"protocol","reason":"x","identity":null}]}"#,
+        ] {
+            assert!(serde_json::from_str::<ToAgent>(bad).is_err(), "{bad}");
+        }
+        let long = Failure {
+            source: "198.51.100.9".parse().unwrap(),
+            group: None,
+            class: FailureClass::Protocol,
+            reason: "x".repeat(600),
+            identity: None,
+        };
+        assert!(long.check().is_err());
+    }
+}

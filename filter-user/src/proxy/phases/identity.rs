@@ -49,7 +49,13 @@ pub async fn run(
             NtlmStage::Negotiate | NtlmStage::Other => ctx.handshake = true,
         },
         Credential::Kerberos => {}
-        Credential::Bearer { token } => bearer(state, token, ctx).await?,
+        Credential::Bearer { token } => {
+            // A token that keeps failing is refused before its signature is checked again.
+            ctx.failed_token = Some(token_tag(token));
+            refused_identity(shared, ctx)?;
+            ctx.failed_token = None;
+            bearer(state, token, ctx).await?;
+        }
     }
     refused_identity(shared, ctx)
 }
