@@ -588,3 +588,38 @@ action = "allow"
     );
     drop(c);
 }
+
+#[test]
+fn an_expired_entry_takes_its_note_with_it() {
+    let g = Gate::start(0, RULES);
+    g.daemon
+        .cli(&[
+            "block",
+            "add",
+            "203.0.113.9",
+            "--ttl",
+            "1",
+            "--reason",
+            "short-lived-note",
+        ])
+        .unwrap();
+    g.daemon
+        .cli(&["block", "add", "203.0.113.10", "--reason", "lasting-note"])
+        .unwrap();
+    let notes = g.dir.join("ctl.notes.json");
+    assert!(fs::read_to_string(&notes)
+        .unwrap()
+        .contains("short-lived-note"));
+    let started = Instant::now();
+    while fs::read_to_string(&notes)
+        .unwrap()
+        .contains("short-lived-note")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the note outlived its entry"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(fs::read_to_string(&notes).unwrap().contains("lasting-note"));
+}
