@@ -132,7 +132,7 @@ impl Settings {
             listen: p.listen.clone(),
             audit_log: p.audit_log.clone(),
             threads: p.threads,
-            spawn: true,
+            spawn: p.spawn,
         }))
     }
 }
