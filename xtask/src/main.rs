@@ -28,6 +28,8 @@ const APT_PACKAGES: &[&str] = &[
     "haproxy",
     "nginx-light",
     "wrk",
+    // `bench cost` counts the proxy's instructions per request with callgrind.
+    "valgrind",
     // A real EWS client (exchangelib, from PyPI) drives the gate end to end.
     "python3",
     "python3-venv",
@@ -65,7 +67,7 @@ enum Cmd {
     Demo,
     /// Benchmarks against the peers, written to target/bench/*.json.
     Bench {
-        /// xdp, proxy, or all.
+        /// xdp, proxy, cost (instructions per request, under callgrind), or all.
         #[arg(default_value = "all")]
         suite: String,
     },

@@ -11,6 +11,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::{net::TcpStream, time::timeout};
 use tokio_rustls::server::TlsStream;
 
+use crate::identity::tokens::Verified;
 use crate::proxy::{
     context::{ConnInfo, Ctx, Refusal, Session},
     h1::{self, ReadError},
@@ -32,6 +33,10 @@ pub struct Conn {
     pub session: Option<Session>,
     /// The upstream connection bound to this client (NTLM and Negotiate).
     pub bound: Option<pool::Conn>,
+    /// The last bearer token verified on this connection, under which policy: a client
+    /// sends the same one on every request of its short life, and comparing it costs less
+    /// than hashing it.
+    pub last_token: Option<(u64, Box<str>, Verified)>,
 }
 
 /// Serves requests on a connection until either side is done.

@@ -23,7 +23,7 @@ use crate::{
 pub async fn run(
     shared: &Shared,
     state: &State,
-    conn: &Conn,
+    conn: &mut Conn,
     req: &Req,
     ctx: &mut Ctx,
 ) -> Result<(), Refusal> {
@@ -56,16 +56,28 @@ pub async fn run(
                 refused_identity(shared, ctx)?;
                 ctx.failed_token = None;
             }
-            bearer(state, token, ctx).await?;
+            bearer(state, conn, token, ctx).await?;
         }
     }
     refused_identity(shared, ctx)
 }
 
-async fn bearer(state: &State, token: &str, ctx: &mut Ctx) -> Result<(), Refusal> {
+async fn bearer(state: &State, conn: &mut Conn, token: &str, ctx: &mut Ctx) -> Result<(), Refusal> {
     let Some(cache) = &state.tokens else {
         return Err(Refusal::credential(401, "token_no_pinned_keys"));
     };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let leeway = state.config.tokens.expect.leeway;
+    if let Some((policy, last, v)) = &conn.last_token {
+        // The same token under the same policy, still within its life: as the cache would
+        // answer, without the hash and the lock. A new policy (new keys, say) verifies anew.
+        if *policy == state.id && **last == *token && now <= v.expires.saturating_add(leeway) {
+            accept(v.clone(), ctx);
+            return Ok(());
+        }
+    }
     // A key ewsgate has not seen: fetch the allow-listed metadata again first (rate
     // limited), as Exchange's auth certificate may just have rotated.
     if let Some(keys) = &state.keys {
@@ -74,15 +86,13 @@ async fn bearer(state: &State, token: &str, ctx: &mut Ctx) -> Result<(), Refusal
             keys.refetch().await;
         }
     }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
     let verified = cache
         .lock()
         .map_err(|_| Refusal::service(500, "token_cache_poisoned"))?
         .verify_for_ews(token, now);
     match verified {
         Ok(v) => {
+            conn.last_token = Some((state.id, token.into(), v.clone()));
             accept(v, ctx);
             Ok(())
         }

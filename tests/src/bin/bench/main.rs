@@ -45,6 +45,7 @@ const FLOOD_ROUNDS: usize = 6;
 /// kept, the usual way to read a microbenchmark on a shared machine.
 const TEST_RUN_ROUNDS: usize = 3;
 
+mod cost;
 mod proxy;
 
 fn main() -> anyhow::Result<()> {
@@ -52,8 +53,9 @@ fn main() -> anyhow::Result<()> {
     match suite.as_str() {
         "xdp" => xdp_suite(),
         "proxy" => proxy::run(),
+        "cost" => cost::run(),
         "all" => xdp_suite().and_then(|()| proxy::run()),
-        _ => bail!("unknown bench suite '{suite}' (known: xdp, proxy, all)"),
+        _ => bail!("unknown bench suite '{suite}' (known: xdp, proxy, cost, all)"),
     }
 }
 
