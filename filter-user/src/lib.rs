@@ -12,6 +12,7 @@ pub mod entra;
 pub mod feedback;
 pub mod maps;
 pub mod metadata;
+pub mod ops;
 pub mod paths;
 pub mod policy;
 pub mod proxy;

@@ -14,7 +14,9 @@ use toml::Spanned;
 
 use filter_common::{MAX_GROUPS, MAX_PORTS, MAX_PROTECTED};
 
+pub mod ops;
 mod request;
+pub use ops::OpsSettings;
 pub use request::{
     Action, AuthKind, BodyLimit, ContentSettings, FeedbackSettings, Limits, OpMatch, OtherPaths,
     ProxySettings, Rule, Scope, TokenKind, TokenSettings, Upstream,
@@ -53,6 +55,8 @@ pub struct Config {
     pub content: ContentSettings,
     /// Ordered, first match wins, default deny.
     pub rules: Vec<Rule>,
+    /// `[detections]` and `[audit]`.
+    pub ops: OpsSettings,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -140,15 +144,25 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         let groups = validate_sources(&here, base, raw.sources)?;
         let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
+        let proxy = raw.proxy.map(|p| p.validate(&here, base)).transpose()?;
+        let ops = ops::validate(
+            &here,
+            base,
+            raw.detections,
+            raw.audit,
+            &names,
+            proxy.as_ref(),
+        )?;
         Ok(Config {
             path: path.to_path_buf(),
             xdp: raw.xdp.validate(&here)?,
             protect: validate_protect(&here, raw.protect)?,
-            proxy: raw.proxy.map(|p| p.validate(&here, base)).transpose()?,
+            proxy,
             tokens: raw.tokens.unwrap_or_default().validate(&here, base)?,
             feedback: raw.feedback.unwrap_or_default().validate(&here)?,
             content: raw.content.unwrap_or_default().validate(&here)?,
             rules: request::validate_rules(&here, raw.rule, &names)?,
+            ops,
             groups,
         })
     }
@@ -202,6 +216,8 @@ struct RawConfig {
     content: Option<request::RawContent>,
     #[serde(default)]
     rule: Vec<request::RawRule>,
+    detections: Option<ops::RawDetections>,
+    audit: Option<ops::RawAudit>,
 }
 
 #[derive(Deserialize, Default)]
