@@ -5,9 +5,10 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 
 use ewsgate::{
-    config::{self, Config, DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_DIR},
-    control::{self, Request, Response, Status},
-    maps::List,
+    agent::control::{self, Request, Response, Status},
+    config::{self, Config},
+    model::packet::{DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_DIR},
+    packet::maps::List,
 };
 
 #[derive(Parser)]
@@ -127,7 +128,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("--config FILE is required"))
     };
     match cli.command {
-        Command::Run => ewsgate::daemon::run(&need_config()?),
+        Command::Run => ewsgate::agent::daemon::run(&need_config()?),
         Command::Check => {
             let c = Config::load(&need_config()?)?;
             println!(
@@ -322,7 +323,7 @@ fn detach(cli: &Cli, pin_dir: Option<PathBuf>) -> anyhow::Result<()> {
             }
         }
     }
-    let detached = ewsgate::xdp::detach(&pin_dir)?;
+    let detached = ewsgate::packet::xdp::detach(&pin_dir)?;
     println!(
         "detached from {}; pins under {} removed",
         if detached.is_empty() {

@@ -19,7 +19,7 @@ use std::{
 use anyhow::{bail, Context};
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 use bytes::Bytes;
-use ewsgate::{
+use ewsgate::identity::{
     auth::{self, Credential, NtlmStage},
     tokens::testkit,
 };

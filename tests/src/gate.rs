@@ -3,7 +3,7 @@
 
 use std::{fs, net::SocketAddr, path::PathBuf};
 
-use ewsgate::tokens::testkit;
+use ewsgate::identity::tokens::testkit;
 
 use crate::{
     ews::{Backend, Https, Pki},

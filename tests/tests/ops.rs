@@ -18,7 +18,7 @@ use std::{
 };
 
 use ewsgate::{
-    config::ops::{AuditSettings, DetectionKind, SinkSpec, Transport},
+    model::ops::{AuditSettings, DetectionKind, SinkSpec, Transport},
     ops::sinks::Sinks,
 };
 use serde_json::{json, Value};

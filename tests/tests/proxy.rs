@@ -11,7 +11,7 @@ use std::{
 use base64::{
     engine::general_purpose::STANDARD, engine::general_purpose::URL_SAFE_NO_PAD, Engine as _,
 };
-use ewsgate::{auth::ntlm_messages, tokens::testkit};
+use ewsgate::identity::{auth::ntlm_messages, tokens::testkit};
 use serde_json::{json, Value};
 use tests::{
     ews::{audit_lines, now, wait_audit, Https, Pki},
@@ -90,7 +90,7 @@ fn alg_none(claims: &Value) -> String {
 fn hs256_with_public_cert(pki: &Pki, claims: &Value) -> String {
     let key = jsonwebtoken::EncodingKey::from_secret(pki.signer.pem_cert.as_bytes());
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
-    header.x5t = Some(ewsgate::tokens::thumbprint(&pki.signer.der));
+    header.x5t = Some(ewsgate::identity::tokens::thumbprint(&pki.signer.der));
     jsonwebtoken::encode(&header, claims, &key).expect("hs256")
 }
 

@@ -6,7 +6,7 @@
 use std::{thread, time::Duration};
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
-use ewsgate::tokens::{testkit, CALLBACK_VERSION};
+use ewsgate::identity::tokens::{testkit, CALLBACK_VERSION};
 use serde_json::json;
 use tests::{
     ews::{now, wait_audit},

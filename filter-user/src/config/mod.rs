@@ -3,27 +3,27 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    fmt, fs,
+    fs,
     net::IpAddr,
-    path::{Path, PathBuf},
+    path::Path,
 };
 
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
 use filter_common::{MAX_GROUPS, MAX_PORTS, MAX_PROTECTED};
 
-pub mod ops;
-mod request;
-pub use ops::OpsSettings;
-pub use request::{
-    Action, AuthKind, BodyLimit, ContentSettings, FeedbackSettings, Limits, OpMatch, OtherPaths,
-    ProxySettings, Rule, Scope, TokenKind, TokenSettings, Upstream,
+use crate::model::packet::{
+    AttachMode, Capacity, Protected, SourceGroup, XdpSettings, DEFAULT_CONTROL_SOCKET,
+    DEFAULT_PIN_DIR,
 };
 
-pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ewsgate";
-pub const DEFAULT_CONTROL_SOCKET: &str = "/run/ewsgate/control.sock";
+/// The validated model a config file becomes, loaded by [`Config::load`].
+pub use crate::model::Config;
+
+pub mod ops;
+mod request;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -41,92 +41,7 @@ pub enum ConfigError {
     },
 }
 
-/// A validated configuration; group ids are the position in `groups` plus one.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Config {
-    pub path: PathBuf,
-    pub xdp: XdpSettings,
-    pub protect: Vec<Protected>,
-    pub groups: Vec<SourceGroup>,
-    /// The request layer; absent when the daemon runs the packet filter only.
-    pub proxy: Option<ProxySettings>,
-    pub tokens: TokenSettings,
-    pub feedback: FeedbackSettings,
-    pub content: ContentSettings,
-    /// Ordered, first match wins, default deny.
-    pub rules: Vec<Rule>,
-    /// `[detections]` and `[audit]`.
-    pub ops: OpsSettings,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct XdpSettings {
-    pub interfaces: Vec<String>,
-    pub mode: AttachMode,
-    pub monitor: bool,
-    pub pin_dir: PathBuf,
-    pub control_socket: PathBuf,
-    pub capacity: Capacity,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttachMode {
-    /// Native (driver) mode, falling back to generic with a warning.
-    Auto,
-    Native,
-    Generic,
-}
-
-impl fmt::Display for AttachMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            AttachMode::Auto => "auto",
-            AttachMode::Native => "native",
-            AttachMode::Generic => "generic",
-        })
-    }
-}
-
-/// Map sizes fixed when the maps are first created (changing them needs `ewsgate detach`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Capacity {
-    /// 1 KiB blocks for IPv4 prefixes longer than /24: one per /24 that holds such a prefix.
-    pub long_prefix_blocks: u32,
-    pub ipv6_prefixes: u32,
-    /// Each of the block and dynamic allow maps (exact and CIDR) holds this many.
-    pub dynamic_entries: u32,
-}
-
-impl Default for Capacity {
-    fn default() -> Self {
-        Capacity {
-            long_prefix_blocks: 8192,
-            ipv6_prefixes: 65536,
-            dynamic_entries: 65536,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Protected {
-    pub addr: IpAddr,
-    /// (IP protocol number, port). Empty: the whole address is protected.
-    pub ports: Vec<(u8, u16)>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SourceGroup {
-    pub name: String,
-    pub v4: Vec<Ipv4Net>,
-    pub v6: Vec<Ipv6Net>,
-}
-
 impl Config {
-    pub fn prefix_count(&self) -> usize {
-        self.groups.iter().map(|g| g.v4.len() + g.v6.len()).sum()
-    }
-
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
@@ -515,6 +430,10 @@ fn read_feed(path: &Path, regions: &[String]) -> Result<Vec<IpNet>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{
+        packet::AttachMode,
+        rules::{OpMatch, Scope},
+    };
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/ewsgate/test.toml"), text)
@@ -573,17 +492,17 @@ cidrs = ["198.51.100.0/25", "2001:db8:100::/64", "203.0.113.7"]
         assert_eq!(
             r.operations,
             vec![
-                OpMatch::Class(crate::content::OpClass::Read),
+                OpMatch::Class(crate::model::ews::OpClass::Read),
                 OpMatch::Name("ExportItems".into())
             ]
         );
         assert_eq!(
             r.data,
-            Some(crate::content::DataSet::CALENDAR.union(crate::content::DataSet::NOTES))
+            Some(crate::model::ews::DataSet::CALENDAR.union(crate::model::ews::DataSet::NOTES))
         );
         assert_eq!(r.scope, Some(Scope::TokenItem));
         assert!(r.delegate && !r.impersonation && r.judges_content());
-        assert_eq!(c.content.meetings.0, crate::content::DataSet::EMAIL);
+        assert_eq!(c.content.meetings.0, crate::model::ews::DataSet::EMAIL);
         for (line, want) in [
             ("operations = [\"GetItme\"]", "'GetItme' is neither"),
             ("data = [\"mail\"]", "unknown data type 'mail'"),

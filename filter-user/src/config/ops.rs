@@ -1,6 +1,5 @@
-//! Operations settings: `[detections]` (signals over the decision stream, with thresholds and
-//! an optional action each) and `[audit]` (where the audit lines go). Plain data: the engines
-//! that use it live in `ops/`.
+//! `[detections]` (signals over the decision stream, with thresholds and an optional action
+//! each) and `[audit]` (where the audit lines go), checked into `model::ops`.
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -11,40 +10,13 @@ use super::{
     request::{parse_day, parse_hours},
     ConfigError, Locator,
 };
-
-/// Every detection the engine knows, in the order the config and the docs list them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum DetectionKind {
-    /// The same user from two sites, two source groups, or addresses in different /16s
-    /// (IPv4) or /48s (IPv6) within the window.
-    TwoPlaces,
-    /// Access (allowed or would-deny) outside the configured hours and days.
-    OffHours,
-    /// Refusals of one user within the window.
-    FailureBurstUser,
-    /// Refusals of one source address within the window.
-    FailureBurstSource,
-    /// A user seen from a (group, /24 or /48) that user was not seen from before.
-    FirstSeenSource,
-    /// One callback token's item used from several source addresses.
-    TokenReuse,
-    /// Items read by one user within the window.
-    ItemsRead,
-    /// FindItem requests by one user on one folder within the window (paging through it).
-    FindItemPaging,
-    /// ExportItems/UploadItems or an impersonation header, allowed or not.
-    ExportOrImpersonation,
-    /// Distinct users failing their credentials from one source within the window.
-    PasswordSpray,
-}
-
-/// What a detection's subject is: it decides which actions make sense.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SubjectKind {
-    User,
-    Source,
-    Token,
-}
+use crate::model::{
+    ops::{
+        ActionSpec, AuditSettings, DetectionKind, DetectionRule, DetectionSettings, OpsSettings,
+        SinkSpec, SubjectKind, Transport, DEFAULT_JOURNAL_SOCKET,
+    },
+    settings::ProxySettings,
+};
 
 /// Which settings keys a detection reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,243 +31,13 @@ enum Keys {
     None,
 }
 
-impl DetectionKind {
-    pub const ALL: [DetectionKind; 10] = [
-        DetectionKind::TwoPlaces,
-        DetectionKind::OffHours,
-        DetectionKind::FailureBurstUser,
-        DetectionKind::FailureBurstSource,
-        DetectionKind::FirstSeenSource,
-        DetectionKind::TokenReuse,
-        DetectionKind::ItemsRead,
-        DetectionKind::FindItemPaging,
-        DetectionKind::ExportOrImpersonation,
-        DetectionKind::PasswordSpray,
-    ];
-
-    /// The name in audit events, Sigma rules and metrics.
-    pub fn name(self) -> &'static str {
-        match self {
-            DetectionKind::TwoPlaces => "two-places",
-            DetectionKind::OffHours => "off-hours",
-            DetectionKind::FailureBurstUser => "failure-burst-user",
-            DetectionKind::FailureBurstSource => "failure-burst-source",
-            DetectionKind::FirstSeenSource => "first-seen-source",
-            DetectionKind::TokenReuse => "token-reuse",
-            DetectionKind::ItemsRead => "items-read",
-            DetectionKind::FindItemPaging => "finditem-paging",
-            DetectionKind::ExportOrImpersonation => "export-or-impersonation",
-            DetectionKind::PasswordSpray => "password-spray",
-        }
+fn keys(kind: DetectionKind) -> Keys {
+    match kind {
+        DetectionKind::TwoPlaces => Keys::Window,
+        DetectionKind::OffHours => Keys::Hours,
+        DetectionKind::FirstSeenSource | DetectionKind::ExportOrImpersonation => Keys::None,
+        _ => Keys::Counted,
     }
-
-    /// The table under `[detections]`.
-    pub fn config_key(self) -> &'static str {
-        match self {
-            DetectionKind::TwoPlaces => "two_places",
-            DetectionKind::OffHours => "off_hours",
-            DetectionKind::FailureBurstUser => "failure_burst_user",
-            DetectionKind::FailureBurstSource => "failure_burst_source",
-            DetectionKind::FirstSeenSource => "first_seen_source",
-            DetectionKind::TokenReuse => "token_reuse",
-            DetectionKind::ItemsRead => "items_read",
-            DetectionKind::FindItemPaging => "finditem_paging",
-            DetectionKind::ExportOrImpersonation => "export_or_impersonation",
-            DetectionKind::PasswordSpray => "password_spray",
-        }
-    }
-
-    pub fn subject(self) -> SubjectKind {
-        match self {
-            DetectionKind::FailureBurstSource | DetectionKind::PasswordSpray => SubjectKind::Source,
-            DetectionKind::TokenReuse => SubjectKind::Token,
-            _ => SubjectKind::User,
-        }
-    }
-
-    fn keys(self) -> Keys {
-        match self {
-            DetectionKind::TwoPlaces => Keys::Window,
-            DetectionKind::OffHours => Keys::Hours,
-            DetectionKind::FirstSeenSource | DetectionKind::ExportOrImpersonation => Keys::None,
-            _ => Keys::Counted,
-        }
-    }
-
-    /// Default (threshold, window in seconds).
-    fn defaults(self) -> (u32, u32) {
-        match self {
-            DetectionKind::TwoPlaces => (2, 1800),
-            DetectionKind::FailureBurstUser => (10, 300),
-            DetectionKind::FailureBurstSource => (20, 60),
-            DetectionKind::TokenReuse => (2, 600),
-            DetectionKind::ItemsRead => (500, 60),
-            DetectionKind::FindItemPaging => (20, 300),
-            DetectionKind::PasswordSpray => (10, 600),
-            DetectionKind::OffHours
-            | DetectionKind::FirstSeenSource
-            | DetectionKind::ExportOrImpersonation => (1, 0),
-        }
-    }
-
-    /// The largest threshold: token reuse and password spray keep one entry per distinct
-    /// source or user up to the threshold, so it bounds their memory.
-    fn max_threshold(self) -> u32 {
-        match self {
-            DetectionKind::TokenReuse | DetectionKind::PasswordSpray => 256,
-            _ => 1_000_000,
-        }
-    }
-}
-
-/// What a detection asks for when it fires. The engine returns it; the agent applies it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ActionSpec {
-    Alert,
-    /// Refuse the detection's identity (user or token item) at the request layer.
-    RefuseIdentity {
-        secs: u32,
-    },
-    /// Put the source in the XDP block set, where its group allows blocks.
-    BlockSource {
-        secs: u32,
-    },
-}
-
-impl ActionSpec {
-    pub fn name(self) -> &'static str {
-        match self {
-            ActionSpec::Alert => "alert",
-            ActionSpec::RefuseIdentity { .. } => "refuse-identity",
-            ActionSpec::BlockSource { .. } => "block-source",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DetectionRule {
-    pub kind: DetectionKind,
-    pub enabled: bool,
-    /// What the detection counts reaches this: failures, items, pages, distinct sources or
-    /// users. 1 for the detections that fire on one event.
-    pub threshold: u32,
-    pub window_secs: u32,
-    pub action: ActionSpec,
-    /// Observations from these groups are not looked at by this detection.
-    pub ignore_groups: Vec<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DetectionSettings {
-    /// Off: no detection runs at all.
-    pub enabled: bool,
-    /// This gate's site, carried by its sightings; a fleet compares users across sites.
-    pub site: String,
-    /// Local time for `off_hours`; defaults to `proxy.utc_offset_minutes`.
-    pub utc_offset_minutes: i32,
-    pub max_users: usize,
-    pub max_sources: usize,
-    pub max_tokens: usize,
-    /// A detection fires at most once per subject within this time.
-    pub quiet_secs: u32,
-    /// Groups whose sources a `block-source` action may block; a source in no group always
-    /// may. Elsewhere the action is downgraded to an alert.
-    pub block_groups: Vec<String>,
-    /// Minutes after local midnight, [from, to); `from > to` spans midnight.
-    pub hours: (u16, u16),
-    /// Bit 0 = Monday.
-    pub days: u8,
-    /// One per kind, in `DetectionKind::ALL` order.
-    pub rules: Vec<DetectionRule>,
-}
-
-impl DetectionSettings {
-    pub fn rule(&self, kind: DetectionKind) -> &DetectionRule {
-        // `rules` is built from ALL, in order; the index always exists.
-        &self.rules[kind as usize]
-    }
-}
-
-impl Default for DetectionSettings {
-    fn default() -> Self {
-        RawDetections::default()
-            .validate_inner(None, &[], 0)
-            .unwrap_or_else(|_| unreachable!("the defaults validate"))
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    Udp,
-    Tcp,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SinkSpec {
-    /// JSON lines appended to a file, reopened after rotation.
-    File { path: PathBuf },
-    /// JSON lines on standard output.
-    Stdout,
-    /// The journal's native protocol.
-    Journald { socket: PathBuf },
-    /// RFC 5424 messages, over UDP (one datagram each) or TCP (octet-counted, RFC 6587).
-    Syslog {
-        transport: Transport,
-        /// `host:port`, resolved when connecting.
-        address: String,
-        facility: u8,
-        /// HOSTNAME in the header; the system's host name when unset.
-        hostname: Option<String>,
-    },
-}
-
-impl SinkSpec {
-    /// A short label for logs, status and metrics.
-    pub fn label(&self) -> String {
-        match self {
-            SinkSpec::File { path } => format!("file:{}", path.display()),
-            SinkSpec::Stdout => "stdout".into(),
-            SinkSpec::Journald { .. } => "journald".into(),
-            SinkSpec::Syslog {
-                transport, address, ..
-            } => format!(
-                "syslog-{}:{address}",
-                if *transport == Transport::Udp {
-                    "udp"
-                } else {
-                    "tcp"
-                }
-            ),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditSettings {
-    pub sinks: Vec<SinkSpec>,
-    /// Bytes each sink may hold before it counts as full.
-    pub buffer_bytes: usize,
-}
-
-pub const DEFAULT_JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
-
-impl AuditSettings {
-    /// Where the audit went before `[audit]`: `proxy.audit_log`, or standard output.
-    pub fn legacy(path: Option<PathBuf>) -> AuditSettings {
-        AuditSettings {
-            sinks: vec![match path {
-                Some(path) => SinkSpec::File { path },
-                None => SinkSpec::Stdout,
-            }],
-            buffer_bytes: 16 << 20,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OpsSettings {
-    pub detections: DetectionSettings,
-    pub audit: AuditSettings,
 }
 
 /// `[detections]` and `[audit]`, checked with the rest of the file.
@@ -305,7 +47,7 @@ pub(crate) fn validate(
     detections: Option<RawDetections>,
     audit: Option<RawAudit>,
     groups: &[&str],
-    proxy: Option<&super::ProxySettings>,
+    proxy: Option<&ProxySettings>,
 ) -> Result<OpsSettings, ConfigError> {
     let legacy = proxy.and_then(|p| p.audit_log.clone());
     Ok(OpsSettings {
@@ -382,22 +124,8 @@ struct RawSink {
     hostname: Option<Spanned<String>>,
 }
 
-/// A place in the config for errors: the detection's table, else the file's start.
-fn at_or_start<T>(here: Option<&Locator>, s: Option<&Spanned<T>>, m: String) -> ConfigError {
-    match (here, s) {
-        (Some(h), Some(s)) => h.at(s, m),
-        (Some(h), None) => h.error(0, m),
-        (None, _) => ConfigError::At {
-            path: "<defaults>".into(),
-            line: 0,
-            column: 0,
-            message: m,
-        },
-    }
-}
-
 fn in_range(
-    here: Option<&Locator>,
+    here: &Locator,
     v: Option<&Spanned<u64>>,
     name: &str,
     default: u64,
@@ -406,9 +134,8 @@ fn in_range(
     match v {
         None => Ok(default),
         Some(s) if range.contains(s.get_ref()) => Ok(*s.get_ref()),
-        Some(s) => Err(at_or_start(
-            here,
-            Some(s),
+        Some(s) => Err(here.at(
+            s,
             format!(
                 "{name} = {}: must be {}..={}",
                 s.get_ref(),
@@ -421,36 +148,22 @@ fn in_range(
 
 impl RawDetections {
     pub(crate) fn validate(
-        self,
-        here: &Locator,
-        groups: &[&str],
-        proxy_offset: i32,
-    ) -> Result<DetectionSettings, ConfigError> {
-        self.validate_inner(Some(here), groups, proxy_offset)
-    }
-
-    fn validate_inner(
         mut self,
-        here: Option<&Locator>,
+        here: &Locator,
         groups: &[&str],
         proxy_offset: i32,
     ) -> Result<DetectionSettings, ConfigError> {
         let offset = match &self.utc_offset_minutes {
             Some(o) if o.get_ref().abs() > 14 * 60 => {
-                return Err(at_or_start(
-                    here,
-                    Some(o),
-                    "utc_offset_minutes out of range".into(),
-                ))
+                return Err(here.at(o, "utc_offset_minutes out of range"))
             }
             Some(o) => *o.get_ref(),
             None => proxy_offset,
         };
         let site = match &self.site {
             Some(s) if !valid_label(s.get_ref()) => {
-                return Err(at_or_start(
-                    here,
-                    Some(s),
+                return Err(here.at(
+                    s,
                     format!(
                         "site '{}': 1 to 64 letters, digits, '-', '_' or '.'",
                         s.get_ref()
@@ -458,38 +171,37 @@ impl RawDetections {
                 ))
             }
             Some(s) => s.get_ref().clone(),
-            None => "local".into(),
+            None => DetectionSettings::default().site,
         };
-        let count = |v: &Option<Spanned<u64>>, name: &str, default: u64| {
-            in_range(here, v.as_ref(), name, default, 1..=10_000_000)
+        let d = DetectionSettings::default();
+        let count = |v: &Option<Spanned<u64>>, name: &str, default: usize| {
+            in_range(here, v.as_ref(), name, default as u64, 1..=10_000_000)
         };
-        let max_users = count(&self.max_users, "max_users", 50_000)? as usize;
-        let max_sources = count(&self.max_sources, "max_sources", 20_000)? as usize;
-        let max_tokens = count(&self.max_tokens, "max_tokens", 20_000)? as usize;
+        let max_users = count(&self.max_users, "max_users", d.max_users)? as usize;
+        let max_sources = count(&self.max_sources, "max_sources", d.max_sources)? as usize;
+        let max_tokens = count(&self.max_tokens, "max_tokens", d.max_tokens)? as usize;
         let quiet_secs = in_range(
             here,
             self.quiet_secs.as_ref(),
             "quiet_secs",
-            600,
+            d.quiet_secs.into(),
             0..=7 * 86_400,
         )? as u32;
         let block_groups = known_groups(here, &self.block_groups, groups, "block_groups")?;
-        let mut hours = (7 * 60, 20 * 60);
-        let mut days = 0b0001_1111;
+        let (mut hours, mut days) = (d.hours, d.days);
         let mut rules = Vec::new();
         for kind in DetectionKind::ALL {
             let raw = self.take(kind);
             let rule = validate_rule(here, kind, raw.as_ref(), groups)?;
-            if let (Some(r), Keys::Hours) = (&raw, kind.keys()) {
+            if let (Some(r), Keys::Hours) = (&raw, keys(kind)) {
                 let r = r.get_ref();
                 if let Some(h) = &r.hours {
-                    hours = parse_hours(h.get_ref()).map_err(|m| at_or_start(here, Some(h), m))?;
+                    hours = parse_hours(h.get_ref()).map_err(|m| here.at(h, m))?;
                 }
                 if !r.days.is_empty() {
                     days = 0;
                     for d in &r.days {
-                        days |=
-                            parse_day(d.get_ref()).map_err(|m| at_or_start(here, Some(d), m))?;
+                        days |= parse_day(d.get_ref()).map_err(|m| here.at(d, m))?;
                     }
                 }
             }
@@ -534,7 +246,7 @@ fn valid_label(s: &str) -> bool {
 }
 
 fn known_groups(
-    here: Option<&Locator>,
+    here: &Locator,
     list: &[Spanned<String>],
     groups: &[&str],
     key: &str,
@@ -542,11 +254,7 @@ fn known_groups(
     let mut out = Vec::new();
     for g in list {
         if !groups.contains(&g.get_ref().as_str()) {
-            return Err(at_or_start(
-                here,
-                Some(g),
-                format!("{key}: no source group named '{}'", g.get_ref()),
-            ));
+            return Err(here.at(g, format!("{key}: no source group named '{}'", g.get_ref())));
         }
         out.push(g.get_ref().clone());
     }
@@ -554,32 +262,19 @@ fn known_groups(
 }
 
 fn validate_rule(
-    here: Option<&Locator>,
+    here: &Locator,
     kind: DetectionKind,
     raw: Option<&Spanned<RawDetection>>,
     groups: &[&str],
 ) -> Result<DetectionRule, ConfigError> {
     let (threshold, window) = kind.defaults();
     let Some(spanned) = raw else {
-        return Ok(DetectionRule {
-            kind,
-            enabled: true,
-            threshold,
-            window_secs: window,
-            action: ActionSpec::Alert,
-            ignore_groups: Vec::new(),
-        });
+        return Ok(DetectionRule::default_for(kind));
     };
     let r = spanned.get_ref();
     let key = kind.config_key();
-    let refuse = |what: &str| {
-        at_or_start(
-            here,
-            Some(spanned),
-            format!("[detections.{key}] has no {what} setting"),
-        )
-    };
-    let keys = kind.keys();
+    let refuse = |what: &str| here.at(spanned, format!("[detections.{key}] has no {what} setting"));
+    let keys = keys(kind);
     if r.threshold.is_some() && keys != Keys::Counted {
         return Err(refuse("threshold"));
     }
@@ -614,9 +309,7 @@ fn validate_rule(
         None | Some((_, "alert")) => ActionSpec::Alert,
         Some((a, "refuse-identity")) => {
             if kind.subject() == SubjectKind::Source {
-                return Err(at_or_start(
-                    here,
-                    Some(a),
+                return Err(here.at(a,
                     format!("{key}: refuse-identity needs an identity, and this detection's subject is a source address; use alert or block-source"),
                 ));
             }
@@ -624,9 +317,8 @@ fn validate_rule(
         }
         Some((_, "block-source")) => ActionSpec::BlockSource { secs },
         Some((a, other)) => {
-            return Err(at_or_start(
-                here,
-                Some(a),
+            return Err(here.at(
+                a,
                 format!("action '{other}': expected alert, refuse-identity or block-source"),
             ))
         }
@@ -658,7 +350,7 @@ impl RawAudit {
             ));
         }
         let buffer_bytes = in_range(
-            Some(here),
+            here,
             self.buffer_bytes.as_ref(),
             "buffer_bytes",
             16 << 20,

@@ -12,238 +12,16 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{ConfigError, Locator};
-use crate::{
-    content::{self, DataSet, Meetings, OpClass},
+use crate::model::{
+    auth::{AuthKind, TokenKind},
+    ews::{self, DataSet, Meetings, OpClass},
     paths,
-    tokens::Expectations,
+    rules::{Action, OpMatch, Rule, Scope},
+    settings::{
+        BodyLimit, ContentSettings, EntraSettings, Expectations, FeedbackSettings, FetchSettings,
+        Limits, OtherPaths, ProxySettings, SoapLimits, TokenSettings, Upstream,
+    },
 };
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct ProxySettings {
-    pub listen: Vec<SocketAddr>,
-    /// PEM chain served to clients: the same certificate as IIS, so Extended Protection
-    /// (channel binding) keeps working.
-    pub certificate: PathBuf,
-    pub private_key: PathBuf,
-    /// CA that signs client certificates; without it no client certificate is asked for.
-    pub client_ca: Option<PathBuf>,
-    pub upstream: Upstream,
-    pub other_paths: OtherPaths,
-    /// JSON lines, one per decision; `None` writes them to standard output.
-    pub audit_log: Option<PathBuf>,
-    pub limits: Limits,
-    /// Session tickets and the session cache (off only for benchmarks of full handshakes).
-    pub tls_resumption: bool,
-    /// Offset of local time from UTC for `hours` and `days` in rules, in minutes.
-    pub utc_offset_minutes: i32,
-    /// Worker threads of the proxy runtime; 0 means one per CPU.
-    pub threads: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Upstream {
-    /// `host:port` to connect to.
-    pub authority: String,
-    pub tls: bool,
-    /// Name checked against Exchange's certificate (and sent as SNI).
-    pub server_name: String,
-    /// CA file for Exchange's certificate; required when `tls`.
-    pub ca: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OtherPaths {
-    Pass,
-    Deny,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Limits {
-    pub header_count: usize,
-    pub header_bytes: usize,
-    /// Default request body cap, and per-path caps (normalised path, bytes).
-    pub body_bytes: u64,
-    pub body_limits: Vec<BodyLimit>,
-    pub handshake_timeout: Duration,
-    pub head_timeout: Duration,
-    pub idle_timeout: Duration,
-    /// A request body slower than this (after `body_grace`) is cut off.
-    pub body_min_rate: u64,
-    pub body_grace: Duration,
-    pub connections_per_source: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BodyLimit {
-    pub path: String,
-    pub bytes: u64,
-}
-
-impl Limits {
-    /// The body cap for a normalised path: the longest matching entry, else the default.
-    pub fn body_cap(&self, path: &str) -> u64 {
-        self.body_limits
-            .iter()
-            .filter(|l| paths::matches(&l.path, path))
-            .max_by_key(|l| l.path.len())
-            .map_or(self.body_bytes, |l| l.bytes)
-    }
-}
-
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct TokenSettings {
-    pub expect: Expectations,
-    /// PEM files of pinned Exchange auth certificates (several at once for rotation).
-    pub certificates: Vec<PathBuf>,
-    pub cache_entries: usize,
-    /// Keys fetched from the metadata URLs (`metadata_fetch = true`).
-    pub fetch: Option<crate::metadata::FetchSettings>,
-    /// `[tokens.entra]`: Entra ID bearer tokens.
-    pub entra: Option<crate::entra::EntraSettings>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FeedbackSettings {
-    pub window: Duration,
-    /// Failures in the window that put the source in the XDP block set; 0 turns it off.
-    pub failures: u32,
-    pub block: Duration,
-}
-
-impl Default for FeedbackSettings {
-    fn default() -> Self {
-        FeedbackSettings {
-            window: Duration::from_secs(60),
-            failures: 20,
-            block: Duration::from_secs(900),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthKind {
-    None,
-    Basic,
-    Ntlm,
-    Negotiate,
-    Bearer,
-    ClientCert,
-}
-
-impl AuthKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            AuthKind::None => "none",
-            AuthKind::Basic => "basic",
-            AuthKind::Ntlm => "ntlm",
-            AuthKind::Negotiate => "negotiate",
-            AuthKind::Bearer => "bearer",
-            AuthKind::ClientCert => "client-cert",
-        }
-    }
-
-    fn parse(text: &str) -> Option<AuthKind> {
-        [
-            AuthKind::None,
-            AuthKind::Basic,
-            AuthKind::Ntlm,
-            AuthKind::Negotiate,
-            AuthKind::Bearer,
-            AuthKind::ClientCert,
-        ]
-        .into_iter()
-        .find(|k| k.name() == text)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenKind {
-    /// A verified Exchange callback token.
-    Callback,
-    /// A verified Entra ID token with the EWS permission.
-    Entra,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Allow,
-    Deny,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rule {
-    pub name: String,
-    pub line: usize,
-    /// Empty lists mean "any".
-    pub groups: Vec<String>,
-    pub auth: Vec<AuthKind>,
-    pub token: Vec<TokenKind>,
-    /// Normalised paths; a trailing `*` matches a prefix.
-    pub paths: Vec<String>,
-    /// Case-insensitive patterns with `*` wildcards.
-    pub users: Vec<String>,
-    /// Minutes after local midnight: [from, to). `from > to` spans midnight.
-    pub hours: Option<(u16, u16)>,
-    /// Bit 0 = Monday.
-    pub days: u8,
-    /// EWS operations by name or class; empty means every operation that is not
-    /// restricted (export, eDiscovery, delegates, inbox rules, apps).
-    pub operations: Vec<OpMatch>,
-    /// Data types the request may touch; `None` means any.
-    pub data: Option<DataSet>,
-    pub scope: Option<Scope>,
-    /// Acting on another mailbox: by `ExchangeImpersonation`, or as a delegate.
-    pub impersonation: bool,
-    pub delegate: bool,
-    pub action: Action,
-}
-
-impl Rule {
-    /// Conditions only a SOAP request can meet.
-    pub fn judges_content(&self) -> bool {
-        !self.operations.is_empty()
-            || self.data.is_some()
-            || self.scope.is_some()
-            || self.impersonation
-            || self.delegate
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OpMatch {
-    Name(String),
-    Class(OpClass),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    /// Only the item an Exchange callback token names, and its attachments.
-    TokenItem,
-}
-
-/// `[content]`: how EWS SOAP is read.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ContentSettings {
-    /// Requests are read whole up to this; past it, only bulk content may continue.
-    pub request_buffer: usize,
-    /// Responses that must be inspected are held whole up to this.
-    pub response_bytes: usize,
-    pub limits: crate::soap::Limits,
-    pub cache_entries: usize,
-    pub meetings: Meetings,
-}
-
-impl Default for ContentSettings {
-    fn default() -> Self {
-        ContentSettings {
-            request_buffer: 1 << 20,
-            response_bytes: 32 << 20,
-            limits: crate::soap::Limits::default(),
-            cache_entries: 100_000,
-            meetings: Meetings::default(),
-        }
-    }
-}
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -294,7 +72,7 @@ impl RawContent {
                 1 << 31,
                 "response_bytes",
             )?,
-            limits: crate::soap::Limits {
+            limits: SoapLimits {
                 depth: bounded(&self.max_depth, d.limits.depth, 8, 256, "max_depth")?,
                 elements: bounded(
                     &self.max_elements,
@@ -600,7 +378,7 @@ impl RawTokens {
             Some(e) if e.issuers.is_empty() || e.audiences.is_empty() => {
                 return Err(here.at(&e.keys_file, "[tokens.entra] needs issuers and audiences"))
             }
-            Some(e) => Some(crate::entra::EntraSettings {
+            Some(e) => Some(EntraSettings {
                 issuers: e.issuers.clone(),
                 audiences: e.audiences.clone(),
                 keys_file: existing(here, base, &e.keys_file)?,
@@ -635,7 +413,7 @@ impl RawTokens {
         &self,
         here: &Locator,
         base: &Path,
-    ) -> Result<Option<crate::metadata::FetchSettings>, ConfigError> {
+    ) -> Result<Option<FetchSettings>, ConfigError> {
         if !self.metadata_fetch {
             return Ok(None);
         }
@@ -668,7 +446,7 @@ impl RawTokens {
             }
         }
         let secs = Duration::from_secs;
-        Ok(Some(crate::metadata::FetchSettings {
+        Ok(Some(FetchSettings {
             urls: self.metadata_urls.clone(),
             ca,
             refresh: secs(self.metadata_refresh_secs.unwrap_or(3600).max(10)),
@@ -805,7 +583,7 @@ impl RawRule {
                 let name = o.get_ref();
                 if let Some(c) = OpClass::parse(name) {
                     Ok(OpMatch::Class(c))
-                } else if content::is_operation(name) {
+                } else if ews::is_operation(name) {
                     Ok(OpMatch::Name(name.clone()))
                 } else {
                     Err(here.at(o, format!("'{name}' is neither an EWS operation ewsgate knows nor a class (read, write, send, sync, export, ediscovery, delegates, inbox-rules, apps)")))

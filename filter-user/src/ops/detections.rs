@@ -22,11 +22,11 @@ use lru::LruCache;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-pub use crate::config::ops::{
+pub use crate::model::ops::{
     ActionSpec, DetectionKind, DetectionRule, DetectionSettings, SubjectKind,
 };
 use crate::{
-    content::OpClass,
+    model::ews::OpClass,
     ops::window::{in_hours, local_weekday_minute, Window},
 };
 
@@ -221,7 +221,7 @@ impl Detection {
     pub fn event(&self) -> DetectionEvent<'_> {
         let secs = self.time_ms / 1000;
         DetectionEvent {
-            time: crate::audit::rfc3339(secs as i64, (self.time_ms % 1000) as u32),
+            time: crate::ops::audit::rfc3339(secs as i64, (self.time_ms % 1000) as u32),
             kind: "detection",
             source: self.source,
             source_group: self.group.as_deref(),

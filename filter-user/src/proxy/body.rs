@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{sleep_until, Instant, Sleep};
 
-use crate::audit::{Audit, Record};
+use crate::ops::audit::{Audit, Record};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

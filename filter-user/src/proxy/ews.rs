@@ -21,10 +21,16 @@ use super::{
     Conn, Policy,
 };
 use crate::{
-    audit::Record,
-    config::{Action, ContentSettings},
-    content::{self, Shape, Touch},
-    policy::{self, Content, Inspect},
+    model::{
+        ews::{self, Shape},
+        rules::{Action, Inspect},
+        settings::ContentSettings,
+    },
+    ops::audit::Record,
+    policy::{
+        content::{self, Touch},
+        rules::{self as policy, Content},
+    },
     soap::{self, Tail},
 };
 
@@ -193,9 +199,9 @@ fn judge(
         .map_err(|e| refusal(StatusCode::BAD_REQUEST, format!("{}: {e}", e.reason())))?;
     let tail = request.tail.take();
     // A `CreateItem` that sends mail is a send, whatever `write` allows.
-    let info = content::operation(&request.operation).map(|mut i| {
+    let info = ews::operation(&request.operation).map(|mut i| {
         if request.sends {
-            i.class = content::OpClass::Send;
+            i.class = ews::OpClass::Send;
         }
         i
     });
@@ -215,7 +221,7 @@ fn judge(
         let touch = match info {
             Some(i) => content::touched(&request, &i, &cache, &mailbox, settings.meetings),
             None => Touch {
-                data: content::DataSet::ALL,
+                data: ews::DataSet::ALL,
                 unresolved: true,
             },
         };
@@ -235,7 +241,7 @@ fn judge(
         token_item: who.token_item.as_deref(),
         roots: roots.iter().map(Option::as_deref).collect(),
     };
-    let mut subject = who.subject(conn, policy, crate::paths::EWS, true);
+    let mut subject = who.subject(conn, policy, crate::model::paths::EWS, true);
     subject.content = Some(c.clone());
     let decision = policy::decide(&policy.rules, &subject);
     rec.rule = decision.rule.clone();

@@ -6,7 +6,9 @@
 
 mod body;
 mod ews;
+pub mod framing;
 mod request;
+pub mod tls;
 mod upstream;
 
 use std::{
@@ -28,15 +30,22 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::{
-    audit::{Audit, Record},
-    config::{Config, ContentSettings, ProxySettings, Rule},
-    content::IdCache,
-    feedback::{self, Block, Failures},
-    policy::SourceIndex,
-    strict::{Checks, Framing, HeadCheck, Tracker},
-    tls::CertResolver,
-    token_cache::TokenCache,
-    tokens::{KeyRing, Validator},
+    agent::feedback::{self, Block, Failures},
+    identity::{
+        token_cache::TokenCache,
+        tokens::{KeyRing, Validator},
+    },
+    model::{
+        rules::Rule,
+        settings::{ContentSettings, ProxySettings},
+        Config,
+    },
+    ops::audit::{Audit, Record},
+    policy::{content::IdCache, rules::SourceIndex},
+    proxy::{
+        framing::{Checks, Framing, HeadCheck, Tracker},
+        tls::CertResolver,
+    },
 };
 
 /// Sources whose failures are tracked at most.
@@ -49,7 +58,7 @@ pub struct Policy {
     /// `None` when no Exchange certificate is pinned: every bearer token is refused.
     pub tokens: Option<Mutex<TokenCache>>,
     /// Keys from allow-listed auth metadata URLs, when fetching is on.
-    pub keys: Option<Arc<crate::metadata::KeySource>>,
+    pub keys: Option<Arc<crate::identity::metadata::KeySource>>,
     pub settings: ProxySettings,
     pub content: ContentSettings,
 }
@@ -61,13 +70,13 @@ impl Policy {
         let keys = t
             .fetch
             .clone()
-            .map(crate::metadata::KeySource::new)
+            .map(crate::identity::metadata::KeySource::new)
             .transpose()?
             .map(Arc::new);
         let entra = t
             .entra
             .as_ref()
-            .map(|e| crate::entra::EntraValidator::load(e, t.expect.leeway))
+            .map(|e| crate::identity::entra::EntraValidator::load(e, t.expect.leeway))
             .transpose()
             .context("[tokens.entra] keys_file")?;
         let tokens = if t.certificates.is_empty() && keys.is_none() && entra.is_none() {
@@ -147,7 +156,7 @@ impl ProxyHandle {
             }
         }
         if let Some(keys) = &policy.keys {
-            crate::metadata::keep_fresh(keys, &self.shared.runtime);
+            crate::identity::metadata::keep_fresh(keys, &self.shared.runtime);
         }
         self.shared.policy.store(Arc::new(policy));
     }
@@ -172,7 +181,7 @@ pub fn start(config: &Config, blocks: BlockSink) -> anyhow::Result<ProxyHandle> 
     let policy = Policy::build(config)?;
     let s = policy.settings.clone();
     let certs = Arc::new(CertResolver::load(&s.certificate, &s.private_key)?);
-    let tls = crate::tls::server_config(&s, certs.clone())?;
+    let tls = crate::proxy::tls::server_config(&s, certs.clone())?;
     let audit = Audit::open(s.audit_log.as_deref()).context("opening the audit log")?;
     let shared = Arc::new(Shared {
         acceptor: TlsAcceptor::from(Arc::new(tls)),
@@ -188,7 +197,7 @@ pub fn start(config: &Config, blocks: BlockSink) -> anyhow::Result<ProxyHandle> 
         policy: ArcSwap::from_pointee(policy),
     });
     if let Some(keys) = &shared.policy.load().keys {
-        crate::metadata::keep_fresh(keys, &shared.runtime);
+        crate::identity::metadata::keep_fresh(keys, &shared.runtime);
     }
     for addr in &s.listen {
         let std = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
@@ -330,7 +339,7 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, slot:
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .and_then(crate::tls::client_identity);
+        .and_then(crate::proxy::tls::client_identity);
     let checks: Checks = Default::default();
     let tracker = Tracker::new(limits.header_bytes, limits.header_count, checks.clone());
     let io = Framing::new(tls, tracker, limits.idle_timeout, limits.head_timeout);

@@ -15,13 +15,17 @@ use super::{
     Conn, Policy,
 };
 use crate::{
-    audit::Record,
-    auth::{self, Credential, NtlmStage},
-    config::{Action, AuthKind, OtherPaths, TokenKind},
-    paths,
-    policy::{self, LocalTime, Subject},
+    identity::auth::{self, Credential, NtlmStage},
+    model::{
+        auth::{AuthKind, TokenKind},
+        paths,
+        rules::Action,
+        settings::OtherPaths,
+    },
+    ops::audit::Record,
+    policy::rules::{self as policy, LocalTime, Subject},
+    proxy::framing::HeadCheck,
     soap,
-    strict::HeadCheck,
 };
 
 pub(crate) type RespBody = BoxBody<Bytes, BoxError>;
@@ -406,7 +410,7 @@ fn identify(
             let verified = verify(policy, &token)?;
             // `verify_for_ews` accepts callback and Entra tokens only.
             let (kind, family) = match verified.family {
-                crate::tokens::Family::Entra => (TokenKind::Entra, "entra"),
+                crate::identity::tokens::Family::Entra => (TokenKind::Entra, "entra"),
                 _ => (TokenKind::Callback, "callback"),
             };
             who.token = Some(kind);
@@ -421,7 +425,7 @@ fn identify(
     Ok(who)
 }
 
-fn verify(policy: &Policy, token: &str) -> Result<crate::tokens::Verified, Refusal> {
+fn verify(policy: &Policy, token: &str) -> Result<crate::identity::tokens::Verified, Refusal> {
     let Some(cache) = &policy.tokens else {
         return Err(refusal(StatusCode::UNAUTHORIZED, "token_no_pinned_keys"));
     };

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::body::BoxError;
-use crate::config::Upstream;
+use crate::model::settings::Upstream;
 
 /// A request body as it goes upstream: streamed from the client, or read and judged first.
 pub type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;
@@ -40,7 +40,7 @@ impl Connector {
     pub fn new(settings: &Upstream, timeout: Duration) -> anyhow::Result<Connector> {
         let tls = match (&settings.ca, settings.tls) {
             (Some(ca), true) => {
-                let config = crate::tls::upstream_config(ca)?;
+                let config = crate::net::tls::upstream_config(ca)?;
                 let name = ServerName::try_from(settings.server_name.clone())
                     .map_err(|e| anyhow::anyhow!("upstream server name: {e}"))?;
                 Some((TlsConnector::from(Arc::new(config)), name))

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use super::*;
-use crate::config::ops::DetectionSettings;
+use crate::model::ops::DetectionSettings;
 
 /// Monday 2026-11-23 12:00:00 UTC, in milliseconds.
 const NOON: u64 = 1_795_435_200_000;

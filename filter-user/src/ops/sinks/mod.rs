@@ -24,7 +24,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::config::ops::{AuditSettings, SinkSpec, Transport};
+use crate::model::ops::{AuditSettings, SinkSpec, Transport};
 
 /// One audit line: JSON, no trailing newline.
 pub type Line = Arc<[u8]>;

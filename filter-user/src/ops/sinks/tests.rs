@@ -9,7 +9,7 @@ use std::{
 use serde_json::json;
 
 use super::*;
-use crate::config::ops::{AuditSettings, SinkSpec};
+use crate::model::ops::{AuditSettings, SinkSpec};
 
 fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("ewsgate-sinks-{name}-{}", std::process::id()));
@@ -130,7 +130,6 @@ fn a_stalled_sink_reports_lag_and_refuses_without_holding_up_the_others() {
     let status = sinks.status();
     assert_eq!(status[1].refused, refused);
     assert_eq!(status[0].refused, 0);
-    assert!(!sinks.flush(Duration::from_millis(300)));
     let deadline = Instant::now() + Duration::from_secs(10);
     while sinks.status()[0].written < total && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));

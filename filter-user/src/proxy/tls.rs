@@ -2,7 +2,7 @@
 //! (reloadable without dropping connections) and may ask for a client certificate; the
 //! upstream side trusts only the configured CA for Exchange.
 
-use std::{fmt, path::Path, sync::Arc};
+use std::{path::Path, sync::Arc};
 
 use arc_swap::ArcSwap;
 use rustls::{
@@ -10,36 +10,14 @@ use rustls::{
     pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
     server::{ClientHello, NoServerSessionStorage, ResolvesServerCert, WebPkiClientVerifier},
     sign::CertifiedKey,
-    ClientConfig, RootCertStore, ServerConfig,
+    ServerConfig,
 };
 
-use crate::config::ProxySettings;
-
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("{path}: {message}")]
-    File { path: String, message: String },
-    #[error("TLS set-up: {0}")]
-    Rustls(#[from] rustls::Error),
-}
-
-fn file_error(path: &Path, message: impl fmt::Display) -> TlsError {
-    TlsError::File {
-        path: path.display().to_string(),
-        message: message.to_string(),
-    }
-}
-
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_error(path, e))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| file_error(path, e))?;
-    if certs.is_empty() {
-        return Err(file_error(path, "no certificate in the file"));
-    }
-    Ok(certs)
-}
+pub use crate::net::tls::TlsError;
+use crate::{
+    model::settings::ProxySettings,
+    net::tls::{file_error, load_certs, roots},
+};
 
 fn load_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     let chain = load_certs(cert)?;
@@ -50,14 +28,6 @@ fn load_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
         .keys_match()
         .map_err(|e| file_error(key, format!("does not match {}: {e}", cert.display())))?;
     Ok(certified)
-}
-
-fn roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
-    let mut store = RootCertStore::empty();
-    for c in load_certs(path)? {
-        store.add(c).map_err(|e| file_error(path, e))?;
-    }
-    Ok(Arc::new(store))
 }
 
 /// The served certificate, swapped whole on reload; handshakes in flight keep the old one.
@@ -111,16 +81,6 @@ pub fn server_config(
         config.session_storage = Arc::new(NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
     }
-    Ok(config)
-}
-
-pub fn upstream_config(ca: &Path) -> Result<ClientConfig, TlsError> {
-    let provider = Arc::new(aws_lc_rs::default_provider());
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_root_certificates(roots(ca)?)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
 

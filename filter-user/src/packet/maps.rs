@@ -23,8 +23,8 @@ use filter_common::{
 };
 
 use crate::{
-    config::{Config, Protected},
-    tables::{self, mask_words, words, TableError, V6Lengths},
+    model::{packet::Protected, Config},
+    packet::tables::{self, mask_words, words, TableError, V6Lengths},
 };
 
 /// How long a buffer generation must have been idle before it is rewritten. An XDP run lasts

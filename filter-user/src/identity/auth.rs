@@ -4,7 +4,7 @@
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 
-use crate::config::AuthKind;
+use crate::model::auth::AuthKind;
 
 /// Longest Authorization header value looked at (Kerberos tickets can be large).
 pub const MAX_AUTHORIZATION: usize = 48 * 1024;

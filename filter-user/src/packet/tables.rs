@@ -10,7 +10,7 @@ use filter_common::{
     V6_SLOTS,
 };
 
-use crate::config::SourceGroup;
+use crate::model::packet::SourceGroup;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TableError {

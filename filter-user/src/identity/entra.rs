@@ -8,17 +8,11 @@ use std::{collections::HashMap, path::Path};
 use jsonwebtoken::{jwk::JwkSet, Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use crate::tokens::{unverified_field, Audience, Family, TokenError, Verified};
+use crate::identity::tokens::{unverified_field, Audience, Family, TokenError, Verified};
+use crate::model::settings::EntraSettings;
 
 const DELEGATED_SCOPE: &str = "EWS.AccessAsUser.All";
 const APP_ROLE: &str = "full_access_as_app";
-
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct EntraSettings {
-    pub issuers: Vec<String>,
-    pub audiences: Vec<String>,
-    pub keys_file: std::path::PathBuf,
-}
 
 pub struct EntraValidator {
     keys: HashMap<String, DecodingKey>,

@@ -9,8 +9,13 @@ use std::{
 };
 
 use crate::{
-    config::{Action, AuthKind, Config, OpMatch, Rule, Scope, TokenKind},
-    content::{Access, DataSet, OpInfo, Shape, Touch},
+    model::{
+        auth::{AuthKind, TokenKind},
+        ews::{DataSet, OpInfo, Shape},
+        rules::{Action, Inspect, OpMatch, Rule, Scope},
+        Config,
+    },
+    policy::content::{Access, Touch},
     soap,
 };
 
@@ -43,13 +48,6 @@ pub struct Content<'a> {
     pub token_item: Option<&'a str>,
     /// The items the request's attachments belong to, where ewsgate knows them.
     pub roots: Vec<Option<&'a str>>,
-}
-
-/// What the response must be checked for before the client sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Inspect {
-    pub data: DataSet,
-    pub token_item: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,7 +241,9 @@ fn paths_match(r: &Rule, s: &Subject) -> bool {
     if r.paths.is_empty() {
         return s.ews;
     }
-    r.paths.iter().any(|p| crate::paths::matches(p, s.path))
+    r.paths
+        .iter()
+        .any(|p| crate::model::paths::matches(p, s.path))
 }
 
 fn users_match(r: &Rule, s: &Subject) -> bool {

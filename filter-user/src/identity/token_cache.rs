@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use crate::tokens::{TokenError, Validator, Verified};
+use crate::identity::tokens::{TokenError, Validator, Verified};
 
 /// How long a refusal is remembered, in seconds.
 pub const NEGATIVE_TTL: u64 = 10;
@@ -129,7 +129,10 @@ fn insert<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tokens::{testkit::*, Expectations, KeyRing};
+    use crate::{
+        identity::tokens::{testkit::*, KeyRing},
+        model::settings::Expectations,
+    };
     use serde_json::json;
 
     #[test]
@@ -172,7 +175,7 @@ mod tests {
         assert_eq!(cache.len(), (2, 0));
         // An identity token is refused, and the refusal is cached like any other.
         let identity = json!({"iss": ISS, "nbf": NOW, "exp": NOW + 100,
-            "appctx": json!({"version": crate::tokens::IDENTITY_VERSION}).to_string()});
+            "appctx": json!({"version": crate::identity::tokens::IDENTITY_VERSION}).to_string()});
         let id = sign(&s, &identity);
         assert_eq!(
             cache.verify_for_ews(&id, NOW),

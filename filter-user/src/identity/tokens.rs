@@ -18,6 +18,8 @@ use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
+use crate::model::settings::Expectations;
+
 /// Longest token accepted; Exchange's are well under 4 KiB.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// `appctx.version` of an identity token.
@@ -164,26 +166,13 @@ pub fn thumbprint(der: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(digest.as_ref())
 }
 
-/// What the deployment expects of Exchange tokens.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Expectations {
-    /// Accepted `aud` values of callback tokens (the Exchange principal, exact).
-    pub audiences: Vec<String>,
-    /// Accepted `iss` values (exact).
-    pub issuers: Vec<String>,
-    /// Accepted `appctx.amurl` values (exact, scheme, host, port and path).
-    pub metadata_urls: Vec<String>,
-    /// Clock skew allowed on `nbf` and `exp`, in seconds.
-    pub leeway: u64,
-}
-
 pub struct Validator {
     pub keys: KeyRing,
     /// Keys fetched from allow-listed auth metadata URLs, replaced whole on each fetch.
     pub fetched: Option<std::sync::Arc<arc_swap::ArcSwap<KeyRing>>>,
     pub expect: Expectations,
     /// Entra ID tokens, told apart by their issuer.
-    pub entra: Option<crate::entra::EntraValidator>,
+    pub entra: Option<crate::identity::entra::EntraValidator>,
 }
 
 /// A string field of a token's header (`part` 0) or claims (`part` 1), read without

@@ -25,12 +25,13 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    config::Config,
-    control::{Listed, Request, Response, Status},
-    feedback::Block,
-    maps::List,
+    agent::{
+        control::{Listed, Request, Response, Status},
+        feedback::Block,
+    },
+    model::Config,
+    packet::{maps::List, xdp::Gate},
     proxy::{self, ProxyHandle},
-    xdp::Gate,
 };
 
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -498,7 +499,7 @@ fn name(list: List) -> &'static str {
     }
 }
 
-fn describe_protected(p: &crate::config::Protected) -> String {
+fn describe_protected(p: &crate::model::packet::Protected) -> String {
     if p.ports.is_empty() {
         return format!("{} (all ports)", p.addr);
     }

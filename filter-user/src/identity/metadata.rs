@@ -5,7 +5,7 @@
 
 use std::{
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use arc_swap::ArcSwap;
@@ -19,18 +19,7 @@ use serde::Deserialize;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::tokens::KeyRing;
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct FetchSettings {
-    pub urls: Vec<String>,
-    /// CA for `https` metadata URLs.
-    pub ca: Option<std::path::PathBuf>,
-    pub refresh: Duration,
-    pub timeout: Duration,
-    pub max_bytes: usize,
-    pub refetch_min: Duration,
-}
+use crate::{identity::tokens::KeyRing, model::settings::FetchSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -108,9 +97,9 @@ pub struct KeySource {
 impl KeySource {
     pub fn new(settings: FetchSettings) -> anyhow::Result<KeySource> {
         let tls = match &settings.ca {
-            Some(ca) => Some(TlsConnector::from(Arc::new(crate::tls::upstream_config(
-                ca,
-            )?))),
+            Some(ca) => Some(TlsConnector::from(Arc::new(
+                crate::net::tls::upstream_config(ca)?,
+            ))),
             None => None,
         };
         Ok(KeySource {

@@ -27,9 +27,14 @@ use filter_common::{
 };
 
 use crate::{
-    config::{AttachMode, Capacity, Config},
-    maps::{Maps, MapsError, Sizes},
-    tables::v6_bucket_count,
+    model::{
+        packet::{AttachMode, Capacity},
+        Config,
+    },
+    packet::{
+        maps::{Maps, MapsError, Sizes},
+        tables::v6_bucket_count,
+    },
 };
 
 /// The XDP object built by build.rs.

@@ -1,0 +1,13 @@
+//! The domain model: rules, authentication kinds, EWS data types and operation classes,
+//! settings. Plain data and pure functions, no I/O; every other layer builds on it.
+
+pub mod auth;
+pub mod config;
+pub mod ews;
+pub mod ops;
+pub mod packet;
+pub mod paths;
+pub mod rules;
+pub mod settings;
+
+pub use config::Config;

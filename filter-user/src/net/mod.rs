@@ -1,0 +1,3 @@
+//! Plumbing for the layers that open connections of their own.
+
+pub mod tls;
