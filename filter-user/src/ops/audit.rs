@@ -3,24 +3,25 @@
 //! NTLM blobs are never part of a record: the record has no field that could hold them.
 
 use std::{
-    fs::OpenOptions,
-    io::{self, BufWriter, Write},
+    io,
     net::IpAddr,
-    path::Path,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
-    thread,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use serde::Serialize;
 
-/// Bytes buffered before lines are counted as lost (the writer is far behind).
-const MAX_BUFFERED: usize = 64 << 20;
-/// How often the writer thread empties the buffer. Lines reach the file within this.
-const FLUSH_EVERY: Duration = Duration::from_millis(50);
+use super::{
+    detections::{Decision, Engine, Failure, Observation},
+    sinks::{Lag, Sinks},
+};
+use crate::model::{
+    ews::operation,
+    ops::{AuditSettings, DetectionSettings},
+};
 
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Record {
@@ -55,103 +56,121 @@ pub struct Record {
     pub connection: u64,
 }
 
-/// Request threads append serialized lines to a buffer; one writer thread empties it on a
-/// timer. A line costs a serialization and an uncontended lock, never a wake-up or a write.
+/// The audit log: each record goes to every configured sink (`ops::sinks`), and through the
+/// detection engine, whose detections are audited in turn. Cheap to clone.
+///
+/// Until the request path hands the engine its own `Observation`s (with the failure class
+/// it knows), `observation_of` derives one from the record.
 #[derive(Clone)]
 pub struct Audit {
-    shared: Arc<Buffer>,
+    shared: Arc<Shared>,
 }
 
-struct Buffer {
-    lines: Mutex<Vec<u8>>,
+struct Shared {
+    sinks: Sinks,
+    detections: Mutex<Engine>,
     lost: AtomicU64,
-    out: Mutex<BufWriter<Box<dyn Write + Send>>>,
-}
-
-impl Buffer {
-    /// Writes out what is buffered.
-    fn flush(&self) {
-        let pending = match self.lines.lock() {
-            Ok(mut l) => std::mem::take(&mut *l),
-            Err(_) => return,
-        };
-        if let Ok(mut out) = self.out.lock() {
-            let result = out.write_all(&pending).and_then(|()| out.flush());
-            if let Err(e) = result {
-                tracing::error!(error = %e, "writing the audit log");
-            }
-        }
-    }
 }
 
 impl Audit {
-    /// Appends to `path`, or writes to standard output when `None`.
-    pub fn open(path: Option<&Path>) -> io::Result<Audit> {
-        let out: Box<dyn Write + Send> = match path {
-            Some(p) => {
-                if let Some(dir) = p.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                Box::new(OpenOptions::new().create(true).append(true).open(p)?)
-            }
-            None => Box::new(io::stdout()),
-        };
-        let shared = Arc::new(Buffer {
-            lines: Mutex::new(Vec::new()),
-            lost: AtomicU64::new(0),
-            out: Mutex::new(BufWriter::new(out)),
-        });
-        let writer = Arc::downgrade(&shared);
-        thread::Builder::new()
-            .name("ewsgate-audit".into())
-            .spawn(move || loop {
-                thread::sleep(FLUSH_EVERY);
-                match writer.upgrade() {
-                    Some(b) => b.flush(),
-                    None => return,
-                }
-            })?;
-        Ok(Audit { shared })
+    pub fn open(settings: &AuditSettings, detections: &DetectionSettings) -> io::Result<Audit> {
+        Ok(Audit {
+            shared: Arc::new(Shared {
+                sinks: Sinks::open(settings)?,
+                detections: Mutex::new(Engine::new(detections.clone())),
+                lost: AtomicU64::new(0),
+            }),
+        })
     }
 
     pub fn log(&self, mut record: Record) {
-        record.time = rfc3339_now();
-        let Ok(mut line) = serde_json::to_vec(&record) else {
-            return;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        record.time = rfc3339(now.as_secs() as i64, now.subsec_millis());
+        self.write(&record);
+        let fired = match self.shared.detections.lock() {
+            Ok(mut engine) => engine.observe(&observation_of(&record, now.as_millis() as u64)),
+            Err(_) => Vec::new(),
         };
-        line.push(b'\n');
-        let kept = match self.shared.lines.lock() {
-            Ok(mut buf) if buf.len() + line.len() <= MAX_BUFFERED => {
-                buf.extend_from_slice(&line);
-                true
-            }
-            _ => false,
-        };
-        if !kept
-            && self
-                .shared
-                .lost
-                .fetch_add(1, Ordering::Relaxed)
-                .is_multiple_of(10_000)
-        {
-            tracing::error!("audit writer behind: lines lost");
+        for d in fired {
+            tracing::warn!(detection = d.name(), subject = %d.subject, action = d.action.name(), "detection fired");
+            self.write(&d.event());
         }
     }
 
-    /// Writes out buffered lines now (at shutdown).
+    fn write<T: Serialize>(&self, record: &T) {
+        if let Err(refused) = self.shared.sinks.write(record) {
+            let n = self.shared.lost.fetch_add(1, Ordering::Relaxed);
+            if n.is_multiple_of(10_000) {
+                tracing::error!(%refused, lost = n + 1, "audit lines refused by full sinks");
+            }
+        }
+    }
+
+    /// Writes out queued lines now (at shutdown), waiting at most a few seconds.
     pub fn flush(&self) {
-        self.shared.flush();
+        self.shared.sinks.flush(Duration::from_secs(5));
+    }
+
+    /// Reopens file sinks (SIGHUP after a log rotation).
+    pub fn reopen(&self) {
+        self.shared.sinks.reopen();
+    }
+
+    /// How far behind the slowest sink is.
+    pub fn lag(&self) -> Lag {
+        self.shared.sinks.lag()
+    }
+
+    /// New detection settings on a reload: the engine starts afresh if they changed.
+    pub fn set_detections(&self, settings: &DetectionSettings) {
+        if let Ok(mut engine) = self.shared.detections.lock() {
+            if engine.settings() != settings {
+                *engine = Engine::new(settings.clone());
+            }
+        }
+    }
+}
+
+/// The detections' view of a record. The failure class is read from the status the client
+/// got: 401 a refused credential, 400/408/413/431 and refused connections (no status) the
+/// protocol, anything else refused the policy.
+fn observation_of(r: &Record, time_ms: u64) -> Observation<'_> {
+    let decision = match r.decision {
+        "allow" => Decision::Allow,
+        "would-deny" => Decision::WouldDeny,
+        _ => Decision::Deny,
+    };
+    let failure = (decision == Decision::Deny).then_some(match r.status {
+        401 => Failure::Credential,
+        0 | 400 | 408 | 413 | 431 => Failure::Protocol,
+        _ => Failure::Policy,
+    });
+    let op = r.operation.as_deref();
+    Observation {
+        group: r.source_group.as_deref(),
+        user: r.user.as_deref(),
+        auth: r.auth,
+        token_item: r.token_item.as_deref(),
+        operation: op,
+        op_class: op.and_then(operation).map(|o| o.class),
+        items: r.items.unwrap_or(0).min(u32::MAX as usize) as u32,
+        failure,
+        reason: &r.reason,
+        mailbox: r.mailbox.as_deref(),
+        // The record has no impersonation field yet; a refused attempt says so in its reason.
+        impersonation: r.reason.starts_with("impersonation "),
+        ..Observation::new(
+            time_ms,
+            r.source
+                .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+            decision,
+        )
     }
 }
 
 /// UTC time with milliseconds, e.g. 2026-11-23T12:00:00.123Z.
-pub fn rfc3339_now() -> String {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    rfc3339(d.as_secs() as i64, d.subsec_millis())
-}
-
 pub fn rfc3339(secs: i64, millis: u32) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
@@ -185,24 +204,40 @@ mod tests {
     }
 
     #[test]
-    fn lines_reach_the_file() {
+    fn lines_and_detections_reach_the_file() {
         let path = std::env::temp_dir().join(format!("ewsgate-audit-{}.jsonl", std::process::id()));
         let _ = std::fs::remove_file(&path);
-        let audit = Audit::open(Some(&path)).unwrap();
+        let audit = Audit::open(
+            &AuditSettings::legacy(Some(path.clone())),
+            &DetectionSettings::default(),
+        )
+        .unwrap();
         audit.log(Record {
             decision: "deny",
             reason: "no_rule".into(),
             ..Default::default()
         });
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let mut text = String::new();
-        while text.is_empty() && std::time::Instant::now() < deadline {
-            thread::sleep(std::time::Duration::from_millis(10));
-            text = std::fs::read_to_string(&path).unwrap_or_default();
-        }
-        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
-        assert_eq!(v["decision"], "deny");
-        assert_eq!(v["reason"], "no_rule");
+        audit.log(Record {
+            source: Some("198.51.100.10".parse().unwrap()),
+            user: Some("alice@example.org".into()),
+            operation: Some("ExportItems".into()),
+            decision: "deny",
+            status: 500,
+            reason: "ExportItems is not allowed".into(),
+            ..Default::default()
+        });
+        audit.flush();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines[0]["decision"], "deny");
+        assert_eq!(lines[0]["reason"], "no_rule");
+        assert_eq!(lines[2]["kind"], "detection");
+        assert_eq!(lines[2]["detection"], "export-or-impersonation");
+        assert_eq!(lines[2]["evidence"]["decision"], "deny");
         let _ = std::fs::remove_file(&path);
     }
 }

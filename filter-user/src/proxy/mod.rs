@@ -117,6 +117,8 @@ struct Shared {
     acceptor: TlsAcceptor,
     upstream: upstream::Connector,
     audit: Audit,
+    /// The sinks `audit` was opened with; they change only with a restart.
+    audit_settings: crate::model::ops::AuditSettings,
     failures: Mutex<Failures>,
     blocks: BlockSink,
     per_source: Mutex<HashMap<IpAddr, usize>>,
@@ -140,6 +142,9 @@ impl ProxyHandle {
         if a.listen != b.listen || a.upstream != b.upstream || a.client_ca != b.client_ca {
             anyhow::bail!("[proxy] listen, upstream and client_ca change only with a restart");
         }
+        if self.shared.audit_settings != config.ops.audit {
+            anyhow::bail!("[audit] sinks change only with a restart");
+        }
         // Loaded now so a bad certificate rejects the reload; swapped in by `commit`.
         CertResolver::load(&b.certificate, &b.private_key)?;
         Ok(policy)
@@ -147,6 +152,9 @@ impl ProxyHandle {
 
     pub fn commit(&self, policy: Policy, config: &Config) {
         let s = &policy.settings;
+        // A reload (SIGHUP after logrotate, say) reopens audit files.
+        self.shared.audit.reopen();
+        self.shared.audit.set_detections(&config.ops.detections);
         if let Err(e) = self.shared.certs.reload(&s.certificate, &s.private_key) {
             warn!(error = %e, "certificate reload failed; the previous one is kept");
         }
@@ -182,12 +190,14 @@ pub fn start(config: &Config, blocks: BlockSink) -> anyhow::Result<ProxyHandle> 
     let s = policy.settings.clone();
     let certs = Arc::new(CertResolver::load(&s.certificate, &s.private_key)?);
     let tls = crate::proxy::tls::server_config(&s, certs.clone())?;
-    let audit = Audit::open(s.audit_log.as_deref()).context("opening the audit log")?;
+    let audit = Audit::open(&config.ops.audit, &config.ops.detections)
+        .context("opening the audit sinks")?;
     let shared = Arc::new(Shared {
         acceptor: TlsAcceptor::from(Arc::new(tls)),
         certs,
         upstream: upstream::Connector::new(&s.upstream, s.limits.handshake_timeout)?,
         audit,
+        audit_settings: config.ops.audit.clone(),
         failures: Mutex::new(Failures::new(feedback_settings(config))),
         blocks,
         per_source: Mutex::new(HashMap::new()),

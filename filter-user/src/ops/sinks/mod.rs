@@ -116,8 +116,13 @@ impl Shared {
         }
         q.bytes += line.len();
         q.lines.push_back((Instant::now(), line.clone()));
+        // The writer wakes on its own every FLUSH_EVERY; only a backlog wakes it sooner, so
+        // a line costs the request path no wake-up.
+        let backlog = q.bytes >= WAKE_BYTES;
         drop(q);
-        self.ready.notify_one();
+        if backlog {
+            self.ready.notify_one();
+        }
         true
     }
 
@@ -146,6 +151,10 @@ pub struct Sinks {
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Lines handed to a destination at once.
 const BATCH: usize = 512;
+/// How long a line may wait for its writer: lines reach their sink within this.
+const FLUSH_EVERY: Duration = Duration::from_millis(50);
+/// Queued bytes that wake the writer before its time.
+const WAKE_BYTES: usize = 256 << 10;
 
 impl Sinks {
     /// Opens every sink. A file that cannot be opened is an error; a network or journald
@@ -332,31 +341,32 @@ impl Worker {
     }
 }
 
-/// The writer thread: takes batches off the queue, writes them, and keeps what failed.
+/// The writer thread: every FLUSH_EVERY (or sooner for a backlog) takes a batch off the
+/// queue, writes it, and keeps what failed for the next try.
 fn run(s: &Shared, mut output: Box<dyn Output>) {
     let mut backoff = Duration::from_millis(50);
     let mut batch: Vec<Line> = Vec::with_capacity(BATCH);
     loop {
         {
             let mut q = s.queue();
-            while q.lines.is_empty() && !s.stop.load(Ordering::Relaxed) {
-                if s.reopen.load(Ordering::Relaxed) {
-                    break;
-                }
+            let busy = q.lines.len() >= BATCH || q.bytes >= WAKE_BYTES;
+            if !busy && !s.stop.load(Ordering::Relaxed) && !s.reopen.load(Ordering::Relaxed) {
                 q = s
                     .ready
-                    .wait_timeout(q, Duration::from_secs(1))
+                    .wait_timeout(q, FLUSH_EVERY)
                     .map(|(g, _)| g)
                     .unwrap_or_else(|e| e.into_inner().0);
-                if q.lines.is_empty() {
-                    // Idle: still look for rotation now and then.
-                    drop(q);
-                    let _ = output.tick(s.reopen.swap(false, Ordering::Relaxed));
-                    q = s.queue();
-                }
             }
-            if q.lines.is_empty() && s.stop.load(Ordering::Relaxed) {
-                return;
+            if q.lines.is_empty() {
+                drop(q);
+                if s.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                // Idle: still look for rotation (a file checks at most once a second).
+                if let Err(e) = output.tick(s.reopen.swap(false, Ordering::Relaxed)) {
+                    s.note_error(&e);
+                }
+                continue;
             }
             batch.clear();
             batch.extend(q.lines.iter().take(BATCH).map(|(_, l)| l.clone()));
