@@ -15,8 +15,10 @@ fn ip(s: &str) -> IpAddr {
 
 /// Settings with every detection on at its defaults, no quiet time, and `edit` applied.
 fn engine(edit: impl FnOnce(&mut DetectionSettings)) -> Engine {
-    let mut s = DetectionSettings::default();
-    s.quiet_secs = 0;
+    let mut s = DetectionSettings {
+        quiet_secs: 0,
+        ..Default::default()
+    };
     edit(&mut s);
     Engine::new(s)
 }

@@ -131,7 +131,7 @@ impl Shared {
         let text = e.to_string();
         let mut last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
         // Log the first error, a change of error, and then every 100th.
-        if last.as_deref() != Some(&text) || n % 100 == 0 {
+        if last.as_deref() != Some(&text) || n.is_multiple_of(100) {
             tracing::warn!(sink = %self.label, error = %text, "audit sink: write failed, retrying");
         }
         *last = Some(text);
