@@ -3,12 +3,13 @@
 //! offers the agent, the proxy and the CLI that drive it.
 //!
 //! Layers, each importing only those listed before it: `model` (plain data, no I/O),
-//! `config` (file → model), `net` (TLS plumbing), `soap`, `identity`, `policy`, `packet`, `ops`, `proxy`,
-//! `agent`.
+//! `config` (file → model), `net` (TLS plumbing), `soap`, `identity`, `policy`, `packet`,
+//! `ops`, `ipc` (agent ↔ proxy), `proxy`, `agent`.
 
 pub mod agent;
 pub mod config;
 pub mod identity;
+pub mod ipc;
 pub mod model;
 pub mod net;
 pub mod ops;

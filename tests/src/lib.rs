@@ -1,7 +1,9 @@
 //! Helpers shared by the integration tests: crafted frames and network-namespace labs.
 //! Every test here needs root (BPF and namespaces); `cargo xtask test` runs them.
 
+pub mod crowdsec;
 pub mod ews;
+pub mod feedserver;
 pub mod gate;
 pub mod lab;
 pub mod mailbox;

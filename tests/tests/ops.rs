@@ -723,6 +723,64 @@ fn journald_receives_fields_and_large_entries() {
 }
 
 // ---------------------------------------------------------------------------------------
+// A gate in the lab: detections in its audit, the audit on a syslog sink
+
+#[test]
+fn a_gate_audits_a_detection_and_sends_its_lines_to_syslog() {
+    use base64::{engine::general_purpose::STANDARD, Engine as _};
+    use tests::{ews::wait_audit, gate::Gate, mailbox::requests};
+    let rules = "[[rule]]\nname = \"office-basic\"\ngroups = [\"offices\"]\nauth = [\"basic\"]\naction = \"allow\"\n";
+    // The proxy sends from the gate's namespace: the receiver is bound there.
+    let g = Gate::start_edited(0, "", rules, |text, _| {
+        text.replace(
+            "audit_log = \"audit.jsonl\"\n",
+            "",
+        ) + "\n[audit]\nsinks = [{ type = \"file\", path = \"audit.jsonl\" }, { type = \"syslog\", transport = \"udp\", address = \"127.0.0.1:5514\", hostname = \"gate-1\" }]\n"
+    });
+    let udp = g.lab.gate.run(|| {
+        let s = UdpSocket::bind("127.0.0.1:5514").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    });
+    let basic = format!("Basic {}", STANDARD.encode("alice@example.org:secret"));
+    let mut c = g.https("office");
+    let r = c
+        .ews(
+            &[("Authorization", &basic)],
+            requests::export_items("C-cal-1").as_bytes(),
+        )
+        .expect("reply");
+    assert_eq!(r.status, 500, "{}", r.body);
+    let d = wait_audit(&g.audit, |v| v["kind"] == "detection").expect("a detection line");
+    assert_eq!(d["detection"], "export-or-impersonation");
+    assert_eq!(d["severity"], "high");
+    assert_eq!(d["user"], "alice@example.org");
+    assert_eq!(d["source_group"], "offices");
+    assert_eq!(d["evidence"]["operation"], "ExportItems");
+    assert_eq!(d["evidence"]["decision"], "deny");
+    assert_eq!(d["action"], "alert");
+    // The request line and the detection reach the syslog receiver too, as RFC 5424.
+    let mut kinds = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while kinds.len() < 2 {
+        let n = udp.recv(&mut buf).expect("a syslog datagram");
+        let m = parse_5424(&buf[..n]);
+        assert_eq!((m.hostname.as_str(), m.app.as_str()), ("gate-1", "ewsgate"));
+        assert_eq!(m.msgid, m.msg["kind"].as_str().unwrap());
+        kinds.push(m.msgid.clone());
+        if m.msgid == "detection" {
+            assert_eq!(m.msg["detection"], "export-or-impersonation");
+            assert_eq!(m.pri, 16 * 8 + 3);
+        } else {
+            assert_eq!(m.msg["operation"], "ExportItems");
+            assert_eq!(m.msg["decision"], "deny");
+        }
+    }
+    kinds.sort();
+    assert_eq!(kinds, ["detection", "request"]);
+}
+
+// ---------------------------------------------------------------------------------------
 // Sigma rules
 
 fn python() -> String {

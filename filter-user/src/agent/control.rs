@@ -11,7 +11,10 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::packet::maps::List;
+use crate::{
+    agent::{crowdsec::CrowdSecStatus, feeds::FeedStatus},
+    packet::maps::List,
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -32,6 +35,10 @@ pub enum Request {
     },
     Reload,
     Shutdown,
+    /// Fetch one live feed, or all, now.
+    FeedRefresh {
+        group: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,6 +76,16 @@ pub struct Status {
     /// group → packets passed
     pub groups: Vec<(String, u64)>,
     pub last_reload: String,
+    /// The policy the agent runs (the proxy commits the same).
+    pub policy: u64,
+    /// Identities refused at the request layer for repeated credential failures.
+    pub refused_identities: usize,
+    /// Live range feeds.
+    #[serde(default)]
+    pub feeds: Vec<FeedStatus>,
+    /// The CrowdSec bouncer, when `[crowdsec]` is set.
+    #[serde(default)]
+    pub crowdsec: Option<CrowdSecStatus>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,34 +1,46 @@
-//! Feedback into XDP: failures per source (bad or expired tokens, denied requests, failed TLS
-//! handshakes, malformed HTTP) are counted in a sliding window. Past the threshold the source
-//! earns a block: the daemon puts it in the XDP block set with a TTL and a reason, so its
-//! next packets never reach user space.
+//! Feedback: what repeated failures cost. The proxy reports each refusal with its class;
+//! the agent counts them in sliding windows and decides.
 //!
-//! The window is split into `BUCKETS` sub-intervals, so memory per source is fixed and old
-//! failures slide out in steps of window/BUCKETS. The number of sources tracked is bounded:
-//! a flood of spoofed sources evicts the quietest first, never grows without end.
+//! - Policy denials (a rule or the content policy said no) never count: one phone retrying a
+//!   denied request must not block the office behind its NAT.
+//! - Protocol abuse and credential failures count against the source address where the
+//!   source's group allows it (`block_on`); past the group's threshold the address goes into
+//!   the XDP block set. A group fed from a shared feed (Salesforce's egress serves every
+//!   Salesforce tenant) blocks nothing by default.
+//! - Credential failures also count against the identity that failed (a user name, a
+//!   verified token's item, a certificate subject, or for a token that did not verify, that
+//!   token alone); past its threshold the identity is refused at the request layer for a
+//!   while, and the address is spared.
+//!
+//! The source group is looked up here, from the agent's own config: a proxy's claim is not
+//! taken for it. Windows are split into `BUCKETS` sub-intervals, so memory per key is fixed;
+//! keys tracked are bounded, the quietest evicted first.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::{collections::HashMap, hash::Hash, net::IpAddr};
+
+use crate::{
+    ipc::Failure,
+    model::{outcome::FailureClass, settings::FeedbackSettings, Config},
+    policy::rules::SourceIndex,
+};
 
 const BUCKETS: usize = 10;
+/// Keys tracked at most, per kind.
+const MAX_TRACKED: usize = 100_000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Settings {
-    /// Length of the sliding window, in milliseconds.
-    pub window_ms: u64,
-    /// Failures within the window that earn a block.
-    pub threshold: u32,
-    /// Lifetime of the block, in seconds.
-    pub block_ttl_secs: u64,
-    /// Sources tracked at most.
-    pub max_sources: usize,
-}
-
-/// A block the daemon should apply.
+/// What the agent does about a failure.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Block {
-    pub source: IpAddr,
-    pub ttl_secs: u64,
-    pub reason: String,
+pub enum Action {
+    BlockSource {
+        source: IpAddr,
+        ttl_secs: u64,
+        reason: String,
+    },
+    RefuseIdentity {
+        identity: String,
+        secs: u64,
+        reason: String,
+    },
 }
 
 struct Window {
@@ -52,65 +64,54 @@ impl Window {
     }
 }
 
-pub struct Failures {
-    settings: Settings,
-    sources: HashMap<IpAddr, Window>,
+/// Failures per key in a sliding window.
+pub struct Counter<K> {
+    window_ms: u64,
+    keys: HashMap<K, Window>,
+    max: usize,
 }
 
-impl Failures {
-    pub fn new(settings: Settings) -> Failures {
-        Failures {
-            settings,
-            sources: HashMap::new(),
+impl<K: Hash + Eq + Clone> Counter<K> {
+    pub fn new(window_ms: u64, max: usize) -> Counter<K> {
+        Counter {
+            window_ms: window_ms.max(BUCKETS as u64),
+            keys: HashMap::new(),
+            max,
         }
     }
 
     fn tick(&self, now_ms: u64) -> u64 {
-        now_ms / (self.settings.window_ms / BUCKETS as u64).max(1)
+        now_ms / (self.window_ms / BUCKETS as u64).max(1)
     }
 
-    pub fn settings(&self) -> Settings {
-        self.settings
-    }
-
-    /// Records one failure; returns the block to apply when this one crosses the threshold.
-    /// A threshold of 0 turns blocking off.
-    pub fn record(&mut self, source: IpAddr, reason: &str, now_ms: u64) -> Option<Block> {
-        if self.settings.threshold == 0 {
-            return None;
-        }
+    /// Counts one failure; returns the total in the window when it reaches `threshold`
+    /// (and forgets the key: it starts afresh after whatever the total earns).
+    pub fn record(&mut self, key: &K, threshold: u32, now_ms: u64) -> Option<u32> {
         let tick = self.tick(now_ms);
-        if !self.sources.contains_key(&source) {
+        if !self.keys.contains_key(key) {
             self.make_room(now_ms);
         }
-        let w = self.sources.entry(source).or_insert(Window {
+        let w = self.keys.entry(key.clone()).or_insert(Window {
             counts: [0; BUCKETS],
             head: tick,
             last_ms: now_ms,
         });
         w.advance(tick);
-        w.counts[(tick % BUCKETS as u64) as usize] += 1;
+        let slot = &mut w.counts[(tick % BUCKETS as u64) as usize];
+        *slot = slot.saturating_add(1);
         w.last_ms = now_ms;
         let total = w.total();
-        if total < self.settings.threshold {
+        if total < threshold {
             return None;
         }
-        // Blocked from here on; a source that comes back after the TTL starts afresh.
-        self.sources.remove(&source);
-        Some(Block {
-            source,
-            ttl_secs: self.settings.block_ttl_secs,
-            reason: format!(
-                "{total} failures within {} s, last: {reason}",
-                self.settings.window_ms / 1000
-            ),
-        })
+        self.keys.remove(key);
+        Some(total)
     }
 
-    /// Failures currently counted for a source.
-    pub fn count(&self, source: IpAddr, now_ms: u64) -> u32 {
+    /// Failures currently counted for a key.
+    pub fn count(&self, key: &K, now_ms: u64) -> u32 {
         let tick = self.tick(now_ms);
-        self.sources.get(&source).map_or(0, |w| {
+        self.keys.get(key).map_or(0, |w| {
             let mut copy = Window {
                 counts: w.counts,
                 head: w.head,
@@ -122,109 +123,273 @@ impl Failures {
     }
 
     pub fn tracked(&self) -> usize {
-        self.sources.len()
+        self.keys.len()
     }
 
     fn make_room(&mut self, now_ms: u64) {
-        if self.sources.len() < self.settings.max_sources {
+        if self.keys.len() < self.max {
             return;
         }
-        let window = self.settings.window_ms;
-        self.sources
+        let window = self.window_ms;
+        self.keys
             .retain(|_, w| now_ms.saturating_sub(w.last_ms) < window);
-        if self.sources.len() >= self.settings.max_sources {
+        if self.keys.len() >= self.max {
             // All recent: drop the eighth seen longest ago.
-            let mut seen: Vec<u64> = self.sources.values().map(|w| w.last_ms).collect();
+            let mut seen: Vec<u64> = self.keys.values().map(|w| w.last_ms).collect();
             seen.sort_unstable();
             let cutoff = seen[(seen.len() / 8).min(seen.len() - 1)];
-            self.sources.retain(|_, w| w.last_ms > cutoff);
+            self.keys.retain(|_, w| w.last_ms > cutoff);
         }
+    }
+}
+
+/// How one source group's addresses may be blocked.
+#[derive(Debug, Clone)]
+struct GroupRule {
+    block_on: Vec<FailureClass>,
+    threshold: u32,
+}
+
+pub struct Feedback {
+    settings: FeedbackSettings,
+    sources: SourceIndex,
+    /// Index by group id - 1; sources in no group use `unlisted`.
+    groups: Vec<GroupRule>,
+    unlisted: GroupRule,
+    by_source: Counter<IpAddr>,
+    by_identity: Counter<String>,
+}
+
+impl Feedback {
+    pub fn new(config: &Config) -> Feedback {
+        let s = config.feedback;
+        let window = s.window.as_millis() as u64;
+        Feedback {
+            settings: s,
+            sources: SourceIndex::new(config),
+            groups: config
+                .groups
+                .iter()
+                .map(|g| GroupRule {
+                    block_on: g.block_on.clone(),
+                    threshold: g.block_failures.unwrap_or(s.failures),
+                })
+                .collect(),
+            unlisted: GroupRule {
+                block_on: vec![FailureClass::Protocol, FailureClass::Credential],
+                threshold: s.failures,
+            },
+            by_source: Counter::new(window, MAX_TRACKED),
+            by_identity: Counter::new(window, MAX_TRACKED),
+        }
+    }
+
+    /// Keeps the counts when a reload leaves the window as it was.
+    pub fn reconfigure(&mut self, config: &Config) {
+        let next = Feedback::new(config);
+        if next.settings.window == self.settings.window {
+            let counts_s = std::mem::replace(&mut self.by_source, Counter::new(1, 1));
+            let counts_i = std::mem::replace(&mut self.by_identity, Counter::new(1, 1));
+            *self = Feedback {
+                by_source: counts_s,
+                by_identity: counts_i,
+                ..next
+            };
+        } else {
+            *self = next;
+        }
+    }
+
+    fn rule(&self, source: IpAddr) -> &GroupRule {
+        self.sources
+            .id(source)
+            .and_then(|id| self.groups.get(id as usize - 1))
+            .unwrap_or(&self.unlisted)
+    }
+
+    /// Counts one reported failure; returns what it earns.
+    pub fn record(&mut self, f: &Failure, now_ms: u64) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if f.class == FailureClass::Policy {
+            return actions;
+        }
+        let s = self.settings;
+        let secs = s.window.as_secs().max(1);
+        if f.class == FailureClass::Credential && s.identity_failures > 0 {
+            if let Some(identity) = &f.identity {
+                if let Some(total) = self
+                    .by_identity
+                    .record(identity, s.identity_failures, now_ms)
+                {
+                    actions.push(Action::RefuseIdentity {
+                        identity: identity.clone(),
+                        secs: s.identity_block.as_secs(),
+                        reason: format!(
+                            "{total} credential failures within {secs} s, last: {}",
+                            f.reason
+                        ),
+                    });
+                }
+            }
+        }
+        let rule = self.rule(f.source).clone();
+        if rule.threshold == 0 || !rule.block_on.contains(&f.class) {
+            return actions;
+        }
+        if let Some(total) = self.by_source.record(&f.source, rule.threshold, now_ms) {
+            actions.push(Action::BlockSource {
+                source: f.source,
+                ttl_secs: s.block.as_secs(),
+                reason: format!(
+                    "{total} {} failures within {secs} s, last: {}",
+                    f.class.name(),
+                    f.reason
+                ),
+            });
+        }
+        actions
+    }
+
+    /// Failures counted against a source now.
+    pub fn count(&self, source: IpAddr, now_ms: u64) -> u32 {
+        self.by_source.count(&source, now_ms)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
-    fn settings() -> Settings {
-        Settings {
-            window_ms: 10_000,
-            threshold: 5,
-            block_ttl_secs: 600,
-            max_sources: 100,
+    const CONFIG: &str = r#"
+[sources.offices]
+cidrs = ["198.51.100.0/25"]
+[sources.salesforce]
+feed = "feed.json"
+[sources.partner]
+cidrs = ["203.0.113.77/32"]
+block_on = ["protocol"]
+block_failures = 3
+[feedback]
+failures = 5
+window_secs = 10
+identity_failures = 4
+"#;
+
+    fn feedback() -> Feedback {
+        let dir = std::env::temp_dir().join(format!("ewsgate-fb-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("feed.json"),
+            r#"{"prefixes":[{"ip_prefix":"198.51.100.128/25"}]}"#,
+        )
+        .unwrap();
+        let config = Config::parse(&dir.join("c.toml"), CONFIG).unwrap();
+        let _ = Path::new(&dir);
+        Feedback::new(&config)
+    }
+
+    fn failure(source: &str, class: FailureClass, identity: Option<&str>) -> Failure {
+        Failure {
+            source: source.parse().unwrap(),
+            group: None,
+            class,
+            reason: "x".into(),
+            identity: identity.map(str::to_string),
         }
     }
 
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
+    #[test]
+    fn policy_denials_never_count() {
+        let mut f = feedback();
+        for i in 0..100 {
+            let got = f.record(
+                &failure("198.51.100.10", FailureClass::Policy, Some("user:a")),
+                i,
+            );
+            assert!(got.is_empty());
+        }
+        assert_eq!(f.count("198.51.100.10".parse().unwrap(), 100), 0);
     }
 
     #[test]
-    fn the_threshold_failure_earns_one_block() {
-        let mut f = Failures::new(settings());
-        let src = ip("203.0.113.9");
+    fn protocol_failures_block_a_blockable_source_at_its_threshold() {
+        let mut f = feedback();
         for i in 0..4 {
-            assert_eq!(f.record(src, "token_expired", i * 100), None);
+            assert!(f
+                .record(&failure("198.51.100.10", FailureClass::Protocol, None), i)
+                .is_empty());
         }
-        let block = f
-            .record(src, "token_bad_signature", 500)
-            .expect("fifth failure blocks");
-        assert_eq!(block.source, src);
-        assert_eq!(block.ttl_secs, 600);
-        assert_eq!(
-            block.reason,
-            "5 failures within 10 s, last: token_bad_signature"
+        let got = f.record(&failure("198.51.100.10", FailureClass::Protocol, None), 5);
+        assert!(
+            matches!(&got[..], [Action::BlockSource { ttl_secs: 900, .. }]),
+            "{got:?}"
         );
+        // The partner group's own threshold, and only for protocol failures.
+        for i in 0..2 {
+            assert!(f
+                .record(&failure("203.0.113.77", FailureClass::Protocol, None), i)
+                .is_empty());
+        }
         assert_eq!(
-            f.count(src, 600),
-            0,
-            "the source starts afresh once blocked"
+            f.record(&failure("203.0.113.77", FailureClass::Protocol, None), 3)
+                .len(),
+            1
         );
+        for i in 0..10 {
+            assert!(f
+                .record(&failure("203.0.113.77", FailureClass::Credential, None), i)
+                .is_empty());
+        }
     }
 
     #[test]
-    fn old_failures_slide_out_of_the_window() {
-        let mut f = Failures::new(settings());
-        let src = ip("2001:db8:300::9");
+    fn a_shared_feed_group_refuses_the_identity_not_the_address() {
+        let mut f = feedback();
+        let mut got = Vec::new();
+        for i in 0..20 {
+            got.extend(f.record(
+                &failure(
+                    "198.51.100.140",
+                    FailureClass::Credential,
+                    Some("token:ab12"),
+                ),
+                i,
+            ));
+        }
+        assert!(
+            got.iter()
+                .all(|a| matches!(a, Action::RefuseIdentity { .. })),
+            "{got:?}"
+        );
+        assert_eq!(got.len(), 5, "refused at every fourth failure");
+        assert!(f
+            .record(&failure("198.51.100.140", FailureClass::Protocol, None), 30)
+            .is_empty());
+    }
+
+    #[test]
+    fn old_failures_slide_out_and_keys_are_bounded() {
+        let mut c: Counter<IpAddr> = Counter::new(10_000, 100);
+        let src: IpAddr = "2001:db8:300::9".parse().unwrap();
         for i in 0..4 {
-            assert_eq!(f.record(src, "denied", i * 1000), None);
+            assert_eq!(c.record(&src, 5, i * 1000), None);
         }
-        assert_eq!(f.count(src, 3_500), 4);
-        // 11 s after the first: the first two have slid out.
-        assert_eq!(f.count(src, 11_000), 2);
-        assert_eq!(
-            f.record(src, "denied", 11_000),
-            None,
-            "3 in the window, below 5"
-        );
-        assert_eq!(f.count(src, 30_000), 0);
-    }
-
-    #[test]
-    fn sources_are_counted_apart() {
-        let mut f = Failures::new(settings());
-        for i in 0..4 {
-            assert_eq!(f.record(ip("203.0.113.1"), "denied", i), None);
-            assert_eq!(f.record(ip("203.0.113.2"), "denied", i), None);
-        }
-        assert!(f.record(ip("203.0.113.1"), "denied", 10).is_some());
-        assert_eq!(f.count(ip("203.0.113.2"), 10), 4);
-    }
-
-    #[test]
-    fn tracked_sources_are_bounded() {
-        let mut f = Failures::new(settings());
+        assert_eq!(c.count(&src, 3_500), 4);
+        assert_eq!(c.count(&src, 11_000), 2);
+        assert_eq!(c.count(&src, 30_000), 0);
         for i in 0..1000u32 {
-            let src = IpAddr::from([203, 0, 113, (i % 250) as u8]);
-            let src = if i < 250 {
-                src
-            } else {
-                IpAddr::from(std::net::Ipv6Addr::from(
-                    0x2001_0db8_0300_0000_0000_0000_0000_0000u128 + i as u128,
-                ))
-            };
-            f.record(src, "denied", i as u64);
+            c.record(
+                &IpAddr::from([203, 0, 113, (i % 250) as u8]),
+                1000,
+                u64::from(i),
+            );
+            c.record(
+                &IpAddr::from(std::net::Ipv6Addr::from(u128::from(i))),
+                1000,
+                u64::from(i),
+            );
         }
-        assert!(f.tracked() <= 100, "{}", f.tracked());
+        assert!(c.tracked() <= 100, "{}", c.tracked());
     }
 }

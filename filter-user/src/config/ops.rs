@@ -368,6 +368,13 @@ impl RawAudit {
             if sinks.contains(&spec) {
                 return Err(here.at(s, "this sink is listed twice"));
             }
+            let local = |s: &SinkSpec| matches!(s, SinkSpec::File { .. } | SinkSpec::Stdout);
+            if local(&spec) && sinks.iter().any(local) {
+                return Err(here.at(
+                    s,
+                    "one file or stdout sink at most: the agent opens the audit file and hands it to the unprivileged proxy",
+                ));
+            }
             sinks.push(spec);
         }
         Ok(AuditSettings {

@@ -111,6 +111,12 @@ pub(crate) struct RawProxy {
     utc_offset_minutes: Option<Spanned<i32>>,
     #[serde(default)]
     threads: usize,
+    user: Option<Spanned<String>>,
+    #[serde(default)]
+    server_names: Vec<Spanned<String>>,
+    #[serde(default)]
+    ews_query: bool,
+    mode: Option<Spanned<String>>,
     #[serde(default)]
     limits: RawLimits,
 }
@@ -132,6 +138,8 @@ struct RawLimits {
     body_min_bytes_per_s: u64,
     body_grace_ms: u64,
     connections_per_source: usize,
+    inspect_budget_bytes: u64,
+    audit_backlog_bytes: u64,
 }
 
 impl Default for RawLimits {
@@ -147,6 +155,8 @@ impl Default for RawLimits {
             body_min_bytes_per_s: 4096,
             body_grace_ms: 10_000,
             connections_per_source: 256,
+            inspect_budget_bytes: 256 << 20,
+            audit_backlog_bytes: 64 << 20,
         }
     }
 }
@@ -214,16 +224,61 @@ impl RawProxy {
             tls_resumption: self.tls_resumption,
             utc_offset_minutes: offset,
             threads: self.threads,
+            user: validate_user(here, self.user.as_ref())?,
+            server_names: validate_names(here, &self.server_names)?,
+            ews_query: self.ews_query,
+            report_only: report_mode(here, self.mode.as_ref())?,
         })
     }
 }
 
-fn existing(here: &Locator, base: &Path, file: &Spanned<String>) -> Result<PathBuf, ConfigError> {
-    let path = base.join(file.get_ref());
-    if !path.is_file() {
-        return Err(here.at(file, format!("{}: no such file", path.display())));
+/// `mode = "enforce"` (the default) or `"report"`.
+fn report_mode(here: &Locator, mode: Option<&Spanned<String>>) -> Result<bool, ConfigError> {
+    match mode.map(|m| (m, m.get_ref().as_str())) {
+        None | Some((_, "enforce")) => Ok(false),
+        Some((_, "report")) => Ok(true),
+        Some((m, other)) => Err(here.at(m, format!("mode '{other}': expected enforce or report"))),
     }
-    Ok(path)
+}
+
+/// The proxy's user: a name as the system knows it (checked when the agent starts it).
+fn validate_user(here: &Locator, user: Option<&Spanned<String>>) -> Result<String, ConfigError> {
+    let Some(u) = user else {
+        return Ok("ewsgate".into());
+    };
+    let name = u.get_ref();
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if !ok || name == "root" {
+        return Err(here.at(u, format!("'{name}' is not an unprivileged user name")));
+    }
+    Ok(name.clone())
+}
+
+/// Host names a request may name the gate by, lower-cased.
+fn validate_names(here: &Locator, names: &[Spanned<String>]) -> Result<Vec<String>, ConfigError> {
+    let mut out = Vec::new();
+    for n in names {
+        let name = n.get_ref().to_ascii_lowercase();
+        let ok = !name.is_empty()
+            && name.len() <= 253
+            && name.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'[' | b']' | b':')
+            });
+        if !ok {
+            return Err(here.at(n, format!("'{}' is not a host name", n.get_ref())));
+        }
+        out.push(name);
+    }
+    Ok(out)
+}
+
+/// A file the config names: read now, so that it is checked and part of the bundle.
+fn existing(here: &Locator, base: &Path, file: &Spanned<String>) -> Result<PathBuf, ConfigError> {
+    here.file(base, file).map(|(path, _)| path)
 }
 
 fn parse_upstream(text: &Spanned<String>, name: Option<String>) -> Result<Upstream, String> {
@@ -286,6 +341,18 @@ impl RawLimits {
                 1,
                 1 << 20,
             ),
+            (
+                "inspect_budget_bytes",
+                self.inspect_budget_bytes,
+                1 << 20,
+                1 << 40,
+            ),
+            (
+                "audit_backlog_bytes",
+                self.audit_backlog_bytes,
+                1 << 16,
+                1 << 34,
+            ),
         ];
         for (name, value, min, max) in checks {
             if !(min..=max).contains(&value) {
@@ -320,6 +387,8 @@ impl RawLimits {
             body_min_rate: self.body_min_bytes_per_s,
             body_grace: ms(self.body_grace_ms),
             connections_per_source: self.connections_per_source,
+            inspect_budget: self.inspect_budget_bytes,
+            audit_backlog: self.audit_backlog_bytes as usize,
         })
     }
 }
@@ -468,6 +537,8 @@ pub(crate) struct RawFeedback {
     window_secs: Option<u64>,
     failures: Option<u32>,
     block_secs: Option<Spanned<u64>>,
+    identity_failures: Option<u32>,
+    identity_block_secs: Option<Spanned<u64>>,
 }
 
 impl RawFeedback {
@@ -478,12 +549,21 @@ impl RawFeedback {
             Some(b) => Duration::from_secs(*b.get_ref()),
             None => d.block,
         };
+        let identity_block = match &self.identity_block_secs {
+            Some(b) if *b.get_ref() == 0 => {
+                return Err(here.at(b, "identity_block_secs must be at least 1"))
+            }
+            Some(b) => Duration::from_secs(*b.get_ref()),
+            None => d.identity_block,
+        };
         Ok(FeedbackSettings {
             window: self
                 .window_secs
                 .map_or(d.window, |w| Duration::from_secs(w.max(1))),
             failures: self.failures.unwrap_or(d.failures),
             block,
+            identity_failures: self.identity_failures.unwrap_or(d.identity_failures),
+            identity_block,
         })
     }
 }
@@ -512,6 +592,7 @@ pub(crate) struct RawRule {
     #[serde(default)]
     access: Vec<Spanned<String>>,
     action: Spanned<String>,
+    mode: Option<Spanned<String>>,
 }
 
 pub(crate) fn validate_rules(
@@ -648,6 +729,7 @@ impl RawRule {
             impersonation,
             delegate,
             action,
+            report: report_mode(here, self.mode.as_ref())?,
         })
     }
 }

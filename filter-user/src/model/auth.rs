@@ -43,3 +43,12 @@ pub enum TokenKind {
     /// A verified Entra ID token with the EWS permission.
     Entra,
 }
+
+impl TokenKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenKind::Callback => "callback",
+            TokenKind::Entra => "entra",
+        }
+    }
+}

@@ -274,6 +274,24 @@ pub struct AuditSettings {
 pub const DEFAULT_JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
 
 impl AuditSettings {
+    /// The file sink: the agent opens it and hands it to the unprivileged proxy.
+    pub fn file(&self) -> Option<&std::path::Path> {
+        self.sinks.iter().find_map(|s| match s {
+            SinkSpec::File { path } => Some(path.as_path()),
+            _ => None,
+        })
+    }
+
+    /// The sinks the proxy writes itself, beside the file the agent hands it: journald and
+    /// syslog. (Without a file sink the audit file is standard output already.)
+    pub fn network(&self) -> Vec<SinkSpec> {
+        self.sinks
+            .iter()
+            .filter(|s| matches!(s, SinkSpec::Journald { .. } | SinkSpec::Syslog { .. }))
+            .cloned()
+            .collect()
+    }
+
     /// Where the audit went before `[audit]`: `proxy.audit_log`, or standard output.
     pub fn legacy(path: Option<PathBuf>) -> AuditSettings {
         AuditSettings {

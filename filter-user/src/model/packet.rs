@@ -2,8 +2,10 @@
 
 use std::{fmt, net::IpAddr, path::PathBuf};
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
+
+use super::outcome::FailureClass;
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ewsgate";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/ewsgate/control.sock";
@@ -64,9 +66,39 @@ pub struct Protected {
     pub ports: Vec<(u8, u16)>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SourceGroup {
     pub name: String,
     pub v4: Vec<Ipv4Net>,
     pub v6: Vec<Ipv6Net>,
+    /// Failure classes that may put one of this group's addresses in the block set. A group
+    /// fed from a shared feed blocks nothing by default: its addresses serve every tenant.
+    pub block_on: Vec<FailureClass>,
+    /// This group's own threshold, instead of `[feedback] failures`.
+    pub block_failures: Option<u32>,
+}
+
+impl SourceGroup {
+    /// A group of `nets`, split by family, sorted, without duplicates.
+    pub fn from_nets(name: String, nets: impl IntoIterator<Item = IpNet>) -> SourceGroup {
+        let mut v4 = Vec::new();
+        let mut v6 = Vec::new();
+        for n in nets {
+            match n {
+                IpNet::V4(n) => v4.push(n),
+                IpNet::V6(n) => v6.push(n),
+            }
+        }
+        v4.sort();
+        v4.dedup();
+        v6.sort();
+        v6.dedup();
+        SourceGroup {
+            name,
+            v4,
+            v6,
+            block_on: vec![FailureClass::Protocol, FailureClass::Credential],
+            block_failures: None,
+        }
+    }
 }

@@ -38,6 +38,8 @@ pub struct Rule {
     pub impersonation: bool,
     pub delegate: bool,
     pub action: Action,
+    /// `mode = "report"`: judged and audited as it would apply, never enforced.
+    pub report: bool,
 }
 
 impl Rule {

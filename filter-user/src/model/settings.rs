@@ -24,6 +24,14 @@ pub struct ProxySettings {
     pub utc_offset_minutes: i32,
     /// Worker threads of the proxy runtime; 0 means one per CPU.
     pub threads: usize,
+    /// The unprivileged user the agent runs the proxy as.
+    pub user: String,
+    /// Names `Host` may carry; empty means the certificate's DNS names.
+    pub server_names: Vec<String>,
+    /// Whether a query string on the EWS path is forwarded (it is refused otherwise).
+    pub ews_query: bool,
+    /// `mode = "report"`: every verdict is computed and audited, and the request forwarded.
+    pub report_only: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +65,10 @@ pub struct Limits {
     pub body_min_rate: u64,
     pub body_grace: Duration,
     pub connections_per_source: usize,
+    /// Bytes held for response inspection across all connections at once.
+    pub inspect_budget: u64,
+    /// Audit bytes waiting for the writer past which new requests are refused (503).
+    pub audit_backlog: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,8 +104,13 @@ pub struct TokenSettings {
 pub struct FeedbackSettings {
     pub window: Duration,
     /// Failures in the window that put the source in the XDP block set; 0 turns it off.
+    /// A source group may set its own (`block_failures`).
     pub failures: u32,
     pub block: Duration,
+    /// Credential failures of one identity in the window that refuse it at the request
+    /// layer for `identity_block`; 0 turns it off.
+    pub identity_failures: u32,
+    pub identity_block: Duration,
 }
 
 impl Default for FeedbackSettings {
@@ -102,6 +119,8 @@ impl Default for FeedbackSettings {
             window: Duration::from_secs(60),
             failures: 20,
             block: Duration::from_secs(900),
+            identity_failures: 10,
+            identity_block: Duration::from_secs(900),
         }
     }
 }

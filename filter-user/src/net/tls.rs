@@ -1,5 +1,6 @@
-//! TLS pieces shared by every layer that opens connections: certificate files, trust
-//! roots, and the client configuration used toward Exchange and allow-listed key servers.
+//! TLS pieces shared by every layer that opens connections: certificates and trust roots
+//! from PEM bytes (the proxy reads no files: its config bundle carries them), and the client
+//! configuration used toward Exchange and allow-listed key servers.
 
 use std::{fmt, path::Path, sync::Arc};
 
@@ -24,9 +25,9 @@ pub fn file_error(path: &Path, message: impl fmt::Display) -> TlsError {
     }
 }
 
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_error(path, e))?
+/// The certificates of a PEM file's bytes; `path` names it in errors.
+pub fn certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<_, _>>()
         .map_err(|e| file_error(path, e))?;
     if certs.is_empty() {
@@ -35,20 +36,27 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
-pub fn roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+pub fn roots(path: &Path, pem: &[u8]) -> Result<Arc<RootCertStore>, TlsError> {
     let mut store = RootCertStore::empty();
-    for c in load_certs(path)? {
+    for c in certs(path, pem)? {
         store.add(c).map_err(|e| file_error(path, e))?;
     }
     Ok(Arc::new(store))
 }
 
-pub fn upstream_config(ca: &Path) -> Result<ClientConfig, TlsError> {
+/// A client trusting only the CA in `pem`, speaking HTTP/1.1.
+pub fn client_config(path: &Path, pem: &[u8]) -> Result<ClientConfig, TlsError> {
     let provider = Arc::new(aws_lc_rs::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_root_certificates(roots(ca)?)
+        .with_root_certificates(roots(path, pem)?)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// [`client_config`] from a file on disk.
+pub fn upstream_config(ca: &Path) -> Result<ClientConfig, TlsError> {
+    let pem = std::fs::read(ca).map_err(|e| file_error(ca, e))?;
+    client_config(ca, &pem)
 }

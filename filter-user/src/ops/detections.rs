@@ -30,51 +30,13 @@ use crate::{
     ops::window::{in_hours, local_weekday_minute, Window},
 };
 
-/// The request's verdict, as the audit line spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Decision {
-    Allow,
-    Deny,
-    /// A report-only rule would have refused it; it was forwarded.
-    WouldDeny,
-}
+/// The verdict and the failure class, as the request path names them.
+pub use crate::model::outcome::{Decision, FailureClass as Failure};
 
-impl Decision {
-    pub fn name(self) -> &'static str {
-        match self {
-            Decision::Allow => "allow",
-            Decision::Deny => "deny",
-            Decision::WouldDeny => "would-deny",
-        }
-    }
-
-    /// Whether the request reached Exchange: access happened.
-    fn accessed(self) -> bool {
-        self != Decision::Deny
-    }
-}
-
-/// Which class of failure a refusal is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Failure {
-    /// Broken TLS, HTTP framing, XML: the client speaks wrongly.
-    Protocol,
-    /// A refused password, token or certificate.
-    Credential,
-    /// Authenticated, but no rule allows it.
-    Policy,
-}
-
-impl Failure {
-    pub fn name(self) -> &'static str {
-        match self {
-            Failure::Protocol => "protocol",
-            Failure::Credential => "credential",
-            Failure::Policy => "policy",
-        }
-    }
+/// Whether the request reached Exchange: access happened (allowed, or only a report-only
+/// rule would have refused it).
+fn accessed(d: Decision) -> bool {
+    d != Decision::Deny
 }
 
 /// One decision, as the detections see it. Borrowed from the request's context.
@@ -221,7 +183,9 @@ impl Detection {
     pub fn event(&self) -> DetectionEvent<'_> {
         let secs = self.time_ms / 1000;
         DetectionEvent {
-            time: crate::ops::audit::rfc3339(secs as i64, (self.time_ms % 1000) as u32),
+            time: crate::ops::audit::rfc3339(secs as i64, (self.time_ms % 1000) as u32)
+                .as_str()
+                .to_string(),
             kind: "detection",
             source: self.source,
             source_group: self.group.as_deref(),
@@ -554,7 +518,7 @@ impl Engine {
                 self.two_places(key, place, ctx, out, false);
             }
         }
-        if o.decision.accessed() {
+        if accessed(o.decision) {
             self.first_seen(key, o, ctx, out);
             self.off_hours(key, o, ctx, out);
             self.items_read(key, o, ctx, out);

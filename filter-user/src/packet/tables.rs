@@ -232,7 +232,7 @@ mod tests {
         SourceGroup {
             name: name.into(),
             v4: nets.iter().map(|n| n.parse().unwrap()).collect(),
-            v6: vec![],
+            ..Default::default()
         }
     }
 
@@ -298,8 +298,8 @@ mod tests {
     fn group6(name: &str, nets: &[&str]) -> SourceGroup {
         SourceGroup {
             name: name.into(),
-            v4: vec![],
             v6: nets.iter().map(|n| n.parse().unwrap()).collect(),
+            ..Default::default()
         }
     }
 

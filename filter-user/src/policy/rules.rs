@@ -85,11 +85,38 @@ pub struct Decision {
     pub inspect: Option<Inspect>,
 }
 
-pub fn decide(rules: &[Rule], s: &Subject) -> Decision {
-    for r in rules {
-        if !head_matches(r, s) {
+/// Which rules take part in a judgment: the enforced ones, or every rule (report-only
+/// rules included) for the report a rollout reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    Enforced,
+    Report,
+}
+
+/// The rules whose head conditions (group, auth, token, path, user, time) match, in order,
+/// up to and including the first that decides without looking at content. Computed once
+/// per request; the body, when it is read, is judged against these alone.
+pub fn candidates(rules: &[Rule], s: &Subject, pass: Pass) -> Vec<usize> {
+    let mut out = Vec::new();
+    for (i, r) in rules.iter().enumerate() {
+        if (pass == Pass::Enforced && r.report) || !head_matches(r, s) {
             continue;
         }
+        out.push(i);
+        if !r.judges_content() {
+            break;
+        }
+    }
+    out
+}
+
+pub fn decide(rules: &[Rule], s: &Subject) -> Decision {
+    decide_among(rules, &candidates(rules, s, Pass::Report), s)
+}
+
+/// The first candidate that matches `s` (its content too, when it has some) decides.
+pub fn decide_among(rules: &[Rule], candidates: &[usize], s: &Subject) -> Decision {
+    for r in candidates.iter().filter_map(|&i| rules.get(i)) {
         let provisional = match &s.content {
             Some(c) => match content_matches(r, c) {
                 Fit::No => continue,
@@ -118,14 +145,14 @@ pub fn decide(rules: &[Rule], s: &Subject) -> Decision {
 /// Before the body is read: could any rule allow this request? A deny rule that judges no
 /// content ends the search, as it would after the body.
 pub fn may_allow(rules: &[Rule], s: &Subject) -> bool {
-    for r in rules.iter().filter(|r| head_matches(r, s)) {
-        match r.action {
-            Action::Allow => return true,
-            Action::Deny if !r.judges_content() => return false,
-            Action::Deny => {}
-        }
-    }
-    false
+    may_allow_among(rules, &candidates(rules, s, Pass::Report))
+}
+
+pub fn may_allow_among(rules: &[Rule], candidates: &[usize]) -> bool {
+    candidates
+        .iter()
+        .filter_map(|&i| rules.get(i))
+        .any(|r| r.action == Action::Allow)
 }
 
 /// Whether a rule matched for sure, or only once the response shows the data types.
@@ -323,6 +350,12 @@ impl SourceIndex {
     }
 
     pub fn group(&self, addr: IpAddr) -> Option<&str> {
+        let id = self.id(addr)?;
+        self.names.get(id as usize - 1).map(String::as_str)
+    }
+
+    /// The group's id as the XDP tables number it (1-based), longest prefix first.
+    pub fn id(&self, addr: IpAddr) -> Option<u32> {
         let id = match addr {
             IpAddr::V4(a) => {
                 let a = u32::from(a);
@@ -333,7 +366,7 @@ impl SourceIndex {
             }
             IpAddr::V6(a) => {
                 if let Some(v4) = a.to_ipv4_mapped() {
-                    return self.group(IpAddr::V4(v4));
+                    return self.id(IpAddr::V4(v4));
                 }
                 let a = u128::from(a);
                 self.v6.iter().find_map(|(len, m)| {
@@ -342,7 +375,7 @@ impl SourceIndex {
                 })
             }
         }?;
-        self.names.get(id).map(String::as_str)
+        u32::try_from(id + 1).ok()
     }
 }
 

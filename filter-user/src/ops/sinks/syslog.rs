@@ -101,6 +101,8 @@ pub(super) struct UdpOutput {
     format: Format,
     sock: Option<UdpSocket>,
     buf: Vec<u8>,
+    /// Port-unreachable answers: datagrams the network lost.
+    unreachable: u64,
 }
 
 impl UdpOutput {
@@ -110,6 +112,7 @@ impl UdpOutput {
             format,
             sock: None,
             buf: Vec::new(),
+            unreachable: 0,
         }
     }
 
@@ -148,6 +151,24 @@ impl Output for UdpOutput {
             }
             let sent = self.socket().and_then(|s| s.send(&buf));
             self.buf = buf;
+            // A port unreachable (ICMP) for an earlier datagram: that one is lost, as UDP
+            // may lose any; this one goes on a fresh socket rather than filling the queue
+            // while the SIEM is down.
+            if let Err(e) = &sent {
+                if e.kind() == io::ErrorKind::ConnectionRefused {
+                    self.unreachable += 1;
+                    if self.unreachable.is_power_of_two() {
+                        tracing::warn!(address = %self.address, times = self.unreachable, "syslog receiver unreachable: datagrams lost");
+                    }
+                    self.sock = None;
+                    let buf = std::mem::take(&mut self.buf);
+                    let resent = self.socket().and_then(|s| s.send(&buf));
+                    self.buf = buf;
+                    if resent.is_ok() {
+                        continue;
+                    }
+                }
+            }
             if let Err(e) = sent {
                 // Resolve and connect afresh next time (the SIEM may have moved).
                 self.sock = None;
