@@ -588,3 +588,114 @@ action = "allow"
     );
     drop(c);
 }
+
+#[test]
+fn an_expired_entry_takes_its_note_with_it() {
+    let g = Gate::start(0, RULES);
+    g.daemon
+        .cli(&[
+            "block",
+            "add",
+            "203.0.113.9",
+            "--ttl",
+            "1",
+            "--reason",
+            "short-lived-note",
+        ])
+        .unwrap();
+    g.daemon
+        .cli(&["block", "add", "203.0.113.10", "--reason", "lasting-note"])
+        .unwrap();
+    let notes = g.dir.join("ctl.notes.json");
+    assert!(fs::read_to_string(&notes)
+        .unwrap()
+        .contains("short-lived-note"));
+    let started = Instant::now();
+    while fs::read_to_string(&notes)
+        .unwrap()
+        .contains("short-lived-note")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the note outlived its entry"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(fs::read_to_string(&notes).unwrap().contains("lasting-note"));
+}
+
+#[test]
+fn report_only_rules_say_what_they_would_refuse_and_forward() {
+    // A new, narrower rule rolled out in report mode above the rule in force.
+    const ROLLOUT: &str = r#"
+[[rule]]
+name = "phones-calendar-only"
+groups = ["offices"]
+auth = ["client-cert"]
+users = ["phone-*"]
+data = ["calendar", "contacts"]
+mode = "report"
+action = "allow"
+
+[[rule]]
+name = "phones-everything"
+groups = ["offices"]
+auth = ["client-cert"]
+users = ["phone-*"]
+action = "allow"
+"#;
+    let g = Gate::start(5, ROLLOUT);
+    let mut phone = g.https_with_cert("office", "phone-0042");
+    let inbox = phone
+        .ews(&[], requests::find_item("inbox", false, None).as_bytes())
+        .unwrap();
+    assert_eq!(
+        inbox.status, 200,
+        "enforced: the rule in force allows the inbox"
+    );
+    let line = wait_audit(&g.audit, |v| v["decision"] == "would-deny").expect("would-deny");
+    assert_eq!(line["rule"], "phones-everything");
+    assert_eq!(line["report"]["decision"], "deny");
+    assert!(
+        line["report"]["reason"].as_str().unwrap().contains("email"),
+        "{line}"
+    );
+    let calendar = phone
+        .ews(&[], requests::find_item("calendar", true, None).as_bytes())
+        .unwrap();
+    assert_eq!(calendar.status, 200);
+    let last = wait_audit(&g.audit, |v| v["data"] == "calendar").expect("the calendar line");
+    assert_eq!(
+        last["decision"], "allow",
+        "the report rule allows the calendar too: {last}"
+    );
+    assert!(
+        last.get("report").is_none(),
+        "no difference to report: {last}"
+    );
+
+    // The whole request layer in report mode: refusals are audited, requests forwarded.
+    let g = Gate::start_edited(5, &tokens(), RULES, |t, _| {
+        t.replace("threads = 1\n", "threads = 1\nmode = \"report\"\n")
+    });
+    let mut phone = g.https_with_cert("office", "phone-0042");
+    for _ in 0..10 {
+        let r = phone
+            .ews(&[], requests::find_item("inbox", false, None).as_bytes())
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let line = wait_audit(&g.audit, |v| v["decision"] == "would-deny").expect("would-deny");
+    assert!(
+        line["report"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("FindItem"),
+        "{line}"
+    );
+    assert!(
+        line["failure"].is_null(),
+        "a report-mode verdict is no failure"
+    );
+    assert!(!dropped(&g, "office"));
+}

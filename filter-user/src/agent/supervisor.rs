@@ -132,7 +132,7 @@ impl Settings {
             listen: p.listen.clone(),
             audit_log: config.ops.audit.file().map(Into::into),
             threads: p.threads,
-            spawn: true,
+            spawn: p.spawn,
         }))
     }
 }

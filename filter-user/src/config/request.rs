@@ -117,6 +117,8 @@ pub(crate) struct RawProxy {
     #[serde(default)]
     ews_query: bool,
     mode: Option<Spanned<String>>,
+    #[serde(default = "yes")]
+    spawn: bool,
     #[serde(default)]
     limits: RawLimits,
 }
@@ -228,6 +230,7 @@ impl RawProxy {
             server_names: validate_names(here, &self.server_names)?,
             ews_query: self.ews_query,
             report_only: report_mode(here, self.mode.as_ref())?,
+            spawn: self.spawn,
         })
     }
 }

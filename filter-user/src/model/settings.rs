@@ -32,6 +32,9 @@ pub struct ProxySettings {
     pub ews_query: bool,
     /// `mode = "report"`: every verdict is computed and audited, and the request forwarded.
     pub report_only: bool,
+    /// The agent starts the proxy itself; when false, a proxy started elsewhere (its own
+    /// service unit) connects to the agent's proxy socket.
+    pub spawn: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

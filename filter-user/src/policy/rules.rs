@@ -96,6 +96,10 @@ pub enum Pass {
 /// The rules whose head conditions (group, auth, token, path, user, time) match, in order,
 /// up to and including the first that decides without looking at content. Computed once
 /// per request; the body, when it is read, is judged against these alone.
+///
+/// In the report pass, a report-only allow rule whose head matches decides too: it is the
+/// rule being rolled out for these callers, and what it would not allow is what the report
+/// must show, rather than falling through to the rule it is meant to replace.
 pub fn candidates(rules: &[Rule], s: &Subject, pass: Pass) -> Vec<usize> {
     let mut out = Vec::new();
     for (i, r) in rules.iter().enumerate() {
@@ -103,7 +107,8 @@ pub fn candidates(rules: &[Rule], s: &Subject, pass: Pass) -> Vec<usize> {
             continue;
         }
         out.push(i);
-        if !r.judges_content() {
+        let rolled_out = pass == Pass::Report && r.report && r.action == Action::Allow;
+        if !r.judges_content() || rolled_out {
             break;
         }
     }

@@ -66,7 +66,7 @@ pub fn serve(agent: PathBuf, threads: usize) -> anyhow::Result<()> {
             listening: Vec::new(),
             policy: None,
         };
-        let mut session = link::connect(&agent, &hello).await?;
+        let mut session = connect_at_start(&agent, &hello).await?;
         let (init, fds) = link::init(&mut session).await?;
         let state = link::build(&init.policy, None).context("the agent's policy")?;
         let mut fds = fds.into_iter();
@@ -107,6 +107,22 @@ pub fn serve(agent: PathBuf, threads: usize) -> anyhow::Result<()> {
         link::run(shared, agent, session).await;
         Ok(())
     })
+}
+
+/// A proxy started on its own (its own service unit) may come up before the agent: it
+/// tries for a while before giving up.
+async fn connect_at_start(
+    agent: &std::path::Path,
+    hello: &ToAgent,
+) -> anyhow::Result<link::Session> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match link::connect(agent, hello).await {
+            Ok(s) => return Ok(s),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
+        }
+    }
 }
 
 fn budget_units(bytes: u64) -> usize {
