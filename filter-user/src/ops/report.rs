@@ -414,11 +414,15 @@ impl Report {
     }
 
     fn parse(&mut self, text: &[u8]) -> Result<(), Bad> {
-        let value: serde_json::Value = serde_json::from_slice(text).map_err(|_| Bad::NotJson)?;
-        if !value.is_object() {
+        // One parse: an object that is not JSON all through is a syntax error, one whose
+        // fields have the wrong types a data error.
+        if text.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(Bad::NotJson);
         }
-        let l: Line = serde_json::from_slice(text).map_err(|_| Bad::FieldTypes)?;
+        let l: Line = serde_json::from_slice(text).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => Bad::FieldTypes,
+            _ => Bad::NotJson,
+        })?;
         let at = l.time.as_deref().and_then(parse_time).ok_or(Bad::NoTime)?;
         let kind = match (&l.kind, &l.decision) {
             (Some(k), _) => k.as_ref(),
