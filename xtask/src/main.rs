@@ -36,13 +36,25 @@ const APT_PACKAGES: &[&str] = &[
     // ewsgate as a CrowdSec bouncer, CrowdSec and fail2ban reading the audit log.
     "crowdsec",
     "fail2ban",
+    // The audit report rendered in a real browser; file sinks under a real logrotate;
+    // a real journald (started by the test in its own mount namespace) and journalctl.
+    "chromium",
+    "logrotate",
+    "systemd",
 ];
 /// Debian's crowdsec registers with CrowdSec's Central API while it installs, which needs the
 /// network, unless this file exists with content first (its README.Debian). The tests run
 /// their own Local API and never use the Central one.
 const CROWDSEC_CAPI: &str = "/etc/crowdsec/online_api_credentials.yaml";
-/// exchangelib, pinned, in a virtual environment under target/.
-const EXCHANGELIB: &str = "exchangelib==5.6.0";
+/// From PyPI, pinned, in a virtual environment under target/: exchangelib, and pySigma with
+/// its Elasticsearch backend, which check and convert the Sigma rules in contrib/sigma.
+const PYTHON_PACKAGES: &[&str] = &[
+    "exchangelib==5.6.0",
+    "pySigma==1.5.1",
+    "pySigma-backend-elasticsearch==2.1.1",
+];
+/// What `python -c` imports to tell that the environment is complete.
+const PYTHON_IMPORTS: &str = "import exchangelib, sigma.backends.elasticsearch";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 
 #[derive(Parser)]
@@ -150,23 +162,32 @@ fn quiet_ok(cmd: &mut Command) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// The Python the end-to-end test runs exchangelib with.
+/// The Python the tests run exchangelib and pySigma with.
 fn python() -> PathBuf {
     root().join("target/py/bin/python3")
 }
 
 fn python_env() -> anyhow::Result<()> {
-    let ready = |py: &Path| quiet_ok(Command::new(py).args(["-c", "import exchangelib"]));
+    let ready = |py: &Path| quiet_ok(Command::new(py).args(["-c", PYTHON_IMPORTS]));
     if ready(&python()) {
         return Ok(());
     }
-    eprintln!("setup: installing {EXCHANGELIB} into target/py");
+    eprintln!(
+        "setup: installing {} into target/py",
+        PYTHON_PACKAGES.join(" ")
+    );
+    if !python().exists() {
+        status(
+            Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(root().join("target/py")),
+        )?;
+    }
     status(
-        Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(root().join("target/py")),
+        Command::new(python())
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(PYTHON_PACKAGES),
     )?;
-    status(Command::new(python()).args(["-m", "pip", "install", "--quiet", EXCHANGELIB]))?;
     Ok(())
 }
 

@@ -115,7 +115,10 @@ async fn exchange(
     let req = request_filter::run(state, raw, ctx).map_err(|r| (r, true))?;
     let close = req.close;
     let fail = |r: Refusal| (r, close);
-    if shared.audit.backlog() > state.settings.limits.audit_backlog {
+    // The other sinks too: a journald or syslog sink nine tenths full refuses, like the file.
+    if shared.audit.backlog() > state.settings.limits.audit_backlog
+        || shared.ops.lag().is_some_and(|l| l.fill > 0.9)
+    {
         return Err(fail(Refusal::service(503, "audit_backlog")));
     }
     identity::run(shared, state, conn, &req, ctx)
