@@ -74,6 +74,183 @@ pub struct Shadow<'a> {
     pub reason: &'a str,
 }
 
+impl Record<'_> {
+    /// The record as one JSON object, fields in declaration order, as serde writes it.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let mut w = JsonObject::new(out);
+        w.str("time", Some(rfc3339_now_stamp().as_str()));
+        w.str("kind", Some(self.kind));
+        match self.source {
+            Some(ip) => w.display("source", ip),
+            None => w.null("source"),
+        }
+        w.num("source_port", Some(u64::from(self.source_port)));
+        w.str("source_group", self.source_group);
+        w.str("user", self.user);
+        w.str("auth", Some(self.auth));
+        w.str("token_family", self.token_family);
+        w.str("token_item", self.token_item);
+        w.str("method", Some(self.method));
+        w.str("path", Some(self.path));
+        w.str("operation", self.operation);
+        w.str("data", self.data);
+        w.str("mailbox", self.mailbox);
+        w.num("items", self.items.map(|n| n as u64));
+        w.num("withheld", self.withheld.map(|n| n as u64));
+        w.str("rule", self.rule);
+        w.str("decision", Some(self.decision));
+        w.str("reason", Some(self.reason));
+        w.str("failure", self.failure);
+        if let Some(r) = &self.report {
+            w.key("report");
+            let mut inner = JsonObject::new(w.out);
+            inner.str("decision", Some(r.decision));
+            inner.str("rule", r.rule);
+            inner.str("reason", Some(r.reason));
+            inner.end();
+        }
+        w.num("status", Some(u64::from(self.status)));
+        w.num("upstream_status", self.upstream_status.map(u64::from));
+        w.num("bytes_in", Some(self.bytes_in));
+        w.num("bytes_out", Some(self.bytes_out));
+        w.float("duration_ms", Some(self.duration_ms));
+        w.float("upstream_ms", self.upstream_ms);
+        w.str("user_agent", self.user_agent);
+        w.num("connection", Some(self.connection));
+        w.end();
+    }
+}
+
+/// Writes one JSON object's members into a buffer.
+struct JsonObject<'o> {
+    out: &'o mut Vec<u8>,
+    first: bool,
+}
+
+impl<'o> JsonObject<'o> {
+    fn new(out: &'o mut Vec<u8>) -> JsonObject<'o> {
+        out.push(b'{');
+        JsonObject { out, first: true }
+    }
+
+    fn key(&mut self, key: &str) {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+        self.out.push(b'"');
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
+    }
+
+    fn null(&mut self, key: &str) {
+        self.key(key);
+        self.out.extend_from_slice(b"null");
+    }
+
+    fn str(&mut self, key: &str, value: Option<&str>) {
+        let Some(v) = value else {
+            return self.null(key);
+        };
+        self.key(key);
+        escape_into(self.out, v);
+    }
+
+    fn num(&mut self, key: &str, value: Option<u64>) {
+        let Some(n) = value else {
+            return self.null(key);
+        };
+        self.key(key);
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        let mut n = n;
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.out.extend_from_slice(&digits[i..]);
+    }
+
+    /// Milliseconds to the microsecond (three decimals), written without float formatting.
+    fn float(&mut self, key: &str, value: Option<f64>) {
+        match value {
+            Some(f) if f.is_finite() && (0.0..1e12).contains(&f) => {
+                let micros = (f * 1000.0).round() as u64;
+                self.num(key, Some(micros / 1000));
+                let frac = micros % 1000;
+                self.out.extend_from_slice(&[
+                    b'.',
+                    b'0' + (frac / 100) as u8,
+                    b'0' + (frac / 10 % 10) as u8,
+                    b'0' + (frac % 10) as u8,
+                ]);
+            }
+            _ => self.null(key),
+        }
+    }
+
+    fn display(&mut self, key: &str, value: impl std::fmt::Display) {
+        self.key(key);
+        self.out.push(b'"');
+        let _ = write!(self.out, "{value}");
+        self.out.push(b'"');
+    }
+
+    fn end(self) {
+        self.out.push(b'}');
+    }
+}
+
+/// A JSON string, escaped as serde_json escapes it: quotes, backslashes and control
+/// characters; everything else (UTF-8 included) as it is.
+fn escape_into(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    // Most values need no escaping at all: one scan, one copy.
+    if !bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let short: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        if short.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 15)]);
+        } else {
+            out.extend_from_slice(short);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+fn rfc3339_now_stamp() -> Stamp {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    rfc3339(d.as_secs() as i64, d.subsec_millis())
+}
+
 /// The time a record is written, as RFC 3339 UTC with milliseconds.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Time;
@@ -138,6 +315,19 @@ impl Audit {
             buf.truncate(before);
             return;
         }
+        buf.push(b'\n');
+        let added = buf.len() - before;
+        self.shared.backlog.fetch_add(added, Ordering::Relaxed);
+    }
+
+    /// Writes a decision's record into the buffer, by hand: the same JSON `log` would write
+    /// (a test holds them equal), at a fraction of serde's cost on the request path.
+    pub fn log_record(&self, record: &Record<'_>) {
+        let Ok(mut buf) = self.shared.lines.lock() else {
+            return;
+        };
+        let before = buf.len();
+        record.write_json(&mut buf);
         buf.push(b'\n');
         let added = buf.len() - before;
         self.shared.backlog.fetch_add(added, Ordering::Relaxed);
@@ -256,6 +446,61 @@ pub fn rfc3339(secs: i64, millis: u32) -> Stamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hand_written_line_is_the_serde_line() {
+        let ip: IpAddr = "2001:db8::1".parse().unwrap();
+        let records = [
+            Record::default(),
+            Record {
+                kind: "request",
+                source: Some(ip),
+                source_port: 443,
+                source_group: Some("offices"),
+                user: Some("EXAMPLE\\bob \"the\" \u{1}builder\u{7f}é"),
+                auth: "ntlm",
+                token_family: Some("callback"),
+                method: "POST",
+                path: "/EWS/Exchange.asmx?a=\t",
+                items: Some(3),
+                rule: Some("r"),
+                decision: "would-deny",
+                reason: "denied by rule \n x",
+                failure: Some("policy"),
+                report: Some(Shadow {
+                    decision: "deny",
+                    rule: None,
+                    reason: "no rule allows FindItem on email",
+                }),
+                status: 200,
+                upstream_status: Some(200),
+                bytes_in: 1 << 40,
+                duration_ms: 7.431913,
+                upstream_ms: Some(0.0001),
+                connection: u64::MAX,
+                ..Default::default()
+            },
+        ];
+        for r in &records {
+            let mut mine = Vec::new();
+            r.write_json(&mut mine);
+            let mut a: serde_json::Value = serde_json::from_slice(&mine).unwrap();
+            let mut b = serde_json::to_value(r).unwrap();
+            // The clock moves between the two; durations are kept to the microsecond.
+            for v in [&mut a, &mut b] {
+                v["time"] = serde_json::Value::Null;
+                for k in ["duration_ms", "upstream_ms"] {
+                    if let Some(f) = v[k].as_f64() {
+                        v[k] = serde_json::json!((f * 1000.0).round() / 1000.0);
+                    }
+                }
+            }
+            assert_eq!(a, b, "{}", String::from_utf8_lossy(&mine));
+            let keys =
+                |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+            assert_eq!(keys(&a), keys(&b), "the same fields");
+        }
+    }
 
     #[test]
     fn times_are_rfc3339() {

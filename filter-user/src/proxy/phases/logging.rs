@@ -90,7 +90,7 @@ pub fn run(shared: &Shared, ctx: &Ctx) {
         connection: ctx.conn.id,
         ..Default::default()
     };
-    shared.audit.log(&record);
+    shared.audit.log_record(&record);
     shared.ops.record(&record);
     let observation = Observation {
         group: ctx.conn.group.as_deref(),
@@ -141,7 +141,7 @@ pub fn connection(
         failure: failure.map(FailureClass::name),
         ..Default::default()
     };
-    shared.audit.log(&record);
+    shared.audit.log_record(&record);
     shared.ops.record(&record);
     detections(
         shared,
