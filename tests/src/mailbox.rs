@@ -19,10 +19,12 @@ pub struct Item {
     pub class: &'static str,
     pub subject: &'static str,
     pub attachments: Vec<&'static str>,
+    /// More of the item, as Exchange writes it (raw XML after the subject).
+    pub extra: &'static str,
 }
 
 /// folder id, distinguished name, class, display name.
-pub const FOLDERS: [(&str, &str, &str, &str); 7] = [
+pub const FOLDERS: [(&str, &str, &str, &str); 9] = [
     ("F-top", "root", "", "root"),
     ("F-inbox", "inbox", "IPF.Note", "Inbox"),
     ("F-calendar", "calendar", "IPF.Appointment", "Calendar"),
@@ -35,7 +37,17 @@ pub const FOLDERS: [(&str, &str, &str, &str); 7] = [
         "IPF.Note",
         "Top of Information Store",
     ),
+    // Calendars no one names: only their opaque IDs reach them.
+    ("F-links", "", "IPF.Appointment", "Shared plans"),
+    ("F-future", "", "IPF.Appointment", "Offsite"),
 ];
+
+/// A cloud file an item links to: EWS's `t:ReferenceAttachment`, which the gate does not
+/// classify.
+pub const REFERENCE_ATTACHMENT: &str = "<t:Attachments><t:ReferenceAttachment><t:AttachmentId Id=\"A-link-1\"/><t:Name>plan.docx</t:Name><t:AttachLongPathName>https://files.example.org/plan.docx</t:AttachLongPathName><t:ProviderType>OneDrivePro</t:ProviderType></t:ReferenceAttachment></t:Attachments>";
+
+/// An element no EWS schema has (yet), carrying an e-mail inside a calendar item.
+pub const UNKNOWN_ELEMENT: &str = "<t:Hologram><t:Message><t:ItemClass>IPM.Note</t:ItemClass><t:Subject>Salary review</t:Subject></t:Message></t:Hologram>";
 
 fn item(
     id: &str,
@@ -52,6 +64,7 @@ fn item(
         class,
         subject,
         attachments,
+        extra: "",
     }
 }
 
@@ -121,6 +134,28 @@ pub fn items() -> Vec<Item> {
             "Door code 4711",
             vec![],
         ),
+        Item {
+            extra: REFERENCE_ATTACHMENT,
+            ..item(
+                "C-link-1",
+                "F-links",
+                "CalendarItem",
+                "IPM.Appointment",
+                "Roadmap review",
+                vec![],
+            )
+        },
+        Item {
+            extra: UNKNOWN_ELEMENT,
+            ..item(
+                "C-future-1",
+                "F-future",
+                "CalendarItem",
+                "IPM.Appointment",
+                "Offsite planning",
+                vec![],
+            )
+        },
     ]
 }
 
@@ -139,6 +174,7 @@ impl Default for Mailbox {
 
 fn folder_id(f: &Folder) -> Option<&'static str> {
     match f {
+        Folder::Distinguished { id, .. } if id.is_empty() => None,
         Folder::Distinguished { id, .. } => FOLDERS.iter().find(|x| x.1 == id).map(|x| x.0),
         Folder::Opaque(id) => FOLDERS.iter().find(|x| x.0 == id).map(|x| x.0),
     }
@@ -181,12 +217,13 @@ fn item_xml(i: &Item) -> String {
     };
     format!(
         "<t:{el}><t:ItemId Id=\"{id}\" ChangeKey=\"CQAAAA==\"/><t:ParentFolderId Id=\"{f}\"/><t:ItemClass>{class}</t:ItemClass>\
-         <t:Subject>{subject}</t:Subject>{attachments}</t:{el}>",
+         <t:Subject>{subject}</t:Subject>{attachments}{extra}</t:{el}>",
         el = i.element,
         id = i.id,
         f = i.folder,
         class = i.class,
         subject = i.subject,
+        extra = i.extra,
     )
 }
 
@@ -264,7 +301,12 @@ impl Mailbox {
                         })
                         .collect()
                 } else {
-                    vec![ok(op, &format!("<m:RootFolder TotalItemsInView=\"{}\" IncludesLastItemInRange=\"true\"><t:Folders>{}</t:Folders></m:RootFolder>", FOLDERS.len(), list(FOLDERS.iter().collect())))]
+                    // The folders under the top of the store (deep): not the roots themselves.
+                    let under: Vec<_> = FOLDERS
+                        .iter()
+                        .filter(|x| !matches!(x.1, "root" | "msgfolderroot"))
+                        .collect();
+                    vec![ok(op, &format!("<m:RootFolder TotalItemsInView=\"{}\" IncludesLastItemInRange=\"true\"><t:Folders>{}</t:Folders></m:RootFolder>", under.len(), list(under)))]
                 }
             }
             "MoveItem" | "CopyItem" => {
@@ -374,6 +416,36 @@ pub mod requests {
             "<m:CreateItem SendMeetingInvitations=\"SendToNone\"><m:SavedItemFolderId><t:DistinguishedFolderId Id=\"calendar\"/></m:SavedItemFolderId><m:Items><t:CalendarItem><t:Subject>Lunch</t:Subject></t:CalendarItem></m:Items></m:CreateItem>"
         };
         envelope("", body)
+    }
+
+    /// `CreateItem` of a meeting, with `SendMeetingInvitations` as given.
+    pub fn create_meeting(send: &str) -> String {
+        envelope("", &format!("<m:CreateItem SendMeetingInvitations=\"{send}\"><m:SavedItemFolderId><t:DistinguishedFolderId Id=\"calendar\"/></m:SavedItemFolderId><m:Items><t:CalendarItem><t:Subject>Kick-off</t:Subject><t:RequiredAttendees><t:Attendee><t:Mailbox><t:EmailAddress>partner@example.net</t:EmailAddress></t:Mailbox></t:Attendee></t:RequiredAttendees></t:CalendarItem></m:Items></m:CreateItem>"))
+    }
+
+    /// `DeleteItem` of calendar items, with `SendMeetingCancellations` as given.
+    pub fn delete_meeting(id: &str, send: &str) -> String {
+        envelope("", &format!("<m:DeleteItem DeleteType=\"MoveToDeletedItems\" SendMeetingCancellations=\"{send}\"><m:ItemIds><t:ItemId Id=\"{id}\"/></m:ItemIds></m:DeleteItem>"))
+    }
+
+    /// `FindFolder` under a distinguished folder, deep.
+    pub fn find_folder(parent: &str) -> String {
+        envelope("", &format!("<m:FindFolder Traversal=\"Deep\"><m:FolderShape><t:BaseShape>Default</t:BaseShape><t:AdditionalProperties><t:FieldURI FieldURI=\"folder:FolderClass\"/></t:AdditionalProperties></m:FolderShape><m:ParentFolderIds><t:DistinguishedFolderId Id=\"{parent}\"/></m:ParentFolderIds></m:FindFolder>"))
+    }
+
+    /// `GetFolder` of a distinguished folder or, for an `F-` name, an opaque one.
+    pub fn get_folder(folder: &str) -> String {
+        let f = if folder.starts_with("F-") {
+            format!("<t:FolderId Id=\"{folder}\"/>")
+        } else {
+            format!("<t:DistinguishedFolderId Id=\"{folder}\"/>")
+        };
+        envelope("", &format!("<m:GetFolder><m:FolderShape><t:BaseShape>AllProperties</t:BaseShape></m:FolderShape><m:FolderIds>{f}</m:FolderIds></m:GetFolder>"))
+    }
+
+    /// `ConvertId` of one ID that belongs to `mailbox`.
+    pub fn convert_id(id: &str, mailbox: &str) -> String {
+        envelope("", &format!("<m:ConvertId DestinationFormat=\"EwsId\"><m:SourceIds><t:AlternateId Format=\"EwsLegacyId\" Id=\"{id}\" Mailbox=\"{mailbox}\"/></m:SourceIds></m:ConvertId>"))
     }
 
     pub fn export_items(id: &str) -> String {

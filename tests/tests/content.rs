@@ -10,6 +10,18 @@ use tests::{
     mailbox::{requests, TOKEN_ITEM},
 };
 
+/// The audit line of a forwarded request with `op` whose answer lost something, for the
+/// reason that `says`.
+fn withheld_line(g: &Gate, op: &str, says: &str) -> serde_json::Value {
+    wait_audit(&g.audit, |v| {
+        v["operation"] == op
+            && v["decision"] == "allow"
+            && v["withheld"].is_number()
+            && v["reason"].as_str().is_some_and(|r| r.contains(says))
+    })
+    .unwrap_or_else(|| panic!("no audit line for {op} withholding {says:?}"))
+}
+
 const RULES: &str = r#"
 [[rule]]
 name = "salesforce-token-item"
@@ -26,6 +38,14 @@ groups = ["offices"]
 auth = ["client-cert", "basic"]
 operations = ["read", "sync", "write"]
 data = ["calendar", "contacts"]
+action = "allow"
+
+[[rule]]
+name = "assistants"
+groups = ["offices"]
+auth = ["ntlm"]
+users = ["example\\assistant"]
+access = ["delegate"]
 action = "allow"
 
 [[rule]]
@@ -366,4 +386,191 @@ fn exchangelib_lists_the_calendar_and_contacts_and_is_refused_the_inbox() {
         .filter(|s| s.items.is_empty() && s.operation.is_some())
         .count();
     assert!(inbox > 0);
+}
+
+/// Exchange answers with what the gate's walk of the schema does not know: a cloud-file
+/// link (`t:ReferenceAttachment`) and an element no schema has, hiding an e-mail inside a
+/// calendar item. Neither passes.
+#[test]
+fn an_answer_with_elements_the_gate_cannot_classify_is_withheld() {
+    let g = Gate::start(0, RULES);
+    let mut phone = g.https_with_cert("office", "phone-0042");
+    let cases = [
+        (
+            "F-links",
+            "plan.docx",
+            "unclassified element t:ReferenceAttachment",
+        ),
+        (
+            "F-future",
+            "Salary review",
+            "unclassified element t:Hologram",
+        ),
+    ];
+    for (folder, secret, says) in cases {
+        let before = reached(&g, "FindItem");
+        let r = post(&mut phone, &requests::find_item(folder, false, None));
+        assert_eq!(r.status, 200, "{}", r.body);
+        // Exchange was asked (the folder's type was unknown), its answer was withheld.
+        assert_eq!(reached(&g, "FindItem"), before + 1);
+        assert!(!r.body.contains(secret), "{}", r.body);
+        assert!(r.body.contains("ErrorAccessDenied"), "{}", r.body);
+        assert!(r.body.contains(says), "{}", r.body);
+        let line = withheld_line(&g, "FindItem", says);
+        assert_eq!(line["withheld"], 1, "{line}");
+    }
+    // The same item by ID: withheld too.
+    let r = post(&mut phone, &requests::get_item(&["C-link-1"]));
+    assert!(!r.body.contains("plan.docx"), "{}", r.body);
+    assert!(r.body.contains("unclassified element"), "{}", r.body);
+}
+
+/// A meeting created or cancelled with invitations sends mail: the send class, which a rule
+/// allowing write does not grant.
+#[test]
+fn meeting_invitations_and_cancellations_that_send_mail_are_sends() {
+    let g = Gate::start(0, RULES);
+    let mut phone = g.https_with_cert("office", "phone-0042");
+    let r = post(&mut phone, &requests::create_meeting("SendToNone"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(reached(&g, "CreateItem"), 1);
+    for send in ["SendToAllAndSaveCopy", "SendOnlyToAll"] {
+        let mut phone = g.https_with_cert("office", "phone-0042");
+        let r = post(&mut phone, &requests::create_meeting(send));
+        assert_fault(&r, 500, "ErrorAccessDenied", "no rule allows CreateItem");
+    }
+    assert_eq!(
+        reached(&g, "CreateItem"),
+        1,
+        "an invitation reached Exchange"
+    );
+    // Cancelling a known meeting with cancellations sent.
+    let mut phone = g.https_with_cert("office", "phone-0042");
+    post(&mut phone, &requests::get_item(&["C-cal-2"]));
+    let r = post(
+        &mut phone,
+        &requests::delete_meeting("C-cal-2", "SendToAllAndSaveCopy"),
+    );
+    assert_fault(&r, 500, "ErrorAccessDenied", "no rule allows DeleteItem");
+    assert_eq!(reached(&g, "DeleteItem"), 0);
+}
+
+/// Folder listings under a calendar-and-contacts rule: folders of other types are withheld
+/// from `GetFolder` and cut from `FindFolder`, the roots are neutral, and a folder the gate
+/// has seen to be of a denied type is refused before Exchange sees the request.
+#[test]
+fn folder_answers_lose_denied_folders_and_a_learnt_denied_folder_is_refused_early() {
+    let g = Gate::start(0, RULES);
+    let mut phone = g.https_with_cert("office", "phone-0042");
+    // A folder the gate has not seen, by its opaque ID: Exchange is asked, the answer
+    // withheld; the second time the gate knows it.
+    let r = post(&mut phone, &requests::get_folder("F-tasks"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.body.contains("a folder of tasks is not allowed"),
+        "{}",
+        r.body
+    );
+    assert!(
+        !r.body.contains("IPF.Task") && !r.body.contains("F-tasks"),
+        "{}",
+        r.body
+    );
+    let r = post(&mut phone, &requests::get_folder("F-tasks"));
+    assert_fault(
+        &r,
+        500,
+        "ErrorAccessDenied",
+        "no rule allows GetFolder on tasks",
+    );
+    assert_eq!(reached(&g, "GetFolder"), 1);
+
+    // The roots: GetFolder shows the root itself, FindFolder lists what is allowed.
+    for root in ["root", "msgfolderroot"] {
+        let r = post(&mut phone, &requests::get_folder(root));
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(!r.body.contains("ErrorAccessDenied"), "{}", r.body);
+    }
+    let r = post(&mut phone, &requests::find_folder("msgfolderroot"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    for shown in ["F-calendar", "F-contacts", "F-links"] {
+        assert!(r.body.contains(shown), "{shown} missing: {}", r.body);
+    }
+    for cut in ["F-inbox", "F-notes", "F-tasks", "Inbox", "Notes"] {
+        assert!(!r.body.contains(cut), "{cut} listed: {}", r.body);
+    }
+    // Still one success message, listing fewer folders.
+    assert!(r.body.contains("NoError") && !r.body.contains("ErrorAccessDenied"));
+    let line = withheld_line(&g, "FindFolder", "3 folder(s) withheld");
+    assert_eq!(line["withheld"], 3, "{line}");
+
+    // Folders learnt from that answer: denied ones are refused before Exchange.
+    for (folder, data) in [("F-notes", "notes"), ("F-inbox", "email")] {
+        let r = post(&mut phone, &requests::find_item(folder, false, None));
+        assert_fault(
+            &r,
+            500,
+            "ErrorAccessDenied",
+            &format!("no rule allows FindItem on {data}"),
+        );
+    }
+    assert_eq!(
+        reached(&g, "FindItem"),
+        0,
+        "a denied folder reached Exchange"
+    );
+    // An allowed one is read, its items judged as ever.
+    let r = post(&mut phone, &requests::find_item("F-calendar", false, None));
+    assert!(r.body.contains("Dentist"), "{}", r.body);
+    let line = wait_audit(&g.audit, |v| {
+        v["operation"] == "FindItem" && v["decision"] == "allow"
+    })
+    .expect("audit");
+    assert_eq!(line["data"], "calendar");
+}
+
+/// `ConvertId` names the mailbox each ID belongs to: another user's is delegate access,
+/// refused unless a rule grants it, and audited with that mailbox either way.
+#[test]
+fn convert_id_naming_another_mailbox_is_delegate_access() {
+    let g = Gate::start(0, RULES);
+    let mut bob = ntlm_client(&g, "bob");
+    let r = post(
+        &mut bob,
+        &requests::convert_id("AAMk-ceo-1", "CEO@example.org"),
+    );
+    assert_fault(
+        &r,
+        500,
+        "ErrorAccessDenied",
+        "access to mailbox ceo@example.org is allowed only by a rule with access = [&quot;delegate&quot;]",
+    );
+    assert_eq!(reached(&g, "ConvertId"), 0);
+    let line = wait_audit(&g.audit, |v| v["operation"] == "ConvertId").expect("audit");
+    assert_eq!(line["decision"], "deny");
+    assert_eq!(line["mailbox"], "ceo@example.org");
+    assert_eq!(line["user"], "EXAMPLE\\bob");
+
+    // Bob's own mailbox is his to convert.
+    let mut bob = ntlm_client(&g, "bob");
+    let r = post(
+        &mut bob,
+        &requests::convert_id("AAMk-bob-1", "bob@example.org"),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(reached(&g, "ConvertId"), 1);
+
+    // An assistant with delegate access: allowed, and the audit line names the mailbox.
+    let mut assistant = ntlm_client(&g, "assistant");
+    let r = post(
+        &mut assistant,
+        &requests::convert_id("AAMk-ceo-1", "ceo@example.org"),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(reached(&g, "ConvertId"), 2);
+    let line = wait_audit(&g.audit, |v| {
+        v["operation"] == "ConvertId" && v["decision"] == "allow" && v["rule"] == "assistants"
+    })
+    .expect("audit of the delegate");
+    assert_eq!(line["mailbox"], "ceo@example.org");
 }

@@ -130,8 +130,18 @@ pub enum Shape {
     Changes,
     /// Folder metadata: distinguished folders decide; roots are neutral.
     Folders,
+    /// Like `Folders`, and the answer lists folders: under a rule with data types, each is
+    /// judged by its class, and its ID learnt.
+    FolderList,
     /// Only the operation's own `data`.
     Fixed,
+}
+
+impl Shape {
+    /// Folder metadata, not items.
+    pub fn folders(self) -> bool {
+        matches!(self, Shape::Folders | Shape::FolderList)
+    }
 }
 
 const E: DataSet = DataSet::EMAIL;
@@ -150,9 +160,9 @@ const OPERATIONS: &[(&str, OpClass, Option<DataSet>, Shape)] = {
         ("SyncFolderItems", Sync, None, Items),
         ("GetConversationItems", Read, Some(E), Items),
         ("FindConversation", Read, Some(E), Fixed),
-        ("GetFolder", Read, None, Folders),
-        ("FindFolder", Read, None, Folders),
-        ("SyncFolderHierarchy", Sync, None, Folders),
+        ("GetFolder", Read, None, FolderList),
+        ("FindFolder", Read, None, FolderList),
+        ("SyncFolderHierarchy", Sync, None, FolderList),
         ("Subscribe", Sync, None, Folders),
         ("GetEvents", Sync, None, Fixed),
         ("GetStreamingEvents", Sync, None, Fixed),

@@ -70,4 +70,7 @@ pub enum Scope {
 pub struct Inspect {
     pub data: DataSet,
     pub token_item: Option<String>,
+    /// Response messages that answer a `GetFolder` of a root folder: that folder's own
+    /// metadata is neutral.
+    pub roots: Vec<usize>,
 }

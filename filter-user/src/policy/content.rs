@@ -2,11 +2,14 @@
 //! (e-mail, calendar, contacts, tasks, notes), who it acts for, and what ewsgate has learnt
 //! of opaque IDs from earlier responses.
 
-use std::collections::{HashMap, VecDeque};
+use quick_cache::{unsync, Equivalent};
 
 use crate::{
-    model::ews::{DataSet, Meetings, OpInfo, Shape},
-    soap::{self, Folder},
+    model::{
+        ews::{DataSet, Meetings, OpInfo, Shape},
+        rules::Inspect,
+    },
+    soap::{self, Folder, Verdict},
 };
 
 /// The data type of an `ItemClass`; `None` for classes ewsgate does not know.
@@ -66,7 +69,7 @@ pub fn item_element(element: &str, meetings: Meetings) -> Option<DataSet> {
 pub fn item_data(item: &soap::Item, meetings: Meetings) -> Option<DataSet> {
     match &item.class {
         Some(c) if !c.is_empty() => item_class(c, meetings),
-        _ => item_element(&item.element, meetings),
+        _ => item_element(item.element, meetings),
     }
 }
 
@@ -90,20 +93,70 @@ pub fn distinguished(id: &str) -> Option<DataSet> {
     })
 }
 
-/// The data a folder class holds (`IPF.Appointment`, ...); unknown classes hold mail.
-pub fn folder_class(class: &str) -> DataSet {
+/// The data a folder class holds (`IPF.Appointment`, ...); `None` for classes ewsgate
+/// does not know (`IPF.Journal`, `IPF.Configuration`, ...).
+pub fn folder_class(class: &str) -> Option<DataSet> {
     let is = |prefix: &str| class_is(class, prefix);
-    if is("ipf.appointment") {
-        DataSet::CALENDAR
+    if is("ipf.note") {
+        Some(DataSet::EMAIL)
+    } else if is("ipf.appointment") {
+        Some(DataSet::CALENDAR)
     } else if is("ipf.contact") {
-        DataSet::CONTACTS
+        Some(DataSet::CONTACTS)
     } else if is("ipf.task") {
-        DataSet::TASKS
+        Some(DataSet::TASKS)
     } else if is("ipf.stickynote") {
-        DataSet::NOTES
+        Some(DataSet::NOTES)
     } else {
-        DataSet::EMAIL
+        None
     }
+}
+
+/// The data a folder in an answer holds: its class, and what its element says
+/// (`CalendarFolder`, ...). A search folder holds anything; a plain `t:Folder` without a
+/// class or with one ewsgate does not know holds what nobody can tell (`None`).
+pub fn folder_data(f: &soap::FolderInfo) -> Option<DataSet> {
+    let element = match f.element {
+        "CalendarFolder" => Some(DataSet::CALENDAR),
+        "ContactsFolder" => Some(DataSet::CONTACTS),
+        "TasksFolder" => Some(DataSet::TASKS),
+        "SearchFolder" => return Some(DataSet::ALL),
+        _ => None,
+    };
+    let class = f
+        .class
+        .as_deref()
+        .filter(|c| !c.is_empty())
+        .map(folder_class);
+    match (class, element) {
+        // A class ewsgate does not know: not even a typed element says what is inside.
+        (Some(None), _) => None,
+        (Some(Some(c)), e) => Some(c.union(e.unwrap_or(DataSet::NONE))),
+        (None, e) => e,
+    }
+}
+
+/// Distinguished folders that only contain other folders: `GetFolder` of one shows no data
+/// of any type, so its answer is neutral.
+pub fn is_root(id: &str) -> bool {
+    matches!(
+        id,
+        "root" | "msgfolderroot" | "publicfoldersroot" | "archiveroot" | "archivemsgfolderroot"
+    )
+}
+
+/// The response messages of a `GetFolder` that answer for a root folder (the answer holds
+/// one message per folder asked for, in order).
+pub fn root_answers(req: &soap::Request) -> Vec<usize> {
+    if req.operation != "GetFolder" {
+        return Vec::new();
+    }
+    req.folders
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| matches!(f, Folder::Distinguished { id, .. } if is_root(id)))
+        .map(|(i, _)| i)
+        .collect()
 }
 
 /// What ewsgate learnt of an ID from Exchange's responses.
@@ -121,20 +174,42 @@ enum IdKind {
     Folder,
 }
 
-/// ID → type, keyed by mailbox and ID (EWS IDs are case-sensitive), bounded: the oldest
-/// entries go first.
+/// A cache key: EWS IDs are case-sensitive, mailboxes are lower-case.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    kind: IdKind,
+    mailbox: String,
+    id: String,
+}
+
+/// A key to look up with, borrowed from the request; hashes as [`Key`] does.
+#[derive(Hash)]
+struct KeyRef<'a> {
+    kind: IdKind,
+    mailbox: &'a str,
+    id: &'a str,
+}
+
+impl Equivalent<Key> for KeyRef<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        self.kind == key.kind && self.mailbox == key.mailbox && self.id == key.id
+    }
+}
+
+/// The longest ID ewsgate keeps (Exchange's are well under 512 bytes).
+const MAX_ID: usize = 1024;
+
+/// ID → type, keyed by mailbox and ID, bounded in entries (and so in memory: IDs are
+/// bounded too). Eviction, and forgetting, are quick_cache's (S3-FIFO): nothing outlives
+/// its entry.
 pub struct IdCache {
-    map: HashMap<(IdKind, String, String), Known>,
-    order: VecDeque<(IdKind, String, String)>,
-    capacity: usize,
+    map: unsync::Cache<Key, Known>,
 }
 
 impl IdCache {
     pub fn new(capacity: usize) -> IdCache {
         IdCache {
-            map: HashMap::new(),
-            order: VecDeque::new(),
-            capacity: capacity.max(1),
+            map: unsync::Cache::new(capacity.max(1)),
         }
     }
 
@@ -146,26 +221,31 @@ impl IdCache {
         self.map.is_empty()
     }
 
+    /// Bytes the cache holds: its own structures (entries and index, as quick_cache counts
+    /// them) and the keys' and values' text.
+    pub fn footprint(&self) -> usize {
+        let text: usize = self
+            .map
+            .iter()
+            .map(|(k, v)| k.mailbox.len() + k.id.len() + v.root.as_ref().map_or(0, String::len))
+            .sum();
+        self.map.memory_used().total() + text
+    }
+
     fn put(&mut self, kind: IdKind, mailbox: &str, id: &str, known: Known) {
-        if id.is_empty() || id.len() > 1024 {
+        if id.is_empty() || id.len() > MAX_ID {
             return;
         }
-        let key = (kind, mailbox.to_string(), id.to_string());
-        if self.map.insert(key.clone(), known).is_none() {
-            self.order.push_back(key);
-        }
-        while self.map.len() > self.capacity {
-            match self.order.pop_front() {
-                Some(old) => {
-                    self.map.remove(&old);
-                }
-                None => break,
-            }
-        }
+        let key = Key {
+            kind,
+            mailbox: mailbox.to_string(),
+            id: id.to_string(),
+        };
+        self.map.insert(key, known);
     }
 
     fn get(&self, kind: IdKind, mailbox: &str, id: &str) -> Option<&Known> {
-        self.map.get(&(kind, mailbox.to_string(), id.to_string()))
+        self.map.get(&KeyRef { kind, mailbox, id })
     }
 
     pub fn item(&self, mailbox: &str, id: &str) -> Option<&Known> {
@@ -180,34 +260,48 @@ impl IdCache {
         self.get(IdKind::Folder, mailbox, id)
     }
 
-    /// Items that move, are copied or deleted get new IDs or none: forget them. (Their
-    /// entries stay in `order` until they age out; `put` tolerates that.)
+    /// Items that move, are copied, deleted or changed get new IDs, or none, or another
+    /// class: forget them.
     pub fn forget(&mut self, mailbox: &str, items: &[String]) {
         for id in items {
             for kind in [IdKind::Item, IdKind::Folder] {
-                self.map.remove(&(kind, mailbox.to_string(), id.clone()));
+                self.map.remove(&KeyRef { kind, mailbox, id });
             }
         }
     }
 
-    /// Learns from a response: items, the attachments they list, and folders.
-    pub fn learn(&mut self, mailbox: &str, response: &soap::Response, meetings: Meetings) {
-        for m in &response.messages {
+    fn forget_folders(&mut self, mailbox: &str, folders: &[Folder]) {
+        for f in folders {
+            if let Folder::Opaque(id) = f {
+                self.map.remove(&KeyRef {
+                    kind: IdKind::Folder,
+                    mailbox,
+                    id,
+                });
+            }
+        }
+    }
+
+    /// Learns from an inspected response: items, the attachments they list, and folders
+    /// whose type their answer shows (not the roots a `GetFolder` asked for).
+    pub fn learn(
+        &mut self,
+        mailbox: &str,
+        response: &soap::Response,
+        inspect: &Inspect,
+        meetings: Meetings,
+    ) {
+        for (i, m) in response.messages.iter().enumerate() {
             for item in &m.items {
                 self.learn_item(mailbox, item, meetings);
             }
+            if inspect.roots.contains(&i) {
+                continue;
+            }
             for f in &m.folders {
-                let data = f.class.as_deref().map_or_else(
-                    || match f.element.as_str() {
-                        "CalendarFolder" => DataSet::CALENDAR,
-                        "ContactsFolder" => DataSet::CONTACTS,
-                        "TasksFolder" => DataSet::TASKS,
-                        "SearchFolder" => DataSet::ALL,
-                        _ => DataSet::EMAIL,
-                    },
-                    folder_class,
-                );
-                self.put(IdKind::Folder, mailbox, &f.id, Known { data, root: None });
+                if let Some(data) = folder_data(f) {
+                    self.put(IdKind::Folder, mailbox, &f.id, Known { data, root: None });
+                }
             }
         }
     }
@@ -224,6 +318,28 @@ impl IdCache {
             };
             self.put(IdKind::Attachment, mailbox, a, known);
         }
+    }
+}
+
+/// Whether a request changes what ewsgate has learnt of the IDs it names.
+pub fn changes_ids(req: &soap::Request, info: Option<&OpInfo>) -> bool {
+    info.is_some_and(|i| i.shape == Shape::Changes) || changes_folders(req)
+}
+
+fn changes_folders(req: &soap::Request) -> bool {
+    matches!(
+        req.operation.as_str(),
+        "UpdateFolder" | "MoveFolder" | "DeleteFolder"
+    )
+}
+
+/// Forgets what a request that changes the store makes stale: the items it names (moved,
+/// copied, deleted and changed items get new IDs or classes), and the folders a folder
+/// update, move or delete names (a folder's class can change).
+pub fn forget_changed(cache: &mut IdCache, mailbox: &str, req: &soap::Request) {
+    cache.forget(mailbox, &req.items);
+    if changes_folders(req) {
+        cache.forget_folders(mailbox, &req.folders);
     }
 }
 
@@ -285,8 +401,11 @@ pub fn touched(
             }
         }
     }
-    if req.sends {
+    if req.sends_mail {
         t.data = t.data.union(DataSet::EMAIL);
+    }
+    if req.sends_meetings {
+        t.data = t.data.union(meetings.0);
     }
     for id in &req.items {
         match cache.item(mailbox, id) {
@@ -309,7 +428,7 @@ fn folder_touch(t: &mut Touch, f: &Folder, shape: Shape, cache: &IdCache, mailbo
         Folder::Opaque(id) => match cache.folder(mailbox, id) {
             Some(k) => Some(k.data),
             // Folder metadata reveals no items: an unknown folder is neutral there.
-            None if shape == Shape::Folders => Some(DataSet::NONE),
+            None if shape.folders() => Some(DataSet::NONE),
             None => {
                 t.unresolved = true;
                 None
@@ -319,7 +438,7 @@ fn folder_touch(t: &mut Touch, f: &Folder, shape: Shape, cache: &IdCache, mailbo
     match data {
         Some(d) => t.data = t.data.union(d),
         // Roots and search folders: metadata is neutral, items may be anything.
-        None if shape == Shape::Folders => {}
+        None if shape.folders() => {}
         None => t.data = DataSet::ALL,
     }
 }
@@ -344,19 +463,14 @@ impl Access {
     }
 }
 
+/// Any mailbox the request names to act on, or `X-AnchorMailbox` names, other than the
+/// caller's own is delegate access; the first such is the one audited.
 pub fn access(req: &soap::Request, anchor: Option<&str>, user: Option<&str>) -> Access {
-    let mut delegate = None;
-    let named = req.folders.iter().filter_map(|f| match f {
-        Folder::Distinguished {
-            mailbox: Some(m), ..
-        } => Some(m.as_str()),
-        _ => None,
-    });
-    for m in named.chain(anchor) {
-        if !own_mailbox(m, user) {
-            delegate = Some(m.to_ascii_lowercase());
-        }
-    }
+    let named = req.mailboxes.iter().map(String::as_str);
+    let delegate = named
+        .chain(anchor)
+        .find(|m| !own_mailbox(m, user))
+        .map(str::to_ascii_lowercase);
     Access {
         impersonation: req.impersonation.clone(),
         delegate,
@@ -375,30 +489,44 @@ pub fn own_mailbox(mailbox: &str, user: Option<&str>) -> bool {
     m.split('@').next() == Some(name)
 }
 
-/// Judges each response message under the rule that allowed the request: `Some(reason)`
-/// for a message whose items or attachments the rule does not allow, or whose types
-/// ewsgate cannot tell.
+/// Judges each response message under the rule that allowed the request: a message is
+/// withheld whole when an item or attachment in it is not allowed, when ewsgate cannot tell
+/// its type, or when the walker found an element it does not classify; a folder the rule
+/// does not allow is cut from a listing, and withholds a `GetFolder` message.
 pub fn judge_response(
     response: &soap::Response,
-    inspect: &crate::model::rules::Inspect,
+    inspect: &Inspect,
     cache: &IdCache,
     mailbox: &str,
     meetings: Meetings,
-) -> Vec<Option<String>> {
+) -> Vec<Verdict> {
     response
         .messages
         .iter()
-        .map(|m| judge_message(m, inspect, cache, mailbox, meetings))
+        .enumerate()
+        .map(|(i, m)| {
+            let withhold = judge_message(m, inspect, cache, mailbox, meetings);
+            if withhold.is_some() || inspect.roots.contains(&i) {
+                return Verdict {
+                    withhold,
+                    cut: Vec::new(),
+                };
+            }
+            judge_folders(m, inspect.data)
+        })
         .collect()
 }
 
 fn judge_message(
     m: &soap::Message,
-    inspect: &crate::model::rules::Inspect,
+    inspect: &Inspect,
     cache: &IdCache,
     mailbox: &str,
     meetings: Meetings,
 ) -> Option<String> {
+    if let Some(element) = &m.unclassified {
+        return Some(format!("unclassified element {element}"));
+    }
     let token = inspect.token_item.as_deref();
     for item in &m.items {
         if let Some(why) = judge_item(item, inspect.data, meetings) {
@@ -429,8 +557,9 @@ fn judge_message(
     None
 }
 
+/// An item and every item inside it.
 fn judge_item(item: &soap::Item, allowed: DataSet, meetings: Meetings) -> Option<String> {
-    match item_data(item, meetings) {
+    let why = match item_data(item, meetings) {
         None => Some(format!(
             "{} of class {}: data type unresolved",
             item.element,
@@ -439,8 +568,218 @@ fn judge_item(item: &soap::Item, allowed: DataSet, meetings: Meetings) -> Option
         Some(d) if !d.within(allowed) => Some(format!(
             "{} ({}) is not allowed",
             d,
-            item.class.as_deref().unwrap_or(&item.element)
+            item.class.as_deref().unwrap_or(item.element)
         )),
         Some(_) => None,
+    };
+    why.or_else(|| {
+        item.embedded
+            .iter()
+            .find_map(|i| judge_item(i, allowed, meetings))
+    })
+}
+
+fn judge_folders(m: &soap::Message, allowed: DataSet) -> Verdict {
+    let mut v = Verdict::default();
+    for (i, f) in m.folders.iter().enumerate() {
+        let why = match folder_data(f) {
+            None => format!(
+                "folder of class {}: data type unresolved",
+                f.class.as_deref().unwrap_or("(none)")
+            ),
+            Some(d) if !d.within(allowed) => format!("a folder of {d} is not allowed"),
+            Some(_) => continue,
+        };
+        if f.listed {
+            v.cut.push(i);
+        } else {
+            v.withhold.get_or_insert(why);
+        }
+    }
+    if v.withhold.is_some() {
+        v.cut.clear();
+    }
+    v
+}
+
+/// What a judged response became.
+pub struct Filtered {
+    /// The response to send, when anything was withheld.
+    pub body: Option<Vec<u8>>,
+    /// Messages withheld and folders cut.
+    pub withheld: usize,
+    /// For the audit line: what was withheld, and the first reason.
+    pub reason: String,
+}
+
+/// Applies the verdicts to the response.
+pub fn filter(bytes: &[u8], response: &soap::Response, verdicts: &[Verdict]) -> Filtered {
+    let messages = verdicts.iter().filter(|v| v.withhold.is_some()).count();
+    let folders: usize = verdicts
+        .iter()
+        .filter(|v| v.withhold.is_none())
+        .map(|v| v.cut.len())
+        .sum();
+    if messages + folders == 0 {
+        return Filtered {
+            body: None,
+            withheld: 0,
+            reason: String::new(),
+        };
+    }
+    let first = verdicts
+        .iter()
+        .find_map(|v| v.withhold.as_deref())
+        .unwrap_or("folders of types the rule does not allow");
+    let what = match (messages, folders) {
+        (m, 0) => format!("{m} response message(s) withheld"),
+        (0, f) => format!("{f} folder(s) withheld"),
+        (m, f) => format!("{m} response message(s) and {f} folder(s) withheld"),
+    };
+    Filtered {
+        body: Some(soap::rewrite(bytes, response, verdicts)),
+        withheld: messages + folders,
+        reason: format!("forwarded; {what}: {first}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::soap::{FolderInfo, Item, Message, Response};
+
+    fn items(ids: &[&str]) -> Response {
+        let items = ids
+            .iter()
+            .map(|id| Item {
+                id: Some(id.to_string()),
+                element: "CalendarItem",
+                class: Some("IPM.Appointment".into()),
+                ..Default::default()
+            })
+            .collect();
+        Response {
+            messages: vec![Message {
+                items,
+                ..Default::default()
+            }],
+            fault: false,
+        }
+    }
+
+    fn inspect(data: DataSet) -> Inspect {
+        Inspect {
+            data,
+            token_item: None,
+            roots: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn learning_and_forgetting_the_same_ids_over_and_over_keeps_the_cache_bounded() {
+        let mut cache = IdCache::new(64);
+        let all = inspect(DataSet::ALL);
+        let meetings = Meetings::default();
+        for i in 0..64 {
+            cache.learn(
+                "a@example.org",
+                &items(&[&format!("AAMk-{i:05}")]),
+                &all,
+                meetings,
+            );
+        }
+        let full = cache.footprint();
+        // A client moving and deleting items: each learnt, then forgotten.
+        for i in 0..20_000 {
+            let id = format!("AAMk-{:05}", i % 5_000);
+            cache.learn("a@example.org", &items(&[&id]), &all, meetings);
+            assert!(cache.item("a@example.org", &id).is_some());
+            cache.forget("a@example.org", &[id]);
+        }
+        assert!(cache.len() <= 64, "{} entries", cache.len());
+        let after = cache.footprint();
+        assert!(after <= full, "{after} bytes after, {full} when full");
+    }
+
+    fn folder(id: &str, element: &'static str, class: Option<&str>) -> FolderInfo {
+        FolderInfo {
+            id: id.into(),
+            element,
+            class: class.map(str::to_string),
+            listed: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn folders_are_judged_by_class_and_element_and_unknown_ones_are_withheld() {
+        let listing = Response {
+            messages: vec![Message {
+                folders: vec![
+                    folder("F1", "CalendarFolder", Some("IPF.Appointment")),
+                    folder("F2", "Folder", Some("IPF.StickyNote")),
+                    folder("F3", "Folder", None),
+                    folder("F4", "ContactsFolder", None),
+                    folder("F5", "Folder", Some("IPF.Journal")),
+                    folder("F6", "SearchFolder", Some("IPF.Appointment")),
+                    folder("F7", "Folder", Some("IPF.Contact.Contoso")),
+                ],
+                ..Default::default()
+            }],
+            fault: false,
+        };
+        let allowed = inspect(DataSet::CALENDAR.union(DataSet::CONTACTS));
+        let cache = IdCache::new(10);
+        let v = judge_response(&listing, &allowed, &cache, "", Meetings::default());
+        assert_eq!(v[0].withhold, None);
+        assert_eq!(v[0].cut, vec![1, 2, 4, 5]);
+        // What the answer shows is learnt; a folder of unknown type is not.
+        let mut cache = IdCache::new(10);
+        cache.learn("", &listing, &allowed, Meetings::default());
+        let learnt = |id| cache.folder("", id).map(|k| k.data);
+        assert_eq!(learnt("F2"), Some(DataSet::NOTES));
+        assert_eq!(learnt("F4"), Some(DataSet::CONTACTS));
+        assert_eq!((learnt("F3"), learnt("F5")), (None, None));
+        // GetFolder: the folder asked for withholds its message, unless it is a root.
+        let mut asked = listing.clone();
+        asked.messages[0].folders = vec![FolderInfo {
+            listed: false,
+            ..folder("F3", "Folder", None)
+        }];
+        asked.messages.push(asked.messages[0].clone());
+        let roots = Inspect {
+            roots: vec![1],
+            ..allowed
+        };
+        let v = judge_response(&asked, &roots, &cache, "", Meetings::default());
+        assert!(v[0]
+            .withhold
+            .as_deref()
+            .unwrap()
+            .contains("data type unresolved"));
+        assert!(v[1].passes());
+    }
+
+    #[test]
+    fn unclassified_elements_and_embedded_items_withhold_their_message() {
+        let cache = IdCache::new(10);
+        let calendar = inspect(DataSet::CALENDAR);
+        let mut r = items(&["C1"]);
+        r.messages.push(r.messages[0].clone());
+        r.messages[0].unclassified = Some("t:ReferenceAttachment".into());
+        r.messages[1].items[0].embedded.push(Item {
+            element: "Message",
+            class: Some("IPM.Note".into()),
+            ..Default::default()
+        });
+        let v = judge_response(&r, &calendar, &cache, "", Meetings::default());
+        assert_eq!(
+            v[0].withhold.as_deref(),
+            Some("unclassified element t:ReferenceAttachment")
+        );
+        assert_eq!(
+            v[1].withhold.as_deref(),
+            Some("email (IPM.Note) is not allowed")
+        );
     }
 }

@@ -215,13 +215,21 @@ fn in_token_scope(c: &Content) -> bool {
         && c.roots.iter().all(|r| *r == Some(item))
 }
 
+/// Items are inspected under a rule with data types or a token scope, or when the request
+/// matched only provisionally; folder listings under a rule with data types.
 fn inspection(r: &Rule, s: &Subject, provisional: bool) -> Option<Inspect> {
     let c = s.content.as_ref()?;
-    let reveals = c.info.is_some_and(|i| i.shape == Shape::Items);
+    let shape = c.info.map(|i| i.shape);
     let scoped = r.scope == Some(Scope::TokenItem);
-    (reveals && (provisional || r.data.is_some() || scoped)).then(|| Inspect {
+    let inspect = match shape {
+        Some(Shape::Items) => provisional || r.data.is_some() || scoped,
+        Some(Shape::FolderList) => r.data.is_some(),
+        _ => false,
+    };
+    inspect.then(|| Inspect {
         data: r.data.unwrap_or(DataSet::ALL),
         token_item: c.token_item.filter(|_| scoped).map(str::to_string),
+        roots: super::content::root_answers(c.request),
     })
 }
 

@@ -17,8 +17,9 @@ use thiserror::Error;
 use crate::model::settings::SoapLimits as Limits;
 
 mod response;
+mod schema;
 pub use response::{
-    fault, parse_response, rewrite, Attachment, FolderInfo, Item, Message, Response,
+    fault, parse_response, rewrite, Attachment, FolderInfo, Item, Message, Response, Verdict,
 };
 
 pub const SOAP_NS: &str = "http://schemas.xmlsoap.org/soap/envelope/";
@@ -108,13 +109,25 @@ pub struct Request {
     pub shown: Vec<String>,
     /// `t:ItemClass` values the request itself carries.
     pub item_classes: Vec<String>,
-    /// `CreateItem@MessageDisposition` sends mail.
-    pub sends: bool,
+    /// The operation's `MessageDisposition` sends mail.
+    pub sends_mail: bool,
+    /// A meeting attribute (`SendMeetingInvitations`, `SendMeetingInvitationsOrCancellations`,
+    /// `SendMeetingCancellations`) sends meeting requests or cancellations.
+    pub sends_meetings: bool,
+    /// Mailboxes the request names as the one to act on, lower-case: a distinguished
+    /// folder's `t:Mailbox`, `t:AlternateId@Mailbox`, the mailbox of a delegate, out-of-office
+    /// or inbox-rules operation. [`UNNAMED`] stands for a `t:Mailbox` without an address.
+    pub mailboxes: Vec<String>,
     /// The request was longer than the buffer; the rest is bulk content for [`Tail`].
     pub tail: Option<Tail>,
 }
 
 impl Request {
+    /// Whether the operation sends mail of any kind.
+    pub fn sends(&self) -> bool {
+        self.sends_mail || self.sends_meetings
+    }
+
     /// IDs that name items, the ones attachments hang from included.
     pub fn item_count(&self) -> usize {
         self.items.len() + self.attachments.len()
@@ -170,6 +183,7 @@ pub fn parse_request(bytes: &[u8], complete: bool, limits: Limits) -> Result<Req
     let mut p = RequestParser {
         out: Request::default(),
         stack: Vec::new(),
+        target: None,
         text: String::new(),
         elements: 0,
         seen_header: false,
@@ -218,9 +232,48 @@ pub(crate) fn tag_name(at: &[u8]) -> (&[u8], &str) {
     (name, std::str::from_utf8(local).unwrap_or(""))
 }
 
+/// What a mailbox element that gives no address is recorded as.
+pub const UNNAMED: &str = "(mailbox without an address)";
+
+/// Whether an operation's attributes send mail. `MessageDisposition` (messages and response
+/// objects) sends unless `SaveOnly`; the meeting attributes send unless `SendToNone`. A value
+/// that is not one of the documented ones counts as sending: Exchange refuses it anyway.
+fn sends(e: &BytesStart) -> Result<(bool, bool), SoapError> {
+    let sends_unless = |name: &str, quiet: &str| -> Result<bool, SoapError> {
+        match e.try_get_attribute(name) {
+            Ok(Some(a)) => Ok(a.value != quiet),
+            Ok(None) => Ok(false),
+            Err(err) => Err(SoapError::Xml(err.to_string())),
+        }
+    };
+    let mail = sends_unless("MessageDisposition", "SaveOnly")?;
+    let mut meetings = false;
+    for name in [
+        "SendMeetingInvitations",
+        "SendMeetingInvitationsOrCancellations",
+        "SendMeetingCancellations",
+    ] {
+        meetings |= sends_unless(name, "SendToNone")?;
+    }
+    Ok((mail, meetings))
+}
+
+/// The three operations whose body element is named `<operation>Request`.
+fn operation_name(element: &str) -> &str {
+    match element {
+        "GetUserAvailabilityRequest"
+        | "GetUserOofSettingsRequest"
+        | "SetUserOofSettingsRequest" => element.trim_end_matches("Request"),
+        _ => element,
+    }
+}
+
 struct RequestParser<'i> {
     out: Request,
     stack: Vec<Open<'i>>,
+    /// An open element that names the mailbox to act on: its depth, and the address
+    /// read from it so far.
+    target: Option<(usize, Option<String>)>,
     /// Text of the innermost element, for the few whose text matters.
     text: String,
     elements: usize,
@@ -264,15 +317,15 @@ impl<'i> RequestParser<'i> {
                 if ns != Ns::Messages {
                     return Err(SoapError::Namespace(shown()));
                 }
-                self.out.operation = local.to_string();
-                if local == "CreateItem" {
-                    let d = attr(e, "MessageDisposition")?;
-                    self.out.sends = matches!(d.as_deref(), Some("SendOnly" | "SendAndSaveCopy"));
-                }
+                self.out.operation = operation_name(local).to_string();
+                (self.out.sends_mail, self.out.sends_meetings) = sends(e)?;
             }
             _ if self.section() == "Body" => {
                 if ns != Ns::Messages && ns != Ns::Types {
                     return Err(SoapError::Namespace(shown()));
+                }
+                if self.names_mailbox(ns, local) {
+                    self.target = Some((self.stack.len(), None));
                 }
                 self.operation_element(ns, local, e)?;
             }
@@ -294,6 +347,20 @@ impl<'i> RequestParser<'i> {
 
     fn parent(&self) -> Option<&str> {
         self.stack.last().map(|o| o.local)
+    }
+
+    /// A `Mailbox` that says whose mailbox to act on: inside a distinguished folder ID, or
+    /// right inside the operation (the delegate and out-of-office operations), except
+    /// `ExpandDL`'s, which names the list to expand.
+    fn names_mailbox(&self, ns: Ns, local: &str) -> bool {
+        if local != "Mailbox" || self.target.is_some() {
+            return false;
+        }
+        match self.stack.last() {
+            Some(p) if p.ns == Ns::Types && p.local == "DistinguishedFolderId" => ns == Ns::Types,
+            Some(_) if self.stack.len() == 3 => self.out.operation != "ExpandDL",
+            _ => false,
+        }
     }
 
     fn operation_element(&mut self, ns: Ns, local: &str, e: &BytesStart) -> Result<(), SoapError> {
@@ -320,6 +387,12 @@ impl<'i> RequestParser<'i> {
                 out.shown.push(local.into());
             }
             "AttachmentId" => out.attachments.push(attr(e, "Id")?.unwrap_or_default()),
+            // `ConvertId` names the mailbox each ID belongs to.
+            "AlternateId" if ns == Ns::Types => {
+                if let Some(m) = attr(e, "Mailbox")? {
+                    out.mailboxes.push(m.trim().to_ascii_lowercase());
+                }
+            }
             "CalendarView" | "ContactsView" if ns == Ns::Messages => out.shown.push(local.into()),
             _ => {}
         }
@@ -345,6 +418,27 @@ impl<'i> RequestParser<'i> {
     /// An element ended: keep the text of the few that matter.
     fn closed(&mut self, ns: Ns, local: &str) {
         let text = self.text.trim();
+        let depth = self.stack.len();
+        if let Some((at, address)) = self.target.as_mut() {
+            if depth == *at + 1 && matches!(local, "EmailAddress" | "Address") && !text.is_empty() {
+                *address = Some(text.to_ascii_lowercase());
+            } else if depth == *at {
+                let mailbox = address.take().unwrap_or_else(|| UNNAMED.to_string());
+                self.target = None;
+                self.named_mailbox(mailbox);
+                return;
+            }
+        }
+        // The inbox-rules operations name their mailbox by address alone.
+        if ns == Ns::Messages && local == "MailboxSmtpAddress" && depth == 3 {
+            let mailbox = if text.is_empty() {
+                UNNAMED.to_string()
+            } else {
+                text.to_ascii_lowercase()
+            };
+            self.out.mailboxes.push(mailbox);
+            return;
+        }
         if ns != Ns::Types || text.is_empty() {
             return;
         }
@@ -355,16 +449,21 @@ impl<'i> RequestParser<'i> {
             {
                 self.out.impersonation = Some(text.to_string());
             }
-            "EmailAddress" if under("DistinguishedFolderId") && under("Mailbox") => {
-                if let Some(Folder::Distinguished { mailbox, .. }) = self.out.folders.last_mut() {
-                    *mailbox = Some(text.to_ascii_lowercase());
-                }
-            }
             "ItemClass" if self.section() == "Body" => {
                 self.out.item_classes.push(text.to_string());
             }
             _ => {}
         }
+    }
+
+    /// A mailbox element ended: the mailbox it names, and the folder it belongs to.
+    fn named_mailbox(&mut self, mailbox: String) {
+        if self.parent() == Some("DistinguishedFolderId") {
+            if let Some(Folder::Distinguished { mailbox: m, .. }) = self.out.folders.last_mut() {
+                *m = Some(mailbox.clone());
+            }
+        }
+        self.out.mailboxes.push(mailbox);
     }
 
     fn text(&mut self, t: &str) -> Result<(), SoapError> {

@@ -1,12 +1,26 @@
 //! Exchange's answers: which items, attachments and folders each response message holds,
-//! with the byte span of each message so that a denied one can be replaced before the
-//! client sees a byte of it.
+//! with the byte span of each message (and of each listed folder) so that what is denied can
+//! be replaced before the client sees a byte of it.
+//!
+//! The walk follows the response schema: every element at a place where items,
+//! attachments or folders can appear must be one the walker knows (see [`super::schema`]).
+//! An element it does not know there, such as `t:ReferenceAttachment` or one a later
+//! Exchange adds, cannot be judged: the message that holds it is marked
+//! [`Message::unclassified`] and withheld. Outside the response messages an unknown element
+//! refuses the whole response.
 
 use std::ops::Range;
 
-use quick_xml::{events::Event, NsReader};
+use quick_xml::{
+    events::{BytesRef, BytesStart, Event},
+    NsReader,
+};
 
-use super::{attr, namespace, Ns, SoapError, MESSAGES_NS, TYPES_NS};
+use super::{
+    attr, namespace,
+    schema::{self, known},
+    tag_name, Ns, SoapError, MESSAGES_NS, TYPES_NS,
+};
 use crate::model::settings::SoapLimits as Limits;
 
 /// An item as a response shows it.
@@ -14,10 +28,13 @@ use crate::model::settings::SoapLimits as Limits;
 pub struct Item {
     pub id: Option<String>,
     /// `Message`, `CalendarItem`, ...
-    pub element: String,
+    pub element: &'static str,
     pub class: Option<String>,
     /// IDs of the attachments the item lists.
     pub attachments: Vec<String>,
+    /// Items inside this one: the item of an item attachment, and the calendar items a
+    /// meeting request lists as conflicting or adjacent.
+    pub embedded: Vec<Item>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -30,8 +47,15 @@ pub struct Attachment {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FolderInfo {
     pub id: String,
-    pub element: String,
+    /// `Folder`, `CalendarFolder`, ...
+    pub element: &'static str,
     pub class: Option<String>,
+    /// The bytes to cut when the folder is withheld from a listing: the folder element, or
+    /// the sync change that holds it.
+    pub span: Range<usize>,
+    /// Listed by `FindFolder` or a hierarchy sync, so it can be cut from the list; a folder
+    /// `GetFolder` was asked for is withheld with its message instead.
+    pub listed: bool,
 }
 
 /// One `m:*ResponseMessage`.
@@ -43,6 +67,9 @@ pub struct Message {
     /// Attachments returned by `GetAttachment` (not those an item lists).
     pub attachments: Vec<Attachment>,
     pub folders: Vec<FolderInfo>,
+    /// The first element the walker found where it knows every element and did not know
+    /// this one, as written (`t:ReferenceAttachment`).
+    pub unclassified: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -52,36 +79,173 @@ pub struct Response {
     pub fault: bool,
 }
 
-const ITEMS: [&str; 11] = [
-    "Message",
-    "CalendarItem",
-    "Contact",
-    "DistributionList",
-    "Task",
-    "PostItem",
-    "MeetingRequest",
-    "MeetingResponse",
-    "MeetingCancellation",
-    "MeetingMessage",
-    "Item",
-];
-const FOLDERS: [&str; 5] = [
-    "Folder",
-    "CalendarFolder",
-    "ContactsFolder",
-    "TasksFolder",
-    "SearchFolder",
-];
+/// What an open element is, as far as classification goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ctx {
+    Envelope,
+    Body,
+    /// The operation's response element (`m:GetItemResponse`).
+    Operation,
+    ResponseMessages,
+    Message,
+    RootFolder,
+    Groups,
+    GroupedItems,
+    Conversation,
+    ConversationNodes,
+    ConversationNode,
+    Changes,
+    /// A sync change that holds one item or folder (`t:Create`, `t:Update`).
+    Change,
+    /// A sync change that holds only IDs (`t:Delete`, `t:ReadFlagChange`).
+    Removal,
+    /// Item elements only: `Items`, `AdjacentMeetings`, `ConflictingMeetings`.
+    Items,
+    Item,
+    ItemClass,
+    ResponseObjects,
+    /// A response object marker: nothing may be inside.
+    Empty,
+    Attachments,
+    FileAttachment,
+    ItemAttachment,
+    Folders {
+        listed: bool,
+    },
+    Folder,
+    FolderClass,
+    /// The header, a fault, and the content of known properties: not walked.
+    Opaque,
+}
+
+/// The context of an element named `local` in `ns` inside `parent`; `None` when the schema
+/// has no such element there.
+fn child(parent: Ctx, ns: Ns, local: &str) -> Option<Ctx> {
+    use Ctx::*;
+    let types = ns == Ns::Types;
+    Some(match parent {
+        Opaque => Opaque,
+        Envelope => match (ns, local) {
+            (Ns::Soap, "Header") => Opaque,
+            (Ns::Soap, "Body") => Body,
+            _ => return None,
+        },
+        Body => match ns {
+            Ns::Soap if local == "Fault" => Opaque,
+            Ns::Messages => Operation,
+            _ => return None,
+        },
+        Operation if ns == Ns::Messages && local == "ResponseMessages" => ResponseMessages,
+        ResponseMessages if ns == Ns::Messages => Message,
+        Message if ns == Ns::Messages => match local {
+            "MessageText"
+            | "ResponseCode"
+            | "DescriptiveLinkKey"
+            | "MessageXml"
+            | "SyncState"
+            | "IncludesLastItemInRange"
+            | "IncludesLastFolderInRange"
+            | "HighlightTerms" => Opaque,
+            "Items" => Items,
+            "RootFolder" => RootFolder,
+            "Attachments" => Attachments,
+            "Folders" => Folders { listed: false },
+            "Changes" => Changes,
+            "Conversation" => Conversation,
+            _ => return None,
+        },
+        _ if !types => return None,
+        RootFolder => match local {
+            "Items" => Items,
+            "Groups" => Groups,
+            "Folders" => Folders { listed: true },
+            _ => return None,
+        },
+        Groups if local == "GroupedItems" => GroupedItems,
+        GroupedItems => match local {
+            "GroupIndex" | "GroupSummary" => Opaque,
+            "Items" => Items,
+            _ => return None,
+        },
+        Conversation => match local {
+            "ConversationId" | "SyncState" | "CanDelete" => Opaque,
+            "ConversationNodes" => ConversationNodes,
+            _ => return None,
+        },
+        ConversationNodes if local == "ConversationNode" => ConversationNode,
+        ConversationNode => match local {
+            "InternetMessageId" | "ParentInternetMessageId" => Opaque,
+            "Items" => Items,
+            _ => return None,
+        },
+        Changes => match local {
+            "Create" | "Update" => Change,
+            "Delete" | "ReadFlagChange" => Removal,
+            _ => return None,
+        },
+        Removal => match local {
+            "ItemId" | "FolderId" | "IsRead" => Opaque,
+            _ => return None,
+        },
+        Change if known(&schema::FOLDERS, local) => Folder,
+        Change | Items | ItemAttachment if known(&schema::ITEMS, local) => Item,
+        Item => match local {
+            "ItemClass" => ItemClass,
+            "Attachments" => Attachments,
+            "AdjacentMeetings" | "ConflictingMeetings" => Items,
+            "ResponseObjects" => ResponseObjects,
+            _ if known(schema::ITEM_PROPERTIES, local) => Opaque,
+            _ => return None,
+        },
+        ResponseObjects if known(&schema::RESPONSE_OBJECTS, local) => Empty,
+        Attachments => match local {
+            "FileAttachment" => FileAttachment,
+            "ItemAttachment" => ItemAttachment,
+            _ => return None,
+        },
+        FileAttachment
+            if known(&schema::ATTACHMENT_PROPERTIES, local)
+                || known(&schema::FILE_ATTACHMENT_PROPERTIES, local) =>
+        {
+            Opaque
+        }
+        ItemAttachment if known(&schema::ATTACHMENT_PROPERTIES, local) => Opaque,
+        Folders { .. } if known(&schema::FOLDERS, local) => Folder,
+        Folder => match local {
+            "FolderClass" => FolderClass,
+            _ if known(&schema::FOLDER_PROPERTIES, local) => Opaque,
+            _ => return None,
+        },
+        _ => return None,
+    })
+}
+
+/// The `&'static` spelling of a name from one of the schema lists.
+fn name_in(list: &[&'static str], local: &str) -> &'static str {
+    schema::find(list, local).map_or("", |i| list[i])
+}
+
+/// An item or attachment being read; items and attachments nest in each other.
+enum Owner {
+    Item(Item),
+    Attachment(Attachment),
+}
+
+struct Open {
+    ctx: Ctx,
+    /// Where the element's start tag begins.
+    start: usize,
+}
 
 #[derive(Default)]
-struct Walk<'i> {
+struct Walk {
     out: Response,
-    /// Local names of the open elements (borrowed from the document), with their namespace.
-    stack: Vec<(Ns, &'i str)>,
-    message: Option<(usize, Message)>,
-    items: Vec<(usize, Item)>,
-    attachments: Vec<(usize, Attachment)>,
-    folder: Option<(usize, FolderInfo)>,
+    stack: Vec<Open>,
+    message: Option<Message>,
+    owners: Vec<Owner>,
+    folder: Option<FolderInfo>,
+    /// The last folder filed sits in a sync change whose end is its span's end.
+    folder_in_change: bool,
     text: String,
     elements: usize,
 }
@@ -101,22 +265,18 @@ pub fn parse_response(bytes: &[u8], limits: Limits) -> Result<Response, SoapErro
                 let _ = e;
                 return Err(SoapError::TooDeep(limits.depth));
             }
-            Event::Start(e) => {
-                let local = local_of(&bytes[before..]);
-                w.start(ns, &e, local, before, limits)?;
-                w.stack.push((ns, local));
-            }
+            Event::Start(e) => w.start(ns, &e, &bytes[before..], before, limits)?,
             Event::Empty(e) => {
-                let local = local_of(&bytes[before..]);
-                w.start(ns, &e, local, before, limits)?;
-                w.stack.push((ns, local));
+                w.start(ns, &e, &bytes[before..], before, limits)?;
                 w.end(reader.buffer_position() as usize);
             }
             Event::End(_) => w.end(reader.buffer_position() as usize),
             // Only the classes' text matters.
-            Event::Text(t) if w.wants_text() => w.text.push_str(&t.xml10_content()),
-            Event::Text(_) => {}
-            Event::GeneralRef(_) | Event::CData(_) | Event::Comment(_) | Event::Decl(_) => {}
+            Event::Text(t) if w.wants_text() => w.push_text(&t.xml10_content()),
+            Event::CData(t) if w.wants_text() => w.push_text(&t),
+            Event::GeneralRef(r) if w.wants_text() => w.push_text(&reference(&r)),
+            Event::Text(_) | Event::CData(_) | Event::GeneralRef(_) => {}
+            Event::Comment(_) | Event::Decl(_) => {}
             Event::PI(_) => return Err(SoapError::ProcessingInstruction),
             Event::DocType(_) => return Err(SoapError::Dtd),
             Event::Eof if w.stack.is_empty() => return Ok(w.out),
@@ -125,23 +285,39 @@ pub fn parse_response(bytes: &[u8], limits: Limits) -> Result<Response, SoapErro
     }
 }
 
-fn local_of(at: &[u8]) -> &str {
-    super::tag_name(at).1
+/// The character a reference stands for; one that is not XML's own makes the text
+/// unrecognisable rather than shorter.
+fn reference(r: &BytesRef) -> String {
+    let c = match r.as_ref() {
+        "lt" => '<',
+        "gt" => '>',
+        "amp" => '&',
+        "apos" => '\'',
+        "quot" => '"',
+        _ => r.resolve_char_ref().ok().flatten().unwrap_or('\u{fffd}'),
+    };
+    c.to_string()
 }
 
-impl<'i> Walk<'i> {
+impl Walk {
     fn wants_text(&self) -> bool {
         matches!(
-            self.stack.last(),
-            Some((Ns::Types, "ItemClass" | "FolderClass"))
+            self.stack.last().map(|o| o.ctx),
+            Some(Ctx::ItemClass | Ctx::FolderClass)
         )
+    }
+
+    fn push_text(&mut self, t: &str) {
+        if self.text.len() < 1024 {
+            self.text.push_str(t);
+        }
     }
 
     fn start(
         &mut self,
         ns: Ns,
-        e: &quick_xml::events::BytesStart,
-        local: &'i str,
+        e: &BytesStart,
+        tag: &[u8],
         at: usize,
         limits: Limits,
     ) -> Result<(), SoapError> {
@@ -149,87 +325,102 @@ impl<'i> Walk<'i> {
         if self.elements > limits.elements {
             return Err(SoapError::TooManyElements(limits.elements));
         }
+        let parent = match self.stack.last() {
+            Some(o) => o.ctx,
+            None if ns == Ns::Soap && tag_name(tag).1 == "Envelope" => {
+                self.stack.push(Open {
+                    ctx: Ctx::Envelope,
+                    start: at,
+                });
+                return Ok(());
+            }
+            None => return Err(SoapError::NotEnvelope),
+        };
+        // Most elements are property content: no names to look at.
+        if parent == Ctx::Opaque {
+            self.stack.push(Open {
+                ctx: Ctx::Opaque,
+                start: at,
+            });
+            return Ok(());
+        }
+        let (raw, local) = tag_name(tag);
+        let ctx = match child(parent, ns, local) {
+            Some(ctx) => ctx,
+            None if self.message.is_some() => {
+                self.unclassified(raw);
+                Ctx::Opaque
+            }
+            None => return Err(SoapError::Unexpected(shown(raw))),
+        };
+        self.opened(parent, ctx, local, e, at)?;
         self.text.clear();
-        let depth = self.stack.len();
-        if depth == 0 && !(ns == Ns::Soap && local == "Envelope") {
-            return Err(SoapError::NotEnvelope);
+        self.stack.push(Open { ctx, start: at });
+        Ok(())
+    }
+
+    fn unclassified(&mut self, raw: &[u8]) {
+        if let Some(m) = self.message.as_mut() {
+            m.unclassified.get_or_insert_with(|| shown(raw));
         }
-        if ns == Ns::Soap && local == "Fault" {
-            self.out.fault = true;
-        }
-        let parent = self.stack.last().map(|(_, l)| *l);
-        if ns == Ns::Messages && parent == Some("ResponseMessages") && self.message.is_none() {
-            let m = Message {
-                span: at..at,
-                name: local.to_string(),
+    }
+
+    /// Records what an element that starts in `ctx` (inside `parent`) begins or names.
+    fn opened(
+        &mut self,
+        parent: Ctx,
+        ctx: Ctx,
+        local: &str,
+        e: &BytesStart,
+        at: usize,
+    ) -> Result<(), SoapError> {
+        match ctx {
+            Ctx::Opaque if parent == Ctx::Body => self.out.fault = true,
+            Ctx::Message => {
+                self.message = Some(Message {
+                    span: at..at,
+                    name: local.to_string(),
+                    ..Default::default()
+                })
+            }
+            Ctx::Item => self.owners.push(Owner::Item(Item {
+                element: name_in(&schema::ITEMS, local),
                 ..Default::default()
-            };
-            self.message = Some((depth, m));
-            return Ok(());
-        }
-        if self.message.is_none() || ns != Ns::Types {
-            return Ok(());
-        }
-        if ITEMS.contains(&local) && self.item_may_start(depth) {
-            self.items.push((
-                depth,
-                Item {
-                    element: local.to_string(),
+            })),
+            Ctx::FileAttachment | Ctx::ItemAttachment => {
+                self.owners.push(Owner::Attachment(Attachment::default()))
+            }
+            Ctx::Folder => {
+                let (start, listed) = match (parent, self.stack.last()) {
+                    (Ctx::Change, Some(change)) => (change.start, true),
+                    (Ctx::Folders { listed }, _) => (at, listed),
+                    _ => (at, false),
+                };
+                self.folder = Some(FolderInfo {
+                    element: name_in(&schema::FOLDERS, local),
+                    span: start..start,
+                    listed,
                     ..Default::default()
-                },
-            ));
-        } else if local == "FileAttachment" || local == "ItemAttachment" {
-            self.attachments.push((depth, Attachment::default()));
-        } else if FOLDERS.contains(&local) && self.folder.is_none() {
-            self.folder = Some((
-                depth,
-                FolderInfo {
-                    element: local.to_string(),
-                    ..Default::default()
-                },
-            ));
-        } else {
-            self.id_element(local, e, depth)?;
+                });
+            }
+            Ctx::Opaque => self.id_element(parent, local, e)?,
+            _ => {}
         }
         Ok(())
     }
 
-    /// An item starts at message level, or embedded in an item attachment.
-    fn item_may_start(&self, depth: usize) -> bool {
-        match (self.items.last(), self.attachments.last()) {
-            (None, _) => true,
-            (Some((i, _)), Some((a, _))) => a > i && depth > *a,
-            (Some(_), None) => false,
-        }
-    }
-
-    fn id_element(
-        &mut self,
-        local: &str,
-        e: &quick_xml::events::BytesStart,
-        depth: usize,
-    ) -> Result<(), SoapError> {
-        let direct = |owner: usize| depth == owner + 1;
-        match local {
-            "ItemId" => {
-                if let Some((d, item)) = self.items.last_mut() {
-                    if direct(*d) {
-                        item.id = attr(e, "Id")?;
-                    }
-                }
-            }
-            "AttachmentId" => {
-                if let Some((d, a)) = self.attachments.last_mut() {
-                    if direct(*d) {
-                        a.id = attr(e, "Id")?;
-                    }
-                }
-            }
-            "FolderId" => {
-                if let Some((d, f)) = self.folder.as_mut() {
-                    if direct(*d) {
-                        f.id = attr(e, "Id")?.unwrap_or_default();
-                    }
+    /// The ID of the item, attachment or folder the element belongs to directly.
+    fn id_element(&mut self, parent: Ctx, local: &str, e: &BytesStart) -> Result<(), SoapError> {
+        match (parent, local, self.owners.last_mut()) {
+            (Ctx::Item, "ItemId", Some(Owner::Item(item))) => item.id = attr(e, "Id")?,
+            (
+                Ctx::FileAttachment | Ctx::ItemAttachment,
+                "AttachmentId",
+                Some(Owner::Attachment(a)),
+            ) => a.id = attr(e, "Id")?,
+            (Ctx::Folder, "FolderId", _) => {
+                if let Some(f) = self.folder.as_mut() {
+                    f.id = attr(e, "Id")?.unwrap_or_default();
                 }
             }
             _ => {}
@@ -238,97 +429,159 @@ impl<'i> Walk<'i> {
     }
 
     fn end(&mut self, at: usize) {
-        let Some((ns, local)) = self.stack.pop() else {
+        let Some(open) = self.stack.pop() else {
             return;
         };
-        let depth = self.stack.len();
-        let text = std::mem::take(&mut self.text);
-        if ns == Ns::Types && local == "ItemClass" {
-            if let Some((d, item)) = self.items.last_mut() {
-                if depth == *d + 1 {
-                    item.class = Some(text.trim().to_string());
+        let text = || self.text.trim().to_string();
+        match open.ctx {
+            Ctx::ItemClass => {
+                let class = text();
+                if let Some(Owner::Item(item)) = self.owners.last_mut() {
+                    item.class = Some(class);
                 }
             }
-        }
-        if ns == Ns::Types && local == "FolderClass" {
-            if let Some((d, f)) = self.folder.as_mut() {
-                if depth == *d + 1 {
-                    f.class = Some(text.trim().to_string());
+            Ctx::FolderClass => {
+                let class = text();
+                if let Some(f) = self.folder.as_mut() {
+                    f.class = Some(class);
                 }
             }
+            Ctx::Item | Ctx::FileAttachment | Ctx::ItemAttachment => self.file_owner(),
+            Ctx::Folder => self.file_folder(at),
+            Ctx::Change if self.folder_in_change => {
+                self.folder_in_change = false;
+                if let Some(f) = self.message.as_mut().and_then(|m| m.folders.last_mut()) {
+                    f.span.end = at;
+                }
+            }
+            Ctx::Message => {
+                if let Some(mut m) = self.message.take() {
+                    m.span.end = at;
+                    self.out.messages.push(m);
+                }
+            }
+            _ => {}
         }
-        self.close_owner(depth, at);
+        self.text.clear();
     }
 
-    /// The element at `depth` ended: if it was an item, attachment, folder or message,
-    /// file it where it belongs.
-    fn close_owner(&mut self, depth: usize, at: usize) {
-        if self.items.last().is_some_and(|(d, _)| *d == depth) {
-            let Some((_, item)) = self.items.pop() else {
-                return;
-            };
-            match self.attachments.last_mut() {
-                Some((d, a)) if self.items.last().is_none_or(|(i, _)| *d > *i) => {
-                    a.item = Some(item)
-                }
-                _ => {
-                    if let Some((_, m)) = self.message.as_mut() {
-                        m.items.push(item);
-                    }
-                }
+    /// An item or attachment ended: it belongs to the one it is in, or to the message.
+    fn file_owner(&mut self) {
+        let Some(done) = self.owners.pop() else {
+            return;
+        };
+        let into = self.owners.last_mut();
+        match (done, into) {
+            (Owner::Item(item), Some(Owner::Attachment(a))) => a.item = Some(item),
+            (Owner::Item(item), Some(Owner::Item(parent))) => parent.embedded.push(item),
+            (Owner::Attachment(a), Some(Owner::Item(parent))) => {
+                parent.attachments.extend(a.id);
+                parent.embedded.extend(a.item);
             }
-        } else if self.attachments.last().is_some_and(|(d, _)| *d == depth) {
-            let Some((_, a)) = self.attachments.pop() else {
-                return;
-            };
-            match self.items.last_mut() {
-                Some((_, item)) => item.attachments.extend(a.id),
-                None => {
-                    if let Some((_, m)) = self.message.as_mut() {
-                        m.attachments.push(a);
-                    }
+            (Owner::Item(item), _) => {
+                if let Some(m) = self.message.as_mut() {
+                    m.items.push(item);
                 }
             }
-        } else if self.folder.as_ref().is_some_and(|(d, _)| *d == depth) {
-            if let (Some((_, f)), Some((_, m))) = (self.folder.take(), self.message.as_mut()) {
-                m.folders.push(f);
-            }
-        } else if self.message.as_ref().is_some_and(|(d, _)| *d == depth) {
-            if let Some((_, mut m)) = self.message.take() {
-                m.span.end = at;
-                self.out.messages.push(m);
+            (Owner::Attachment(a), _) => {
+                if let Some(m) = self.message.as_mut() {
+                    m.attachments.push(a);
+                }
             }
         }
     }
+
+    fn file_folder(&mut self, at: usize) {
+        let Some(mut f) = self.folder.take() else {
+            return;
+        };
+        // Inside a sync change the change is cut whole, when it ends.
+        self.folder_in_change = self.stack.last().map(|o| o.ctx) == Some(Ctx::Change);
+        if !self.folder_in_change {
+            f.span.end = at;
+        }
+        if let Some(m) = self.message.as_mut() {
+            m.folders.push(f);
+        }
+    }
+}
+
+/// An element's name as written, for a reason a person reads.
+fn shown(raw: &[u8]) -> String {
+    let raw = &raw[..raw.len().min(100)];
+    String::from_utf8_lossy(raw).into_owned()
 }
 
 fn escape(text: &str) -> String {
     quick_xml::escape::escape(text).into_owned()
 }
 
-/// The response with the messages that have a reason replaced by an access-denied error
-/// message of the same name.
-pub fn rewrite(bytes: &[u8], response: &Response, denied: &[Option<String>]) -> Vec<u8> {
+/// What to do with one response message.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verdict {
+    /// Replace the message with an access-denied error that gives this reason.
+    pub withhold: Option<String>,
+    /// Folders (positions in the message's `folders`) to cut from its listing.
+    pub cut: Vec<usize>,
+}
+
+impl Verdict {
+    pub fn passes(&self) -> bool {
+        self.withhold.is_none() && self.cut.is_empty()
+    }
+}
+
+/// The response with each withheld message replaced by an access-denied error message of
+/// the same name, and the folders cut from listings removed.
+pub fn rewrite(bytes: &[u8], response: &Response, verdicts: &[Verdict]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len());
     let mut from = 0;
-    for (m, why) in response.messages.iter().zip(denied) {
-        let Some(why) = why else { continue };
-        out.extend_from_slice(&bytes[from..m.span.start]);
-        out.extend_from_slice(
-            format!(
-                "<m:{name} xmlns:m=\"{MESSAGES_NS}\" ResponseClass=\"Error\">\
-                 <m:MessageText>{text}</m:MessageText>\
-                 <m:ResponseCode>ErrorAccessDenied</m:ResponseCode>\
-                 <m:DescriptiveLinkKey>0</m:DescriptiveLinkKey></m:{name}>",
-                name = m.name,
-                text = escape(&format!("ewsgate: {why}")),
-            )
-            .as_bytes(),
-        );
-        from = m.span.end;
+    for (m, v) in response.messages.iter().zip(verdicts) {
+        let cuts: Option<Vec<Range<usize>>> = v
+            .cut
+            .iter()
+            .map(|&i| m.folders.get(i).map(|f| f.span.clone()))
+            .collect();
+        // Cuts that do not nest in order inside the message withhold it whole instead.
+        let cuts = cuts.filter(|c| in_order(c, &m.span));
+        match (&v.withhold, cuts) {
+            (None, Some(cuts)) => {
+                for c in cuts {
+                    out.extend_from_slice(&bytes[from..c.start]);
+                    from = c.end;
+                }
+            }
+            (why, _) => {
+                let why = why
+                    .as_deref()
+                    .unwrap_or("a folder listing could not be cut");
+                out.extend_from_slice(&bytes[from..m.span.start]);
+                out.extend_from_slice(denied_message(&m.name, why).as_bytes());
+                from = m.span.end;
+            }
+        }
     }
     out.extend_from_slice(&bytes[from..]);
     out
+}
+
+fn in_order(cuts: &[Range<usize>], within: &Range<usize>) -> bool {
+    let mut at = within.start;
+    cuts.iter().all(|c| {
+        let ok = c.start >= at && c.end >= c.start && c.end <= within.end;
+        at = c.end;
+        ok
+    })
+}
+
+fn denied_message(name: &str, why: &str) -> String {
+    format!(
+        "<m:{name} xmlns:m=\"{MESSAGES_NS}\" ResponseClass=\"Error\">\
+         <m:MessageText>{text}</m:MessageText>\
+         <m:ResponseCode>ErrorAccessDenied</m:ResponseCode>\
+         <m:DescriptiveLinkKey>0</m:DescriptiveLinkKey></m:{name}>",
+        text = escape(&format!("ewsgate: {why}")),
+    )
 }
 
 /// A SOAP 1.1 fault shaped like Exchange's own, so EWS clients raise the named error.

@@ -68,7 +68,7 @@ fn create_item_shows_its_item_element_class_and_disposition() {
         r#"<m:CreateItem MessageDisposition="SendAndSaveCopy"><m:Items><t:Message><t:ItemClass>IPM.StickyNote</t:ItemClass><t:Subject>x</t:Subject></t:Message></m:Items></m:CreateItem>"#,
     ))
     .unwrap();
-    assert!(r.sends);
+    assert!(r.sends_mail && r.sends());
     assert_eq!(r.shown, vec!["Message"]);
     assert_eq!(r.item_classes, vec!["IPM.StickyNote"]);
 }
@@ -186,7 +186,12 @@ fn responses_show_items_attachments_and_folders_with_their_spans() {
     assert_eq!(r.messages[1].items[0].element, "CalendarItem");
     assert!(text[m.span.clone()].starts_with("<m:GetItemResponseMessage"));
     assert!(text[m.span.clone()].ends_with("</m:GetItemResponseMessage>"));
-    let out = rewrite(text.as_bytes(), &r, &[Some("e-mail".into()), None]);
+    assert_eq!(m.items[0].embedded[0].id.as_deref(), Some("E1"));
+    let withhold = Verdict {
+        withhold: Some("e-mail".into()),
+        cut: vec![],
+    };
+    let out = rewrite(text.as_bytes(), &r, &[withhold, Verdict::default()]);
     let again = parse_response(&out, Limits::default()).unwrap();
     assert_eq!(again.messages.len(), 2);
     assert!(again.messages[0].items.is_empty());
@@ -207,4 +212,233 @@ fn a_byte_order_mark_and_a_missing_declaration_are_read_alike() {
         let r = parse(&text).unwrap();
         assert_eq!((r.operation.as_str(), r.items.len()), ("GetItem", 1));
     }
+}
+
+fn response(messages: &str) -> String {
+    format!(
+        r#"{HEAD}<soap:Header><t:ServerVersionInfo MajorVersion="15"/></soap:Header><soap:Body>
+<m:FindItemResponse><m:ResponseMessages>{messages}</m:ResponseMessages></m:FindItemResponse></soap:Body></soap:Envelope>"#
+    )
+}
+
+fn find_item(items: &str) -> String {
+    format!(
+        r#"<m:FindItemResponseMessage ResponseClass="Success"><m:ResponseCode>NoError</m:ResponseCode>
+<m:RootFolder TotalItemsInView="1" IncludesLastItemInRange="true"><t:Items>{items}</t:Items></m:RootFolder></m:FindItemResponseMessage>"#
+    )
+}
+
+fn unclassified(messages: &str) -> Vec<Option<String>> {
+    let r = parse_response(response(messages).as_bytes(), Limits::default()).unwrap();
+    r.messages.into_iter().map(|m| m.unclassified).collect()
+}
+
+#[test]
+fn an_element_the_schema_walk_does_not_know_marks_its_message() {
+    let calendar = r#"<t:CalendarItem><t:ItemId Id="C1"/><t:ItemClass>IPM.Appointment</t:ItemClass><t:Subject>s</t:Subject>"#;
+    let cases = [
+        // A reference attachment: a link ewsgate cannot judge.
+        (
+            format!(
+                "{calendar}<t:Attachments><t:ReferenceAttachment><t:AttachmentId Id=\"R1\"/></t:ReferenceAttachment></t:Attachments></t:CalendarItem>"
+            ),
+            Some("t:ReferenceAttachment"),
+        ),
+        // A property no schema has, and an item element no schema has.
+        (format!("{calendar}<t:Foo><t:Message/></t:Foo></t:CalendarItem>"), Some("t:Foo")),
+        ("<t:Hologram><t:ItemId Id=\"H1\"/></t:Hologram>".to_string(), Some("t:Hologram")),
+        // An element in another namespace where only EWS types belong.
+        (
+            format!("{calendar}<x:Subject xmlns:x=\"urn:x\"/></t:CalendarItem>"),
+            Some("x:Subject"),
+        ),
+        // A response object marker that carries content, and text-only class with markup.
+        (
+            format!("{calendar}<t:ResponseObjects><t:AcceptItem><t:Body>x</t:Body></t:AcceptItem></t:ResponseObjects></t:CalendarItem>"),
+            Some("t:Body"),
+        ),
+        // Known properties, whatever they hold, and response object markers.
+        (
+            format!("{calendar}<t:Body BodyType=\"HTML\"><b>x</b></t:Body><t:ResponseObjects><t:AcceptItem/><t:ReplyToItem/></t:ResponseObjects></t:CalendarItem>"),
+            None,
+        ),
+    ];
+    for (items, expected) in cases {
+        let got = unclassified(&find_item(&items));
+        assert_eq!(got, vec![expected.map(str::to_string)], "{items}");
+    }
+    // Only the message that holds it.
+    let two = format!(
+        "{}{}",
+        find_item("<t:Hologram/>"),
+        find_item(&format!("{calendar}</t:CalendarItem>"))
+    );
+    assert_eq!(unclassified(&two), vec![Some("t:Hologram".into()), None]);
+    // Outside the response messages, the whole response is refused.
+    let stray =
+        response(&find_item("")).replace("<m:ResponseMessages>", "<m:Extra/><m:ResponseMessages>");
+    assert_eq!(
+        parse_response(stray.as_bytes(), Limits::default()).map(|_| ()),
+        Err(SoapError::Unexpected("m:Extra".into()))
+    );
+}
+
+#[test]
+fn items_inside_items_are_read_wherever_the_schema_puts_them() {
+    let items = r#"<t:MeetingRequest><t:ItemId Id="R1"/><t:ItemClass>IPM.Schedule.Meeting.Request</t:ItemClass>
+<t:ConflictingMeetings><t:CalendarItem><t:ItemId Id="C9"/><t:ItemClass>IPM.Appointment</t:ItemClass></t:CalendarItem></t:ConflictingMeetings>
+<t:AdjacentMeetings><t:Message><t:ItemClass>IPM.Note</t:ItemClass></t:Message></t:AdjacentMeetings></t:MeetingRequest>"#;
+    let r = parse_response(response(&find_item(items)).as_bytes(), Limits::default()).unwrap();
+    let m = &r.messages[0];
+    assert_eq!(m.unclassified, None);
+    assert_eq!(m.items.len(), 1);
+    let classes: Vec<_> = m.items[0]
+        .embedded
+        .iter()
+        .map(|i| i.class.as_deref())
+        .collect();
+    assert_eq!(classes, vec![Some("IPM.Appointment"), Some("IPM.Note")]);
+}
+
+#[test]
+fn listed_folders_carry_the_span_to_cut_and_a_sync_change_is_cut_whole() {
+    let find = format!(
+        r#"{HEAD}<soap:Body><m:FindFolderResponse><m:ResponseMessages><m:FindFolderResponseMessage ResponseClass="Success">
+<m:ResponseCode>NoError</m:ResponseCode><m:RootFolder TotalItemsInView="2"><t:Folders>
+<t:CalendarFolder><t:FolderId Id="F1"/><t:FolderClass>IPF.Appointment</t:FolderClass></t:CalendarFolder>
+<t:Folder><t:FolderId Id="F2"/><t:FolderClass>IPF.StickyNote</t:FolderClass><t:DisplayName>Notes</t:DisplayName></t:Folder>
+</t:Folders></m:RootFolder></m:FindFolderResponseMessage></m:ResponseMessages></m:FindFolderResponse></soap:Body></soap:Envelope>"#
+    );
+    let r = parse_response(find.as_bytes(), Limits::default()).unwrap();
+    let folders = &r.messages[0].folders;
+    assert_eq!(folders.len(), 2);
+    assert!(folders.iter().all(|f| f.listed));
+    assert_eq!(
+        (folders[1].id.as_str(), folders[1].element),
+        ("F2", "Folder")
+    );
+    assert_eq!(folders[1].class.as_deref(), Some("IPF.StickyNote"));
+    assert!(find[folders[1].span.clone()].starts_with("<t:Folder>"));
+    assert!(find[folders[1].span.clone()].ends_with("</t:Folder>"));
+    let cut = Verdict {
+        withhold: None,
+        cut: vec![1],
+    };
+    let out = String::from_utf8(rewrite(find.as_bytes(), &r, &[cut])).unwrap();
+    assert!(!out.contains("Notes") && out.contains("F1"), "{out}");
+    let again = parse_response(out.as_bytes(), Limits::default()).unwrap();
+    assert_eq!(again.messages[0].folders.len(), 1);
+
+    let sync = format!(
+        r#"{HEAD}<soap:Body><m:SyncFolderHierarchyResponse><m:ResponseMessages><m:SyncFolderHierarchyResponseMessage ResponseClass="Success">
+<m:ResponseCode>NoError</m:ResponseCode><m:SyncState>x</m:SyncState><m:IncludesLastFolderInRange>true</m:IncludesLastFolderInRange>
+<m:Changes><t:Create><t:Folder><t:FolderId Id="F2"/><t:FolderClass>IPF.Note</t:FolderClass></t:Folder></t:Create><t:Delete><t:FolderId Id="F3"/></t:Delete></m:Changes>
+</m:SyncFolderHierarchyResponseMessage></m:ResponseMessages></m:SyncFolderHierarchyResponse></soap:Body></soap:Envelope>"#
+    );
+    let r = parse_response(sync.as_bytes(), Limits::default()).unwrap();
+    let f = &r.messages[0].folders[0];
+    assert_eq!(
+        &sync[f.span.clone()],
+        r#"<t:Create><t:Folder><t:FolderId Id="F2"/><t:FolderClass>IPF.Note</t:FolderClass></t:Folder></t:Create>"#
+    );
+    // GetFolder's folders are asked for, not listed.
+    let get = find
+        .replace("FindFolder", "GetFolder")
+        .replace(
+            "<m:RootFolder TotalItemsInView=\"2\"><t:Folders>",
+            "<m:Folders>",
+        )
+        .replace("</t:Folders></m:RootFolder>", "</m:Folders>");
+    let r = parse_response(get.as_bytes(), Limits::default()).unwrap();
+    assert_eq!(r.messages[0].unclassified, None);
+    assert!(r.messages[0].folders.iter().all(|f| !f.listed));
+}
+
+#[test]
+fn attributes_that_send_mail_or_meeting_requests() {
+    let create = |attrs: &str| {
+        parse(&envelope(
+            "",
+            &format!("<m:CreateItem {attrs}><m:Items><t:CalendarItem><t:Subject>x</t:Subject></t:CalendarItem></m:Items></m:CreateItem>"),
+        ))
+        .unwrap()
+    };
+    let cases = [
+        ("", (false, false)),
+        ("MessageDisposition=\"SaveOnly\"", (false, false)),
+        ("MessageDisposition=\"SendOnly\"", (true, false)),
+        ("MessageDisposition=\"SendAndSaveCopy\"", (true, false)),
+        ("SendMeetingInvitations=\"SendToNone\"", (false, false)),
+        ("SendMeetingInvitations=\"SendOnlyToAll\"", (false, true)),
+        (
+            "SendMeetingInvitations=\"SendToAllAndSaveCopy\"",
+            (false, true),
+        ),
+        // A value Exchange does not document counts as sending.
+        ("SendMeetingInvitations=\"sendtonone\"", (false, true)),
+    ];
+    for (attrs, (mail, meetings)) in cases {
+        let r = create(attrs);
+        assert_eq!(
+            (r.sends_mail, r.sends_meetings),
+            (mail, meetings),
+            "{attrs}"
+        );
+    }
+    let update = parse(&envelope(
+        "",
+        r#"<m:UpdateItem ConflictResolution="AutoResolve" SendMeetingInvitationsOrCancellations="SendOnlyToChanged"><m:ItemChanges/></m:UpdateItem>"#,
+    ))
+    .unwrap();
+    assert!(update.sends());
+    let delete = |v: &str| {
+        parse(&envelope(
+            "",
+            &format!(r#"<m:DeleteItem DeleteType="MoveToDeletedItems" SendMeetingCancellations="{v}"><m:ItemIds><t:ItemId Id="C1"/></m:ItemIds></m:DeleteItem>"#),
+        ))
+        .unwrap()
+        .sends()
+    };
+    assert!(delete("SendToAllAndSaveCopy") && !delete("SendToNone"));
+}
+
+#[test]
+fn mailboxes_a_request_acts_on() {
+    let cases = [
+        (
+            r#"<m:ConvertId DestinationFormat="EwsId"><m:SourceIds><t:AlternateId Format="EwsLegacyId" Id="AAA" Mailbox="CEO@example.org"/></m:SourceIds></m:ConvertId>"#,
+            vec!["ceo@example.org"],
+        ),
+        (
+            r#"<m:GetUserOofSettingsRequest><t:Mailbox><t:Address>Bob@example.org</t:Address></t:Mailbox></m:GetUserOofSettingsRequest>"#,
+            vec!["bob@example.org"],
+        ),
+        (
+            r#"<m:GetDelegate IncludePermissions="true"><m:Mailbox><t:EmailAddress>boss@example.org</t:EmailAddress></m:Mailbox></m:GetDelegate>"#,
+            vec!["boss@example.org"],
+        ),
+        (
+            r#"<m:GetInboxRules><m:MailboxSmtpAddress>hr@example.org</m:MailboxSmtpAddress></m:GetInboxRules>"#,
+            vec!["hr@example.org"],
+        ),
+        (
+            r#"<m:FindItem><m:ParentFolderIds><t:DistinguishedFolderId Id="inbox"><t:Mailbox><t:Name>x</t:Name></t:Mailbox></t:DistinguishedFolderId></m:ParentFolderIds></m:FindItem>"#,
+            vec![UNNAMED],
+        ),
+        // The list to expand and the recipients of a message are not mailboxes acted on.
+        (
+            r#"<m:ExpandDL><m:Mailbox><t:EmailAddress>all@example.org</t:EmailAddress></m:Mailbox></m:ExpandDL>"#,
+            vec![],
+        ),
+        (
+            r#"<m:CreateItem MessageDisposition="SaveOnly"><m:Items><t:Message><t:ToRecipients><t:Mailbox><t:EmailAddress>x@example.net</t:EmailAddress></t:Mailbox></t:ToRecipients></t:Message></m:Items></m:CreateItem>"#,
+            vec![],
+        ),
+    ];
+    for (body, mailboxes) in cases {
+        let r = parse(&envelope("", body)).unwrap();
+        assert_eq!(r.mailboxes, mailboxes, "{body}");
+    }
+    let oof = parse(&envelope("", "<m:GetUserOofSettingsRequest><t:Mailbox><t:Address>a@example.org</t:Address></t:Mailbox></m:GetUserOofSettingsRequest>")).unwrap();
+    assert_eq!(oof.operation, "GetUserOofSettings");
 }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use crate::{
     model::{
-        ews::{self, DataSet, OpClass, OpInfo, Shape},
+        ews::{self, DataSet, OpClass, OpInfo},
         rules::Action,
     },
     policy::{
@@ -192,19 +192,19 @@ fn judge(
     if decision.action == Action::Deny {
         enforce(state, ctx, Refusal::policy(500, why))?;
     }
-    if info.is_some_and(|i| i.shape == Shape::Changes) {
-        // Moved, copied, deleted or changed items get new IDs or classes: forget them.
+    if content::changes_ids(&request, info.as_ref()) {
         if let Ok(mut cache) = shared.ids.lock() {
-            cache.forget(&mailbox, &request.items);
+            content::forget_changed(&mut cache, &mailbox, &request);
         }
     }
     Ok((Judged { mailbox }, tail))
 }
 
-/// The operation, with a `CreateItem` that sends mail counted as a send.
+/// The operation, with one that sends mail (`MessageDisposition`, a meeting attribute)
+/// counted as a send.
 fn operation(request: &soap::Request) -> Option<OpInfo> {
     ews::operation(&request.operation).map(|mut i| {
-        if request.sends {
+        if request.sends() {
             i.class = OpClass::Send;
         }
         i

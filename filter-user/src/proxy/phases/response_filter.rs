@@ -315,21 +315,19 @@ fn judge(
         .ids
         .lock()
         .map_err(|_| Refusal::service(500, "id_cache_poisoned"))?;
-    let denied = content::judge_response(
+    let verdicts = content::judge_response(
         &response,
         &inspect,
         &cache,
         &judged.mailbox,
         settings.meetings,
     );
-    cache.learn(&judged.mailbox, &response, settings.meetings);
+    cache.learn(&judged.mailbox, &response, &inspect, settings.meetings);
     drop(cache);
-    let withheld = denied.iter().filter(|d| d.is_some()).count();
-    if withheld == 0 {
-        return Ok(None);
+    let filtered = content::filter(bytes, &response, &verdicts);
+    if filtered.body.is_some() {
+        ctx.withheld = Some(filtered.withheld);
+        ctx.reason = filtered.reason.into();
     }
-    ctx.withheld = Some(withheld);
-    let first = denied.iter().flatten().next().map_or("", String::as_str);
-    ctx.reason = format!("forwarded; {withheld} response message(s) withheld: {first}").into();
-    Ok(Some(soap::rewrite(bytes, &response, &denied)))
+    Ok(filtered.body)
 }

@@ -441,6 +441,7 @@ fn get_item_answer() -> String {
         class: "IPM.Appointment",
         subject: "Quarterly review with ACME",
         attachments: vec!["AAMkAD-attachment-1="],
+        extra: "",
     };
     tests::mailbox::get_item_response(&[Some(&item)]).replace('\'', "\\'")
 }
