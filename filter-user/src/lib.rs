@@ -16,6 +16,7 @@ pub mod paths;
 pub mod policy;
 pub mod proxy;
 pub mod soap;
+pub mod spnego;
 pub mod strict;
 pub mod tables;
 pub mod tls;

@@ -126,6 +126,8 @@ pub enum AuthKind {
     Basic,
     Ntlm,
     Negotiate,
+    /// `Negotiate` carrying a Kerberos AP-REQ (its user is not readable by ewsgate).
+    Kerberos,
     Bearer,
     ClientCert,
 }
@@ -137,6 +139,7 @@ impl AuthKind {
             AuthKind::Basic => "basic",
             AuthKind::Ntlm => "ntlm",
             AuthKind::Negotiate => "negotiate",
+            AuthKind::Kerberos => "kerberos",
             AuthKind::Bearer => "bearer",
             AuthKind::ClientCert => "client-cert",
         }
@@ -148,6 +151,7 @@ impl AuthKind {
             AuthKind::Basic,
             AuthKind::Ntlm,
             AuthKind::Negotiate,
+            AuthKind::Kerberos,
             AuthKind::Bearer,
             AuthKind::ClientCert,
         ]
@@ -765,7 +769,7 @@ impl RawRule {
             .iter()
             .map(|a| {
                 AuthKind::parse(a.get_ref()).ok_or_else(|| {
-                    here.at(a, format!("unknown auth '{}': expected none, basic, ntlm, negotiate, bearer or client-cert", a.get_ref()))
+                    here.at(a, format!("unknown auth '{}': expected none, basic, ntlm, negotiate (NTLM inside SPNEGO), kerberos, bearer or client-cert", a.get_ref()))
                 })
             })
             .collect::<Result<_, _>>()?;
