@@ -309,9 +309,10 @@ mod tests {
         );
     }
 
-    /// Tokens a real SPNEGO implementation wrote (pyspnego; see testdata/negotiate).
+    /// Tokens real implementations wrote (pyspnego; curl with MIT Kerberos; see
+    /// testdata/negotiate).
     #[test]
-    fn negotiate_reads_captured_ntlm_legs() {
+    fn negotiate_reads_captured_legs() {
         let fixture = |name: &str| {
             let path = format!(
                 "{}/testdata/negotiate/{name}.b64",
@@ -335,6 +336,11 @@ mod tests {
                     user: "EXAMPLE\\alice".into()
                 }
             }
+        );
+        // curl with MIT Kerberos: a NegTokenInit offering krb5, with its AP-REQ.
+        assert_eq!(
+            classify(Some(&fixture("kerberos-init"))),
+            Credential::Kerberos
         );
         // The server's challenge leg parses as NTLM too (a Type 2 is `Other`).
         assert!(matches!(

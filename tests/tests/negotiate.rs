@@ -1,7 +1,8 @@
-//! `Authorization: Negotiate` in the lab, with real TLS and HTTP: NTLM inside SPNEGO (legs a
-//! real SPNEGO implementation wrote) authenticates the connection as its user; a Kerberos
-//! AP-REQ is the auth kind `kerberos`, which only a rule naming it allows; SPNEGO that does
-//! not decode is refused with its reason and never reaches Exchange.
+//! `Authorization: Negotiate` in the lab, with real TLS and HTTP: NTLM inside SPNEGO (legs
+//! pyspnego wrote) authenticates the connection as its user; a Kerberos AP-REQ (built with
+//! `der`, and one curl sent with MIT Kerberos) is the auth kind `kerberos`, which only a rule
+//! naming it allows; SPNEGO that does not decode is refused with its reason and never
+//! reaches Exchange.
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 use ewsgate::spnego::{build, NTLMSSP};
@@ -92,6 +93,15 @@ fn negotiate_is_read_by_its_structure() {
     })
     .expect("kerberos audit");
     assert_eq!(line["rule"], "partner-kerberos");
+    // The same with the token curl sends with MIT Kerberos.
+    let mit = g
+        .https("sf")
+        .ews(
+            &[("Authorization", &captured("kerberos-init"))],
+            soap().as_bytes(),
+        )
+        .expect("reply");
+    assert_eq!(mit.status, 200, "{}", mit.body);
 
     // SPNEGO that does not decode, or offers nothing ewsgate can read, is refused with its
     // reason and never reaches Exchange.
