@@ -10,6 +10,8 @@ pub mod control;
 pub mod daemon;
 pub mod entra;
 pub mod feedback;
+pub mod fetch;
+pub mod jwt;
 pub mod maps;
 pub mod metadata;
 pub mod paths;

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: crafted frames and network-namespace labs.
 //! Every test here needs root (BPF and namespaces); `cargo xtask test` runs them.
 
+pub mod docs;
 pub mod ews;
 pub mod gate;
 pub mod lab;

@@ -35,8 +35,7 @@ use crate::{
     policy::SourceIndex,
     strict::{Checks, Framing, HeadCheck, Tracker},
     tls::CertResolver,
-    token_cache::TokenCache,
-    tokens::{KeyRing, Validator},
+    token_cache::{KeyMaterial, TokenCache},
 };
 
 /// Sources whose failures are tracked at most.
@@ -46,53 +45,23 @@ const TRACKED_SOURCES: usize = 100_000;
 pub struct Policy {
     pub rules: Vec<Rule>,
     pub sources: SourceIndex,
-    /// `None` when no Exchange certificate is pinned: every bearer token is refused.
-    pub tokens: Option<Mutex<TokenCache>>,
-    /// Keys from allow-listed auth metadata URLs, when fetching is on.
-    pub keys: Option<Arc<crate::metadata::KeySource>>,
+    /// `None` when no token is trusted at all: every bearer token is refused.
+    pub tokens: Option<TokenCache>,
     pub settings: ProxySettings,
     pub content: ContentSettings,
 }
 
 impl Policy {
-    pub fn build(config: &Config) -> anyhow::Result<Policy> {
+    /// `previous` is the running policy: its fetched signing keys carry over.
+    pub fn build(config: &Config, previous: Option<&Policy>) -> anyhow::Result<Policy> {
         let settings = config.proxy.clone().context("no [proxy] section")?;
-        let t = &config.tokens;
-        let keys = t
-            .fetch
-            .clone()
-            .map(crate::metadata::KeySource::new)
-            .transpose()?
-            .map(Arc::new);
-        let entra = t
-            .entra
-            .as_ref()
-            .map(|e| crate::entra::EntraValidator::load(e, t.expect.leeway))
-            .transpose()
-            .context("[tokens.entra] keys_file")?;
-        let tokens = if t.certificates.is_empty() && keys.is_none() && entra.is_none() {
-            None
-        } else {
-            let mut ring = KeyRing::default();
-            for path in &t.certificates {
-                let pem = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {}", path.display()))?;
-                ring.add_pem(&pem)
-                    .with_context(|| format!("{}", path.display()))?;
-            }
-            let validator = Validator {
-                keys: ring,
-                fetched: keys.as_ref().map(|k| k.ring.clone()),
-                expect: t.expect.clone(),
-                entra,
-            };
-            Some(Mutex::new(TokenCache::new(validator, t.cache_entries)))
-        };
+        let material = KeyMaterial::read(&config.tokens)?;
+        let previous = previous.and_then(|p| p.tokens.as_ref());
+        let tokens = TokenCache::build(&config.tokens, &material, previous)?;
         Ok(Policy {
             rules: config.rules.clone(),
             sources: SourceIndex::new(config),
             tokens,
-            keys,
             settings,
             content: config.content,
         })
@@ -125,8 +94,8 @@ pub struct ProxyHandle {
 impl ProxyHandle {
     /// Checks a new configuration whole; nothing changes unless it is good.
     pub fn prepare(&self, config: &Config) -> anyhow::Result<Policy> {
-        let policy = Policy::build(config)?;
         let old = self.shared.policy.load();
+        let policy = Policy::build(config, Some(&old))?;
         let (a, b) = (&old.settings, &policy.settings);
         if a.listen != b.listen || a.upstream != b.upstream || a.client_ca != b.client_ca {
             anyhow::bail!("[proxy] listen, upstream and client_ca change only with a restart");
@@ -146,8 +115,8 @@ impl ProxyHandle {
                 *f = Failures::new(feedback_settings(config));
             }
         }
-        if let Some(keys) = &policy.keys {
-            crate::metadata::keep_fresh(keys, &self.shared.runtime);
+        if let Some(tokens) = &policy.tokens {
+            tokens.keep_fresh(&self.shared.runtime);
         }
         self.shared.policy.store(Arc::new(policy));
     }
@@ -169,7 +138,7 @@ fn feedback_settings(config: &Config) -> feedback::Settings {
 
 /// Binds the listeners and starts serving on the current tokio runtime.
 pub fn start(config: &Config, blocks: BlockSink) -> anyhow::Result<ProxyHandle> {
-    let policy = Policy::build(config)?;
+    let policy = Policy::build(config, None)?;
     let s = policy.settings.clone();
     let certs = Arc::new(CertResolver::load(&s.certificate, &s.private_key)?);
     let tls = crate::tls::server_config(&s, certs.clone())?;
@@ -187,8 +156,8 @@ pub fn start(config: &Config, blocks: BlockSink) -> anyhow::Result<ProxyHandle> 
         runtime: tokio::runtime::Handle::current(),
         policy: ArcSwap::from_pointee(policy),
     });
-    if let Some(keys) = &shared.policy.load().keys {
-        crate::metadata::keep_fresh(keys, &shared.runtime);
+    if let Some(tokens) = &shared.policy.load().tokens {
+        tokens.keep_fresh(&shared.runtime);
     }
     for addr in &s.listen {
         let std = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;

@@ -114,17 +114,12 @@ pub(crate) async fn handle(
 /// A bearer token signed by a key ewsgate has not seen: fetch the allow-listed metadata
 /// again first (rate limited), as Exchange's auth certificate may just have rotated.
 async fn refetch_for_unknown_key(policy: &Policy, req: &Request<Incoming>) {
-    let (Some(keys), Some(tokens)) = (&policy.keys, &policy.tokens) else {
+    let Some(tokens) = &policy.tokens else {
         return;
     };
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let unknown = token.and_then(|t| tokens.lock().ok().and_then(|c| c.unknown_key(t)));
-    if unknown.is_some() {
-        keys.refetch().await;
+    let value = req.headers().get(header::AUTHORIZATION);
+    if let Some(token) = value.and_then(|v| crate::auth::bearer_token(v.as_bytes())) {
+        tokens.refetch_unknown(token).await;
     }
 }
 
@@ -428,9 +423,6 @@ fn verify(policy: &Policy, token: &str) -> Result<crate::tokens::Verified, Refus
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let mut cache = cache
-        .lock()
-        .map_err(|_| refusal(StatusCode::INTERNAL_SERVER_ERROR, "token_cache_poisoned"))?;
     cache
         .verify_for_ews(token, now)
         .map_err(|e| refusal(StatusCode::UNAUTHORIZED, e.reason()))
