@@ -1,4 +1,4 @@
-//! `cargo xtask bench [xdp|proxy|all]`. The XDP suite (`proxy.rs` has the other): ewsgate's XDP program against its peers, all measured in one run
+//! `cargo xtask bench [xdp|proxy|tokens|all]`. The XDP suite (`proxy.rs` and `tokens.rs` have the others): ewsgate's XDP program against its peers, all measured in one run
 //! on this machine, written to target/bench/xdp.json and printed as a table.
 //!
 //! - ns per packet through BPF_PROG_TEST_RUN (1,000,000 repeats) at 10, 1,000 and 100,000
@@ -46,14 +46,18 @@ const FLOOD_ROUNDS: usize = 6;
 const TEST_RUN_ROUNDS: usize = 3;
 
 mod proxy;
+mod tokens;
 
 fn main() -> anyhow::Result<()> {
     let suite = std::env::args().nth(1).unwrap_or_else(|| "all".into());
     match suite.as_str() {
         "xdp" => xdp_suite(),
         "proxy" => proxy::run(),
-        "all" => xdp_suite().and_then(|()| proxy::run()),
-        _ => bail!("unknown bench suite '{suite}' (known: xdp, proxy, all)"),
+        "tokens" => tokens::run_suite(),
+        "all" => xdp_suite()
+            .and_then(|()| proxy::run())
+            .and_then(|()| tokens::run_suite()),
+        _ => bail!("unknown bench suite '{suite}' (known: xdp, proxy, tokens, all)"),
     }
 }
 
