@@ -5,9 +5,10 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 
 use ewsgate::{
-    config::{self, Config, DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_DIR},
-    control::{self, Request, Response, Status},
-    maps::List,
+    agent::control::{self, Request, Response, Status},
+    config::{self, Config},
+    model::packet::{DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_DIR},
+    packet::maps::List,
 };
 
 #[derive(Parser)]
@@ -29,8 +30,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load, attach and keep the filter (needs --config).
+    /// The agent: load, attach and keep the filter, and run the proxy (needs --config).
     Run,
+    /// The proxy process, as the agent starts it (not for direct use).
+    #[command(hide = true)]
+    Proxy {
+        /// The agent's proxy socket.
+        #[arg(long)]
+        agent: PathBuf,
+        /// Worker threads; 0 means one per CPU.
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
     /// Check a config file and exit.
     Check,
     /// Interfaces, mode, entry counts and counters per reason and group.
@@ -50,11 +61,22 @@ enum Command {
         #[command(subcommand)]
         action: EntryAction,
     },
+    /// Live range feeds (`feed_url` groups).
+    Feed {
+        #[command(subcommand)]
+        action: FeedAction,
+    },
     /// Stop the daemon and remove the program, its links and maps.
     Detach {
         #[arg(long)]
         pin_dir: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum FeedAction {
+    /// Fetch now (one group, or every feed) and print what happened.
+    Refresh { group: Option<String> },
 }
 
 #[derive(Subcommand)]
@@ -75,10 +97,13 @@ enum EntryAction {
 }
 
 fn main() -> ExitCode {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        // Colour codes only on a terminal: never in a journal or a log file.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -112,7 +137,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("--config FILE is required"))
     };
     match cli.command {
-        Command::Run => ewsgate::daemon::run(&need_config()?),
+        Command::Run => ewsgate::agent::daemon::run(&need_config()?),
+        Command::Proxy { ref agent, threads } => ewsgate::proxy::serve(agent.clone(), threads),
         Command::Check => {
             let c = Config::load(&need_config()?)?;
             println!(
@@ -138,16 +164,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reload => print_ok(ask(&cli, &Request::Reload)?),
         Command::Block { ref action } => entries(&cli, List::Block, action),
         Command::Allow { ref action } => entries(&cli, List::Allow, action),
+        Command::Feed {
+            action: FeedAction::Refresh { ref group },
+        } => print_ok(ask(
+            &cli,
+            &Request::FeedRefresh {
+                group: group.clone(),
+            },
+        )?),
         Command::Detach { ref pin_dir } => detach(&cli, pin_dir.clone()),
     }
 }
 
+/// The control socket: from `--socket`, else the config's `[xdp]` section read on its own,
+/// so that `status`, `reload` and `detach` still work when the rest of the file does not
+/// parse (that is when an operator most needs to see why a reload was refused).
 fn socket_of(cli: &Cli) -> anyhow::Result<PathBuf> {
     if let Some(s) = &cli.socket {
         return Ok(s.clone());
     }
     match &cli.config {
-        Some(path) => Ok(Config::load(path)?.xdp.control_socket),
+        Some(path) => Ok(config::paths_of(path)?.control_socket),
         None => Ok(DEFAULT_CONTROL_SOCKET.into()),
     }
 }
@@ -226,7 +263,7 @@ fn parse_ttl(text: &str) -> anyhow::Result<u64> {
 fn detach(cli: &Cli, pin_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let pin_dir = match (pin_dir, &cli.config) {
         (Some(d), _) => d,
-        (None, Some(path)) => Config::load(path)?.xdp.pin_dir,
+        (None, Some(path)) => config::paths_of(path)?.pin_dir,
         (None, None) => DEFAULT_PIN_DIR.into(),
     };
     // Stop a running daemon first, or it would keep the program attached through its fds.
@@ -240,7 +277,7 @@ fn detach(cli: &Cli, pin_dir: Option<PathBuf>) -> anyhow::Result<()> {
             }
         }
     }
-    let detached = ewsgate::xdp::detach(&pin_dir)?;
+    let detached = ewsgate::packet::xdp::detach(&pin_dir)?;
     println!(
         "detached from {}; pins under {} removed",
         if detached.is_empty() {
@@ -286,5 +323,55 @@ fn print_status(s: &Status) {
     println!("groups (packets passed)");
     for (name, n) in &s.groups {
         println!("  {name:<20} {n}");
+    }
+    print_agent(s);
+}
+
+fn print_agent(s: &Status) {
+    let now = ewsgate::agent::feeds::unix_now();
+    let ago = |t: Option<u64>| {
+        t.map_or("never".to_string(), |t| {
+            format!("{} ago", span(now.saturating_sub(t)))
+        })
+    };
+    if !s.feeds.is_empty() {
+        println!("feeds");
+    }
+    for f in &s.feeds {
+        let state = match (&f.since, &f.why) {
+            (Some(since), Some(why)) => format!("{} since {}: {why}", f.state, ago(Some(*since))),
+            (None, Some(why)) => format!("{}: {why}", f.state),
+            _ => f.state.clone(),
+        };
+        println!(
+            "  {:<20} {} prefixes, copy fetched {}, confirmed {}; {state}",
+            f.group,
+            f.prefixes,
+            ago(f.fetched),
+            ago(f.confirmed)
+        );
+    }
+    if let Some(c) = &s.crowdsec {
+        let state = match &c.why {
+            Some(why) => format!("{}: {why}", c.state),
+            None => c.state.clone(),
+        };
+        println!(
+            "crowdsec     {} {state}; {} decisions on {} entries, last pull {}",
+            c.lapi,
+            c.decisions,
+            c.entries,
+            ago(c.last_pull)
+        );
+    }
+}
+
+/// 42s, 5m, 3h, 2d.
+fn span(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
     }
 }

@@ -19,7 +19,7 @@ use std::{
 use anyhow::{bail, Context};
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 use bytes::Bytes;
-use ewsgate::{
+use ewsgate::identity::{
     auth::{self, Credential, NtlmStage},
     tokens::testkit,
 };
@@ -72,12 +72,18 @@ impl Pki {
 
     /// Writes `<name>.pem` and `<name>.key` for the gate (its name and both addresses).
     pub fn server_cert(&self, name: &str) -> anyhow::Result<()> {
+        self.server_cert_for(
+            name,
+            &[SERVER_NAME, crate::lab::GATE_V4, crate::lab::GATE_V6],
+        )
+    }
+
+    /// Writes `<name>.pem` and `<name>.key` for a server known by `names` (DNS names or
+    /// addresses).
+    pub fn server_cert_for(&self, name: &str, names: &[&str]) -> anyhow::Result<()> {
         let key = rcgen::KeyPair::generate()?;
-        let params = rcgen::CertificateParams::new(vec![
-            SERVER_NAME.to_string(),
-            crate::lab::GATE_V4.to_string(),
-            crate::lab::GATE_V6.to_string(),
-        ])?;
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
         let issuer = rcgen::Issuer::new(self.ca_params.clone(), &self.ca_key);
         let cert = params.signed_by(&key, &issuer)?;
         fs::write(self.dir.join(format!("{name}.pem")), cert.pem())?;

@@ -3,7 +3,7 @@
 
 use std::{fs, net::SocketAddr, path::PathBuf};
 
-use ewsgate::tokens::testkit;
+use ewsgate::identity::tokens::testkit;
 
 use crate::{
     ews::{Backend, Https, Pki},
@@ -45,6 +45,17 @@ impl Gate {
 
     /// The same, with `tokens` (lines of the `[tokens]` section) for the metadata URLs.
     pub fn start_with(failures: u32, tokens: &str, rules: &str) -> Gate {
+        Gate::start_edited(failures, tokens, rules, |text, _| text)
+    }
+
+    /// The same, with the config text edited before the agent reads it (`edit` gets the
+    /// text and the gate's directory, where it may write files the config names).
+    pub fn start_edited(
+        failures: u32,
+        tokens: &str,
+        rules: &str,
+        edit: impl FnOnce(String, &std::path::Path) -> String,
+    ) -> Gate {
         let fs = BpfFs::new().expect("bpffs");
         let lab = Lab::new(&[OFFICE, SALESFORCE, INTERNET]).expect("lab");
         let backend = Backend::start(&lab.gate).expect("backend");
@@ -92,6 +103,7 @@ block_secs = 60
             aud = testkit::AUD,
             iss = testkit::ISS,
         );
+        let text = edit(text, &dir);
         fs::write(&config, text).expect("config");
         let daemon = Daemon::start(&lab.gate, &config, &socket).expect("daemon");
         Gate {

@@ -257,12 +257,15 @@ pub fn ewsgate_bin() -> PathBuf {
     p
 }
 
-/// A running `ewsgate run` inside the gate namespace, stopped by its PID on drop.
+/// A running `ewsgate run` inside the gate namespace, stopped by its PID on drop. A proxy
+/// it left behind (its agent killed with SIGKILL) is stopped by its PID too.
 pub struct Daemon {
     pub child: Child,
     pub config: PathBuf,
     pub netns: String,
     pub log: PathBuf,
+    /// Proxies orphaned by `kill9`, stopped on drop unless a new agent adopted them.
+    pub orphans: Vec<u32>,
 }
 
 impl Daemon {
@@ -282,6 +285,7 @@ impl Daemon {
             config: config.into(),
             netns: netns.name.clone(),
             log,
+            orphans: Vec::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
@@ -334,10 +338,47 @@ impl Daemon {
         bail!("no counter {name}")
     }
 
+    /// The proxy process the agent started (its child), once it runs.
+    pub fn proxy_pid(&self) -> Option<u32> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let agent = self.child.id();
+        while Instant::now() < deadline {
+            let children = fs::read_to_string(format!("/proc/{agent}/task/{agent}/children"))
+                .unwrap_or_default();
+            let pid = children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+                .find(|pid| {
+                    fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| c.split('\0').nth(1) == Some("proxy"))
+                });
+            if pid.is_some() {
+                return pid;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Kills the agent with SIGKILL; its proxy keeps serving (and is remembered, so that it
+    /// is stopped when this value is dropped).
     pub fn kill9(&mut self) {
+        if let Some(pid) = self.proxy_pid_now() {
+            self.orphans.push(pid);
+        }
         // SAFETY: signalling our own child by its PID.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
         let _ = self.child.wait();
+    }
+
+    fn proxy_pid_now(&self) -> Option<u32> {
+        let agent = self.child.id();
+        let children =
+            fs::read_to_string(format!("/proc/{agent}/task/{agent}/children")).unwrap_or_default();
+        children
+            .split_whitespace()
+            .filter_map(|c| c.parse().ok())
+            .next()
     }
 
     pub fn log(&self) -> String {
@@ -345,8 +386,44 @@ impl Daemon {
     }
 }
 
+/// Stops a process by its PID: SIGTERM, then SIGKILL after two seconds.
+pub fn stop_pid(pid: u32) {
+    let alive = || Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid);
+    // SAFETY: signalling a process this test started, by its PID.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while alive() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    if alive() {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
+        let proxy = self.proxy_pid_now();
+        self.stop_agent();
+        for pid in proxy.into_iter().chain(self.orphans.drain(..)) {
+            stop_pid(pid);
+        }
+        let _ = fs::remove_file(&self.log);
+    }
+}
+
+impl Daemon {
+    fn stop_agent(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             // SAFETY: signalling our own child by its PID.
             unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };

@@ -1,8 +1,10 @@
 //! Helpers shared by the integration tests: crafted frames and network-namespace labs.
 //! Every test here needs root (BPF and namespaces); `cargo xtask test` runs them.
 
+pub mod crowdsec;
 pub mod docs;
 pub mod ews;
+pub mod feedserver;
 pub mod gate;
 pub mod lab;
 pub mod mailbox;

@@ -205,7 +205,7 @@ pub fn get_item_response(items: &[Option<&Item>]) -> String {
 impl Mailbox {
     /// Exchange's answer to a SOAP request, or `None` for what is not SOAP.
     pub fn answer(&self, body: &[u8]) -> Option<String> {
-        let req = soap::parse_request(body, true, soap::Limits::default()).ok()?;
+        let req = soap::parse_request(body, true, Default::default()).ok()?;
         let items = self.items.lock().ok()?.clone();
         let find = |id: &str| items.iter().find(|i| i.id == id);
         let op = req.operation.as_str();

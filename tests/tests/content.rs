@@ -3,7 +3,7 @@
 //! reached Exchange.
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
-use ewsgate::{auth::ntlm_messages, tokens::testkit};
+use ewsgate::identity::{auth::ntlm_messages, tokens::testkit};
 use tests::{
     ews::{now, wait_audit, Https, Reply},
     gate::Gate,

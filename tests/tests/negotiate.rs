@@ -5,7 +5,7 @@
 //! reaches Exchange.
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
-use ewsgate::spnego::{build, NTLMSSP};
+use ewsgate::identity::spnego::{build, NTLMSSP};
 use tests::{
     ews::wait_audit,
     gate::Gate,
@@ -105,7 +105,7 @@ fn negotiate_is_read_by_its_structure() {
 
     // SPNEGO that does not decode, or offers nothing ewsgate can read, is refused with its
     // reason and never reaches Exchange.
-    let t1 = ewsgate::auth::ntlm_messages::negotiate();
+    let t1 = ewsgate::identity::auth::ntlm_messages::negotiate();
     let mut truncated = build::init_ntlm(&t1);
     truncated.truncate(truncated.len() - 4);
     let mut buried = vec![0x30, 0x02, 0, 0];
@@ -116,7 +116,7 @@ fn negotiate_is_read_by_its_structure() {
         (build::init(&[NTLMSSP], None), "spnego_no_token"),
         (buried, "negotiate_malformed"),
         (
-            build::init(&[ewsgate::spnego::NEGOEX], Some(&t1)),
+            build::init(&[ewsgate::identity::spnego::NEGOEX], Some(&t1)),
             "spnego_mechanism_unsupported",
         ),
     ] {

@@ -11,7 +11,7 @@ use std::{
 use base64::{
     engine::general_purpose::STANDARD, engine::general_purpose::URL_SAFE_NO_PAD, Engine as _,
 };
-use ewsgate::{auth::ntlm_messages, tokens::testkit};
+use ewsgate::identity::{auth::ntlm_messages, tokens::testkit};
 use serde_json::{json, Value};
 use tests::{
     ews::{audit_lines, now, wait_audit, Https, Pki},
@@ -90,7 +90,7 @@ fn alg_none(claims: &Value) -> String {
 fn hs256_with_public_cert(pki: &Pki, claims: &Value) -> String {
     let key = jsonwebtoken::EncodingKey::from_secret(pki.signer.pem_cert.as_bytes());
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
-    header.x5t = Some(ewsgate::tokens::thumbprint(&pki.signer.der));
+    header.x5t = Some(ewsgate::identity::tokens::thumbprint(&pki.signer.der));
     jsonwebtoken::encode(&header, claims, &key).expect("hs256")
 }
 
@@ -384,7 +384,7 @@ fn smuggling_slow_clients_and_large_bodies() {
     ];
     for (reason, headers) in cases {
         let mut c = s.https("sf");
-        let raw = format!("POST /EWS/Exchange.asmx HTTP/1.1\r\nHost: x\r\n{auth}{headers}\r\n0\r\n\r\nGET /EWS/Exchange.asmx HTTP/1.1\r\nHost: x\r\n\r\n");
+        let raw = format!("POST /EWS/Exchange.asmx HTTP/1.1\r\nHost: mail.example.org\r\n{auth}{headers}\r\n0\r\n\r\nGET /EWS/Exchange.asmx HTTP/1.1\r\nHost: mail.example.org\r\n\r\n");
         c.send(raw.as_bytes()).unwrap();
         let reply = c.read_reply().unwrap();
         assert_eq!(reply.status, 400, "{reason}: {}", reply.body);
@@ -396,7 +396,7 @@ fn smuggling_slow_clients_and_large_bodies() {
     }
     let mut c = s.https("sf");
     c.send(
-        format!("GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: x\r\n{auth}X-Folded: a\r\n b\r\n\r\n")
+        format!("GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: mail.example.org\r\n{auth}X-Folded: a\r\n b\r\n\r\n")
             .as_bytes(),
     )
     .unwrap();
@@ -416,7 +416,7 @@ fn smuggling_slow_clients_and_large_bodies() {
 
     // A body trickling below the minimum rate is cut off after the grace time.
     let mut slow = s.https("sf");
-    slow.send(format!("POST /EWS/Exchange.asmx HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 100000\r\n\r\n<soap>").as_bytes()).unwrap();
+    slow.send(format!("POST /EWS/Exchange.asmx HTTP/1.1\r\nHost: mail.example.org\r\n{auth}Content-Length: 100000\r\n\r\n<soap>").as_bytes()).unwrap();
     let started = Instant::now();
     let reply = slow.read_reply().unwrap();
     assert_eq!(reply.status, 408, "{}", reply.body);
@@ -424,7 +424,7 @@ fn smuggling_slow_clients_and_large_bodies() {
     // A head that never ends is dropped at the head timeout.
     let mut loris = s.https("sf");
     loris
-        .send(b"POST /EWS/Exchange.asmx HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n")
+        .send(b"POST /EWS/Exchange.asmx HTTP/1.1\r\nHost: mail.example.org\r\nX-A: 1\r\n")
         .unwrap();
     let started = Instant::now();
     assert!(loris.closed_within(Duration::from_secs(4)));
@@ -435,7 +435,7 @@ fn smuggling_slow_clients_and_large_bodies() {
     );
     assert!(wait_audit(&s.audit, |v| v["reason"] == "head_timeout").is_some());
 
-    // 50 MB streams through without being held: the daemon's peak memory barely moves.
+    // 50 MB streams through without being held: the proxy's peak memory barely moves.
     let hwm = |pid: u32| -> u64 {
         let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let line = status
@@ -449,7 +449,7 @@ fn smuggling_slow_clients_and_large_bodies() {
             .parse::<u64>()
             .unwrap()
     };
-    let pid = s.daemon.child.id();
+    let pid = s.daemon.proxy_pid().expect("the proxy runs");
     let before = hwm(pid);
     let size = 50 << 20;
     let (head, tail) = requests::create_attachment_head(TOKEN_ITEM);
@@ -457,7 +457,7 @@ fn smuggling_slow_clients_and_large_bodies() {
     let mut big = s.https("sf");
     big.send(
         format!(
-            "POST /EWS/Exchange.asmx HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {total}\r\n\r\n{head}"
+            "POST /EWS/Exchange.asmx HTTP/1.1\r\nHost: mail.example.org\r\n{auth}Content-Length: {total}\r\n\r\n{head}"
         )
         .as_bytes(),
     )
@@ -478,7 +478,7 @@ fn smuggling_slow_clients_and_large_bodies() {
     assert_eq!(line["upstream_status"], 200);
     assert!(line["bytes_out"].as_u64().unwrap() > 0);
     let grew_kib = hwm(pid).saturating_sub(before);
-    println!("50 MB upload: daemon peak RSS grew {grew_kib} KiB");
+    println!("50 MB upload: proxy peak RSS grew {grew_kib} KiB");
     assert!(
         grew_kib < 16 * 1024,
         "peak RSS grew {grew_kib} KiB for a 50 MB body"
@@ -487,7 +487,7 @@ fn smuggling_slow_clients_and_large_bodies() {
     let mut c = s.https("sf");
     c.send(
         format!(
-            "POST /owa/ HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            "POST /owa/ HTTP/1.1\r\nHost: mail.example.org\r\nContent-Length: {}\r\n\r\n",
             2 << 20
         )
         .as_bytes(),

@@ -10,7 +10,7 @@
 use std::{thread, time::Duration};
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
-use ewsgate::tokens::{testkit, CALLBACK_VERSION};
+use ewsgate::identity::tokens::{testkit, CALLBACK_VERSION};
 use serde_json::json;
 use tests::{
     docs::{Answer, DocServer},
@@ -352,17 +352,19 @@ fn entra_keys_come_from_the_tenants_discovery_document() {
     let server = DocServer::start(&g.lab.gate, ENTRA_HOST, Some((&chain, &key))).expect("server");
     let keys_uri = format!("https://{ENTRA_HOST}/tenant/discovery/v2.0/keys");
     let (k1, k2, k3) = (testkit::signer(), testkit::signer(), testkit::signer());
-    server.answer(DISCOVERY_PATH, discovery(&keys_uri));
-    server.answer("/tenant/discovery/v2.0/keys", jwks(&[(&k1, "kid-1")]));
+    // The proxy's first refresh finds nothing (404) and its rate limit runs out.
     let rate = Duration::from_millis(2300);
     thread::sleep(rate);
+    server.answer(DISCOVERY_PATH, discovery(&keys_uri));
+    server.answer("/tenant/discovery/v2.0/keys", jwks(&[(&k1, "kid-1")]));
     let found = |n: usize| server.hits(DISCOVERY_PATH) == n;
 
     // Served: kid-1 passes after one fetch of the discovery document and its JWKS.
     let before = server.hits(DISCOVERY_PATH);
+    let keys_before = server.hits("/tenant/discovery/v2.0/keys");
     assert_eq!(status(&g, &entra_token(&k1, "kid-1", |_| {})), 200);
     assert!(found(before + 1), "one fetch for the unknown kid");
-    assert_eq!(server.hits("/tenant/discovery/v2.0/keys"), before + 1);
+    assert_eq!(server.hits("/tenant/discovery/v2.0/keys"), keys_before + 1);
     let line = wait_audit(&g.audit, |v| v["token_family"] == "entra").expect("audit");
     assert_eq!(line["rule"], "hybrid-entra");
     // Within the rate limit an unknown kid is refused without a fetch.

@@ -7,7 +7,7 @@
 use std::{collections::HashMap, net::IpAddr, path::Path};
 
 use aya::programs::{TestRun, TestRunOptions};
-use ewsgate::{config::Config, xdp::Gate};
+use ewsgate::{config::Config, packet::xdp::Gate};
 use filter_common::Reason;
 use tests::{
     lab::BpfFs,
@@ -283,7 +283,7 @@ fn random_hostile_frames_match_the_model() {
     let mut gate = Gate::open(&config(&fs.dir.join("ewsgate"))).expect("load");
     gate.maps
         .add(
-            ewsgate::maps::List::Block,
+            ewsgate::packet::maps::List::Block,
             "2001:db8:300::7/128".parse().unwrap(),
             None,
         )

@@ -5,7 +5,10 @@
 use std::{collections::HashMap, path::Path, thread, time::Duration};
 
 use aya::programs::{TestRun, TestRunOptions};
-use ewsgate::{config::Config, maps::List, xdp::Gate};
+use ewsgate::{
+    config::Config,
+    packet::{maps::List, xdp::Gate},
+};
 use filter_common::Reason;
 use tests::{
     lab::BpfFs,
@@ -639,7 +642,7 @@ fn incompatible_pinned_maps_are_refused_not_reused() {
     drop(gate);
     // A second load adopts what the first pinned.
     let gate = Gate::open(&config(&dir, "")).expect("adopt");
-    assert_eq!(gate.start, ewsgate::xdp::Start::Adopted);
+    assert_eq!(gate.start, ewsgate::packet::xdp::Start::Adopted);
     drop(gate);
     // Put a map of another layout where SETTINGS should be: COUNTERS is a per-CPU array.
     let maps = dir.join(format!("v{}/maps", filter_common::LAYOUT_VERSION));
@@ -661,7 +664,7 @@ fn incompatible_pinned_maps_are_refused_not_reused() {
         .expect("must refuse")
         .to_string();
     assert!(err.contains("13 of 14 maps pinned"), "{err}");
-    ewsgate::xdp::detach(&dir).unwrap();
+    ewsgate::packet::xdp::detach(&dir).unwrap();
 }
 
 #[test]
@@ -727,13 +730,13 @@ fn auto_mode_falls_back_to_generic_where_native_is_refused() {
             let mut c = config(&dir, "");
             c.xdp.interfaces = vec!["lo".into()];
             c.xdp.mode = match mode {
-                "auto" => ewsgate::config::AttachMode::Auto,
-                _ => ewsgate::config::AttachMode::Native,
+                "auto" => ewsgate::model::packet::AttachMode::Auto,
+                _ => ewsgate::model::packet::AttachMode::Native,
             };
             let result = Gate::open(&c)
                 .map(|g| g.attached.clone())
                 .map_err(|e| e.to_string());
-            let _ = ewsgate::xdp::detach(&dir);
+            let _ = ewsgate::packet::xdp::detach(&dir);
             result
         }
     };

@@ -31,7 +31,14 @@ const APT_PACKAGES: &[&str] = &[
     // A real EWS client (exchangelib, from PyPI) drives the gate end to end.
     "python3",
     "python3-venv",
+    // ewsgate as a CrowdSec bouncer, CrowdSec and fail2ban reading the audit log.
+    "crowdsec",
+    "fail2ban",
 ];
+/// Debian's crowdsec registers with CrowdSec's Central API while it installs, which needs the
+/// network, unless this file exists with content first (its README.Debian). The tests run
+/// their own Local API and never use the Central one.
+const CROWDSEC_CAPI: &str = "/etc/crowdsec/online_api_credentials.yaml";
 /// exchangelib, pinned, in a virtual environment under target/.
 const EXCHANGELIB: &str = "exchangelib==5.6.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
@@ -179,6 +186,11 @@ fn setup() -> anyhow::Result<()> {
         .collect();
     if !missing.is_empty() {
         eprintln!("setup: installing {}", missing.join(" "));
+        if missing.contains(&"crowdsec") {
+            crowdsec_offline()?;
+            // A crowdsec left half-configured by an earlier online registration attempt.
+            status(Command::new("dpkg").args(["--configure", "-a"]))?;
+        }
         status(Command::new("apt-get").arg("update").arg("-qq"))?;
         status(
             Command::new("apt-get")
@@ -188,6 +200,7 @@ fn setup() -> anyhow::Result<()> {
         )?;
     }
     python_env()?;
+    proxy_user()?;
     let src = Command::new("rustup")
         .args(["component", "list", "--toolchain", "nightly", "--installed"])
         .output()?;
@@ -224,6 +237,43 @@ fn setup() -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// The unprivileged system user the agent runs the proxy as (the package creates it too).
+const PROXY_USER: &str = "ewsgate";
+
+fn proxy_user() -> anyhow::Result<()> {
+    if quiet_ok(Command::new("getent").args(["passwd", PROXY_USER])) {
+        return Ok(());
+    }
+    eprintln!("setup: creating the system user {PROXY_USER} for the proxy");
+    status(Command::new("useradd").args([
+        "--system",
+        "--user-group",
+        "--no-create-home",
+        "--home-dir",
+        "/nonexistent",
+        "--shell",
+        "/usr/sbin/nologin",
+        PROXY_USER,
+    ]))
+}
+
+/// Writes the Central API opt-out before crowdsec is installed, unless a file with content is
+/// already there.
+fn crowdsec_offline() -> anyhow::Result<()> {
+    let path = Path::new(CROWDSEC_CAPI);
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(
+        path,
+        "# no Central API: ewsgate's tests run their own Local API offline\n",
+    )
+    .with_context(|| format!("writing {CROWDSEC_CAPI}"))
 }
 
 fn cargo(args: &[&str], envs: &[(&str, &Path)]) -> anyhow::Result<()> {

@@ -3,25 +3,36 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    fmt, fs,
+    fs,
     net::IpAddr,
     path::{Path, PathBuf},
 };
 
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
 use filter_common::{MAX_GROUPS, MAX_PORTS, MAX_PROTECTED};
 
-mod request;
-pub use request::{
-    Action, AuthKind, BodyLimit, ContentSettings, FeedbackSettings, Limits, OpMatch, OtherPaths,
-    ProxySettings, Rule, Scope, TokenKind, TokenSettings, Upstream,
+use crate::model::{
+    agent::{Copy, FeedFilter, FeedSettings, LiveFeed},
+    outcome::FailureClass,
+    packet::{
+        AttachMode, Capacity, Protected, SourceGroup, XdpSettings, DEFAULT_CONTROL_SOCKET,
+        DEFAULT_PIN_DIR,
+    },
 };
 
-pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ewsgate";
-pub const DEFAULT_CONTROL_SOCKET: &str = "/run/ewsgate/control.sock";
+/// The validated model a config file becomes, loaded by [`Config::load`].
+pub use crate::model::Config;
+
+mod bundle;
+mod crowdsec;
+mod feed;
+mod request;
+
+pub use bundle::{Bundle, Disk, Files};
+pub use feed::{copy_bytes, copy_path, load_copy, parse_feed, save_copy, FeedError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -39,106 +50,95 @@ pub enum ConfigError {
     },
 }
 
-/// A validated configuration; group ids are the position in `groups` plus one.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Config {
-    pub path: PathBuf,
-    pub xdp: XdpSettings,
-    pub protect: Vec<Protected>,
-    pub groups: Vec<SourceGroup>,
-    /// The request layer; absent when the daemon runs the packet filter only.
-    pub proxy: Option<ProxySettings>,
-    pub tokens: TokenSettings,
-    pub feedback: FeedbackSettings,
-    pub content: ContentSettings,
-    /// Ordered, first match wins, default deny.
-    pub rules: Vec<Rule>,
+/// Reads and validates a config file, and bundles it with every file it names.
+pub fn load_bundle(path: &Path) -> Result<(Config, Bundle), ConfigError> {
+    let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let disk = Disk::default();
+    let config = Config::parse_with(path, &text, &disk)?;
+    Ok((config, disk.into_bundle(path, text)))
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct XdpSettings {
-    pub interfaces: Vec<String>,
-    pub mode: AttachMode,
-    pub monitor: bool,
-    pub pin_dir: PathBuf,
+/// Where a running agent is found: its control socket and pin directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paths {
     pub control_socket: PathBuf,
-    pub capacity: Capacity,
+    pub pin_dir: PathBuf,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttachMode {
-    /// Native (driver) mode, falling back to generic with a warning.
-    Auto,
-    Native,
-    Generic,
+/// The `[xdp]` paths of a config file, read even when the rest of it does not parse or
+/// validate: the CLI needs only these to reach the agent.
+pub fn paths_of(path: &Path) -> Result<Paths, ConfigError> {
+    let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let value = |key: &str| match toml::from_str::<toml::Table>(&text) {
+        Ok(t) => t
+            .get("xdp")
+            .and_then(|x| x.get(key))
+            .and_then(|v| v.as_str())
+            .map(str::to_string),
+        Err(_) => scan_xdp(&text, key),
+    };
+    Ok(Paths {
+        control_socket: value("control_socket")
+            .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into())
+            .into(),
+        pin_dir: value("pin_dir")
+            .unwrap_or_else(|| DEFAULT_PIN_DIR.into())
+            .into(),
+    })
 }
 
-impl fmt::Display for AttachMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            AttachMode::Auto => "auto",
-            AttachMode::Native => "native",
-            AttachMode::Generic => "generic",
-        })
-    }
-}
-
-/// Map sizes fixed when the maps are first created (changing them needs `ewsgate detach`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Capacity {
-    /// 1 KiB blocks for IPv4 prefixes longer than /24: one per /24 that holds such a prefix.
-    pub long_prefix_blocks: u32,
-    pub ipv6_prefixes: u32,
-    /// Each of the block and dynamic allow maps (exact and CIDR) holds this many.
-    pub dynamic_entries: u32,
-}
-
-impl Default for Capacity {
-    fn default() -> Self {
-        Capacity {
-            long_prefix_blocks: 8192,
-            ipv6_prefixes: 65536,
-            dynamic_entries: 65536,
+/// `key = "value"` inside `[xdp]`, line by line, for a file TOML cannot read at all.
+fn scan_xdp(text: &str, key: &str) -> Option<String> {
+    let mut in_xdp = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_xdp = line == "[xdp]";
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        if in_xdp && k.trim() == key {
+            let v = v.trim();
+            return v
+                .strip_prefix('"')
+                .and_then(|v| v.split('"').next())
+                .map(str::to_string);
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Protected {
-    pub addr: IpAddr,
-    /// (IP protocol number, port). Empty: the whole address is protected.
-    pub ports: Vec<(u8, u16)>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SourceGroup {
-    pub name: String,
-    pub v4: Vec<Ipv4Net>,
-    pub v6: Vec<Ipv6Net>,
+    None
 }
 
 impl Config {
-    pub fn prefix_count(&self) -> usize {
-        self.groups.iter().map(|g| g.v4.len() + g.v6.len()).sum()
-    }
-
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Config::parse(path, &text)
+        load_bundle(path).map(|(config, _)| config)
     }
 
+    /// Parses `text` as if read from `path`; the files it names are read from the disk.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let here = Locator { path, text };
+        Config::parse_with(path, text, &Disk::default())
+    }
+
+    /// The config a bundle holds, validated exactly as the agent validated it.
+    pub fn from_bundle(bundle: &Bundle) -> Result<Config, ConfigError> {
+        Config::parse_with(&bundle.path, &bundle.text, bundle)
+    }
+
+    pub fn parse_with(path: &Path, text: &str, files: &dyn Files) -> Result<Config, ConfigError> {
+        let here = Locator { path, text, files };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let at = e.span().map(|s| s.start).unwrap_or(0);
             here.error(at, e.message().to_string())
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let groups = validate_sources(&here, base, raw.sources)?;
+        let mut feeds = raw.feeds.unwrap_or_default().validate(&here)?;
+        let groups = validate_sources(&here, base, raw.sources, &mut feeds)?;
         let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
         Ok(Config {
             path: path.to_path_buf(),
@@ -149,6 +149,8 @@ impl Config {
             feedback: raw.feedback.unwrap_or_default().validate(&here)?,
             content: raw.content.unwrap_or_default().validate(&here)?,
             rules: request::validate_rules(&here, raw.rule, &names)?,
+            crowdsec: raw.crowdsec.map(|c| c.validate(&here, base)).transpose()?,
+            feeds,
             groups,
         })
     }
@@ -158,9 +160,24 @@ impl Config {
 pub(crate) struct Locator<'a> {
     path: &'a Path,
     text: &'a str,
+    files: &'a dyn Files,
 }
 
 impl Locator<'_> {
+    /// A file the config names, resolved against the config's directory and read (so that
+    /// it becomes part of the bundle); the error points at where it is named.
+    pub(crate) fn file(
+        &self,
+        base: &Path,
+        name: &Spanned<String>,
+    ) -> Result<(PathBuf, Vec<u8>), ConfigError> {
+        let path = base.join(name.get_ref());
+        match self.files.read(&path) {
+            Ok(bytes) => Ok((path, bytes)),
+            Err(e) => Err(self.at(name, format!("cannot read {}: {e}", path.display()))),
+        }
+    }
+
     pub(crate) fn error(&self, offset: usize, message: impl Into<String>) -> ConfigError {
         let (line, column) = line_column(self.text, offset);
         ConfigError::At {
@@ -202,6 +219,8 @@ struct RawConfig {
     content: Option<request::RawContent>,
     #[serde(default)]
     rule: Vec<request::RawRule>,
+    feeds: Option<feed::RawFeeds>,
+    crowdsec: Option<crowdsec::RawCrowdSec>,
 }
 
 #[derive(Deserialize, Default)]
@@ -233,9 +252,30 @@ struct RawSource {
     #[serde(default)]
     files: Vec<Spanned<String>>,
     feed: Option<Spanned<String>>,
-    /// Keep only these regions of the feed (all when empty).
+    /// Salesforce's `ip-ranges.json` fetched over HTTPS (see `[feeds]`).
+    feed_url: Option<Spanned<String>>,
+    /// CA for `feed_url`; the system's roots without it.
+    feed_ca: Option<String>,
+    /// Keep only these regions, providers, directions of the feed (all when empty).
     #[serde(default)]
     feed_regions: Vec<String>,
+    /// Failure classes that may block this group's addresses.
+    block_on: Option<Vec<Spanned<String>>>,
+    block_failures: Option<u32>,
+    #[serde(default)]
+    feed_providers: Vec<String>,
+    #[serde(default)]
+    feed_directions: Vec<String>,
+}
+
+impl RawSource {
+    fn filter(&self) -> FeedFilter {
+        FeedFilter {
+            regions: self.feed_regions.clone(),
+            providers: self.feed_providers.clone(),
+            directions: self.feed_directions.clone(),
+        }
+    }
 }
 
 impl RawXdp {
@@ -354,6 +394,7 @@ fn validate_sources(
     here: &Locator,
     base: &Path,
     raw: BTreeMap<Spanned<String>, RawSource>,
+    feeds: &mut FeedSettings,
 ) -> Result<Vec<SourceGroup>, ConfigError> {
     if raw.len() > MAX_GROUPS {
         return Err(here.error(0, format!("at most {MAX_GROUPS} source groups")));
@@ -365,35 +406,87 @@ fn validate_sources(
             nets.push(parse_cidr(c.get_ref()).map_err(|m| here.at(c, m))?);
         }
         for f in &src.files {
-            let path = base.join(f.get_ref());
-            nets.extend(read_cidr_file(&path).map_err(|m| here.at(f, m))?);
+            let (path, bytes) = here.file(base, f)?;
+            nets.extend(read_cidr_file(&path, &bytes).map_err(|m| here.at(f, m))?);
         }
+        let filter = src.filter();
         if let Some(feed) = &src.feed {
-            let path = base.join(feed.get_ref());
-            nets.extend(read_feed(&path, &src.feed_regions).map_err(|m| here.at(feed, m))?);
+            let (path, bytes) = here.file(base, feed)?;
+            nets.extend(feed::read_feed(&path, &bytes, &filter).map_err(|m| here.at(feed, m))?);
         }
-        if src.cidrs.is_empty() && src.files.is_empty() && src.feed.is_none() {
-            return Err(here.at(&name, "source group has no cidrs, files or feed"));
+        if let Some(url) = &src.feed_url {
+            if let Some(feed) = &src.feed {
+                return Err(here.at(feed, "a source group has feed or feed_url, not both"));
+            }
+            feed::check_group_name(name.get_ref()).map_err(|m| here.at(&name, m))?;
+            feed::check_feed_url(url.get_ref()).map_err(|m| here.at(url, m))?;
+            let copy = load_copy(here.files, &feeds.state_dir, name.get_ref(), &filter);
+            let mut own = nets.clone();
+            own.sort();
+            own.dedup();
+            if let Copy::Held(h) = &copy {
+                nets.extend(h.nets.iter().copied());
+            }
+            feeds.live.push(LiveFeed {
+                group: name.get_ref().clone(),
+                url: url.get_ref().clone(),
+                ca: src.feed_ca.as_ref().map(|c| base.join(c)),
+                filter,
+                base: own,
+                copy,
+            });
+        } else if src.feed_ca.is_some() {
+            return Err(here.at(&name, "feed_ca is set but the group has no feed_url"));
         }
-        groups.push(group_from(name.into_inner(), nets));
+        if src.cidrs.is_empty()
+            && src.files.is_empty()
+            && src.feed.is_none()
+            && src.feed_url.is_none()
+        {
+            return Err(here.at(&name, "source group has no cidrs, files, feed or feed_url"));
+        }
+        let block_on = block_classes(here, &src)?;
+        let mut group = SourceGroup::from_nets(name.into_inner(), nets);
+        group.block_on = block_on;
+        group.block_failures = src.block_failures;
+        groups.push(group);
     }
     Ok(groups)
 }
 
-fn group_from(name: String, nets: Vec<IpNet>) -> SourceGroup {
-    let mut v4 = Vec::new();
-    let mut v6 = Vec::new();
-    for n in nets {
-        match n {
-            IpNet::V4(n) => v4.push(n),
-            IpNet::V6(n) => v6.push(n),
+/// Which failures may block a group's addresses: protocol abuse and credential failures by
+/// default, nothing for a group fed from a shared feed (its addresses serve every tenant).
+/// Policy denials never may: one client's denied request must not block its neighbours.
+fn block_classes(here: &Locator, src: &RawSource) -> Result<Vec<FailureClass>, ConfigError> {
+    let Some(list) = &src.block_on else {
+        return Ok(match src.feed.is_some() || src.feed_url.is_some() {
+            true => Vec::new(),
+            false => vec![FailureClass::Protocol, FailureClass::Credential],
+        });
+    };
+    let mut classes = Vec::new();
+    for c in list {
+        match FailureClass::parse(c.get_ref()) {
+            Some(FailureClass::Policy) => {
+                return Err(here.at(
+                    c,
+                    "policy denials never block an address: block_on takes protocol and credential",
+                ))
+            }
+            Some(class) if !classes.contains(&class) => classes.push(class),
+            Some(_) => {}
+            None => {
+                return Err(here.at(
+                    c,
+                    format!(
+                        "unknown failure class '{}': expected protocol or credential",
+                        c.get_ref()
+                    ),
+                ))
+            }
         }
     }
-    v4.sort();
-    v4.dedup();
-    v6.sort();
-    v6.dedup();
-    SourceGroup { name, v4, v6 }
+    Ok(classes)
 }
 
 /// A CIDR, or a bare address meaning /32 or /128. Host bits must be zero: a typo such as
@@ -417,9 +510,9 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
 }
 
 /// One CIDR per line; `#` starts a comment.
-fn read_cidr_file(path: &Path) -> Result<Vec<IpNet>, String> {
+fn read_cidr_file(path: &Path, bytes: &[u8]) -> Result<Vec<IpNet>, String> {
     let text =
-        fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        std::str::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8 text", path.display()))?;
     let mut nets = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let content = line.split('#').next().unwrap_or("").trim();
@@ -432,76 +525,40 @@ fn read_cidr_file(path: &Path) -> Result<Vec<IpNet>, String> {
     Ok(nets)
 }
 
-#[derive(Deserialize)]
-struct Feed {
-    #[serde(default)]
-    prefixes: Vec<FeedEntry>,
-    #[serde(default)]
-    ipv6_prefixes: Vec<FeedEntry>,
-}
-
-#[derive(Deserialize)]
-struct FeedEntry {
-    #[serde(default)]
-    region: Option<String>,
-    #[serde(default)]
-    ip_prefix: Option<OneOrMany>,
-    #[serde(default)]
-    ipv6_prefix: Option<OneOrMany>,
-}
-
-/// Salesforce's feed gives arrays where AWS's schema has strings; accept both.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
-}
-
-/// Salesforce's `ip-ranges.json`.
-fn read_feed(path: &Path, regions: &[String]) -> Result<Vec<IpNet>, String> {
-    let text =
-        fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let feed: Feed = serde_json::from_str(&text).map_err(|e| {
-        format!(
-            "{}:{}:{}: not a Salesforce ip-ranges feed: {e}",
-            path.display(),
-            e.line(),
-            e.column()
-        )
-    })?;
-    let mut nets = Vec::new();
-    for entry in feed.prefixes.iter().chain(&feed.ipv6_prefixes) {
-        let wanted = regions.is_empty()
-            || entry
-                .region
-                .as_ref()
-                .is_some_and(|r| regions.iter().any(|w| w == r));
-        if !wanted {
-            continue;
-        }
-        for p in [&entry.ip_prefix, &entry.ipv6_prefix].into_iter().flatten() {
-            let list = match p {
-                OneOrMany::One(s) => std::slice::from_ref(s),
-                OneOrMany::Many(v) => v.as_slice(),
-            };
-            for s in list {
-                nets.push(parse_cidr(s).map_err(|m| format!("{}: {m}", path.display()))?);
-            }
-        }
-    }
-    if nets.is_empty() {
-        return Err(format!("{}: the feed holds no prefixes", path.display()));
-    }
-    Ok(nets)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{
+        packet::AttachMode,
+        rules::{OpMatch, Scope},
+    };
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/ewsgate/test.toml"), text)
+    }
+
+    #[test]
+    fn the_control_paths_are_read_from_a_broken_file() {
+        let dir = std::env::temp_dir().join(format!("ewsgate-paths-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        let xdp = "[xdp]\ncontrol_socket = \"/run/x/ctl.sock\"\npin_dir = \"/sys/fs/bpf/x\"\n";
+        for tail in [
+            "[[rule]]\nname = \"r\"\nactoin = \"allow\"\n",
+            "[proxy\nbroken = \n",
+        ] {
+            fs::write(&path, format!("{xdp}{tail}")).unwrap();
+            assert!(Config::load(&path).is_err());
+            let p = paths_of(&path).unwrap();
+            assert_eq!(p.control_socket, PathBuf::from("/run/x/ctl.sock"));
+            assert_eq!(p.pin_dir, PathBuf::from("/sys/fs/bpf/x"));
+        }
+        fs::write(&path, "garbage = \n").unwrap();
+        assert_eq!(
+            paths_of(&path).unwrap().control_socket,
+            PathBuf::from(DEFAULT_CONTROL_SOCKET)
+        );
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -557,17 +614,17 @@ cidrs = ["198.51.100.0/25", "2001:db8:100::/64", "203.0.113.7"]
         assert_eq!(
             r.operations,
             vec![
-                OpMatch::Class(crate::content::OpClass::Read),
+                OpMatch::Class(crate::model::ews::OpClass::Read),
                 OpMatch::Name("ExportItems".into())
             ]
         );
         assert_eq!(
             r.data,
-            Some(crate::content::DataSet::CALENDAR.union(crate::content::DataSet::NOTES))
+            Some(crate::model::ews::DataSet::CALENDAR.union(crate::model::ews::DataSet::NOTES))
         );
         assert_eq!(r.scope, Some(Scope::TokenItem));
         assert!(r.delegate && !r.impersonation && r.judges_content());
-        assert_eq!(c.content.meetings.0, crate::content::DataSet::EMAIL);
+        assert_eq!(c.content.meetings.0, crate::model::ews::DataSet::EMAIL);
         for (line, want) in [
             ("operations = [\"GetItme\"]", "'GetItme' is neither"),
             ("data = [\"mail\"]", "unknown data type 'mail'"),
@@ -593,7 +650,10 @@ cidrs = ["198.51.100.0/25", "2001:db8:100::/64", "203.0.113.7"]
         let c = at(rule).unwrap();
         assert_eq!(
             c.rules[0].auth,
-            vec![AuthKind::Kerberos, AuthKind::Negotiate]
+            vec![
+                crate::model::auth::AuthKind::Kerberos,
+                crate::model::auth::AuthKind::Negotiate
+            ]
         );
         let e = at(&rule.replace("kerberos", "krb5"))
             .unwrap_err()
@@ -614,7 +674,7 @@ cidrs = ["198.51.100.0/25", "2001:db8:100::/64", "203.0.113.7"]
         };
         let url = "discovery_url = \"https://login.microsoftonline.com/t/v2.0/.well-known/openid-configuration\"\nca = \"ca.pem\"\n";
         let c = entra(url).unwrap();
-        let Some(crate::entra::EntraKeys::Discovery { fetch, jwks_hosts }) =
+        let Some(crate::model::settings::EntraKeys::Discovery { fetch, jwks_hosts }) =
             c.tokens.entra.map(|e| e.keys)
         else {
             panic!("discovery settings");
@@ -627,7 +687,7 @@ cidrs = ["198.51.100.0/25", "2001:db8:100::/64", "203.0.113.7"]
         ))
         .unwrap();
         assert!(matches!(c.tokens.entra.map(|e| e.keys),
-            Some(crate::entra::EntraKeys::Discovery { jwks_hosts, .. }) if jwks_hosts == ["keys.example.org", "127.0.0.1:8443"]));
+            Some(crate::model::settings::EntraKeys::Discovery { jwks_hosts, .. }) if jwks_hosts == ["keys.example.org", "127.0.0.1:8443"]));
         for (lines, line, says) in [
             (
                 "discovery_url = \"http://login.microsoftonline.com/x\"\n",
@@ -650,11 +710,7 @@ cidrs = ["198.51.100.0/25", "2001:db8:100::/64", "203.0.113.7"]
                 ":11:",
                 "HOST or HOST:PORT",
             ),
-            (
-                &url.replace("ca.pem", "missing.pem"),
-                ":10:",
-                "no such file",
-            ),
+            (&url.replace("ca.pem", "missing.pem"), ":10:", "cannot read"),
         ] {
             let e = entra(lines).unwrap_err().to_string();
             assert!(e.contains(line) && e.contains(says), "{lines}: {e}");
@@ -685,6 +741,20 @@ cidrs = ["198.51.100.0/25", "2001:db8:100::/64", "203.0.113.7"]
         );
         assert!(e.contains(":4:") && e.contains("twice"), "{e}");
         assert!(error_of("[sources.empty]\n").contains("no cidrs"));
+        let e = error_of("[sources.sf]\nfeed_url = \"http://ranges.example/ip-ranges.json\"\n");
+        assert!(e.contains(":2:12:") && e.contains("HTTPS only"), "{e}");
+        let e =
+            error_of("[sources.\"s f\"]\nfeed_url = \"https://ranges.example/ip-ranges.json\"\n");
+        assert!(
+            e.contains(":1:") && e.contains("names the feed's state file"),
+            "{e}"
+        );
+        let e = error_of("[feeds]\nmax_shrink = 1.5\n");
+        assert!(e.contains(":2:14:") && e.contains("max_shrink"), "{e}");
+        let e = error_of("[crowdsec]\nlapi_url = \"http://192.0.2.7:8080\"\napi_key = \"k\"\n");
+        assert!(e.contains(":2:12:") && e.contains("loopback"), "{e}");
+        let e = error_of("[crowdsec]\nlapi_url = \"http://127.0.0.1:8080\"\n");
+        assert!(e.contains("exactly one of api_key"), "{e}");
         let nine: String = (1..=9)
             .map(|i| format!("[[protect]]\naddress = \"192.0.2.{i}\"\n"))
             .collect();

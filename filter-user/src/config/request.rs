@@ -12,233 +12,17 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{ConfigError, Locator};
-use crate::{
-    content::{self, DataSet, Meetings, OpClass},
+use crate::model::{
+    auth::{AuthKind, TokenKind},
+    ews::{self, DataSet, Meetings, OpClass},
     paths,
-    tokens::Expectations,
+    rules::{Action, OpMatch, Rule, Scope},
+    settings::{
+        BodyLimit, ContentSettings, EntraKeys, EntraSettings, Expectations, FeedbackSettings,
+        FetchSettings, Limits, OtherPaths, ProxySettings, SoapLimits, TokenSettings, Upstream,
+        DEFAULT_JWKS_HOST,
+    },
 };
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct ProxySettings {
-    pub listen: Vec<SocketAddr>,
-    /// PEM chain served to clients: the same certificate as IIS, so Extended Protection
-    /// (channel binding) keeps working.
-    pub certificate: PathBuf,
-    pub private_key: PathBuf,
-    /// CA that signs client certificates; without it no client certificate is asked for.
-    pub client_ca: Option<PathBuf>,
-    pub upstream: Upstream,
-    pub other_paths: OtherPaths,
-    /// JSON lines, one per decision; `None` writes them to standard output.
-    pub audit_log: Option<PathBuf>,
-    pub limits: Limits,
-    /// Session tickets and the session cache (off only for benchmarks of full handshakes).
-    pub tls_resumption: bool,
-    /// Offset of local time from UTC for `hours` and `days` in rules, in minutes.
-    pub utc_offset_minutes: i32,
-    /// Worker threads of the proxy runtime; 0 means one per CPU.
-    pub threads: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Upstream {
-    /// `host:port` to connect to.
-    pub authority: String,
-    pub tls: bool,
-    /// Name checked against Exchange's certificate (and sent as SNI).
-    pub server_name: String,
-    /// CA file for Exchange's certificate; required when `tls`.
-    pub ca: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OtherPaths {
-    Pass,
-    Deny,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Limits {
-    pub header_count: usize,
-    pub header_bytes: usize,
-    /// Default request body cap, and per-path caps (normalised path, bytes).
-    pub body_bytes: u64,
-    pub body_limits: Vec<BodyLimit>,
-    pub handshake_timeout: Duration,
-    pub head_timeout: Duration,
-    pub idle_timeout: Duration,
-    /// A request body slower than this (after `body_grace`) is cut off.
-    pub body_min_rate: u64,
-    pub body_grace: Duration,
-    pub connections_per_source: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BodyLimit {
-    pub path: String,
-    pub bytes: u64,
-}
-
-impl Limits {
-    /// The body cap for a normalised path: the longest matching entry, else the default.
-    pub fn body_cap(&self, path: &str) -> u64 {
-        self.body_limits
-            .iter()
-            .filter(|l| paths::matches(&l.path, path))
-            .max_by_key(|l| l.path.len())
-            .map_or(self.body_bytes, |l| l.bytes)
-    }
-}
-
-/// `[tokens]` is the identity layer's own settings type.
-pub use crate::token_cache::TokenSettings;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FeedbackSettings {
-    pub window: Duration,
-    /// Failures in the window that put the source in the XDP block set; 0 turns it off.
-    pub failures: u32,
-    pub block: Duration,
-}
-
-impl Default for FeedbackSettings {
-    fn default() -> Self {
-        FeedbackSettings {
-            window: Duration::from_secs(60),
-            failures: 20,
-            block: Duration::from_secs(900),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthKind {
-    None,
-    Basic,
-    Ntlm,
-    Negotiate,
-    /// `Negotiate` carrying a Kerberos AP-REQ (its user is not readable by ewsgate).
-    Kerberos,
-    Bearer,
-    ClientCert,
-}
-
-impl AuthKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            AuthKind::None => "none",
-            AuthKind::Basic => "basic",
-            AuthKind::Ntlm => "ntlm",
-            AuthKind::Negotiate => "negotiate",
-            AuthKind::Kerberos => "kerberos",
-            AuthKind::Bearer => "bearer",
-            AuthKind::ClientCert => "client-cert",
-        }
-    }
-
-    fn parse(text: &str) -> Option<AuthKind> {
-        [
-            AuthKind::None,
-            AuthKind::Basic,
-            AuthKind::Ntlm,
-            AuthKind::Negotiate,
-            AuthKind::Kerberos,
-            AuthKind::Bearer,
-            AuthKind::ClientCert,
-        ]
-        .into_iter()
-        .find(|k| k.name() == text)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenKind {
-    /// A verified Exchange callback token.
-    Callback,
-    /// A verified Entra ID token with the EWS permission.
-    Entra,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Allow,
-    Deny,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rule {
-    pub name: String,
-    pub line: usize,
-    /// Empty lists mean "any".
-    pub groups: Vec<String>,
-    pub auth: Vec<AuthKind>,
-    pub token: Vec<TokenKind>,
-    /// Normalised paths; a trailing `*` matches a prefix.
-    pub paths: Vec<String>,
-    /// Case-insensitive patterns with `*` wildcards.
-    pub users: Vec<String>,
-    /// Minutes after local midnight: [from, to). `from > to` spans midnight.
-    pub hours: Option<(u16, u16)>,
-    /// Bit 0 = Monday.
-    pub days: u8,
-    /// EWS operations by name or class; empty means every operation that is not
-    /// restricted (export, eDiscovery, delegates, inbox rules, apps).
-    pub operations: Vec<OpMatch>,
-    /// Data types the request may touch; `None` means any.
-    pub data: Option<DataSet>,
-    pub scope: Option<Scope>,
-    /// Acting on another mailbox: by `ExchangeImpersonation`, or as a delegate.
-    pub impersonation: bool,
-    pub delegate: bool,
-    pub action: Action,
-}
-
-impl Rule {
-    /// Conditions only a SOAP request can meet.
-    pub fn judges_content(&self) -> bool {
-        !self.operations.is_empty()
-            || self.data.is_some()
-            || self.scope.is_some()
-            || self.impersonation
-            || self.delegate
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OpMatch {
-    Name(String),
-    Class(OpClass),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    /// Only the item an Exchange callback token names, and its attachments.
-    TokenItem,
-}
-
-/// `[content]`: how EWS SOAP is read.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ContentSettings {
-    /// Requests are read whole up to this; past it, only bulk content may continue.
-    pub request_buffer: usize,
-    /// Responses that must be inspected are held whole up to this.
-    pub response_bytes: usize,
-    pub limits: crate::soap::Limits,
-    pub cache_entries: usize,
-    pub meetings: Meetings,
-}
-
-impl Default for ContentSettings {
-    fn default() -> Self {
-        ContentSettings {
-            request_buffer: 1 << 20,
-            response_bytes: 32 << 20,
-            limits: crate::soap::Limits::default(),
-            cache_entries: 100_000,
-            meetings: Meetings::default(),
-        }
-    }
-}
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -289,7 +73,7 @@ impl RawContent {
                 1 << 31,
                 "response_bytes",
             )?,
-            limits: crate::soap::Limits {
+            limits: SoapLimits {
                 depth: bounded(&self.max_depth, d.limits.depth, 8, 256, "max_depth")?,
                 elements: bounded(
                     &self.max_elements,
@@ -328,6 +112,14 @@ pub(crate) struct RawProxy {
     utc_offset_minutes: Option<Spanned<i32>>,
     #[serde(default)]
     threads: usize,
+    user: Option<Spanned<String>>,
+    #[serde(default)]
+    server_names: Vec<Spanned<String>>,
+    #[serde(default)]
+    ews_query: bool,
+    mode: Option<Spanned<String>>,
+    #[serde(default = "yes")]
+    spawn: bool,
     #[serde(default)]
     limits: RawLimits,
 }
@@ -349,6 +141,8 @@ struct RawLimits {
     body_min_bytes_per_s: u64,
     body_grace_ms: u64,
     connections_per_source: usize,
+    inspect_budget_bytes: u64,
+    audit_backlog_bytes: u64,
 }
 
 impl Default for RawLimits {
@@ -364,6 +158,8 @@ impl Default for RawLimits {
             body_min_bytes_per_s: 4096,
             body_grace_ms: 10_000,
             connections_per_source: 256,
+            inspect_budget_bytes: 256 << 20,
+            audit_backlog_bytes: 64 << 20,
         }
     }
 }
@@ -431,16 +227,62 @@ impl RawProxy {
             tls_resumption: self.tls_resumption,
             utc_offset_minutes: offset,
             threads: self.threads,
+            user: validate_user(here, self.user.as_ref())?,
+            server_names: validate_names(here, &self.server_names)?,
+            ews_query: self.ews_query,
+            report_only: report_mode(here, self.mode.as_ref())?,
+            spawn: self.spawn,
         })
     }
 }
 
-fn existing(here: &Locator, base: &Path, file: &Spanned<String>) -> Result<PathBuf, ConfigError> {
-    let path = base.join(file.get_ref());
-    if !path.is_file() {
-        return Err(here.at(file, format!("{}: no such file", path.display())));
+/// `mode = "enforce"` (the default) or `"report"`.
+fn report_mode(here: &Locator, mode: Option<&Spanned<String>>) -> Result<bool, ConfigError> {
+    match mode.map(|m| (m, m.get_ref().as_str())) {
+        None | Some((_, "enforce")) => Ok(false),
+        Some((_, "report")) => Ok(true),
+        Some((m, other)) => Err(here.at(m, format!("mode '{other}': expected enforce or report"))),
     }
-    Ok(path)
+}
+
+/// The proxy's user: a name as the system knows it (checked when the agent starts it).
+fn validate_user(here: &Locator, user: Option<&Spanned<String>>) -> Result<String, ConfigError> {
+    let Some(u) = user else {
+        return Ok("ewsgate".into());
+    };
+    let name = u.get_ref();
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if !ok || name == "root" {
+        return Err(here.at(u, format!("'{name}' is not an unprivileged user name")));
+    }
+    Ok(name.clone())
+}
+
+/// Host names a request may name the gate by, lower-cased.
+fn validate_names(here: &Locator, names: &[Spanned<String>]) -> Result<Vec<String>, ConfigError> {
+    let mut out = Vec::new();
+    for n in names {
+        let name = n.get_ref().to_ascii_lowercase();
+        let ok = !name.is_empty()
+            && name.len() <= 253
+            && name.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'[' | b']' | b':')
+            });
+        if !ok {
+            return Err(here.at(n, format!("'{}' is not a host name", n.get_ref())));
+        }
+        out.push(name);
+    }
+    Ok(out)
+}
+
+/// A file the config names: read now, so that it is checked and part of the bundle.
+fn existing(here: &Locator, base: &Path, file: &Spanned<String>) -> Result<PathBuf, ConfigError> {
+    here.file(base, file).map(|(path, _)| path)
 }
 
 fn parse_upstream(text: &Spanned<String>, name: Option<String>) -> Result<Upstream, String> {
@@ -503,6 +345,18 @@ impl RawLimits {
                 1,
                 1 << 20,
             ),
+            (
+                "inspect_budget_bytes",
+                self.inspect_budget_bytes,
+                1 << 20,
+                1 << 40,
+            ),
+            (
+                "audit_backlog_bytes",
+                self.audit_backlog_bytes,
+                1 << 16,
+                1 << 34,
+            ),
         ];
         for (name, value, min, max) in checks {
             if !(min..=max).contains(&value) {
@@ -537,6 +391,8 @@ impl RawLimits {
             body_min_rate: self.body_min_bytes_per_s,
             body_grace: ms(self.body_grace_ms),
             connections_per_source: self.connections_per_source,
+            inspect_budget: self.inspect_budget_bytes,
+            audit_backlog: self.audit_backlog_bytes as usize,
         })
     }
 }
@@ -592,12 +448,12 @@ impl RawEntra {
         here: &Locator,
         base: &Path,
         section: &Spanned<RawEntra>,
-    ) -> Result<crate::entra::EntraSettings, ConfigError> {
+    ) -> Result<EntraSettings, ConfigError> {
         if self.issuers.is_empty() || self.audiences.is_empty() {
             return Err(here.at(section, "[tokens.entra] needs issuers and audiences"));
         }
         let keys = match (&self.keys_file, &self.discovery_url) {
-            (Some(file), None) => crate::entra::EntraKeys::File(existing(here, base, file)?),
+            (Some(file), None) => EntraKeys::File(existing(here, base, file)?),
             (None, Some(url)) => self.discovery(here, base, url)?,
             (Some(file), Some(_)) => {
                 return Err(here.at(
@@ -609,7 +465,7 @@ impl RawEntra {
                 return Err(here.at(section, "[tokens.entra] needs keys_file or discovery_url"))
             }
         };
-        Ok(crate::entra::EntraSettings {
+        Ok(EntraSettings {
             issuers: self.issuers.clone(),
             audiences: self.audiences.clone(),
             keys,
@@ -621,7 +477,7 @@ impl RawEntra {
         here: &Locator,
         base: &Path,
         url: &Spanned<String>,
-    ) -> Result<crate::entra::EntraKeys, ConfigError> {
+    ) -> Result<EntraKeys, ConfigError> {
         let uri: Option<http::Uri> = url.get_ref().parse().ok();
         let ok = uri
             .as_ref()
@@ -641,7 +497,7 @@ impl RawEntra {
             jwks_hosts.push(text.strip_suffix(":443").unwrap_or(&text).to_string());
         }
         match &self.jwks_hosts {
-            None => jwks_hosts.push(crate::entra::DEFAULT_JWKS_HOST.to_string()),
+            None => jwks_hosts.push(DEFAULT_JWKS_HOST.to_string()),
             Some(h) if h.is_empty() => {
                 return Err(here.at(
                     url,
@@ -650,18 +506,21 @@ impl RawEntra {
             }
             Some(_) => {}
         }
+        // Read here either way, so that its bytes travel in the config bundle.
         let ca = match &self.ca {
             Some(c) => existing(here, base, c)?,
-            None if Path::new(SYSTEM_CA).is_file() => PathBuf::from(SYSTEM_CA),
-            None => {
-                return Err(here.at(
-                    url,
-                    format!("{SYSTEM_CA}: no such file; set [tokens.entra] ca"),
-                ))
-            }
+            None => match here.files.read(Path::new(SYSTEM_CA)) {
+                Ok(_) => PathBuf::from(SYSTEM_CA),
+                Err(e) => {
+                    return Err(here.at(
+                        url,
+                        format!("cannot read {SYSTEM_CA} ({e}); set [tokens.entra] ca"),
+                    ))
+                }
+            },
         };
         let secs = Duration::from_secs;
-        let fetch = crate::metadata::FetchSettings {
+        let fetch = FetchSettings {
             urls: vec![url.get_ref().clone()],
             ca: Some(ca),
             refresh: secs(self.refresh_secs.unwrap_or(3600).max(10)),
@@ -669,7 +528,7 @@ impl RawEntra {
             max_bytes: self.max_bytes.unwrap_or(256 * 1024).clamp(1024, 16 << 20),
             refetch_min: secs(self.refetch_min_secs.unwrap_or(60)),
         };
-        Ok(crate::entra::EntraKeys::Discovery { fetch, jwks_hosts })
+        Ok(EntraKeys::Discovery { fetch, jwks_hosts })
     }
 }
 
@@ -726,7 +585,7 @@ impl RawTokens {
         &self,
         here: &Locator,
         base: &Path,
-    ) -> Result<Option<crate::metadata::FetchSettings>, ConfigError> {
+    ) -> Result<Option<FetchSettings>, ConfigError> {
         if !self.metadata_fetch {
             return Ok(None);
         }
@@ -759,7 +618,7 @@ impl RawTokens {
             }
         }
         let secs = Duration::from_secs;
-        Ok(Some(crate::metadata::FetchSettings {
+        Ok(Some(FetchSettings {
             urls: self.metadata_urls.clone(),
             ca,
             refresh: secs(self.metadata_refresh_secs.unwrap_or(3600).max(10)),
@@ -781,6 +640,8 @@ pub(crate) struct RawFeedback {
     window_secs: Option<u64>,
     failures: Option<u32>,
     block_secs: Option<Spanned<u64>>,
+    identity_failures: Option<u32>,
+    identity_block_secs: Option<Spanned<u64>>,
 }
 
 impl RawFeedback {
@@ -791,12 +652,21 @@ impl RawFeedback {
             Some(b) => Duration::from_secs(*b.get_ref()),
             None => d.block,
         };
+        let identity_block = match &self.identity_block_secs {
+            Some(b) if *b.get_ref() == 0 => {
+                return Err(here.at(b, "identity_block_secs must be at least 1"))
+            }
+            Some(b) => Duration::from_secs(*b.get_ref()),
+            None => d.identity_block,
+        };
         Ok(FeedbackSettings {
             window: self
                 .window_secs
                 .map_or(d.window, |w| Duration::from_secs(w.max(1))),
             failures: self.failures.unwrap_or(d.failures),
             block,
+            identity_failures: self.identity_failures.unwrap_or(d.identity_failures),
+            identity_block,
         })
     }
 }
@@ -825,6 +695,7 @@ pub(crate) struct RawRule {
     #[serde(default)]
     access: Vec<Spanned<String>>,
     action: Spanned<String>,
+    mode: Option<Spanned<String>>,
 }
 
 pub(crate) fn validate_rules(
@@ -896,7 +767,7 @@ impl RawRule {
                 let name = o.get_ref();
                 if let Some(c) = OpClass::parse(name) {
                     Ok(OpMatch::Class(c))
-                } else if content::is_operation(name) {
+                } else if ews::is_operation(name) {
                     Ok(OpMatch::Name(name.clone()))
                 } else {
                     Err(here.at(o, format!("'{name}' is neither an EWS operation ewsgate knows nor a class (read, write, send, sync, export, ediscovery, delegates, inbox-rules, apps)")))
@@ -961,6 +832,7 @@ impl RawRule {
             impersonation,
             delegate,
             action,
+            report: report_mode(here, self.mode.as_ref())?,
         })
     }
 }

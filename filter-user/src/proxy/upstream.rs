@@ -1,91 +1,256 @@
-//! The connection to Exchange. Each client connection gets its own upstream connection,
-//! opened on its first forwarded request and closed with it: NTLM and Negotiate
-//! authenticate the TCP connection, so a shared or pooled upstream socket could let one
-//! user's authentication serve another.
+//! Connections to Exchange. Requests that authenticate themselves (Basic, Bearer, none)
+//! share a pool of kept-alive connections. NTLM and Negotiate authenticate the TCP
+//! connection itself, so such a client gets an upstream connection of its own for its whole
+//! life, and a connection that ever carried such a session never returns to the pool:
+//! otherwise one user's authentication could serve another's requests.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    io::{self, IoSlice},
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
 
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use bytes::BytesMut;
+use rustix::net::RecvFlags;
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
+    net::TcpStream,
+};
+use tokio_rustls::{client::TlsStream, TlsConnector};
 
-use super::body::BoxError;
-use crate::config::Upstream;
+use crate::{config::Bundle, model::settings::ProxySettings, net::tls::client_config};
 
-/// A request body as it goes upstream: streamed from the client, or read and judged first.
-pub type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;
-pub type Sender = SendRequest<UpstreamBody>;
-
-pub struct Connector {
-    pub settings: Upstream,
-    tls: Option<(TlsConnector, ServerName<'static>)>,
-    timeout: Duration,
-}
+/// Idle pooled connections kept at most.
+const MAX_IDLE: usize = 256;
+/// A pooled connection idle longer than this is closed rather than reused: Exchange (IIS)
+/// closes idle connections after two minutes, and a request must not race that.
+const IDLE_FOR: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("connecting to {0}: {1}")]
-    Connect(String, std::io::Error),
+    Connect(String, io::Error),
     #[error("connecting to {0}: timed out")]
     Timeout(String),
     #[error("TLS to {0}: {1}")]
-    Tls(String, std::io::Error),
-    #[error("HTTP to {0}: {1}")]
-    Http(String, hyper::Error),
+    Tls(String, io::Error),
 }
 
-impl Connector {
-    pub fn new(settings: &Upstream, timeout: Duration) -> anyhow::Result<Connector> {
-        let tls = match (&settings.ca, settings.tls) {
+/// A connection to Exchange, plain or TLS.
+pub enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Io {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Io::Plain(t) => t,
+            Io::Tls(t) => t.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(t) => Pin::new(t).poll_read(cx, buf),
+            Io::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(t) => Pin::new(t).poll_write(cx, b),
+            Io::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, b),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(t) => Pin::new(t).poll_write_vectored(cx, bufs),
+            Io::Tls(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(t) => Pin::new(t).poll_flush(cx),
+            Io::Tls(t) => Pin::new(t.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(t) => Pin::new(t).poll_shutdown(cx),
+            Io::Tls(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// One connection to Exchange and the bytes read from it but not yet used.
+pub struct Conn {
+    pub io: Io,
+    pub buf: BytesMut,
+    /// Opened for the request at hand (not taken from the pool): a failure on it is not a
+    /// stale connection's.
+    pub fresh: bool,
+    /// Carried an NTLM or Negotiate session: never pooled.
+    pub bound: bool,
+    idle_since: Instant,
+}
+
+impl Conn {
+    /// Whether the peer is still there and has sent nothing unasked. A pooled connection
+    /// with bytes waiting (a close, a stray response) is not reused.
+    fn alive(&self) -> bool {
+        if !self.buf.is_empty() || self.idle_since.elapsed() > IDLE_FOR {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        matches!(
+            rustix::net::recv(
+                self.io.tcp(),
+                &mut probe,
+                RecvFlags::PEEK | RecvFlags::DONTWAIT
+            ),
+            Err(rustix::io::Errno::AGAIN)
+        )
+    }
+
+    /// Writes all of `bufs`, in as few writes as the stream takes.
+    pub async fn write_all_vectored(&mut self, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+        write_all_vectored(&mut self.io, bufs).await
+    }
+}
+
+/// Writes every slice whole.
+pub async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut bufs: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        let n = w.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
+}
+
+/// Where Exchange is, and the connections kept open to it.
+pub struct Upstream {
+    pub authority: String,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    connect_timeout: Duration,
+    idle: Mutex<Vec<Conn>>,
+}
+
+impl Upstream {
+    pub fn new(settings: &ProxySettings, bundle: &Bundle) -> anyhow::Result<Upstream> {
+        let u = &settings.upstream;
+        let tls = match (&u.ca, u.tls) {
             (Some(ca), true) => {
-                let config = crate::tls::upstream_config(ca)?;
-                let name = ServerName::try_from(settings.server_name.clone())
+                let config = client_config(ca, bundle.file(ca)?)?;
+                let name = ServerName::try_from(u.server_name.clone())
                     .map_err(|e| anyhow::anyhow!("upstream server name: {e}"))?;
                 Some((TlsConnector::from(Arc::new(config)), name))
             }
             _ => None,
         };
-        Ok(Connector {
-            settings: settings.clone(),
+        Ok(Upstream {
+            authority: u.authority.clone(),
             tls,
-            timeout,
+            connect_timeout: settings.limits.handshake_timeout,
+            idle: Mutex::new(Vec::new()),
         })
     }
 
-    pub async fn connect(&self, conn_id: u64) -> Result<Sender, UpstreamError> {
-        let to = &self.settings.authority;
-        let tcp = tokio::time::timeout(self.timeout, TcpStream::connect(to))
+    /// A kept-alive connection from the pool, if one is still good.
+    pub fn pooled(&self) -> Option<Conn> {
+        let mut idle = self.idle.lock().ok()?;
+        while let Some(mut c) = idle.pop() {
+            if c.alive() {
+                c.fresh = false;
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose last response was read whole and which Exchange keeps
+    /// open. Connections that carried a connection-bound session are closed instead.
+    pub fn give_back(&self, mut c: Conn) {
+        if c.bound || !c.buf.is_empty() {
+            return;
+        }
+        c.idle_since = Instant::now();
+        if c.buf.capacity() > 64 * 1024 {
+            c.buf = BytesMut::new();
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() < MAX_IDLE {
+                idle.push(c);
+            }
+        }
+    }
+
+    pub async fn connect(&self) -> Result<Conn, UpstreamError> {
+        let to = &self.authority;
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(to))
             .await
             .map_err(|_| UpstreamError::Timeout(to.clone()))?
             .map_err(|e| UpstreamError::Connect(to.clone(), e))?;
         let _ = tcp.set_nodelay(true);
-        match &self.tls {
+        let io = match &self.tls {
             Some((connector, name)) => {
-                let tls = tokio::time::timeout(self.timeout, connector.connect(name.clone(), tcp))
-                    .await
-                    .map_err(|_| UpstreamError::Timeout(to.clone()))?
-                    .map_err(|e| UpstreamError::Tls(to.clone(), e))?;
-                handshake(TokioIo::new(tls), to, conn_id).await
+                let tls = tokio::time::timeout(
+                    self.connect_timeout,
+                    connector.connect(name.clone(), tcp),
+                )
+                .await
+                .map_err(|_| UpstreamError::Timeout(to.clone()))?
+                .map_err(|e| UpstreamError::Tls(to.clone(), e))?;
+                Io::Tls(Box::new(tls))
             }
-            None => handshake(TokioIo::new(tcp), to, conn_id).await,
+            None => Io::Plain(tcp),
+        };
+        Ok(Conn {
+            io,
+            buf: BytesMut::new(),
+            fresh: true,
+            bound: false,
+            idle_since: Instant::now(),
+        })
+    }
+
+    /// Closes every pooled connection (a new policy brings its own pool).
+    pub async fn close_idle(&self) {
+        let idle = match self.idle.lock() {
+            Ok(mut i) => std::mem::take(&mut *i),
+            Err(_) => return,
+        };
+        for mut c in idle {
+            let _ = c.io.shutdown().await;
         }
     }
-}
-
-async fn handshake<IO>(io: IO, to: &str, conn_id: u64) -> Result<Sender, UpstreamError>
-where
-    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (sender, conn) = http1::Builder::new()
-        .handshake(io)
-        .await
-        .map_err(|e| UpstreamError::Http(to.to_string(), e))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(connection = conn_id, error = %e, "upstream connection ended");
-        }
-    });
-    Ok(sender)
 }

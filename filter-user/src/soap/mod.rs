@@ -14,6 +14,8 @@ use quick_xml::{
 };
 use thiserror::Error;
 
+use crate::model::settings::SoapLimits as Limits;
+
 mod response;
 pub use response::{
     fault, parse_response, rewrite, Attachment, FolderInfo, Item, Message, Response,
@@ -22,21 +24,6 @@ pub use response::{
 pub const SOAP_NS: &str = "http://schemas.xmlsoap.org/soap/envelope/";
 pub const MESSAGES_NS: &str = "http://schemas.microsoft.com/exchange/services/2006/messages";
 pub const TYPES_NS: &str = "http://schemas.microsoft.com/exchange/services/2006/types";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    pub depth: usize,
-    pub elements: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            depth: 48,
-            elements: 200_000,
-        }
-    }
-}
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum SoapError {

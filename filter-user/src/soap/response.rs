@@ -6,7 +6,8 @@ use std::ops::Range;
 
 use quick_xml::{events::Event, NsReader};
 
-use super::{attr, namespace, Limits, Ns, SoapError, MESSAGES_NS, TYPES_NS};
+use super::{attr, namespace, Ns, SoapError, MESSAGES_NS, TYPES_NS};
+use crate::model::settings::SoapLimits as Limits;
 
 /// An item as a response shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use ewsgate::tokens::testkit;
+use ewsgate::identity::tokens::testkit;
 use tests::{
     ews::{audit_lines, now, Backend, Https, Pki, Reply},
     gate::gate4,

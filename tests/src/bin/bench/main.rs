@@ -28,7 +28,7 @@ use aya::{
     util::nr_cpus,
     EbpfLoader,
 };
-use ewsgate::{config::Config, xdp::Gate};
+use ewsgate::{config::Config, packet::xdp::Gate};
 use serde_json::{json, Value};
 use tests::{
     lab::{sh, tag, BpfFs, Daemon, Netns},
@@ -236,7 +236,7 @@ fn test_run_rows(rows: &mut Vec<Value>) -> anyhow::Result<()> {
             ));
         }
         drop(gate);
-        ewsgate::xdp::detach(&pin_dir)?;
+        ewsgate::packet::xdp::detach(&pin_dir)?;
     }
     xdp_filter_test_run(rows)?;
     let _ = fs::remove_dir_all(&scratch);
@@ -249,7 +249,7 @@ fn side_program(pin_dir: &Path, name: &str) -> anyhow::Result<aya::Ebpf> {
     fs::create_dir_all(pin_dir)?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
-        .load(ewsgate::xdp::OBJECT)?;
+        .load(ewsgate::packet::xdp::OBJECT)?;
     xdp_program(&mut ebpf, name)?.load()?;
     Ok(ebpf)
 }

@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use ewsgate::tokens::testkit;
+use ewsgate::identity::tokens::testkit;
 use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
 use serde_json::{json, Value};
 use tests::{ews::Pki, lab::BpfFs};

@@ -29,8 +29,8 @@ use std::{
 };
 
 use ewsgate::{
-    token_cache::TokenCache,
-    tokens::{testkit, TokenError, Validator, Verified},
+    identity::token_cache::TokenCache,
+    identity::tokens::{testkit, TokenError, Validator, Verified},
 };
 use serde_json::{json, Value};
 
@@ -381,7 +381,7 @@ fn print_table(rows: &[Value], load: f64) {
 mod before {
     use std::collections::HashMap;
 
-    use ewsgate::tokens::{TokenError, Validator, Verified};
+    use ewsgate::identity::tokens::{TokenError, Validator, Verified};
 
     const NEGATIVE_TTL: u64 = 10;
     type Key = [u8; 32];

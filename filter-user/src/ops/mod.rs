@@ -1,0 +1,3 @@
+//! What operators read: the audit log.
+
+pub mod audit;

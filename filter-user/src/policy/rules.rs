@@ -1,0 +1,536 @@
+//! The request rules: ordered, first match wins, default deny. A rule names conditions on
+//! the source group, the authentication, the token family, the path, the user and the time
+//! of day; every empty condition means "any".
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use crate::{
+    model::{
+        auth::{AuthKind, TokenKind},
+        ews::{DataSet, OpInfo, Shape},
+        rules::{Action, Inspect, OpMatch, Rule, Scope},
+        Config,
+    },
+    policy::content::{Access, Touch},
+    soap,
+};
+
+/// What a request is judged on.
+#[derive(Debug, Clone)]
+pub struct Subject<'a> {
+    pub group: Option<&'a str>,
+    pub auth: AuthKind,
+    pub token: Option<TokenKind>,
+    pub path: &'a str,
+    /// `POST /EWS/Exchange.asmx`: a rule without `paths` applies to this alone.
+    pub ews: bool,
+    pub user: Option<&'a str>,
+    /// An NTLM or Negotiate leg that carries no user yet (Type 1): Exchange answers it
+    /// with a challenge only, so a `users` condition is judged on the Type 3 leg instead.
+    pub handshake: bool,
+    pub when: LocalTime,
+    /// What the SOAP body showed; `None` before it is read, and for other paths.
+    pub content: Option<Content<'a>>,
+}
+
+/// An EWS request's content, as the rules judge it.
+#[derive(Debug, Clone)]
+pub struct Content<'a> {
+    pub request: &'a soap::Request,
+    pub info: Option<OpInfo>,
+    pub touch: Touch,
+    pub access: &'a Access,
+    /// The item a verified callback token names.
+    pub token_item: Option<&'a str>,
+    /// The items the request's attachments belong to, where ewsgate knows them.
+    pub roots: Vec<Option<&'a str>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalTime {
+    /// 0 = Monday.
+    pub weekday: u8,
+    pub minute: u16,
+}
+
+impl LocalTime {
+    pub fn now(utc_offset_minutes: i32) -> LocalTime {
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        LocalTime::at(secs, utc_offset_minutes)
+    }
+
+    pub fn at(unix_secs: i64, utc_offset_minutes: i32) -> LocalTime {
+        let local = unix_secs + i64::from(utc_offset_minutes) * 60;
+        let days = local.div_euclid(86_400);
+        LocalTime {
+            // 1970-01-01 was a Thursday.
+            weekday: (days + 3).rem_euclid(7) as u8,
+            minute: (local.rem_euclid(86_400) / 60) as u16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Action,
+    /// The rule that matched; `None` is the default deny.
+    pub rule: Option<String>,
+    /// Set when the response must be inspected under the rule's data types and scope.
+    pub inspect: Option<Inspect>,
+}
+
+/// Which rules take part in a judgment: the enforced ones, or every rule (report-only
+/// rules included) for the report a rollout reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    Enforced,
+    Report,
+}
+
+/// The rules whose head conditions (group, auth, token, path, user, time) match, in order,
+/// up to and including the first that decides without looking at content. Computed once
+/// per request; the body, when it is read, is judged against these alone.
+///
+/// In the report pass, a report-only allow rule whose head matches decides too: it is the
+/// rule being rolled out for these callers, and what it would not allow is what the report
+/// must show, rather than falling through to the rule it is meant to replace.
+pub fn candidates(rules: &[Rule], s: &Subject, pass: Pass) -> Vec<usize> {
+    let mut out = Vec::new();
+    for (i, r) in rules.iter().enumerate() {
+        if (pass == Pass::Enforced && r.report) || !head_matches(r, s) {
+            continue;
+        }
+        out.push(i);
+        let rolled_out = pass == Pass::Report && r.report && r.action == Action::Allow;
+        if !r.judges_content() || rolled_out {
+            break;
+        }
+    }
+    out
+}
+
+pub fn decide(rules: &[Rule], s: &Subject) -> Decision {
+    decide_among(rules, &candidates(rules, s, Pass::Report), s)
+}
+
+/// The first candidate that matches `s` (its content too, when it has some) decides.
+pub fn decide_among(rules: &[Rule], candidates: &[usize], s: &Subject) -> Decision {
+    for r in candidates.iter().filter_map(|&i| rules.get(i)) {
+        let provisional = match &s.content {
+            Some(c) => match content_matches(r, c) {
+                Fit::No => continue,
+                Fit::Yes => false,
+                Fit::Provisional => true,
+            },
+            None if r.judges_content() => continue,
+            None => false,
+        };
+        let inspect = (r.action == Action::Allow)
+            .then(|| inspection(r, s, provisional))
+            .flatten();
+        return Decision {
+            action: r.action,
+            rule: Some(r.name.clone()),
+            inspect,
+        };
+    }
+    Decision {
+        action: Action::Deny,
+        rule: None,
+        inspect: None,
+    }
+}
+
+/// Before the body is read: could any rule allow this request? A deny rule that judges no
+/// content ends the search, as it would after the body.
+pub fn may_allow(rules: &[Rule], s: &Subject) -> bool {
+    may_allow_among(rules, &candidates(rules, s, Pass::Report))
+}
+
+pub fn may_allow_among(rules: &[Rule], candidates: &[usize]) -> bool {
+    candidates
+        .iter()
+        .filter_map(|&i| rules.get(i))
+        .any(|r| r.action == Action::Allow)
+}
+
+/// Whether a rule matched for sure, or only once the response shows the data types.
+enum Fit {
+    No,
+    Yes,
+    Provisional,
+}
+
+fn content_matches(r: &Rule, c: &Content) -> Fit {
+    let op = c.request.operation.as_str();
+    let named = |class| {
+        r.operations.iter().any(|m| match m {
+            OpMatch::Name(n) => n == op,
+            OpMatch::Class(k) => Some(*k) == class,
+        })
+    };
+    let class = c.info.map(|i| i.class);
+    let op_ok = if r.operations.is_empty() {
+        class.is_some_and(|k| !k.restricted())
+    } else {
+        named(class)
+    };
+    if !op_ok
+        || (c.access.impersonation.is_some() && !r.impersonation)
+        || (c.access.delegate.is_some() && !r.delegate)
+        || (r.scope == Some(Scope::TokenItem) && !in_token_scope(c))
+    {
+        return Fit::No;
+    }
+    let Some(allowed) = r.data else {
+        return Fit::Yes;
+    };
+    let reveals = c.info.is_some_and(|i| i.shape == Shape::Items);
+    match (r.action, c.touch.unresolved) {
+        // A deny rule for a type matches whatever might be of that type.
+        (Action::Deny, true) => Fit::Yes,
+        (Action::Deny, false) if c.touch.data.intersects(allowed) => Fit::Yes,
+        (Action::Deny, false) => Fit::No,
+        (Action::Allow, true) if reveals => Fit::Provisional,
+        (Action::Allow, true) => Fit::No,
+        (Action::Allow, false) if c.touch.data.within(allowed) => Fit::Yes,
+        (Action::Allow, false) => Fit::No,
+    }
+}
+
+/// Only the token's item and that item's attachments; no folders, no other mailbox.
+fn in_token_scope(c: &Content) -> bool {
+    let Some(item) = c.token_item else {
+        return false;
+    };
+    c.request.folders.is_empty()
+        && c.access == &Access::default()
+        && c.request.items.iter().all(|i| i == item)
+        && c.roots.iter().all(|r| *r == Some(item))
+}
+
+fn inspection(r: &Rule, s: &Subject, provisional: bool) -> Option<Inspect> {
+    let c = s.content.as_ref()?;
+    let reveals = c.info.is_some_and(|i| i.shape == Shape::Items);
+    let scoped = r.scope == Some(Scope::TokenItem);
+    (reveals && (provisional || r.data.is_some() || scoped)).then(|| Inspect {
+        data: r.data.unwrap_or(DataSet::ALL),
+        token_item: c.token_item.filter(|_| scoped).map(str::to_string),
+    })
+}
+
+/// Why nothing allowed a request that no rule matched: the first thing ewsgate could not
+/// grant by default.
+pub fn default_deny_reason(c: &Content) -> String {
+    let op = &c.request.operation;
+    match c.info {
+        None => format!("unknown operation {op}: only a rule that names it allows it"),
+        Some(i) if i.class.restricted() => {
+            format!("{op} is allowed only by a rule that names it")
+        }
+        _ if c.access.impersonation.is_some() => {
+            "impersonation is allowed only by a rule with access = [\"impersonation\"]".into()
+        }
+        _ if c.access.delegate.is_some() => format!(
+            "access to mailbox {} is allowed only by a rule with access = [\"delegate\"]",
+            c.access.delegate.as_deref().unwrap_or("")
+        ),
+        _ if c.token_item.is_some() && !in_token_scope(c) => {
+            format!("{op} names items outside the callback token's scope")
+        }
+        _ if c.touch.unresolved => format!("{op}: data type unresolved"),
+        _ => format!("no rule allows {op} on {}", c.touch.data),
+    }
+}
+
+fn head_matches(r: &Rule, s: &Subject) -> bool {
+    let any_or = |empty: bool, hit: bool| empty || hit;
+    any_or(
+        r.groups.is_empty(),
+        s.group.is_some_and(|g| r.groups.iter().any(|x| x == g)),
+    ) && any_or(r.auth.is_empty(), r.auth.contains(&s.auth))
+        && any_or(
+            r.token.is_empty(),
+            s.token.is_some_and(|t| r.token.contains(&t)),
+        )
+        && paths_match(r, s)
+        && users_match(r, s)
+        && r.days & (1 << s.when.weekday) != 0
+        && r.hours.is_none_or(|h| in_hours(h, s.when.minute))
+}
+
+/// Any path other than the EWS SOAP endpoint must be named by the rule.
+fn paths_match(r: &Rule, s: &Subject) -> bool {
+    if r.judges_content() {
+        return s.ews;
+    }
+    if r.paths.is_empty() {
+        return s.ews;
+    }
+    r.paths
+        .iter()
+        .any(|p| crate::model::paths::matches(p, s.path))
+}
+
+fn users_match(r: &Rule, s: &Subject) -> bool {
+    if r.users.is_empty() {
+        return true;
+    }
+    match s.user {
+        Some(u) => {
+            let u = u.to_ascii_lowercase();
+            r.users.iter().any(|p| glob(p, &u))
+        }
+        None => s.handshake,
+    }
+}
+
+fn in_hours((from, to): (u16, u16), minute: u16) -> bool {
+    if from < to {
+        (from..to).contains(&minute)
+    } else {
+        minute >= from || minute < to
+    }
+}
+
+/// `*` matches any run of characters; everything else is literal.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for middle in &parts[1..parts.len() - 1] {
+        match rest.find(middle) {
+            Some(i) => rest = &rest[i + middle.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Which source group an address is in: longest prefix first, as in the XDP tables.
+pub struct SourceIndex {
+    names: Vec<String>,
+    v4: Vec<(u8, HashMap<u32, usize>)>,
+    v6: Vec<(u8, HashMap<u128, usize>)>,
+}
+
+impl SourceIndex {
+    pub fn new(config: &Config) -> SourceIndex {
+        let mut v4: HashMap<u8, HashMap<u32, usize>> = HashMap::new();
+        let mut v6: HashMap<u8, HashMap<u128, usize>> = HashMap::new();
+        for (id, g) in config.groups.iter().enumerate() {
+            for n in &g.v4 {
+                v4.entry(n.prefix_len())
+                    .or_default()
+                    .insert(u32::from(n.network()), id);
+            }
+            for n in &g.v6 {
+                v6.entry(n.prefix_len())
+                    .or_default()
+                    .insert(u128::from(n.network()), id);
+            }
+        }
+        fn sorted<K>(m: HashMap<u8, HashMap<K, usize>>) -> Vec<(u8, HashMap<K, usize>)> {
+            let mut v: Vec<_> = m.into_iter().collect();
+            v.sort_by_key(|e| std::cmp::Reverse(e.0));
+            v
+        }
+        SourceIndex {
+            names: config.groups.iter().map(|g| g.name.clone()).collect(),
+            v4: sorted(v4),
+            v6: sorted(v6),
+        }
+    }
+
+    pub fn group(&self, addr: IpAddr) -> Option<&str> {
+        let id = self.id(addr)?;
+        self.names.get(id as usize - 1).map(String::as_str)
+    }
+
+    /// The group's id as the XDP tables number it (1-based), longest prefix first.
+    pub fn id(&self, addr: IpAddr) -> Option<u32> {
+        let id = match addr {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                self.v4.iter().find_map(|(len, m)| {
+                    let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
+                    m.get(&(a & mask)).copied()
+                })
+            }
+            IpAddr::V6(a) => {
+                if let Some(v4) = a.to_ipv4_mapped() {
+                    return self.id(IpAddr::V4(v4));
+                }
+                let a = u128::from(a);
+                self.v6.iter().find_map(|(len, m)| {
+                    let mask = u128::MAX.checked_shl(128 - u32::from(*len)).unwrap_or(0);
+                    m.get(&(a & mask)).copied()
+                })
+            }
+        }?;
+        u32::try_from(id + 1).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const CONFIG: &str = r#"
+[sources.offices]
+cidrs = ["198.51.100.0/25", "2001:db8:100::/64"]
+[sources.salesforce]
+cidrs = ["198.51.100.128/25", "198.51.100.200/32"]
+[sources.partner]
+cidrs = ["198.51.100.200/32"]
+
+[[rule]]
+name = "salesforce-callback"
+groups = ["salesforce"]
+auth = ["bearer"]
+token = ["callback"]
+paths = ["/EWS/Exchange.asmx"]
+action = "allow"
+
+[[rule]]
+name = "office-hours"
+groups = ["offices"]
+auth = ["ntlm", "basic"]
+users = ["*@example.org", "EXAMPLE\\*"]
+hours = "07:00-19:00"
+days = ["mon-fri"]
+action = "allow"
+
+[[rule]]
+name = "no-basic"
+auth = ["basic"]
+action = "deny"
+"#;
+
+    fn config() -> Config {
+        Config::parse(Path::new("/etc/ewsgate/t.toml"), CONFIG).unwrap()
+    }
+
+    fn subject<'a>(group: &'a str, auth: AuthKind, user: Option<&'a str>) -> Subject<'a> {
+        Subject {
+            group: Some(group),
+            auth,
+            token: None,
+            path: "/ews/exchange.asmx",
+            ews: true,
+            user,
+            handshake: false,
+            when: LocalTime {
+                weekday: 1,
+                minute: 600,
+            },
+            content: None,
+        }
+    }
+
+    #[test]
+    fn first_match_wins_and_default_is_deny() {
+        let c = config();
+        let mut s = subject("salesforce", AuthKind::Bearer, None);
+        assert_eq!(decide(&c.rules, &s).action, Action::Deny);
+        s.token = Some(TokenKind::Callback);
+        assert_eq!(
+            decide(&c.rules, &s).rule.as_deref(),
+            Some("salesforce-callback")
+        );
+        s.path = "/ews/services.wsdl";
+        s.ews = false;
+        assert_eq!(
+            decide(&c.rules, &s),
+            Decision {
+                action: Action::Deny,
+                rule: None,
+                inspect: None,
+            }
+        );
+        let basic = subject("offices", AuthKind::Basic, Some("Alice@Example.org"));
+        assert_eq!(
+            decide(&c.rules, &basic).rule.as_deref(),
+            Some("office-hours")
+        );
+        let outsider = subject("offices", AuthKind::Basic, Some("mallory@evil.test"));
+        assert_eq!(
+            decide(&c.rules, &outsider).rule.as_deref(),
+            Some("no-basic")
+        );
+    }
+
+    #[test]
+    fn login_hours_and_days() {
+        let c = config();
+        let mut s = subject("offices", AuthKind::Ntlm, Some("EXAMPLE\\bob"));
+        assert_eq!(decide(&c.rules, &s).action, Action::Allow);
+        s.when.minute = 19 * 60;
+        assert_eq!(decide(&c.rules, &s).action, Action::Deny);
+        s.when = LocalTime {
+            weekday: 5,
+            minute: 600,
+        };
+        assert_eq!(decide(&c.rules, &s).action, Action::Deny);
+        // 2026-11-23 12:00 UTC is a Monday; +60 minutes is 13:00 local.
+        assert_eq!(
+            LocalTime::at(1_795_435_200, 60),
+            LocalTime {
+                weekday: 0,
+                minute: 780
+            }
+        );
+    }
+
+    #[test]
+    fn ntlm_handshake_leg_passes_a_users_condition_only_without_a_user() {
+        let c = config();
+        let mut s = subject("offices", AuthKind::Ntlm, None);
+        assert_eq!(decide(&c.rules, &s).action, Action::Deny);
+        s.handshake = true;
+        assert_eq!(decide(&c.rules, &s).action, Action::Allow);
+    }
+
+    #[test]
+    fn groups_by_longest_prefix() {
+        let idx = SourceIndex::new(&config());
+        assert_eq!(idx.group("198.51.100.10".parse().unwrap()), Some("offices"));
+        assert_eq!(
+            idx.group("198.51.100.140".parse().unwrap()),
+            Some("salesforce")
+        );
+        assert_eq!(
+            idx.group("::ffff:198.51.100.140".parse().unwrap()),
+            Some("salesforce")
+        );
+        assert_eq!(
+            idx.group("2001:db8:100::7".parse().unwrap()),
+            Some("offices")
+        );
+        assert_eq!(idx.group("203.0.113.50".parse().unwrap()), None);
+        let overlap = idx.group("198.51.100.200".parse().unwrap());
+        assert!(overlap == Some("salesforce") || overlap == Some("partner"));
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob("*@example.org", "a@example.org"));
+        assert!(!glob("*@example.org", "a@example.org.evil"));
+        assert!(glob("a*b*c", "axxbyyc"));
+        assert!(!glob("a*b*c", "ac"));
+        assert!(glob("*", ""));
+    }
+}

@@ -1,0 +1,112 @@
+//! Identity: who the request is from. Basic and NTLM name their user; an NTLM or Negotiate
+//! session on the connection carries on; a client certificate names its subject; a bearer
+//! token must verify (signing keys fetched again first when it names an unknown one). An
+//! identity the agent has refused for repeated failures is refused here.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::{
+    identity::{
+        auth::{Credential, NtlmStage},
+        tokens::{Family, Verified},
+    },
+    model::auth::{AuthKind, TokenKind},
+    proxy::{
+        context::{Ctx, Refusal, Session},
+        phases::request_filter::Req,
+        session::Conn,
+        state::State,
+        Shared,
+    },
+};
+
+pub async fn run(
+    shared: &Shared,
+    state: &State,
+    conn: &Conn,
+    req: &Req,
+    ctx: &mut Ctx,
+) -> Result<(), Refusal> {
+    match &req.credential {
+        Credential::None | Credential::Invalid(_) => {
+            if let Some(s) = &conn.session {
+                ctx.auth = s.kind;
+                ctx.user = Some(s.user.clone());
+            } else if let Some(cert) = &conn.info.client_cert {
+                ctx.auth = AuthKind::ClientCert;
+                ctx.user = Some(cert.to_string());
+            }
+        }
+        Credential::Basic { user } => ctx.user = Some(user.clone()),
+        Credential::Ntlm { stage, .. } => match stage {
+            NtlmStage::Authenticate { user } => {
+                ctx.pending_session = Some(Session {
+                    kind: ctx.auth,
+                    user: user.clone(),
+                });
+                ctx.user = Some(user.clone());
+            }
+            NtlmStage::Negotiate | NtlmStage::Other => ctx.handshake = true,
+        },
+        Credential::Kerberos => {}
+        Credential::Bearer { token } => {
+            // A token that keeps failing is refused before its signature is checked again.
+            ctx.failed_token = Some(token_tag(token));
+            refused_identity(shared, ctx)?;
+            ctx.failed_token = None;
+            bearer(state, token, ctx).await?;
+        }
+    }
+    refused_identity(shared, ctx)
+}
+
+async fn bearer(state: &State, token: &str, ctx: &mut Ctx) -> Result<(), Refusal> {
+    let Some(cache) = &state.tokens else {
+        return Err(Refusal::credential(401, "token_no_pinned_keys"));
+    };
+    // A key ewsgate has not seen: fetch the one allow-listed URL the token belongs to again
+    // first (rate limited), as Exchange's or Entra's signing key may just have rotated.
+    cache.refetch_unknown(token).await;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let verified = cache.verify_for_ews(token, now);
+    match verified {
+        Ok(v) => {
+            accept(v, ctx);
+            Ok(())
+        }
+        Err(e) => {
+            // What a failure counts against: this token alone. Its claims are unverified
+            // and could name anyone, so they are never held against that someone.
+            ctx.token_item = None;
+            ctx.failed_token = Some(token_tag(token));
+            Err(Refusal::credential(401, e.reason()))
+        }
+    }
+}
+
+fn accept(v: Verified, ctx: &mut Ctx) {
+    ctx.token = Some(match v.family {
+        Family::Entra => TokenKind::Entra,
+        _ => TokenKind::Callback,
+    });
+    ctx.token_item = v.item;
+    ctx.user = v.user;
+}
+
+/// A short, stable tag of a token that failed: the first 16 hex digits of its SHA-256.
+fn token_tag(token: &str) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn refused_identity(shared: &Shared, ctx: &Ctx) -> Result<(), Refusal> {
+    let Some(identity) = ctx.identity() else {
+        return Ok(());
+    };
+    match shared.refused.check(&identity) {
+        Some(why) => Err(Refusal::service(403, format!("identity_refused: {why}"))),
+        None => Ok(()),
+    }
+}

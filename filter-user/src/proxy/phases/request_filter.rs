@@ -1,0 +1,220 @@
+//! Request filter: the head, read once. Framing, `Host` and the request-target, the path
+//! as IIS reads it, the query string, and the `Authorization` header's scheme. Nothing here
+//! waits on anything: a request that fails here is refused before any other phase.
+
+use bytes::Bytes;
+
+use crate::{
+    identity::auth::{self, Credential},
+    model::paths,
+    proxy::{
+        context::{Ctx, Refusal},
+        h1::{has_token, Framing, HeadError, RequestHead},
+        state::State,
+    },
+};
+
+/// What the later phases need of the head.
+pub struct Req {
+    pub head: RequestHead,
+    pub framing: Framing,
+    pub credential: Credential,
+    /// The client asked to close after this request.
+    pub close: bool,
+}
+
+pub fn run(state: &State, raw: Bytes, ctx: &mut Ctx) -> Result<Req, Refusal> {
+    let limits = &state.settings.limits;
+    let head = RequestHead::parse(raw, limits.header_count).map_err(protocol)?;
+    ctx.method.push_str(head.method());
+    ctx.user_agent = head
+        .fields
+        .text("user-agent")
+        .map(|s| s.chars().take(256).collect());
+    check_method_and_upgrade(&head)?;
+    let target = Target::read(head.target()).inspect_err(|_| {
+        ctx.path = head.target().chars().take(512).collect();
+    })?;
+    let path = paths::normalise(target.path).map_err(|e| {
+        ctx.path = target.path.chars().take(512).collect();
+        Refusal::protocol(400, format!("path: {e}"))
+    })?;
+    ctx.ews = ctx.method == "POST" && path == paths::EWS;
+    ctx.path = path;
+    // From here a refusal on the EWS path is a SOAP fault: framing refusals too.
+    let framing = head.framing.map_err(protocol)?;
+    check_host(&head, target.authority, state)?;
+    ctx.forwarded = Some(forwarded(ctx, target.query, state)?);
+    let credential = authorization(&head)?;
+    ctx.auth = credential.kind();
+    let close = wants_close(&head);
+    Ok(Req {
+        head,
+        framing,
+        credential,
+        close,
+    })
+}
+
+fn protocol(e: HeadError) -> Refusal {
+    Refusal::protocol(400, e.0)
+}
+
+/// The request-target split: an absolute form's authority, the path, the query.
+struct Target<'a> {
+    authority: Option<&'a str>,
+    path: &'a str,
+    query: Option<&'a str>,
+}
+
+impl<'a> Target<'a> {
+    fn read(target: &'a str) -> Result<Target<'a>, Refusal> {
+        if target.contains('#') {
+            return Err(Refusal::protocol(400, "fragment_in_target"));
+        }
+        let (authority, rest) = match scheme_rest(target) {
+            Some(rest) => {
+                let end = rest.find(['/', '?']).unwrap_or(rest.len());
+                let (authority, rest) = rest.split_at(end);
+                (Some(authority), if rest.is_empty() { "/" } else { rest })
+            }
+            None => (None, target),
+        };
+        let (path, query) = match rest.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (rest, None),
+        };
+        Ok(Target {
+            authority,
+            path,
+            query,
+        })
+    }
+}
+
+/// `http://` or `https://` (any case): the rest of an absolute-form target.
+fn scheme_rest(target: &str) -> Option<&str> {
+    for scheme in ["http://", "https://"] {
+        if target.len() >= scheme.len() && target[..scheme.len()].eq_ignore_ascii_case(scheme) {
+            return Some(&target[scheme.len()..]);
+        }
+    }
+    None
+}
+
+fn check_method_and_upgrade(head: &RequestHead) -> Result<(), Refusal> {
+    if head.method() == "CONNECT" {
+        return Err(Refusal::protocol(405, "connect_method"));
+    }
+    if head.fields.get("upgrade").is_some() {
+        return Err(Refusal::protocol(400, "upgrade"));
+    }
+    Ok(())
+}
+
+/// RFC 9112 §3.2: exactly one `Host`; it, and an absolute-form authority, must name the
+/// gate, so that a request meant for another site behind the same address is not judged
+/// here as if it were EWS.
+fn check_host(head: &RequestHead, authority: Option<&str>, state: &State) -> Result<(), Refusal> {
+    let hosts = head.fields.count("host");
+    if hosts == 0 {
+        return Err(Refusal::protocol(400, "missing_host"));
+    }
+    if hosts > 1 {
+        return Err(Refusal::protocol(400, "duplicate_host"));
+    }
+    let host = head.fields.text("host").unwrap_or("");
+    if !names_gate(host, state) {
+        return Err(Refusal::protocol(400, "host_not_this_gate"));
+    }
+    if let Some(a) = authority {
+        if !names_gate(a, state) {
+            return Err(Refusal::protocol(400, "target_not_this_gate"));
+        }
+    }
+    Ok(())
+}
+
+/// `name` or `name:port`, where the name is one the gate answers to and the port (if any)
+/// one it listens on.
+fn names_gate(authority: &str, state: &State) -> bool {
+    if authority.contains('@') || authority.is_empty() {
+        return false;
+    }
+    let (name, port) = split_port(authority);
+    let port_ok = match port {
+        None => true,
+        Some(p) => p
+            .parse::<u16>()
+            .is_ok_and(|p| state.settings.listen.iter().any(|l| l.port() == p)),
+    };
+    port_ok && state.names.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
+fn split_port(authority: &str) -> (&str, Option<&str>) {
+    if let Some(end) = authority.strip_prefix('[').and_then(|r| r.find(']')) {
+        let end = end + 1;
+        let rest = &authority[end + 1..];
+        return (&authority[..=end], rest.strip_prefix(':'));
+    }
+    match authority.rsplit_once(':') {
+        Some((name, port)) => (name, Some(port)),
+        None => (authority, None),
+    }
+}
+
+/// What Exchange is sent as the request-target: the EWS endpoint in its canonical
+/// spelling, other paths as normalised; the query only where it is allowed.
+fn forwarded(ctx: &Ctx, query: Option<&str>, state: &State) -> Result<String, Refusal> {
+    let path = if ctx.ews {
+        paths::EWS_CANONICAL
+    } else {
+        ctx.path.as_str()
+    };
+    let Some(q) = query else {
+        return Ok(path.to_string());
+    };
+    if ctx.ews && !state.settings.ews_query {
+        return Err(Refusal::protocol(400, "ews_query_string"));
+    }
+    Ok(format!("{path}?{q}"))
+}
+
+fn authorization(head: &RequestHead) -> Result<Credential, Refusal> {
+    if head.fields.count("authorization") > 1 {
+        return Err(Refusal::protocol(400, "duplicate_authorization"));
+    }
+    match auth::classify(head.fields.get("authorization")) {
+        Credential::Invalid(reason) => Err(Refusal::protocol(400, reason)),
+        c => Ok(c),
+    }
+}
+
+fn wants_close(head: &RequestHead) -> bool {
+    let connection = |token: &[u8]| head.fields.all("connection").any(|v| has_token(v, token));
+    match head.minor {
+        0 => !connection(b"keep-alive"),
+        _ => connection(b"close"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorities_split_their_port() {
+        assert_eq!(split_port("mail.example.org"), ("mail.example.org", None));
+        assert_eq!(
+            split_port("mail.example.org:443"),
+            ("mail.example.org", Some("443"))
+        );
+        assert_eq!(
+            split_port("[2001:db8::1]:443"),
+            ("[2001:db8::1]", Some("443"))
+        );
+        assert_eq!(split_port("[2001:db8::1]"), ("[2001:db8::1]", None));
+        assert_eq!(scheme_rest("HTTPS://a/b"), Some("a/b"));
+        assert_eq!(scheme_rest("/a"), None);
+    }
+}

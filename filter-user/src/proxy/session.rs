@@ -1,0 +1,129 @@
+//! One client connection: its TLS stream, the bytes read but not yet used, an NTLM session
+//! and the upstream connection bound to it. Requests are read one after another; each runs
+//! through the phases in order, and the logging phase ends it.
+//!
+//! The connection's two clocks live here: the idle timeout while no request has begun, and
+//! the head timeout from a head's first byte to its end (a slow head is `head_timeout`).
+
+use std::{sync::Arc, time::Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::{net::TcpStream, time::timeout};
+use tokio_rustls::server::TlsStream;
+
+use crate::proxy::{
+    context::{ConnInfo, Ctx, Refusal, Session},
+    h1::{self, ReadError},
+    phases::{body_filter, identity, logging, policy, request_filter, response_filter, upstream},
+    respond,
+    state::State,
+    upstream as pool, Shared,
+};
+
+/// What the bytes of one request head were read with.
+const HEAD_START: usize = 4096;
+
+pub struct Conn {
+    pub info: Arc<ConnInfo>,
+    pub tls: TlsStream<TcpStream>,
+    /// Bytes read from the client and not yet used.
+    pub buf: BytesMut,
+    /// The user an NTLM or Negotiate handshake authenticated on this connection.
+    pub session: Option<Session>,
+    /// The upstream connection bound to this client (NTLM and Negotiate).
+    pub bound: Option<pool::Conn>,
+}
+
+/// Serves requests on a connection until either side is done.
+pub async fn serve(shared: Arc<Shared>, state: Arc<State>, mut conn: Conn) {
+    let limits = state.settings.limits.clone();
+    loop {
+        let raw = match next_head(&mut conn, &limits).await {
+            Ok(Some(raw)) => raw,
+            Ok(None) => return,
+            Err(refusal) => {
+                let mut ctx = Ctx::new(conn.info.clone(), Instant::now());
+                if refusal.status == 408 {
+                    // A head that never ends gets no answer: the connection just closes.
+                    ctx.refused(&refusal);
+                } else {
+                    respond::refusal(&mut conn, &mut ctx, &refusal, true).await;
+                }
+                logging::run(&shared, &ctx);
+                return;
+            }
+        };
+        // Each request runs on the policy current when it began.
+        let state = shared.state.load_full();
+        let keep = Box::pin(request(&shared, &state, &mut conn, raw)).await;
+        if !keep {
+            return;
+        }
+        // An idle connection keeps no large buffer.
+        if conn.buf.is_empty() && conn.buf.capacity() > HEAD_START {
+            conn.buf = BytesMut::new();
+        }
+    }
+}
+
+/// The next request head: waits under the idle timeout for its first byte, then under the
+/// head timeout for the rest. `None`: the client closed or went idle too long.
+async fn next_head(
+    conn: &mut Conn,
+    limits: &crate::model::settings::Limits,
+) -> Result<Option<Bytes>, Refusal> {
+    if conn.buf.is_empty() {
+        conn.buf.reserve(HEAD_START);
+        match timeout(limits.idle_timeout, h1::fill(&mut conn.tls, &mut conn.buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return Ok(None),
+        }
+    }
+    let read = h1::read_head(&mut conn.tls, &mut conn.buf, limits.header_bytes);
+    match timeout(limits.head_timeout, read).await {
+        Err(_) => Err(Refusal::protocol(408, "head_timeout")),
+        Ok(Ok(head)) => Ok(head),
+        Ok(Err(ReadError::Head(e))) => Err(Refusal::protocol(431, e.0)),
+        Ok(Err(ReadError::Truncated)) | Ok(Err(ReadError::Io(_))) => Ok(None),
+    }
+}
+
+/// One request through the phases; says whether the connection carries another.
+async fn request(shared: &Shared, state: &Arc<State>, conn: &mut Conn, raw: Bytes) -> bool {
+    let mut ctx = Ctx::new(conn.info.clone(), Instant::now());
+    let keep = match exchange(shared, state, conn, raw, &mut ctx).await {
+        Ok(keep) => keep,
+        Err((refusal, close)) => respond::refusal(conn, &mut ctx, &refusal, close).await,
+    };
+    logging::run(shared, &ctx);
+    keep
+}
+
+/// The phases in order. A refusal says whether the client asked to close.
+async fn exchange(
+    shared: &Shared,
+    state: &State,
+    conn: &mut Conn,
+    raw: Bytes,
+    ctx: &mut Ctx,
+) -> Result<bool, (Refusal, bool)> {
+    let req = request_filter::run(state, raw, ctx).map_err(|r| (r, true))?;
+    let close = req.close;
+    let fail = |r: Refusal| (r, close);
+    if shared.audit.backlog() > state.settings.limits.audit_backlog {
+        return Err(fail(Refusal::service(503, "audit_backlog")));
+    }
+    identity::run(shared, state, conn, &req, ctx)
+        .await
+        .map_err(fail)?;
+    let plan = policy::run(state, &req, ctx).map_err(fail)?;
+    let (body, judged) = body_filter::run(shared, state, conn, &req, &plan, ctx)
+        .await
+        .map_err(fail)?;
+    let answer = upstream::run(state, conn, &req, body, ctx)
+        .await
+        .map_err(fail)?;
+    response_filter::run(shared, state, conn, &req, answer, &judged, ctx)
+        .await
+        .map_err(fail)
+}

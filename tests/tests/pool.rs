@@ -1,0 +1,138 @@
+//! Upstream connections: pooled for requests that authenticate themselves, bound to their
+//! client for NTLM, so that no client ever rides on another's session.
+
+use base64::{engine::general_purpose::STANDARD, Engine as _};
+use ewsgate::identity::auth::ntlm_messages;
+use tests::{
+    ews::Reply,
+    gate::Gate,
+    mailbox::{requests, TOKEN_ITEM},
+};
+
+const RULES: &str = r#"
+[[rule]]
+name = "salesforce-callback"
+groups = ["salesforce"]
+auth = ["bearer"]
+token = ["callback"]
+action = "allow"
+
+[[rule]]
+name = "office"
+groups = ["offices"]
+auth = ["ntlm", "basic"]
+action = "allow"
+"#;
+
+fn backend_connection(r: &Reply) -> String {
+    r.header("x-backend-connection")
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn interleaved_basic_bearer_and_ntlm_clients_never_see_each_others_session() {
+    let g = Gate::start(0, RULES);
+    let soap = requests::get_item(&[TOKEN_ITEM]);
+    let ntlm = |m: Vec<u8>| format!("NTLM {}", STANDARD.encode(m));
+    let basic = format!("Basic {}", STANDARD.encode("bob@example.org:s3cret"));
+    let bearer = format!("Bearer {}", g.pki.token(|c| c));
+    let mut alice = g.https("office");
+    let mut carol = g.https("office");
+    let mut shared = Vec::new();
+    let mut self_authenticating = |g: &Gate| {
+        let b = g
+            .https("office")
+            .ews(&[("Authorization", &basic)], soap.as_bytes())
+            .unwrap();
+        let t = g
+            .https("sf")
+            .ews(&[("Authorization", &bearer)], soap.as_bytes())
+            .unwrap();
+        for r in [&b, &t] {
+            assert_eq!(r.status, 200, "{}", r.body);
+            assert_eq!(
+                r.header("x-backend-user"),
+                None,
+                "a pooled request saw a session"
+            );
+        }
+        shared.push(backend_connection(&b));
+        shared.push(backend_connection(&t));
+    };
+    let challenge = alice
+        .ews(&[("Authorization", &ntlm(ntlm_messages::negotiate()))], b"")
+        .unwrap();
+    assert_eq!(challenge.status, 401);
+    self_authenticating(&g);
+    let a3 = alice
+        .ews(
+            &[(
+                "Authorization",
+                &ntlm(ntlm_messages::authenticate("EXAMPLE", "alice")),
+            )],
+            soap.as_bytes(),
+        )
+        .unwrap();
+    assert_eq!(a3.status, 200);
+    self_authenticating(&g);
+    assert_eq!(
+        carol
+            .ews(&[("Authorization", &ntlm(ntlm_messages::negotiate()))], b"")
+            .unwrap()
+            .status,
+        401
+    );
+    let c3 = carol
+        .ews(
+            &[(
+                "Authorization",
+                &ntlm(ntlm_messages::authenticate("EXAMPLE", "carol")),
+            )],
+            soap.as_bytes(),
+        )
+        .unwrap();
+    let mut bound = vec![backend_connection(&a3), backend_connection(&c3)];
+    for _ in 0..3 {
+        self_authenticating(&g);
+        let a = alice.ews(&[], soap.as_bytes()).unwrap();
+        let c = carol.ews(&[], soap.as_bytes()).unwrap();
+        assert_eq!(a.header("x-backend-user"), Some("EXAMPLE\\alice"));
+        assert_eq!(c.header("x-backend-user"), Some("EXAMPLE\\carol"));
+        assert_eq!(
+            backend_connection(&a),
+            bound[0],
+            "alice keeps her own connection"
+        );
+        assert_eq!(backend_connection(&c), bound[1], "carol keeps hers");
+    }
+    assert_ne!(bound[0], bound[1]);
+    // A connection that carried NTLM is never pooled; the pool is reused by the others.
+    bound.push(backend_connection(&challenge));
+    for s in &shared {
+        assert!(
+            !bound.contains(s),
+            "a Basic or Bearer request rode on NTLM connection {s}"
+        );
+    }
+    let mut distinct = shared.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert!(
+        distinct.len() < shared.len(),
+        "{} requests on {} connections: nothing was reused",
+        shared.len(),
+        distinct.len()
+    );
+    // Once alice's client goes, her upstream connection goes with it, never to the pool.
+    drop(alice);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for _ in 0..4 {
+        let r = g
+            .https("office")
+            .ews(&[("Authorization", &basic)], soap.as_bytes())
+            .unwrap();
+        assert_ne!(backend_connection(&r), bound[0]);
+        assert_eq!(r.header("x-backend-user"), None);
+    }
+}
