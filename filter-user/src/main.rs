@@ -100,7 +100,9 @@ fn main() -> ExitCode {
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            // rustls warns about each client's odd SNI (an IP address): not the operator's news.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rustls=error".into()),
         )
         // Colour codes only on a terminal: never in a journal or a log file.
         .with_ansi(std::io::stderr().is_terminal())

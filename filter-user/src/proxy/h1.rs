@@ -9,7 +9,7 @@
 //! guesswork; chunked bodies are decoded and re-encoded, so chunk extensions and trailers
 //! never reach the other side.
 
-use std::{io, ops::Range};
+use std::{io, mem::MaybeUninit, ops::Range};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -18,6 +18,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 const MAX_LINE: usize = 4096;
 /// What a single read asks for: one TLS record's worth.
 const READ_CHUNK: usize = 16 * 1024;
+/// Header slots parsed on the stack, uninitialised until httparse fills them; a limit above
+/// this takes a heap buffer.
+const STACK_HEADERS: usize = 128;
 
 /// How a message's body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,27 +72,34 @@ impl Fields {
         Fields { raw, fields }
     }
 
-    /// Every header, in order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.fields.iter().map(|(n, v)| {
-            // Names were checked as tokens by httparse: ASCII.
-            let name = std::str::from_utf8(&self.raw[n.clone()]).unwrap_or("");
-            (name, &self.raw[v.clone()])
-        })
+    /// Every header, in order: name (a token, ASCII, as httparse checked it) and value.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields
+            .iter()
+            .map(|(n, v)| (&self.raw[n.clone()], &self.raw[v.clone()]))
     }
 
     /// Every value of a header, in order.
     pub fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
         self.iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
             .map(|(_, v)| v)
     }
 
     /// The first value of a header.
     pub fn get(&self, name: &str) -> Option<&[u8]> {
         self.iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
             .map(|(_, v)| v)
+    }
+
+    /// The header names `Connection` lists: hop-by-hop too, for this message.
+    pub fn connection_named(&self) -> Vec<&[u8]> {
+        self.all("connection")
+            .flat_map(|v| v.split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !t.is_empty())
+            .collect()
     }
 
     /// The first value of a header, when it is text.
@@ -99,7 +109,7 @@ impl Fields {
 
     pub fn count(&self, name: &str) -> usize {
         self.iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
             .count()
     }
 
@@ -134,10 +144,17 @@ impl RequestHead {
     /// Parses a complete head (ending in CRLF CRLF); its framing is checked in the same
     /// pass.
     pub fn parse(raw: Bytes, max_headers: usize) -> Result<RequestHead, HeadError> {
-        let mut storage = vec![httparse::EMPTY_HEADER; max_headers];
-        let mut req = httparse::Request::new(&mut storage);
+        let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
+        let mut heap = Vec::new();
+        let storage = if max_headers <= STACK_HEADERS {
+            &mut stack[..max_headers]
+        } else {
+            heap.resize_with(max_headers, MaybeUninit::uninit);
+            &mut heap[..]
+        };
+        let mut req = httparse::Request::new(&mut []);
         let raw_ref: &[u8] = &raw;
-        match req.parse(raw_ref) {
+        match req.parse_with_uninit_headers(raw_ref, storage) {
             Ok(httparse::Status::Complete(n)) if n == raw.len() => {}
             Ok(_) => return Err(HeadError("malformed_head")),
             Err(httparse::Error::TooManyHeaders) => return Err(HeadError("too_many_headers")),
@@ -151,7 +168,10 @@ impl RequestHead {
         };
         let method = span(req.method.ok_or(HeadError("malformed_head"))?);
         let target = span(req.path.ok_or(HeadError("malformed_head"))?);
-        let framing = request_framing(req.headers, minor);
+        let framing = request_framing(
+            req.headers.iter().map(|h| (h.name.as_bytes(), h.value)),
+            minor,
+        );
         let fields = Fields::new(raw.clone(), req.headers);
         Ok(RequestHead {
             fields,
@@ -173,7 +193,10 @@ impl RequestHead {
 }
 
 /// RFC 9112 §6.3, strictly: anything a lenient parser would repair is refused.
-fn request_framing(headers: &[httparse::Header<'_>], minor: u8) -> Result<Framing, HeadError> {
+fn request_framing<'h>(
+    headers: impl Iterator<Item = (&'h [u8], &'h [u8])>,
+    minor: u8,
+) -> Result<Framing, HeadError> {
     let (length, chunked) = length_and_coding(headers)?;
     if chunked && minor == 0 {
         return Err(HeadError("transfer_encoding_in_http10"));
@@ -186,21 +209,23 @@ fn request_framing(headers: &[httparse::Header<'_>], minor: u8) -> Result<Framin
 }
 
 /// The declared length and whether the body is chunked, refusing every ambiguity.
-fn length_and_coding(headers: &[httparse::Header<'_>]) -> Result<(Option<u64>, bool), HeadError> {
+fn length_and_coding<'h>(
+    headers: impl Iterator<Item = (&'h [u8], &'h [u8])>,
+) -> Result<(Option<u64>, bool), HeadError> {
     let mut length: Option<u64> = None;
     let mut coding_seen = false;
-    for h in headers {
-        if h.name.eq_ignore_ascii_case("content-length") {
+    for (name, value) in headers {
+        if name.eq_ignore_ascii_case(b"content-length") {
             if length.is_some() {
                 return Err(HeadError("duplicate_content_length"));
             }
-            length = Some(parse_length(h.value)?);
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            length = Some(parse_length(value)?);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             if coding_seen {
                 return Err(HeadError("duplicate_transfer_encoding"));
             }
             coding_seen = true;
-            if !h.value.eq_ignore_ascii_case(b"chunked") {
+            if !value.eq_ignore_ascii_case(b"chunked") {
                 return Err(HeadError("transfer_encoding_not_chunked"));
             }
         }
@@ -234,8 +259,15 @@ pub struct ResponseHead {
 
 impl ResponseHead {
     pub fn parse(raw: Bytes, max_headers: usize) -> Result<ResponseHead, HeadError> {
-        let mut storage = vec![httparse::EMPTY_HEADER; max_headers];
-        let mut resp = httparse::Response::new(&mut storage);
+        let mut stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
+        let mut heap = Vec::new();
+        let storage = if max_headers <= STACK_HEADERS {
+            &mut stack[..max_headers]
+        } else {
+            heap.resize(max_headers, httparse::EMPTY_HEADER);
+            &mut heap[..]
+        };
+        let mut resp = httparse::Response::new(storage);
         let raw_ref: &[u8] = &raw;
         match resp.parse(raw_ref) {
             Ok(httparse::Status::Complete(n)) if n == raw.len() => {}
@@ -270,12 +302,8 @@ impl ResponseHead {
         if head_request || (100..200).contains(&self.status) || matches!(self.status, 204 | 304) {
             return Ok(Framing::Empty);
         }
-        let mut storage = Vec::new();
-        for (name, value) in self.fields.iter() {
-            storage.push(httparse::Header { name, value });
-        }
         let (length, chunked) =
-            length_and_coding(&storage).map_err(|e| HeadError(upstream_reason(e.0)))?;
+            length_and_coding(self.fields.iter()).map_err(|e| HeadError(upstream_reason(e.0)))?;
         Ok(match (chunked, length) {
             (true, _) => Framing::Chunked,
             (false, Some(0)) => Framing::Empty,
@@ -525,22 +553,23 @@ pub const HOP_BY_HOP: [&str; 8] = [
     "content-length",
 ];
 
-/// Whether a header must not be passed on: hop-by-hop, or named by `Connection` (which may
-/// never remove what the proxy relies on).
-pub fn is_hop_by_hop(fields: &Fields, name: &str) -> bool {
-    if HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h)) {
+/// Whether a header must not be passed on: hop-by-hop, or named by `Connection` (`named`,
+/// from [`Fields::connection_named`]), which may never remove what the proxy relies on.
+pub fn is_hop_by_hop(name: &[u8], named: &[&[u8]]) -> bool {
+    if HOP_BY_HOP
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+    {
         return true;
     }
-    let protected = ["host", "authorization", "content-length"];
+    let protected: [&[u8]; 3] = [b"host", b"authorization", b"content-length"];
     !protected.iter().any(|p| name.eq_ignore_ascii_case(p))
-        && fields
-            .all("connection")
-            .any(|v| has_token(v, name.as_bytes()))
+        && named.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
 /// Appends `name: value\r\n`.
-pub fn put_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
-    out.extend_from_slice(name.as_bytes());
+pub fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");

@@ -25,8 +25,12 @@ pub async fn run(
     let limit = state.settings.limits.handshake_timeout;
     let tls = match tokio::time::timeout(limit, state.acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
-        Ok(Err(_)) => return refuse(shared, peer, group, "tls_handshake_failed"),
-        Err(_) => return refuse(shared, peer, group, "tls_handshake_timeout"),
+        // The client went away: a closed connection is no protocol failure.
+        Ok(Err(e)) if gone(&e) => {
+            return refuse(shared, peer, group, "tls_handshake_aborted", None)
+        }
+        Ok(Err(_)) => return refuse(shared, peer, group, "tls_handshake_failed", PROTOCOL),
+        Err(_) => return refuse(shared, peer, group, "tls_handshake_timeout", PROTOCOL),
     };
     let client_cert = tls
         .get_ref()
@@ -49,11 +53,23 @@ pub async fn run(
     })
 }
 
+const PROTOCOL: Option<FailureClass> = Some(FailureClass::Protocol);
+
+/// The client closed or reset the connection mid-handshake.
+fn gone(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | BrokenPipe | ConnectionAborted
+    )
+}
+
 fn refuse(
     shared: &Shared,
     peer: SocketAddr,
     group: Option<Arc<str>>,
     reason: &str,
+    failure: Option<FailureClass>,
 ) -> Option<Conn> {
     logging::connection(
         shared,
@@ -61,7 +77,7 @@ fn refuse(
         group.as_deref(),
         Decision::Deny,
         reason,
-        Some(FailureClass::Protocol),
+        failure,
     );
     None
 }

@@ -30,13 +30,13 @@ pub async fn refusal(conn: &mut Conn, ctx: &mut Ctx, r: &Refusal, client_close: 
     out.push(b' ');
     out.extend_from_slice(reason_phrase(r.status).as_bytes());
     out.extend_from_slice(b"\r\n");
-    put_header(&mut out, "Content-Type", content_type);
+    put_header(&mut out, b"Content-Type", content_type);
     out.extend_from_slice(b"Content-Length: ");
     put_number(&mut out, body.len() as u64);
     out.extend_from_slice(b"\r\n");
     if !keep {
         // A refused request's body may be unread: the connection cannot be trusted to go on.
-        put_header(&mut out, "Connection", b"close");
+        put_header(&mut out, b"Connection", b"close");
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body.as_bytes());

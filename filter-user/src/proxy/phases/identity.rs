@@ -51,9 +51,11 @@ pub async fn run(
         Credential::Kerberos => {}
         Credential::Bearer { token } => {
             // A token that keeps failing is refused before its signature is checked again.
-            ctx.failed_token = Some(token_tag(token));
-            refused_identity(shared, ctx)?;
-            ctx.failed_token = None;
+            if !shared.refused.is_empty() {
+                ctx.failed_token = Some(token_tag(token));
+                refused_identity(shared, ctx)?;
+                ctx.failed_token = None;
+            }
             bearer(state, token, ctx).await?;
         }
     }
@@ -102,6 +104,9 @@ fn token_tag(token: &str) -> String {
 }
 
 fn refused_identity(shared: &Shared, ctx: &Ctx) -> Result<(), Refusal> {
+    if shared.refused.is_empty() {
+        return Ok(());
+    }
     let Some(identity) = ctx.identity() else {
         return Ok(());
     };

@@ -86,8 +86,9 @@ fn response_head(answer: &Answer, out_framing: OutFraming, keep: bool) -> Vec<u8
     out.push(b' ');
     out.extend_from_slice(head.reason().as_bytes());
     out.extend_from_slice(b"\r\n");
+    let named = fields.connection_named();
     for (name, value) in fields.iter() {
-        if !h1::is_hop_by_hop(fields, name) {
+        if !h1::is_hop_by_hop(name, &named) {
             put_header(&mut out, name, value);
         }
     }
@@ -97,17 +98,17 @@ fn response_head(answer: &Answer, out_framing: OutFraming, keep: bool) -> Vec<u8
             put_number(&mut out, n);
             out.extend_from_slice(b"\r\n");
         }
-        OutFraming::Chunked => put_header(&mut out, "Transfer-Encoding", b"chunked"),
+        OutFraming::Chunked => put_header(&mut out, b"Transfer-Encoding", b"chunked"),
         // A HEAD or 304 answer describes a body it does not carry: its length stands.
         OutFraming::None => {
             if let Some(len) = fields.get("content-length") {
-                put_header(&mut out, "Content-Length", len);
+                put_header(&mut out, b"Content-Length", len);
             }
         }
         OutFraming::Close => {}
     }
     if !keep {
-        put_header(&mut out, "Connection", b"close");
+        put_header(&mut out, b"Connection", b"close");
     }
     out.extend_from_slice(b"\r\n");
     out
@@ -136,9 +137,10 @@ async fn streamed(
         Framing::Chunked | Framing::Close if req.head.minor == 1 => OutFraming::Chunked,
         Framing::Chunked | Framing::Close => OutFraming::Close,
     };
-    let head = response_head(&answer, out_framing, keep);
+    // The head goes out with the first piece of the body: one write, one TLS record, for
+    // the common small answer.
+    let mut head = Some(response_head(&answer, out_framing, keep));
     let client_err = |_| Refusal::service(499, "client_gone");
-    conn.tls.write_all(&head).await.map_err(client_err)?;
     let mut decoder = BodyDecoder::new(answer.framing);
     let idle = state.settings.limits.idle_timeout;
     let mut frame = Vec::with_capacity(16);
@@ -163,7 +165,9 @@ async fn streamed(
             put_chunk_size(&mut frame, piece.len());
         }
         let end: &[u8] = if chunked { b"\r\n" } else { b"" };
+        let first = head.take().unwrap_or_default();
         let mut bufs = [
+            IoSlice::new(&first),
             IoSlice::new(&frame),
             IoSlice::new(&piece),
             IoSlice::new(end),
@@ -172,8 +176,16 @@ async fn streamed(
             .await
             .map_err(client_err)?;
     }
-    if out_framing == OutFraming::Chunked {
-        conn.tls.write_all(b"0\r\n\r\n").await.map_err(client_err)?;
+    let last: &[u8] = match out_framing {
+        OutFraming::Chunked => b"0\r\n\r\n",
+        _ => b"",
+    };
+    let first = head.take().unwrap_or_default();
+    if !first.is_empty() || !last.is_empty() {
+        let mut bufs = [IoSlice::new(&first), IoSlice::new(last)];
+        write_all_vectored(&mut conn.tls, &mut bufs)
+            .await
+            .map_err(client_err)?;
     }
     conn.tls.flush().await.map_err(client_err)?;
     release(state, conn, answer);

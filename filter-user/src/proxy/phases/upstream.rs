@@ -4,7 +4,10 @@
 //! and `X-Forwarded-Proto`. A request whose body ewsgate holds whole is sent again once on a
 //! fresh connection when a pooled one turns out to have been closed under it.
 
-use std::{io::IoSlice, time::Instant};
+use std::{
+    io::{IoSlice, Write},
+    time::Instant,
+};
 
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
@@ -233,21 +236,22 @@ fn request_head(req: &Req, ctx: &Ctx, body: &BodyOut) -> Vec<u8> {
     out.push(b' ');
     out.extend_from_slice(ctx.forwarded.as_deref().unwrap_or("/").as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    let named = fields.connection_named();
     for (name, value) in fields.iter() {
-        if h1::is_hop_by_hop(fields, name)
-            || FORWARDING.iter().any(|f| name.eq_ignore_ascii_case(f))
-            || name.eq_ignore_ascii_case("proxy-authorization")
-            || name.eq_ignore_ascii_case("expect")
+        if h1::is_hop_by_hop(name, &named)
+            || FORWARDING.iter().any(|f| name.eq_ignore_ascii_case(f.as_bytes()))
+            || name.eq_ignore_ascii_case(b"proxy-authorization")
+            || name.eq_ignore_ascii_case(b"expect")
             // A response ewsgate must read has to arrive in a form it can read.
-            || (ctx.inspect.is_some() && name.eq_ignore_ascii_case("accept-encoding"))
+            || (ctx.inspect.is_some() && name.eq_ignore_ascii_case(b"accept-encoding"))
         {
             continue;
         }
         put_header(&mut out, name, value);
     }
-    let ip = ctx.conn.peer.ip().to_string();
-    put_header(&mut out, "X-Forwarded-For", ip.as_bytes());
-    put_header(&mut out, "X-Forwarded-Proto", b"https");
+    out.extend_from_slice(b"X-Forwarded-For: ");
+    let _ = write!(out, "{}", ctx.conn.peer.ip());
+    out.extend_from_slice(b"\r\nX-Forwarded-Proto: https\r\n");
     match body {
         BodyOut::Whole(b) if b.is_empty() && req.framing == Framing::Empty => {}
         BodyOut::Whole(b) => {
@@ -261,7 +265,7 @@ fn request_head(req: &Req, ctx: &Ctx, body: &BodyOut) -> Vec<u8> {
                 put_number(&mut out, n);
                 out.extend_from_slice(b"\r\n");
             }
-            _ => put_header(&mut out, "Transfer-Encoding", b"chunked"),
+            _ => put_header(&mut out, b"Transfer-Encoding", b"chunked"),
         },
     }
     out.extend_from_slice(b"\r\n");

@@ -217,8 +217,9 @@ fn measure(
         handshakes,
         "handshakes/s",
     ));
-    let rss = idle_rss(subject.port, server.pid(), pki)?;
+    let (rss, anon) = idle_rss(subject.port, server.pid(), pki)?;
     rows.push(row("rss_mb_1000_idle", name, rss, "MB"));
+    rows.push(row("anon_mb_1000_idle", name, anon, "MB"));
     Ok(())
 }
 
@@ -246,7 +247,7 @@ struct Wrk {
 fn wrk(port: u16, token: &str, close: bool, dir: &Path) -> anyhow::Result<Wrk> {
     let script = dir.join("post.lua");
     let mut lua = format!(
-        "wrk.method = \"POST\"\nwrk.body = [[{}]]\nwrk.headers[\"Content-Type\"] = \"text/xml; charset=utf-8\"\nwrk.headers[\"Authorization\"] = \"Bearer {token}\"\n",
+        "wrk.method = \"POST\"\nwrk.body = [[{}]]\nwrk.headers[\"Host\"] = \"mail.example.org\"\nwrk.headers[\"Content-Type\"] = \"text/xml; charset=utf-8\"\nwrk.headers[\"Authorization\"] = \"Bearer {token}\"\n",
         soap_body()
     );
     if close {
@@ -308,8 +309,9 @@ fn percentile(text: &str, which: &str) -> anyhow::Result<f64> {
 }
 
 /// Opens 1,000 TLS connections, one request on each, holds them idle, and reads the
-/// resident memory of the proxy's processes.
-fn idle_rss(port: u16, pid: u32, pki: &Pki) -> anyhow::Result<f64> {
+/// resident memory of the proxy's processes: all of it (VmRSS) and the anonymous part
+/// (RssAnon), each summed over the subject's processes.
+fn idle_rss(port: u16, pid: u32, pki: &Pki) -> anyhow::Result<(f64, f64)> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(&pki.ca)? {
         roots.add(c?)?;
@@ -347,7 +349,8 @@ fn idle_rss(port: u16, pid: u32, pki: &Pki) -> anyhow::Result<f64> {
         held.push(tls);
     }
     thread::sleep(Duration::from_secs(2));
-    let kib = tree_rss_kib(pid)?;
+    let kib = tree_kib(pid, "VmRSS:")?;
+    let anon_kib = tree_kib(pid, "RssAnon:")?;
     // Shared pages (for ewsgate, the XDP tables it mmaps) are not per-connection memory.
     if let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) {
         let parts: Vec<&str> = status
@@ -366,25 +369,26 @@ fn idle_rss(port: u16, pid: u32, pki: &Pki) -> anyhow::Result<f64> {
         );
     }
     drop(held);
-    Ok(kib as f64 / 1024.0)
+    Ok((kib as f64 / 1024.0, anon_kib as f64 / 1024.0))
 }
 
-/// VmRSS of a process and its descendants (nginx's workers, say).
-fn tree_rss_kib(pid: u32) -> anyhow::Result<u64> {
+/// A `/proc/PID/status` field of a process and its descendants (nginx's workers, ewsgate's
+/// proxy), summed, in KiB.
+fn tree_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     let mut total = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse::<u64>().ok())
-        .context("VmRSS")?;
+        .with_context(|| field.to_string())?;
     let children =
         fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
     for c in children
         .split_whitespace()
         .filter_map(|c| c.parse::<u32>().ok())
     {
-        total += tree_rss_kib(c)?;
+        total += tree_kib(c, field)?;
     }
     Ok(total)
 }
@@ -575,17 +579,24 @@ fn print_table(rows: &[Value]) {
     };
     println!("\nTLS proxy, 1 KB SOAP POST with a callback token; proxy on CPU 0, wrk (1 thread, {CONNECTIONS} connections) and backend on CPU 1");
     println!(
-        "{:<16} {:>12} {:>9} {:>9} {:>14} {:>12}",
-        "subject", "keepalive/s", "p50 ms", "p99 ms", "handshakes/s", "RSS 1000 idle"
+        "{:<16} {:>12} {:>9} {:>9} {:>14} {:>14} {:>14}",
+        "subject",
+        "keepalive/s",
+        "p50 ms",
+        "p99 ms",
+        "handshakes/s",
+        "RSS 1000 idle",
+        "anon 1000 idle"
     );
     for s in SUBJECTS.iter().map(|s| s.name) {
         println!(
-            "{s:<16} {:>12.0} {:>9.2} {:>9.2} {:>14.0} {:>10.1} MB",
+            "{s:<16} {:>12.0} {:>9.2} {:>9.2} {:>14.0} {:>11.1} MB {:>11.1} MB",
             get("keepalive_rps", s),
             get("keepalive_p50_ms", s),
             get("keepalive_p99_ms", s),
             get("full_handshakes_per_s", s),
-            get("rss_mb_1000_idle", s)
+            get("rss_mb_1000_idle", s),
+            get("anon_mb_1000_idle", s)
         );
     }
     let e = get("keepalive_rps", "ewsgate");
