@@ -265,13 +265,27 @@ impl TokenCache {
         until
     }
 
-    /// For a token signed by a key not known yet: refetches the one allow-listed URL the
-    /// token belongs to (its `amurl`, or the Entra discovery document), rate limited per
-    /// URL. Returns at once when the token is cached, its key is known, or nothing may be
-    /// fetched.
-    pub async fn refetch_unknown(&self, token: &str) {
-        if token.len() > MAX_TOKEN_BYTES || self.verified.contains_key(&hash(token)) {
-            return;
+    /// `verify_for_ews`, and for a token signed by a key not known yet, one refetch of the
+    /// allow-listed URL it belongs to (its `amurl`, or the Entra discovery document; rate
+    /// limited per URL) and a second look. A cached token costs one lookup, no more.
+    pub async fn verify_for_ews_fresh(
+        &self,
+        token: &str,
+        now: u64,
+    ) -> Result<Verified, TokenError> {
+        match self.verify_for_ews(token, now) {
+            Err(TokenError::UnknownKey(_)) if self.refetch_unknown(token).await => {
+                self.verify_for_ews(token, now)
+            }
+            result => result,
+        }
+    }
+
+    /// Refetches the URL an unknown key's token belongs to; false when nothing may be
+    /// fetched for it (no key source, the key is known, or its URL is not on the list).
+    pub async fn refetch_unknown(&self, token: &str) -> bool {
+        if token.len() > MAX_TOKEN_BYTES {
+            return false;
         }
         let (source, url) = match self.entra.as_ref().filter(|e| e.claims_ours(token)) {
             Some(e) => (e.fetched(), e.refetch_url(token)),
@@ -280,8 +294,12 @@ impl TokenCache {
                 self.exchange.refetch_url(token),
             ),
         };
-        if let (Some(source), Some(url)) = (source, url) {
-            source.refetch(&url).await;
+        match (source, url) {
+            (Some(source), Some(url)) => {
+                source.refetch(&url).await;
+                true
+            }
+            _ => false,
         }
     }
 

@@ -66,13 +66,12 @@ async fn bearer(state: &State, token: &str, ctx: &mut Ctx) -> Result<(), Refusal
     let Some(cache) = &state.tokens else {
         return Err(Refusal::credential(401, "token_no_pinned_keys"));
     };
-    // A key ewsgate has not seen: fetch the one allow-listed URL the token belongs to again
-    // first (rate limited), as Exchange's or Entra's signing key may just have rotated.
-    cache.refetch_unknown(token).await;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let verified = cache.verify_for_ews(token, now);
+    // A key ewsgate has not seen is fetched again (rate limited) before the token is refused,
+    // as Exchange's or Entra's signing key may just have rotated.
+    let verified = cache.verify_for_ews_fresh(token, now).await;
     match verified {
         Ok(v) => {
             accept(v, ctx);
