@@ -71,6 +71,21 @@ enum Command {
         #[arg(long)]
         pin_dir: Option<PathBuf>,
     },
+    /// Summarise audit files: who used EWS from where, for what, what was refused and what
+    /// fired. Text on standard output; `-` reads standard input (zcat rotated files into it).
+    Report {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Skip lines before this: 2026-12-01, 2026-12-01T08:00, RFC 3339, or 90m, 24h, 7d ago.
+        #[arg(long)]
+        since: Option<String>,
+        /// Also write one self-contained HTML page with charts.
+        #[arg(long)]
+        html: Option<PathBuf>,
+        /// The summary as JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -149,6 +164,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 c.prefix_count(),
                 c.protect.len()
             );
+            let d = &c.ops.detections;
+            let engine = ewsgate::ops::detections::Engine::new(d.clone());
+            println!(
+                "detections: {} of {} on, state at most {:.1} MiB; audit sinks: {}",
+                if d.enabled {
+                    d.rules.iter().filter(|r| r.enabled).count()
+                } else {
+                    0
+                },
+                d.rules.len(),
+                engine.memory_bound() as f64 / f64::from(1 << 20),
+                c.ops
+                    .audit
+                    .sinks
+                    .iter()
+                    .map(|s| s.label())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
             Ok(())
         }
         Command::Status { json } => {
@@ -175,7 +209,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             },
         )?),
         Command::Detach { ref pin_dir } => detach(&cli, pin_dir.clone()),
+        Command::Report {
+            ref files,
+            ref since,
+            ref html,
+            json,
+        } => report(files, since.as_deref(), html.as_deref(), json),
     }
+}
+
+fn report(
+    files: &[PathBuf],
+    since: Option<&str>,
+    html: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use ewsgate::ops::report::{self, Options, Report};
+    use std::io::BufReader;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let since = since
+        .map(|s| report::parse_since(s, now))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let mut r = Report::new(Options {
+        since,
+        ..Options::default()
+    });
+    for f in files {
+        let name = f.display().to_string();
+        if name == "-" {
+            r.read("-", std::io::stdin().lock())?;
+            continue;
+        }
+        let file = std::fs::File::open(f).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        r.read(&name, BufReader::with_capacity(256 << 10, file))
+            .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    }
+    let summary = r.summary();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print!("{}", report::text(&summary));
+    }
+    if let Some(path) = html {
+        std::fs::write(path, report::html(&summary))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// The control socket: from `--socket`, else the config's `[xdp]` section read on its own,

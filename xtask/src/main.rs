@@ -1,4 +1,4 @@
-//! Developer commands: `cargo xtask setup | build | test | demo | bench [xdp|proxy|tokens|all]`.
+//! Developer commands: `cargo xtask setup | build | test | demo | bench [xdp|proxy|tokens|cost|all]`.
 //!
 //! This crate depends on nothing that needs the eBPF toolchain, so `cargo xtask setup` builds
 //! on a machine that has only Rust, gcc and apt.
@@ -28,19 +28,33 @@ const APT_PACKAGES: &[&str] = &[
     "haproxy",
     "nginx-light",
     "wrk",
+    // `bench cost` counts the proxy's instructions per request with callgrind.
+    "valgrind",
     // A real EWS client (exchangelib, from PyPI) drives the gate end to end.
     "python3",
     "python3-venv",
     // ewsgate as a CrowdSec bouncer, CrowdSec and fail2ban reading the audit log.
     "crowdsec",
     "fail2ban",
+    // The audit report rendered in a real browser; file sinks under a real logrotate;
+    // a real journald (started by the test in its own mount namespace) and journalctl.
+    "chromium",
+    "logrotate",
+    "systemd",
 ];
 /// Debian's crowdsec registers with CrowdSec's Central API while it installs, which needs the
 /// network, unless this file exists with content first (its README.Debian). The tests run
 /// their own Local API and never use the Central one.
 const CROWDSEC_CAPI: &str = "/etc/crowdsec/online_api_credentials.yaml";
-/// exchangelib, pinned, in a virtual environment under target/.
-const EXCHANGELIB: &str = "exchangelib==5.6.0";
+/// From PyPI, pinned, in a virtual environment under target/: exchangelib, and pySigma with
+/// its Elasticsearch backend, which check and convert the Sigma rules in contrib/sigma.
+const PYTHON_PACKAGES: &[&str] = &[
+    "exchangelib==5.6.0",
+    "pySigma==1.5.1",
+    "pySigma-backend-elasticsearch==2.1.1",
+];
+/// What `python -c` imports to tell that the environment is complete.
+const PYTHON_IMPORTS: &str = "import exchangelib, sigma.backends.elasticsearch";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 
 #[derive(Parser)]
@@ -65,7 +79,8 @@ enum Cmd {
     Demo,
     /// Benchmarks against the peers, written to target/bench/*.json.
     Bench {
-        /// xdp, proxy, tokens, or all.
+        /// xdp, proxy, tokens (the token cache alone), cost (instructions per request,
+        /// under callgrind), or all.
         #[arg(default_value = "all")]
         suite: String,
     },
@@ -153,23 +168,32 @@ fn quiet_ok(cmd: &mut Command) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// The Python the end-to-end test runs exchangelib with.
+/// The Python the tests run exchangelib and pySigma with.
 fn python() -> PathBuf {
     root().join("target/py/bin/python3")
 }
 
 fn python_env() -> anyhow::Result<()> {
-    let ready = |py: &Path| quiet_ok(Command::new(py).args(["-c", "import exchangelib"]));
+    let ready = |py: &Path| quiet_ok(Command::new(py).args(["-c", PYTHON_IMPORTS]));
     if ready(&python()) {
         return Ok(());
     }
-    eprintln!("setup: installing {EXCHANGELIB} into target/py");
+    eprintln!(
+        "setup: installing {} into target/py",
+        PYTHON_PACKAGES.join(" ")
+    );
+    if !python().exists() {
+        status(
+            Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(root().join("target/py")),
+        )?;
+    }
     status(
-        Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(root().join("target/py")),
+        Command::new(python())
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(PYTHON_PACKAGES),
     )?;
-    status(Command::new(python()).args(["-m", "pip", "install", "--quiet", EXCHANGELIB]))?;
     Ok(())
 }
 

@@ -71,7 +71,10 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     // take its presence as "ewsgate is enforcing".
     let listener = bind_control(&socket)?;
     info!(start = ?gate.start, interfaces = ?gate.attached, prefixes = config.prefix_count(), proxy = proxy.is_some(), "ewsgate agent running");
-    let audit_path = config.proxy.as_ref().and_then(|p| p.audit_log.clone());
+    let audit_path = config
+        .proxy
+        .as_ref()
+        .and(config.ops.audit.file().map(PathBuf::from));
     let tasks_tx = tx.clone();
     let sink: tasks::Sink = Arc::new(move |a| tasks_tx.send(Command::Agent(a)).is_ok());
     let agent = tasks::Agent::start(&config, sink, rt.handle());

@@ -130,7 +130,7 @@ impl Settings {
             socket: proxy_socket(&config.xdp.control_socket),
             user: ProxyUser::lookup(&p.user)?,
             listen: p.listen.clone(),
-            audit_log: p.audit_log.clone(),
+            audit_log: config.ops.audit.file().map(Into::into),
             threads: p.threads,
             spawn: p.spawn,
         }))

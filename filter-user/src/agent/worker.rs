@@ -380,10 +380,7 @@ impl Worker {
     fn reopen_audit(&self) {
         let (Some(p), Some(path)) = (
             &self.proxy,
-            self.config
-                .proxy
-                .as_ref()
-                .and_then(|p| p.audit_log.as_ref()),
+            self.config.proxy.as_ref().and(self.config.ops.audit.file()),
         ) else {
             return;
         };

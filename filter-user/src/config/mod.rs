@@ -29,6 +29,7 @@ pub use crate::model::Config;
 mod bundle;
 mod crowdsec;
 mod feed;
+pub mod ops;
 mod request;
 
 pub use bundle::{Bundle, Disk, Files};
@@ -140,15 +141,25 @@ impl Config {
         let mut feeds = raw.feeds.unwrap_or_default().validate(&here)?;
         let groups = validate_sources(&here, base, raw.sources, &mut feeds)?;
         let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
+        let proxy = raw.proxy.map(|p| p.validate(&here, base)).transpose()?;
+        let ops = ops::validate(
+            &here,
+            base,
+            raw.detections,
+            raw.audit,
+            &names,
+            proxy.as_ref(),
+        )?;
         Ok(Config {
             path: path.to_path_buf(),
             xdp: raw.xdp.validate(&here)?,
             protect: validate_protect(&here, raw.protect)?,
-            proxy: raw.proxy.map(|p| p.validate(&here, base)).transpose()?,
+            proxy,
             tokens: raw.tokens.unwrap_or_default().validate(&here, base)?,
             feedback: raw.feedback.unwrap_or_default().validate(&here)?,
             content: raw.content.unwrap_or_default().validate(&here)?,
             rules: request::validate_rules(&here, raw.rule, &names)?,
+            ops,
             crowdsec: raw.crowdsec.map(|c| c.validate(&here, base)).transpose()?,
             feeds,
             groups,
@@ -219,6 +230,8 @@ struct RawConfig {
     content: Option<request::RawContent>,
     #[serde(default)]
     rule: Vec<request::RawRule>,
+    detections: Option<ops::RawDetections>,
+    audit: Option<ops::RawAudit>,
     feeds: Option<feed::RawFeeds>,
     crowdsec: Option<crowdsec::RawCrowdSec>,
 }

@@ -838,7 +838,7 @@ impl RawRule {
 }
 
 /// "07:00-19:00".
-fn parse_hours(text: &str) -> Result<(u16, u16), String> {
+pub(super) fn parse_hours(text: &str) -> Result<(u16, u16), String> {
     let bad = || format!("'{text}': hours are HH:MM-HH:MM");
     let (a, b) = text.split_once('-').ok_or_else(bad)?;
     let minutes = |t: &str| -> Option<u16> {
@@ -853,7 +853,7 @@ fn parse_hours(text: &str) -> Result<(u16, u16), String> {
     Ok((from, to))
 }
 
-fn parse_day(text: &str) -> Result<u8, String> {
+pub(super) fn parse_day(text: &str) -> Result<u8, String> {
     const NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
     let index = |d: &str| NAMES.iter().position(|n| *n == d.to_ascii_lowercase());
     let bad = || format!("'{text}': days are mon..sun or ranges such as mon-fri");

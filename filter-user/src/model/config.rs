@@ -6,6 +6,7 @@ use ipnet::IpNet;
 
 use super::{
     agent::{Copy, CopyMeta, CrowdSecSettings, FeedSettings, Held, LiveFeed},
+    ops::OpsSettings,
     packet::{Protected, SourceGroup, XdpSettings},
     rules::Rule,
     settings::{ContentSettings, FeedbackSettings, ProxySettings, TokenSettings},
@@ -29,6 +30,8 @@ pub struct Config {
     pub feeds: FeedSettings,
     /// The CrowdSec Local API followed as a bouncer.
     pub crowdsec: Option<CrowdSecSettings>,
+    /// `[detections]` and `[audit]`.
+    pub ops: OpsSettings,
 }
 
 impl Config {

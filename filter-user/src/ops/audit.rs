@@ -127,8 +127,9 @@ impl Audit {
         Ok(Audit { shared })
     }
 
-    /// Serialises a record into the buffer. Never drops it.
-    pub fn log(&self, record: &Record<'_>) {
+    /// Serialises a record (or any audit event, such as a detection) into the buffer.
+    /// Never drops it.
+    pub fn log<T: Serialize + ?Sized>(&self, record: &T) {
         let Ok(mut buf) = self.shared.lines.lock() else {
             return;
         };

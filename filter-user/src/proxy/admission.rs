@@ -154,10 +154,7 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock `bpf_ktime_get_ns` reads.
-pub fn monotonic_ns() -> u64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    (t.tv_sec as u64) * 1_000_000_000 + t.tv_nsec as u64
-}
+pub use crate::packet::maps::monotonic_ns;
 
 #[cfg(test)]
 mod tests {

@@ -50,6 +50,7 @@ pub async fn run(
         buf: BytesMut::new(),
         session: None,
         bound: None,
+        last_token: None,
     })
 }
 

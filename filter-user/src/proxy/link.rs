@@ -230,7 +230,14 @@ fn handle(shared: &Shared, msg: ToProxy, fds: Vec<OwnedFd>) -> Option<ToAgent> {
 
 fn prepare(shared: &Shared, policy: &PolicyState) -> ToAgent {
     let current = shared.state.load_full();
-    match build(policy, Some(&current)) {
+    let built = build(policy, Some(&current)).and_then(|state| {
+        shared
+            .ops
+            .check(&state.config.ops)
+            .map_err(anyhow::Error::msg)?;
+        Ok(state)
+    });
+    match built {
         Ok(state) => {
             if let Ok(mut p) = shared.pending.lock() {
                 *p = Some(state);
@@ -252,6 +259,7 @@ fn commit(shared: &Shared, id: u64, generation: u32) {
             let mut state = state;
             state.generation = generation;
             state.start();
+            shared.ops.set_detections(&state.config.ops.detections);
             shared.state.store(Arc::new(state));
         }
         _ => warn!(policy = id, "commit of a policy that was not prepared"),

@@ -45,6 +45,8 @@ pub struct Shared {
     /// A policy prepared and waiting for the agent's commit.
     pub pending: Mutex<Option<State>>,
     pub audit: Audit,
+    /// The other audit sinks and the detections, fed by the logging phase.
+    pub ops: crate::ops::Pipeline,
     /// What Exchange's answers showed of opaque IDs; kept across policies.
     pub ids: Mutex<IdCache>,
     pub dynamic: Dynamic,
@@ -85,6 +87,7 @@ pub fn serve(agent: PathBuf, threads: usize) -> anyhow::Result<()> {
         let shared = Arc::new(Shared {
             pending: Mutex::new(None),
             audit: Audit::new(audit_file).context("the audit log")?,
+            ops: crate::ops::Pipeline::open(&state.config.ops).context("the audit sinks")?,
             ids: Mutex::new(IdCache::new(state.content.cache_entries)),
             dynamic: Dynamic::default(),
             refused: Refused::default(),

@@ -11,6 +11,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::{net::TcpStream, time::timeout};
 use tokio_rustls::server::TlsStream;
 
+use crate::identity::tokens::Verified;
 use crate::proxy::{
     context::{ConnInfo, Ctx, Refusal, Session},
     h1::{self, ReadError},
@@ -32,6 +33,10 @@ pub struct Conn {
     pub session: Option<Session>,
     /// The upstream connection bound to this client (NTLM and Negotiate).
     pub bound: Option<pool::Conn>,
+    /// The last bearer token verified on this connection, under which policy: a client
+    /// sends the same one on every request of its short life, and comparing it costs less
+    /// than hashing it.
+    pub last_token: Option<(u64, Box<str>, Verified)>,
 }
 
 /// Serves requests on a connection until either side is done.
@@ -110,7 +115,10 @@ async fn exchange(
     let req = request_filter::run(state, raw, ctx).map_err(|r| (r, true))?;
     let close = req.close;
     let fail = |r: Refusal| (r, close);
-    if shared.audit.backlog() > state.settings.limits.audit_backlog {
+    // The other sinks too: a journald or syslog sink nine tenths full refuses, like the file.
+    if shared.audit.backlog() > state.settings.limits.audit_backlog
+        || shared.ops.lag().is_some_and(|l| l.fill > 0.9)
+    {
         return Err(fail(Refusal::service(503, "audit_backlog")));
     }
     identity::run(shared, state, conn, &req, ctx)

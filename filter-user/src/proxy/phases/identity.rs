@@ -23,7 +23,7 @@ use crate::{
 pub async fn run(
     shared: &Shared,
     state: &State,
-    conn: &Conn,
+    conn: &mut Conn,
     req: &Req,
     ctx: &mut Ctx,
 ) -> Result<(), Refusal> {
@@ -56,24 +56,34 @@ pub async fn run(
                 refused_identity(shared, ctx)?;
                 ctx.failed_token = None;
             }
-            bearer(state, token, ctx).await?;
+            bearer(state, conn, token, ctx).await?;
         }
     }
     refused_identity(shared, ctx)
 }
 
-async fn bearer(state: &State, token: &str, ctx: &mut Ctx) -> Result<(), Refusal> {
+async fn bearer(state: &State, conn: &mut Conn, token: &str, ctx: &mut Ctx) -> Result<(), Refusal> {
     let Some(cache) = &state.tokens else {
         return Err(Refusal::credential(401, "token_no_pinned_keys"));
     };
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    let leeway = state.config.tokens.expect.leeway;
+    if let Some((policy, last, v)) = &conn.last_token {
+        // The same token under the same policy, still within its life: as the cache would
+        // answer, without hashing it again. A new policy (new keys, say) verifies anew.
+        if *policy == state.id && **last == *token && now <= v.expires.saturating_add(leeway) {
+            accept(v.clone(), ctx);
+            return Ok(());
+        }
+    }
     // A key ewsgate has not seen is fetched again (rate limited) before the token is refused,
     // as Exchange's or Entra's signing key may just have rotated.
     let verified = cache.verify_for_ews_fresh(token, now).await;
     match verified {
         Ok(v) => {
+            conn.last_token = Some((state.id, token.into(), v.clone()));
             accept(v, ctx);
             Ok(())
         }

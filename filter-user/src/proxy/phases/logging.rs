@@ -6,9 +6,28 @@ use std::net::SocketAddr;
 use crate::{
     ipc::Failure,
     model::outcome::{Decision, FailureClass},
-    ops::audit::{Record, Shadow},
+    ops::{
+        audit::{Record, Shadow},
+        detections::Observation,
+    },
     proxy::{context::Ctx, Shared},
 };
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Runs a decision through the detections; each firing is an audit event of its own.
+fn detections(shared: &Shared, o: &Observation) {
+    for d in shared.ops.observe(o) {
+        tracing::warn!(detection = d.name(), subject = %d.subject, action = d.action.name(), "detection fired");
+        let event = d.event();
+        shared.audit.log(&event);
+        shared.ops.record(&event);
+    }
+}
 
 pub fn run(shared: &Shared, ctx: &Ctx) {
     let shadow = ctx.shadow.as_ref().map(|(d, rule, reason)| Shadow {
@@ -48,6 +67,25 @@ pub fn run(shared: &Shared, ctx: &Ctx) {
         ..Default::default()
     };
     shared.audit.log(&record);
+    shared.ops.record(&record);
+    let observation = Observation {
+        group: ctx.conn.group.as_deref(),
+        user: ctx.user.as_deref(),
+        auth: ctx.auth.name(),
+        token_item: ctx.token_item.as_deref(),
+        operation: ctx.operation.as_deref(),
+        op_class: ctx.op_class,
+        items: ctx.items.map_or(0, |n| n.min(u32::MAX as usize) as u32),
+        failure: ctx.failure,
+        reason: &ctx.reason,
+        mailbox: ctx.mailbox.as_deref(),
+        // The context has neither yet: paging counts per mailbox, and impersonation is seen
+        // when its refusal says so.
+        folder: None,
+        impersonation: ctx.reason.starts_with("impersonation "),
+        ..Observation::new(now_ms(), ctx.conn.peer.ip(), ctx.decision)
+    };
+    detections(shared, &observation);
     if let Some(class) = ctx.failure {
         shared.link.report(Failure {
             source: ctx.conn.peer.ip(),
@@ -68,7 +106,7 @@ pub fn connection(
     reason: &str,
     failure: Option<FailureClass>,
 ) {
-    shared.audit.log(&Record {
+    let record = Record {
         kind: "connection",
         source: Some(peer.ip()),
         source_port: peer.port(),
@@ -78,7 +116,18 @@ pub fn connection(
         reason,
         failure: failure.map(FailureClass::name),
         ..Default::default()
-    });
+    };
+    shared.audit.log(&record);
+    shared.ops.record(&record);
+    detections(
+        shared,
+        &Observation {
+            group,
+            failure,
+            reason,
+            ..Observation::new(now_ms(), peer.ip(), decision)
+        },
+    );
     if let Some(class) = failure {
         shared.link.report(Failure {
             source: peer.ip(),

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [xdp|proxy|tokens|all]`. The XDP suite (`proxy.rs` and `tokens.rs` have the others): ewsgate's XDP program against its peers, all measured in one run
+//! `cargo xtask bench [xdp|proxy|tokens|cost|all]`. The XDP suite (`proxy.rs`, `tokens.rs` and `cost.rs` have the others): ewsgate's XDP program against its peers, all measured in one run
 //! on this machine, written to target/bench/xdp.json and printed as a table.
 //!
 //! - ns per packet through BPF_PROG_TEST_RUN (1,000,000 repeats) at 10, 1,000 and 100,000
@@ -45,6 +45,7 @@ const FLOOD_ROUNDS: usize = 6;
 /// kept, the usual way to read a microbenchmark on a shared machine.
 const TEST_RUN_ROUNDS: usize = 3;
 
+mod cost;
 mod proxy;
 mod tokens;
 
@@ -54,10 +55,11 @@ fn main() -> anyhow::Result<()> {
         "xdp" => xdp_suite(),
         "proxy" => proxy::run(),
         "tokens" => tokens::run_suite(),
+        "cost" => cost::run(),
         "all" => xdp_suite()
             .and_then(|()| proxy::run())
             .and_then(|()| tokens::run_suite()),
-        _ => bail!("unknown bench suite '{suite}' (known: xdp, proxy, tokens, all)"),
+        _ => bail!("unknown bench suite '{suite}' (known: xdp, proxy, tokens, cost, all)"),
     }
 }
 

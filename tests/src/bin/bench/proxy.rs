@@ -23,7 +23,7 @@ use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
 use serde_json::{json, Value};
 use tests::{ews::Pki, lab::BpfFs};
 
-const BACKEND_PORT: u16 = 18080;
+pub(crate) const BACKEND_PORT: u16 = 18080;
 const LOAD_SECONDS: u32 = 8;
 const KEEPALIVE_ROUNDS: usize = 3;
 const HANDSHAKE_ROUNDS: usize = 2;
@@ -60,13 +60,13 @@ const SUBJECTS: [Subject; 5] = [
 ];
 
 /// A server process pinned to a CPU, stopped by its own PID.
-struct Server {
-    child: Child,
+pub(crate) struct Server {
+    pub(crate) child: Child,
     name: String,
 }
 
 impl Server {
-    fn start(
+    pub(crate) fn start(
         name: &str,
         cpu: u32,
         program: &Path,
@@ -89,7 +89,7 @@ impl Server {
     }
 
     /// The server's PID (taskset execs the program, so it is the child's).
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 }
@@ -111,7 +111,7 @@ impl Drop for Server {
     }
 }
 
-fn wait_port(port: u16, child: &mut Child, log: &Path) -> anyhow::Result<()> {
+pub(crate) fn wait_port(port: u16, child: &mut Child, log: &Path) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -170,7 +170,7 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn raise_fd_limit() {
+pub(crate) fn raise_fd_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -223,12 +223,12 @@ fn measure(
     Ok(())
 }
 
-fn row(measure: &str, subject: &str, value: f64, unit: &str) -> Value {
+pub(crate) fn row(measure: &str, subject: &str, value: f64, unit: &str) -> Value {
     json!({"measure": measure, "subject": subject, "value": (value * 100.0).round() / 100.0, "unit": unit})
 }
 
 /// A 1 KB SOAP request, as Salesforce's integration would send it.
-fn soap_body() -> String {
+pub(crate) fn soap_body() -> String {
     let mut body = String::from(
         r#"<?xml version="1.0" encoding="utf-8"?><soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/" xmlns:t="http://schemas.microsoft.com/exchange/services/2006/types" xmlns:m="http://schemas.microsoft.com/exchange/services/2006/messages"><soap:Header><t:RequestServerVersion Version="Exchange2013"/></soap:Header><soap:Body><m:GetItem><m:ItemShape><t:BaseShape>IdOnly</t:BaseShape></m:ItemShape><m:ItemIds><t:ItemId Id="AAMkAD-item-1="/></m:ItemIds></m:GetItem></soap:Body></soap:Envelope>"#,
     );
@@ -417,7 +417,7 @@ fn start_subject(subject: &Subject, dir: &Path) -> anyhow::Result<Server> {
     }
 }
 
-fn start_nginx(dir: &Path, name: &str, cpu: u32) -> anyhow::Result<Server> {
+pub(crate) fn start_nginx(dir: &Path, name: &str, cpu: u32) -> anyhow::Result<Server> {
     let conf = dir.join(format!("{name}.conf"));
     let log = dir.join(format!("{name}.log"));
     let prefix = format!("{}/", dir.display());
@@ -445,7 +445,7 @@ fn get_item_answer() -> String {
     tests::mailbox::get_item_response(&[Some(&item)]).replace('\'', "\\'")
 }
 
-fn write_configs(dir: &Path, bpffs: &Path) -> anyhow::Result<()> {
+pub(crate) fn write_configs(dir: &Path, bpffs: &Path) -> anyhow::Result<()> {
     let d = dir.display();
     let answer = get_item_answer();
     let cert = dir.join("gate.pem");

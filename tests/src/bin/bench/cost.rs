@@ -1,0 +1,302 @@
+//! `cargo xtask bench cost`: what one request costs the proxy, in instructions counted by
+//! callgrind. Seconds on a shared machine move with everything else it runs; instruction
+//! counts do not, so this is the suite to compare two builds of ewsgate with. (Against
+//! HAProxy and nginx, `cargo xtask bench proxy` compares rates in one run.)
+//!
+//! The agent runs normally; the proxy is started by hand (`spawn = false`) under
+//! `valgrind --tool=callgrind`, as the proxy's user. Three runs of the same set-up and
+//! warm-up differ only in what follows: nothing, N requests on one kept-alive connection,
+//! or M connections with a full handshake and one request each; the differences divided by
+//! N and M are the costs. Written to target/bench/cost.json; each run's callgrind output is
+//! kept beside it (`callgrind_annotate target/bench/cost-2000-0.callgrind`).
+
+use std::{
+    fs,
+    io::{Read, Write},
+    net::TcpStream,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+use serde_json::Value;
+use tests::{ews::Pki, lab::BpfFs};
+
+use crate::proxy::{
+    raise_fd_limit, row, soap_body, start_nginx, wait_port, write_configs, Server, BACKEND_PORT,
+};
+
+const KEEPALIVE_REQUESTS: u64 = 2000;
+const HANDSHAKES: u64 = 200;
+/// Ports of their own, so that this suite can run beside `bench proxy`.
+const PORT: u16 = 19443;
+const BACKEND: u16 = 19080;
+
+pub fn run() -> anyhow::Result<()> {
+    raise_fd_limit();
+    // Three runs of the same set-up: the difference between them is what the requests cost.
+    let base = measure(0, 0)?;
+    let keepalive = measure(KEEPALIVE_REQUESTS, 0)?;
+    let handshakes = measure(0, HANDSHAKES)?;
+    let per = |total: u64, n: u64| total.saturating_sub(base) as f64 / n as f64;
+    let rows = vec![
+        row(
+            "instructions_per_request",
+            "ewsgate",
+            per(keepalive, KEEPALIVE_REQUESTS),
+            "instructions",
+        ),
+        row(
+            "instructions_per_connection",
+            "ewsgate",
+            per(handshakes, HANDSHAKES),
+            "instructions",
+        ),
+    ];
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    fs::create_dir_all(&out)?;
+    fs::write(out.join("cost.json"), serde_json::to_string_pretty(&rows)?)?;
+    print(&rows);
+    Ok(())
+}
+
+/// Starts the agent and the proxy under callgrind, sends a warm-up, then `requests` on one
+/// kept-alive connection and `handshakes` connections of one request each, stops both, and
+/// returns the instructions the proxy ran in all.
+fn measure(requests: u64, handshakes: u64) -> anyhow::Result<u64> {
+    let dir = std::env::temp_dir().join(format!(
+        "ewsgate-bench-cost-{}-{requests}-{handshakes}",
+        std::process::id()
+    ));
+    let _ = fs::remove_dir_all(&dir);
+    let pki = Pki::new(&dir)?;
+    let bpffs = BpfFs::new()?;
+    let public = rcgen::KeyPair::from_pem(&pki.signer.pem_key)?.public_key_pem();
+    fs::write(dir.join("exchange-auth.pub.pem"), public)?;
+    write_configs(&dir, &bpffs.dir)?;
+    let config = dir.join("ewsgate.toml");
+    let ports = |t: String| {
+        t.replace(
+            &format!("127.0.0.1:{BACKEND_PORT}"),
+            &format!("127.0.0.1:{BACKEND}"),
+        )
+        .replace("127.0.0.1:18443", &format!("127.0.0.1:{PORT}"))
+    };
+    let text = ports(fs::read_to_string(&config)?)
+        .replace("threads = 1\n", "threads = 1\nspawn = false\n");
+    fs::write(&config, text)?;
+    let backend_conf = dir.join("backend.conf");
+    fs::write(&backend_conf, ports(fs::read_to_string(&backend_conf)?))?;
+    let mut backend = start_nginx(&dir, "backend", 1)?;
+    wait_port(BACKEND, &mut backend.child, &dir.join("backend.log"))?;
+    let bin = tests::lab::ewsgate_bin();
+    let config_arg = config.to_str().context("path")?;
+    let agent = Server::start(
+        "ewsgate-agent",
+        0,
+        &bin,
+        &["--config", config_arg, "run"],
+        &dir.join("agent.log"),
+    )?;
+    let socket = dir.join("proxy.sock");
+    wait_for(|| socket.exists(), "the agent's proxy socket")?;
+    let mut proxy = Callgrind::start(&bin, &socket, &dir)?;
+    wait_port(PORT, &mut proxy.child, &dir.join("proxy.log"))?;
+    let client = Client::new(&pki)?;
+    let mut conn = client.connect()?;
+    for _ in 0..50 {
+        conn.get_item()?;
+    }
+    for _ in 0..requests {
+        conn.get_item()?;
+    }
+    drop(conn);
+    for _ in 0..handshakes {
+        client.connect()?.get_item()?;
+    }
+    // A clean stop: the agent tells the proxy to exit, and callgrind writes its counts.
+    drop(agent);
+    let total = proxy.total()?;
+    drop(backend);
+    // Kept for `callgrind_annotate`: where the instructions go.
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    fs::create_dir_all(&out)?;
+    let kept = out.join(format!("cost-{requests}-{handshakes}.callgrind"));
+    fs::copy(&proxy.out, &kept)?;
+    let _ = fs::remove_dir_all(&dir);
+    Ok(total)
+}
+
+fn print(rows: &[Value]) {
+    println!("\nThe proxy's cost, counted by callgrind (1 KB SOAP POST, callback token)");
+    for r in rows {
+        println!(
+            "{:<30} {:>14.0} {}",
+            r["measure"].as_str().unwrap_or(""),
+            r["value"].as_f64().unwrap_or(f64::NAN),
+            r["unit"].as_str().unwrap_or("")
+        );
+    }
+    println!("\nwritten to target/bench/cost.json");
+}
+
+fn wait_for(mut done: impl FnMut() -> bool, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if done() {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{what}: not within 30 s")
+}
+
+/// The proxy under callgrind, as the proxy's user, stopped by its PID.
+struct Callgrind {
+    child: Child,
+    out: std::path::PathBuf,
+}
+
+impl Callgrind {
+    fn start(bin: &Path, socket: &Path, dir: &Path) -> anyhow::Result<Callgrind> {
+        let out = dir.join("callgrind.out");
+        // The proxy's user writes the counts here.
+        std::os::unix::fs::chown(dir, Some(user_id()?), None)?;
+        let child = Command::new("setpriv")
+            .args([
+                "--reuid=ewsgate",
+                "--regid=ewsgate",
+                "--clear-groups",
+                "valgrind",
+                "--tool=callgrind",
+                "--vgdb=no",
+            ])
+            .arg(format!("--callgrind-out-file={}", out.display()))
+            .arg(bin)
+            .args(["proxy", "--threads", "1", "--agent"])
+            .arg(socket)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join("proxy.log"))?)
+            .spawn()
+            .context("valgrind (cargo xtask setup installs it)")?;
+        Ok(Callgrind { child, out })
+    }
+
+    /// Waits for the proxy to exit and reads the total callgrind wrote.
+    fn total(&mut self) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                bail!("the proxy did not exit");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let text = fs::read_to_string(&self.out)
+            .with_context(|| format!("reading {}", self.out.display()))?;
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("summary:")
+                    .or_else(|| l.strip_prefix("totals:"))
+            })
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no total in {}", self.out.display()))
+    }
+}
+
+fn user_id() -> anyhow::Result<u32> {
+    let out = Command::new("id").args(["-u", "ewsgate"]).output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+}
+
+impl Drop for Callgrind {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: signalling our own child by its PID.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+struct Client {
+    config: Arc<rustls::ClientConfig>,
+    request: String,
+}
+
+impl Client {
+    fn new(pki: &Pki) -> anyhow::Result<Client> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(&pki.ca)? {
+            roots.add(c?)?;
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let body = soap_body();
+        let request = format!(
+            "POST /EWS/Exchange.asmx HTTP/1.1\r\nHost: mail.example.org\r\nAuthorization: Bearer {}\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n{body}",
+            pki.token(|c| c),
+            body.len()
+        );
+        Ok(Client {
+            config: Arc::new(config),
+            request,
+        })
+    }
+
+    fn connect(&self) -> anyhow::Result<Conn<'_>> {
+        let tcp = TcpStream::connect(("127.0.0.1", PORT))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let conn = rustls::ClientConnection::new(
+            self.config.clone(),
+            ServerName::try_from("mail.example.org")?,
+        )?;
+        Ok(Conn {
+            tls: rustls::StreamOwned::new(conn, tcp),
+            request: &self.request,
+        })
+    }
+}
+
+struct Conn<'a> {
+    tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    request: &'a str,
+}
+
+impl Conn<'_> {
+    /// One request and its whole response (Content-Length framed, as the backend sends).
+    fn get_item(&mut self) -> anyhow::Result<()> {
+        self.tls.write_all(self.request.as_bytes())?;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            self.tls.read_exact(&mut byte)?;
+            head.push(byte[0]);
+        }
+        let text = String::from_utf8_lossy(&head);
+        if !text.starts_with("HTTP/1.1 200") {
+            bail!("{text}");
+        }
+        let len: usize = text
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().to_string())
+            })
+            .and_then(|v| v.parse().ok())
+            .context("no Content-Length")?;
+        let mut body = vec![0u8; len];
+        self.tls.read_exact(&mut body)?;
+        Ok(())
+    }
+}
