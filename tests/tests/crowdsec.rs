@@ -270,7 +270,14 @@ fn basic(user: &str) -> String {
 
 #[test]
 fn crowdsec_and_fail2ban_read_the_audit_log() {
-    let gate = Gate::start(0, RULES);
+    // Every refused token stays a credential failure here: identities are never refused.
+    let tokens = format!(
+        "metadata_urls = [\"{}\"]\n",
+        ewsgate::identity::tokens::testkit::AMURL
+    );
+    let gate = Gate::start_edited(0, &tokens, RULES, |t, _| {
+        t.replace("[feedback]", "[feedback]\nidentity_failures = 0")
+    });
     let office = || gate.https("office");
     let soap = requests::get_item(&["AAMkAD-x="]);
     // Credential failures: a burst of refused tokens from the office host.
