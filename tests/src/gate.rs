@@ -106,6 +106,7 @@ block_secs = 60
         let text = edit(text, &dir);
         fs::write(&config, text).expect("config");
         let daemon = Daemon::start(&lab.gate, &config, &socket).expect("daemon");
+        daemon.wait_proxy().expect("the proxy serving");
         Gate {
             daemon,
             backend,

@@ -338,6 +338,19 @@ impl Daemon {
         bail!("no counter {name}")
     }
 
+    /// Waits until the agent's proxy has its policy and sockets (a busy machine may take a
+    /// while to start it).
+    pub fn wait_proxy(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.log().contains("proxy session open") {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        bail!("the proxy never connected to its agent: {}", self.log())
+    }
+
     /// The proxy process the agent started (its child), once it runs.
     pub fn proxy_pid(&self) -> Option<u32> {
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -699,3 +699,73 @@ action = "allow"
     );
     assert!(!dropped(&g, "office"));
 }
+
+#[test]
+fn detection_actions_reach_the_agent_within_its_own_policy() {
+    // An ExportItems attempt from an office: refused by the rules, and a detection whose
+    // action blocks the source, in a group the agent lets detections block.
+    const RULES_EXPORT: &str = r#"
+[[rule]]
+name = "office-basic"
+groups = ["offices"]
+auth = ["basic"]
+action = "allow"
+
+[detections]
+block_groups = ["offices"]
+[detections.export_or_impersonation]
+action = "block-source"
+action_secs = 60
+[detections.off_hours]
+ignore_groups = ["offices", "salesforce"]
+[detections.first_seen_source]
+enabled = false
+"#;
+    let g = Gate::start(0, RULES_EXPORT);
+    let basic = format!(
+        "Basic {}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            "bob@example.org:pw"
+        )
+    );
+    let r = g
+        .https("office")
+        .ews(
+            &[("Authorization", &basic)],
+            requests::export_items(TOKEN_ITEM).as_bytes(),
+        )
+        .unwrap();
+    assert_eq!(r.status, 500, "{}", r.body);
+    let event = wait_audit(&g.audit, |v| v["kind"] == "detection").expect("the detection fired");
+    assert_eq!(event["action"], "block-source", "{event}");
+    let started = Instant::now();
+    while !dropped(&g, "office") {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the agent never blocked it"
+        );
+    }
+    let list = g.daemon.cli(&["block", "list"]).unwrap();
+    assert!(
+        list.contains("198.51.100.10") && list.contains("detection"),
+        "{list}"
+    );
+
+    // The same from a group the agent does not let detections block: alert only.
+    let g = Gate::start(
+        0,
+        &RULES_EXPORT.replace("block_groups = [\"offices\"]", "block_groups = []"),
+    );
+    let r = g
+        .https("office")
+        .ews(
+            &[("Authorization", &basic)],
+            requests::export_items(TOKEN_ITEM).as_bytes(),
+        )
+        .unwrap();
+    assert_eq!(r.status, 500);
+    wait_audit(&g.audit, |v| v["kind"] == "detection").expect("the detection fired");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!dropped(&g, "office"));
+}

@@ -20,6 +20,8 @@ pub enum Source {
     /// The proxy's failure feedback.
     Feedback,
     Crowdsec,
+    /// A detection's `block-source` action.
+    Detection,
 }
 
 impl Source {
@@ -28,6 +30,7 @@ impl Source {
             Source::Manual => "manual",
             Source::Feedback => "feedback",
             Source::Crowdsec => "crowdsec",
+            Source::Detection => "detection",
         }
     }
 }

@@ -200,6 +200,11 @@ impl Feedback {
         }
     }
 
+    /// The name of a source's group, from the agent's own config.
+    pub fn group_of(&self, source: IpAddr) -> Option<&str> {
+        self.sources.group(source)
+    }
+
     fn rule(&self, source: IpAddr) -> &GroupRule {
         self.sources
             .id(source)

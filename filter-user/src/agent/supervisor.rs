@@ -83,6 +83,7 @@ pub enum Ask {
     /// The state a proxy starts a session from.
     Init(tokio::sync::oneshot::Sender<Init>),
     Failures(Vec<crate::ipc::Failure>),
+    Detected(Vec<crate::ipc::Detected>),
 }
 
 /// The worker's handle on the proxy.
@@ -515,6 +516,16 @@ impl Supervisor {
                     f.check()?;
                 }
                 (self.asks)(Ask::Failures(items));
+                Ok(())
+            }
+            ToAgent::Detected { items } => {
+                if items.len() > 1000 {
+                    return Err(format!("{} detections in one message", items.len()));
+                }
+                for d in &items {
+                    d.check()?;
+                }
+                (self.asks)(Ask::Detected(items));
                 Ok(())
             }
             ToAgent::Prepared { id } | ToAgent::Refused { id, .. }

@@ -28,7 +28,7 @@ use crate::{
         tasks::{self, Agent},
     },
     config::{self, copy_bytes, copy_path, save_copy, Bundle},
-    ipc::{EntryChange, Failure, Init, PolicyState, ToProxy},
+    ipc::{Detected, EntryChange, Failure, Init, PolicyState, ToProxy},
     model::{packet::Protected, Config},
     packet::{
         maps::{List, Maps},
@@ -123,6 +123,7 @@ impl Worker {
                 let _ = reply.send(self.init());
             }
             Command::Proxy(Ask::Failures(items)) => self.failures(&items),
+            Command::Proxy(Ask::Detected(items)) => self.detected(items),
             Command::Agent(tasks::Ask::Feed(update, reply)) => {
                 let _ = reply.send(self.feed(update));
             }
@@ -341,6 +342,44 @@ impl Worker {
         for f in items {
             for action in self.feedback.record(f, now) {
                 self.act(action);
+            }
+        }
+    }
+
+    /// A detection's action, within the agent's own policy: a source is blocked only when it
+    /// is in no group or in a group `[detections] block_groups` names, whatever the proxy
+    /// said.
+    fn detected(&mut self, items: Vec<Detected>) {
+        for d in items {
+            match d {
+                Detected::RefuseIdentity {
+                    detection,
+                    identity,
+                    secs,
+                } => self.act(Action::RefuseIdentity {
+                    identity,
+                    secs: u64::from(secs),
+                    reason: format!("detection {detection}"),
+                }),
+                Detected::BlockSource {
+                    detection,
+                    source,
+                    secs,
+                } => {
+                    let group = self.feedback.group_of(source);
+                    let blockable = &self.config.ops.detections.block_groups;
+                    if !group.is_none_or(|g| blockable.iter().any(|b| b == g)) {
+                        warn!(%source, ?group, detection, "a detection asked to block a source its group protects; not blocked");
+                        continue;
+                    }
+                    let note = format!("ewsgate detection: {detection}");
+                    warn!(%source, secs, detection, "source blocked in XDP by a detection");
+                    let net = IpNet::from(source);
+                    if let Err(e) = self.block(net, Source::Detection, Some(u64::from(secs)), note)
+                    {
+                        error!(error = %e, %source, "detection block failed");
+                    }
+                }
             }
         }
     }

@@ -112,6 +112,51 @@ pub enum ToAgent {
     Failures {
         items: Vec<Failure>,
     },
+    /// Detections whose action the agent carries out (within its own policy).
+    Detected {
+        items: Vec<Detected>,
+    },
+}
+
+/// What a detection asks of the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Detected {
+    /// Refuse an identity (`user:NAME`, `token-item:ID`) at the request layer.
+    RefuseIdentity {
+        detection: String,
+        identity: String,
+        secs: u32,
+    },
+    /// Block a source in XDP, where the agent's policy lets a detection do so.
+    BlockSource {
+        detection: String,
+        source: IpAddr,
+        secs: u32,
+    },
+}
+
+impl Detected {
+    /// Bounds a proxy's report before the agent acts on it.
+    pub fn check(&self) -> Result<(), String> {
+        let (name, identity, secs) = match self {
+            Detected::RefuseIdentity {
+                detection,
+                identity,
+                secs,
+            } => (detection, Some(identity), *secs),
+            Detected::BlockSource {
+                detection, secs, ..
+            } => (detection, None, *secs),
+        };
+        if name.len() > 64 || identity.is_some_and(|i| i.len() > 512) {
+            return Err("a detection report field is too long".into());
+        }
+        if secs == 0 || secs > 7 * 86_400 {
+            return Err(format!("a detection asked for {secs} s"));
+        }
+        Ok(())
+    }
 }
 
 /// A refusal the agent's feedback counts.

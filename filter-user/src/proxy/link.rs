@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 use crate::{
     ipc::{
         wire::{Receiver, Writer},
-        Failure, Init, PolicyState, ToAgent, ToProxy, MAX_TO_PROXY,
+        Detected, Failure, Init, PolicyState, ToAgent, ToProxy, MAX_TO_PROXY,
     },
     proxy::{state::State, Shared},
 };
@@ -32,10 +32,11 @@ const MAX_PENDING: usize = 10_000;
 const BATCH: usize = 1000;
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
-/// Where failures wait for the agent.
+/// Where failures and detections wait for the agent.
 #[derive(Default)]
 pub struct Link {
     pending: Mutex<Vec<Failure>>,
+    detected: Mutex<Vec<Detected>>,
     /// Failures dropped because the agent was away too long.
     pub dropped: AtomicU64,
     wake: Notify,
@@ -55,6 +56,27 @@ impl Link {
         if pending.len() == 1 {
             self.wake.notify_one();
         }
+    }
+
+    /// Queues a detection's action for the agent; never waits.
+    pub fn detected(&self, d: Detected) {
+        let Ok(mut pending) = self.detected.lock() else {
+            return;
+        };
+        if pending.len() >= MAX_PENDING {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        pending.push(d);
+        self.wake.notify_one();
+    }
+
+    fn take_detected(&self) -> Vec<Detected> {
+        let Ok(mut pending) = self.detected.lock() else {
+            return Vec::new();
+        };
+        let n = pending.len().min(BATCH);
+        pending.drain(..n).collect()
     }
 
     fn take(&self) -> Vec<Failure> {
@@ -268,6 +290,13 @@ fn commit(shared: &Shared, id: u64, generation: u32) {
 
 async fn flush_failures(shared: Arc<Shared>, writer: Arc<Writer>) {
     loop {
+        let detected = shared.link.take_detected();
+        if !detected.is_empty() {
+            let msg = ToAgent::Detected { items: detected };
+            if writer.send(&msg, &[]).await.is_err() {
+                return;
+            }
+        }
         let batch = shared.link.take();
         if batch.is_empty() {
             tokio::select! {

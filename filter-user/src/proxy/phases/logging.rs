@@ -4,11 +4,11 @@
 use std::net::SocketAddr;
 
 use crate::{
-    ipc::Failure,
+    ipc::{Detected, Failure},
     model::outcome::{Decision, FailureClass},
     ops::{
         audit::{Record, Shadow},
-        detections::Observation,
+        detections::{Action, Identity, Observation},
     },
     proxy::{context::Ctx, Shared},
 };
@@ -19,13 +19,37 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Runs a decision through the detections; each firing is an audit event of its own.
+/// Runs a decision through the detections; each firing is an audit event of its own, and
+/// its action goes to the agent (an identity refusal also applies here at once).
 fn detections(shared: &Shared, o: &Observation) {
     for d in shared.ops.observe(o) {
         tracing::warn!(detection = d.name(), subject = %d.subject, action = d.action.name(), "detection fired");
         let event = d.event();
         shared.audit.log(&event);
         shared.ops.record(&event);
+        let detection = d.name().to_string();
+        let asked = match d.action {
+            Action::Alert => continue,
+            Action::RefuseIdentity { identity, secs } => {
+                let identity = match identity {
+                    Identity::User(u) => format!("user:{}", u.to_ascii_lowercase()),
+                    Identity::TokenItem(i) => format!("token-item:{i}"),
+                };
+                let why = format!("detection {detection}");
+                shared.refused.add(identity.clone(), u64::from(secs), why);
+                Detected::RefuseIdentity {
+                    detection,
+                    identity,
+                    secs,
+                }
+            }
+            Action::BlockSource { source, secs } => Detected::BlockSource {
+                detection,
+                source,
+                secs,
+            },
+        };
+        shared.link.detected(asked);
     }
 }
 
