@@ -91,6 +91,17 @@ impl Pki {
         Ok(())
     }
 
+    /// A certificate for `names` (DNS names or IP addresses) from the lab CA, as PEM chain
+    /// and PEM key, for the test's own servers.
+    pub fn leaf(&self, names: &[&str]) -> anyhow::Result<(String, String)> {
+        let key = rcgen::KeyPair::generate()?;
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let params = rcgen::CertificateParams::new(names)?;
+        let issuer = rcgen::Issuer::new(self.ca_params.clone(), &self.ca_key);
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
     fn client_cert(&self, cn: &str) -> anyhow::Result<()> {
         let key = rcgen::KeyPair::generate()?;
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;

@@ -2,6 +2,7 @@
 //! Every test here needs root (BPF and namespaces); `cargo xtask test` runs them.
 
 pub mod crowdsec;
+pub mod docs;
 pub mod ews;
 pub mod feedserver;
 pub mod gate;

@@ -731,7 +731,12 @@ fn a_gate_audits_a_detection_and_sends_its_lines_to_syslog() {
     use tests::{ews::wait_audit, gate::Gate, mailbox::requests};
     let rules = "[[rule]]\nname = \"office-basic\"\ngroups = [\"offices\"]\nauth = [\"basic\"]\naction = \"allow\"\n";
     // The proxy sends from the gate's namespace: the receiver is bound there.
-    let g = Gate::start_edited(0, "", rules, |text, _| {
+    // The gate pins a token-signing certificate, which needs the metadata URLs its tokens name.
+    let tokens = format!(
+        "metadata_urls = [\"{}\"]\n",
+        ewsgate::identity::tokens::testkit::AMURL
+    );
+    let g = Gate::start_edited(0, &tokens, rules, |text, _| {
         text.replace(
             "audit_log = \"audit.jsonl\"\n",
             "",

@@ -159,6 +159,13 @@ fn callback_tokens_from_salesforce_pass_and_every_bad_token_is_denied_with_its_r
             testkit::with(c, "appctx", json!(appctx.to_string()))
         })),
         ("token_claims", s.pki.token(|c| testkit::with(c, "exp", Value::Null))),
+        // Fail closed: an empty or partly foreign audience, and a missing amurl.
+        ("token_audience", s.pki.token(|c| testkit::with(c, "aud", json!([])))),
+        ("token_audience", s.pki.token(|c| testkit::with(c, "aud", json!([testkit::AUD, "00000002-0000-0ff1-ce00-000000000000/evil.test@evil.test"])))),
+        ("token_claims", s.pki.token(|c| {
+            let appctx = json!({"version": "Exchange.Callback.V1", "scope": format!("ParentItemId:{TOKEN_ITEM}")});
+            testkit::with(c, "appctx", json!(appctx.to_string()))
+        })),
     ];
     for (reason, bad) in &cases {
         let reply = s.bearer("sf", bad);

@@ -652,6 +652,86 @@ cidrs = ["198.51.100.0/25", "2001:db8:100::/64", "203.0.113.7"]
     }
 
     #[test]
+    fn token_trust_and_auth_kinds_parse_and_their_errors_name_the_line() {
+        let dir = std::env::temp_dir().join(format!("ewsgate-cfg-tok-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("auth.pem"), "pem").unwrap();
+        fs::write(dir.join("ca.pem"), "pem").unwrap();
+        let at = |text: &str| Config::parse(&dir.join("t.toml"), text);
+        let rule =
+            "[[rule]]\nname = \"r\"\nauth = [\"kerberos\", \"negotiate\"]\naction = \"allow\"\n";
+        let c = at(rule).unwrap();
+        assert_eq!(
+            c.rules[0].auth,
+            vec![
+                crate::model::auth::AuthKind::Kerberos,
+                crate::model::auth::AuthKind::Negotiate
+            ]
+        );
+        let e = at(&rule.replace("kerberos", "krb5"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":3:") && e.contains("kerberos"), "{e}");
+
+        let tokens =
+            "[tokens]\ncertificates = [\"auth.pem\"]\naudiences = [\"a\"]\nissuers = [\"i\"]\n";
+        let e = at(tokens).unwrap_err().to_string();
+        assert!(e.contains(":2:") && e.contains("metadata_urls"), "{e}");
+        let tokens = format!("{tokens}metadata_urls = [\"https://mail.example.org:443/autodiscover/metadata/json/1\"]\n");
+        assert!(at(&tokens).is_ok());
+
+        let entra = |lines: &str| {
+            at(&format!(
+                "{tokens}[tokens.entra]\nissuers = [\"i\"]\naudiences = [\"a\"]\n{lines}"
+            ))
+        };
+        let url = "discovery_url = \"https://login.microsoftonline.com/t/v2.0/.well-known/openid-configuration\"\nca = \"ca.pem\"\n";
+        let c = entra(url).unwrap();
+        let Some(crate::model::settings::EntraKeys::Discovery { fetch, jwks_hosts }) =
+            c.tokens.entra.map(|e| e.keys)
+        else {
+            panic!("discovery settings");
+        };
+        assert_eq!(jwks_hosts, vec!["login.microsoftonline.com".to_string()]);
+        assert_eq!(fetch.urls.len(), 1);
+        assert_eq!(fetch.max_bytes, 256 * 1024);
+        let c = entra(&format!(
+            "{url}jwks_hosts = [\"Keys.Example.org:443\", \"127.0.0.1:8443\"]\n"
+        ))
+        .unwrap();
+        assert!(matches!(c.tokens.entra.map(|e| e.keys),
+            Some(crate::model::settings::EntraKeys::Discovery { jwks_hosts, .. }) if jwks_hosts == ["keys.example.org", "127.0.0.1:8443"]));
+        for (lines, line, says) in [
+            (
+                "discovery_url = \"http://login.microsoftonline.com/x\"\n",
+                ":9:",
+                "https",
+            ),
+            (
+                &format!("{url}keys_file = \"auth.pem\"\n") as &str,
+                ":11:",
+                "not both",
+            ),
+            ("", ":6:", "keys_file or discovery_url"),
+            (
+                &format!("{url}jwks_hosts = []\n"),
+                ":9:",
+                "jwks_hosts is empty",
+            ),
+            (
+                &format!("{url}jwks_hosts = [\"a@b\"]\n"),
+                ":11:",
+                "HOST or HOST:PORT",
+            ),
+            (&url.replace("ca.pem", "missing.pem"), ":10:", "cannot read"),
+        ] {
+            let e = entra(lines).unwrap_err().to_string();
+            assert!(e.contains(line) && e.contains(says), "{lines}: {e}");
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn host_bits_are_refused_with_a_hint() {
         let e = error_of("[sources.a]\ncidrs = [\"198.51.100.7/24\"]\n");
         assert!(e.contains(":2:10:") && e.contains("198.51.100.0/24"), "{e}");

@@ -18,8 +18,9 @@ use crate::model::{
     paths,
     rules::{Action, OpMatch, Rule, Scope},
     settings::{
-        BodyLimit, ContentSettings, EntraSettings, Expectations, FeedbackSettings, FetchSettings,
-        Limits, OtherPaths, ProxySettings, SoapLimits, TokenSettings, Upstream,
+        BodyLimit, ContentSettings, EntraKeys, EntraSettings, Expectations, FeedbackSettings,
+        FetchSettings, Limits, OtherPaths, ProxySettings, SoapLimits, TokenSettings, Upstream,
+        DEFAULT_JWKS_HOST,
     },
 };
 
@@ -416,15 +417,119 @@ pub(crate) struct RawTokens {
     metadata_timeout_ms: Option<u64>,
     metadata_max_bytes: Option<usize>,
     metadata_refetch_min_secs: Option<u64>,
-    entra: Option<RawEntra>,
+    entra: Option<Spanned<RawEntra>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEntra {
+    #[serde(default)]
     issuers: Vec<String>,
+    #[serde(default)]
     audiences: Vec<String>,
-    keys_file: Spanned<String>,
+    /// A JWKS file, or:
+    keys_file: Option<Spanned<String>>,
+    /// the tenant's OpenID discovery document, fetched with the limits below.
+    discovery_url: Option<Spanned<String>>,
+    jwks_hosts: Option<Vec<Spanned<String>>>,
+    ca: Option<Spanned<String>>,
+    refresh_secs: Option<u64>,
+    timeout_ms: Option<u64>,
+    max_bytes: Option<usize>,
+    refetch_min_secs: Option<u64>,
+}
+
+/// Debian's bundle of public CAs, which login.microsoftonline.com chains to.
+const SYSTEM_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+impl RawEntra {
+    fn validate(
+        &self,
+        here: &Locator,
+        base: &Path,
+        section: &Spanned<RawEntra>,
+    ) -> Result<EntraSettings, ConfigError> {
+        if self.issuers.is_empty() || self.audiences.is_empty() {
+            return Err(here.at(section, "[tokens.entra] needs issuers and audiences"));
+        }
+        let keys = match (&self.keys_file, &self.discovery_url) {
+            (Some(file), None) => EntraKeys::File(existing(here, base, file)?),
+            (None, Some(url)) => self.discovery(here, base, url)?,
+            (Some(file), Some(_)) => {
+                return Err(here.at(
+                    file,
+                    "[tokens.entra] takes keys_file or discovery_url, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(here.at(section, "[tokens.entra] needs keys_file or discovery_url"))
+            }
+        };
+        Ok(EntraSettings {
+            issuers: self.issuers.clone(),
+            audiences: self.audiences.clone(),
+            keys,
+        })
+    }
+
+    fn discovery(
+        &self,
+        here: &Locator,
+        base: &Path,
+        url: &Spanned<String>,
+    ) -> Result<EntraKeys, ConfigError> {
+        let uri: Option<http::Uri> = url.get_ref().parse().ok();
+        let ok = uri
+            .as_ref()
+            .is_some_and(|u| u.scheme_str() == Some("https") && u.host().is_some());
+        if !ok || url.get_ref().contains('@') {
+            return Err(here.at(url, "discovery_url is not https://HOST[:PORT]/PATH"));
+        }
+        let mut jwks_hosts = Vec::new();
+        for h in self.jwks_hosts.iter().flatten() {
+            let text = h.get_ref().to_ascii_lowercase();
+            let valid = !text.is_empty()
+                && text.parse::<http::uri::Authority>().is_ok()
+                && !text.contains('@');
+            if !valid {
+                return Err(here.at(h, format!("'{text}' is not HOST or HOST:PORT")));
+            }
+            jwks_hosts.push(text.strip_suffix(":443").unwrap_or(&text).to_string());
+        }
+        match &self.jwks_hosts {
+            None => jwks_hosts.push(DEFAULT_JWKS_HOST.to_string()),
+            Some(h) if h.is_empty() => {
+                return Err(here.at(
+                    url,
+                    "[tokens.entra] jwks_hosts is empty: no JWKS could load",
+                ))
+            }
+            Some(_) => {}
+        }
+        // Read here either way, so that its bytes travel in the config bundle.
+        let ca = match &self.ca {
+            Some(c) => existing(here, base, c)?,
+            None => match here.files.read(Path::new(SYSTEM_CA)) {
+                Ok(_) => PathBuf::from(SYSTEM_CA),
+                Err(e) => {
+                    return Err(here.at(
+                        url,
+                        format!("cannot read {SYSTEM_CA} ({e}); set [tokens.entra] ca"),
+                    ))
+                }
+            },
+        };
+        let secs = Duration::from_secs;
+        let fetch = FetchSettings {
+            urls: vec![url.get_ref().clone()],
+            ca: Some(ca),
+            refresh: secs(self.refresh_secs.unwrap_or(3600).max(10)),
+            timeout: Duration::from_millis(self.timeout_ms.unwrap_or(5000).clamp(100, 60_000)),
+            max_bytes: self.max_bytes.unwrap_or(256 * 1024).clamp(1024, 16 << 20),
+            refetch_min: secs(self.refetch_min_secs.unwrap_or(60)),
+        };
+        Ok(EntraKeys::Discovery { fetch, jwks_hosts })
+    }
 }
 
 impl RawTokens {
@@ -445,26 +550,21 @@ impl RawTokens {
             None => 60,
         };
         let fetch = self.fetch_settings(here, base)?;
-        let entra = match &self.entra {
-            None => None,
-            Some(e) if e.issuers.is_empty() || e.audiences.is_empty() => {
-                return Err(here.at(&e.keys_file, "[tokens.entra] needs issuers and audiences"))
-            }
-            Some(e) => Some(EntraSettings {
-                issuers: e.issuers.clone(),
-                audiences: e.audiences.clone(),
-                keys_file: existing(here, base, &e.keys_file)?,
-            }),
-        };
-        if (!certificates.is_empty() || fetch.is_some())
-            && (self.audiences.is_empty() || self.issuers.is_empty())
-        {
+        let entra = self
+            .entra
+            .as_ref()
+            .map(|e| e.get_ref().validate(here, base, e))
+            .transpose()?;
+        // A callback token's amurl must be one of metadata_urls: without them none passes.
+        let incomplete =
+            self.audiences.is_empty() || self.issuers.is_empty() || self.metadata_urls.is_empty();
+        if (!certificates.is_empty() || fetch.is_some()) && incomplete {
             if certificates.is_empty() {
                 return Err(here.error(0, "[tokens] metadata_fetch needs audiences and issuers"));
             }
             return Err(here.at(
                 &self.certificates[0],
-                "[tokens] with certificates needs audiences and issuers",
+                "[tokens] with certificates needs audiences, issuers and metadata_urls",
             ));
         }
         Ok(TokenSettings {
@@ -627,7 +727,7 @@ impl RawRule {
             .iter()
             .map(|a| {
                 AuthKind::parse(a.get_ref()).ok_or_else(|| {
-                    here.at(a, format!("unknown auth '{}': expected none, basic, ntlm, negotiate, bearer or client-cert", a.get_ref()))
+                    here.at(a, format!("unknown auth '{}': expected none, basic, ntlm, negotiate (NTLM inside SPNEGO), kerberos, bearer or client-cert", a.get_ref()))
                 })
             })
             .collect::<Result<_, _>>()?;

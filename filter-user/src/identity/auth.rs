@@ -1,6 +1,7 @@
 //! What a request says about who sent it. The `Authorization` header is classified, the
-//! user name is taken where the scheme carries one (Basic, an NTLM Type 3 message), and
-//! secrets are dropped here: a password or an NTLM response never leaves this module.
+//! user name is taken where the scheme carries one (Basic, an NTLM Type 3 message, bare or
+//! inside SPNEGO), and secrets are dropped here: a password or an NTLM response never
+//! leaves this module. Negotiate tokens are read by their DER structure (`spnego`).
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 
@@ -20,7 +21,7 @@ pub enum Credential {
         negotiate: bool,
         stage: NtlmStage,
     },
-    /// `Negotiate` with a Kerberos ticket: the user is not readable here.
+    /// `Negotiate` with a Kerberos AP-REQ: the user is not readable here.
     Kerberos,
     Bearer {
         token: String,
@@ -49,8 +50,8 @@ impl Credential {
             } => AuthKind::Ntlm,
             Credential::Ntlm {
                 negotiate: true, ..
-            }
-            | Credential::Kerberos => AuthKind::Negotiate,
+            } => AuthKind::Negotiate,
+            Credential::Kerberos => AuthKind::Kerberos,
             Credential::Bearer { .. } => AuthKind::Bearer,
         }
     }
@@ -67,17 +68,33 @@ pub fn classify(value: Option<&[u8]>) -> Credential {
     let Ok(text) = std::str::from_utf8(value) else {
         return Credential::Invalid("authorization_not_text");
     };
-    let (scheme, rest) = text.trim().split_once(' ').unwrap_or((text.trim(), ""));
-    let rest = rest.trim();
+    let (scheme, rest) = split_scheme(text);
     match scheme.to_ascii_lowercase().as_str() {
         "basic" => basic(rest),
-        "ntlm" => ntlm(rest, false),
-        "negotiate" => ntlm(rest, true),
+        "ntlm" => ntlm(rest),
+        "negotiate" => negotiate(rest),
         "bearer" if !rest.is_empty() && !rest.contains(' ') => Credential::Bearer {
             token: rest.to_string(),
         },
         _ => Credential::Invalid("authorization_scheme"),
     }
+}
+
+/// The scheme (compared case-insensitively by callers, RFC 9110 §11.1) and its parameter.
+fn split_scheme(text: &str) -> (&str, &str) {
+    let (scheme, rest) = text.trim().split_once(' ').unwrap_or((text.trim(), ""));
+    (scheme, rest.trim())
+}
+
+/// The token of a `Bearer` header value, whatever the scheme's case (`bearer`, `BEARER`);
+/// `None` for any other scheme or a malformed value. The one reader of Bearer tokens.
+pub fn bearer_token(value: &[u8]) -> Option<&str> {
+    if value.len() > MAX_AUTHORIZATION {
+        return None;
+    }
+    let (scheme, token) = split_scheme(std::str::from_utf8(value).ok()?);
+    let ok = scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && !token.contains(' ');
+    ok.then_some(token)
 }
 
 fn basic(b64: &str) -> Credential {
@@ -93,26 +110,34 @@ fn basic(b64: &str) -> Credential {
     }
 }
 
-fn ntlm(b64: &str, negotiate: bool) -> Credential {
+/// `NTLM`: a bare NTLMSSP message, signature first.
+fn ntlm(b64: &str) -> Credential {
     let Ok(blob) = STANDARD.decode(b64) else {
         return Credential::Invalid("ntlm_not_base64");
     };
-    // SPNEGO wraps the raw NTLMSSP message; Kerberos has none.
-    let Some(at) = find(&blob, b"NTLMSSP\0") else {
-        return if negotiate {
-            Credential::Kerberos
-        } else {
-            Credential::Invalid("ntlm_no_signature")
-        };
+    if !blob.starts_with(b"NTLMSSP\0") {
+        return Credential::Invalid("ntlm_no_signature");
+    }
+    ntlm_message(&blob, false)
+}
+
+/// `Negotiate`: SPNEGO (or a bare NTLMSSP or Kerberos token), read by its structure.
+fn negotiate(b64: &str) -> Credential {
+    let Ok(blob) = STANDARD.decode(b64) else {
+        return Credential::Invalid("negotiate_not_base64");
     };
-    match ntlm_stage(&blob[at..]) {
-        Some(stage) => Credential::Ntlm { negotiate, stage },
-        None => Credential::Invalid("ntlm_malformed"),
+    match crate::identity::spnego::mechanism(&blob) {
+        Ok(crate::identity::spnego::Mechanism::Ntlm(message)) => ntlm_message(&message, true),
+        Ok(crate::identity::spnego::Mechanism::Kerberos) => Credential::Kerberos,
+        Err(reason) => Credential::Invalid(reason),
     }
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+fn ntlm_message(message: &[u8], negotiate: bool) -> Credential {
+    match ntlm_stage(message) {
+        Some(stage) => Credential::Ntlm { negotiate, stage },
+        None => Credential::Invalid("ntlm_malformed"),
+    }
 }
 
 fn u16_at(m: &[u8], at: usize) -> Option<u16> {
@@ -207,6 +232,7 @@ pub mod ntlm_messages {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::spnego::build;
 
     fn header(scheme: &str, blob: &[u8]) -> Vec<u8> {
         format!("{scheme} {}", STANDARD.encode(blob)).into_bytes()
@@ -256,18 +282,194 @@ mod tests {
         );
     }
 
+    fn negotiate(blob: &[u8]) -> Credential {
+        classify(Some(&header("Negotiate", blob)))
+    }
+
     #[test]
-    fn negotiate_unwraps_spnego_and_tells_kerberos_apart() {
-        let mut spnego = vec![0xa1, 0x81, 0x90, 0x30];
-        spnego.extend(ntlm_messages::authenticate("", "carol"));
-        let c = classify(Some(&header("Negotiate", &spnego)));
-        assert_eq!(c.kind(), AuthKind::Negotiate);
+    fn negotiate_reads_ntlm_from_spnego_by_its_structure() {
+        let t1 = negotiate(&build::init_ntlm(&ntlm_messages::negotiate()));
+        assert_eq!(
+            t1,
+            Credential::Ntlm {
+                negotiate: true,
+                stage: NtlmStage::Negotiate
+            }
+        );
+        assert_eq!(t1.kind(), AuthKind::Negotiate);
+        let t3 = negotiate(&build::resp(&ntlm_messages::authenticate("", "carol")));
         assert!(
-            matches!(c, Credential::Ntlm { stage: NtlmStage::Authenticate { ref user }, .. } if user == "carol")
+            matches!(t3, Credential::Ntlm { negotiate: true, stage: NtlmStage::Authenticate { ref user } } if user == "carol"),
+            "{t3:?}"
+        );
+        // Bare NTLMSSP inside Negotiate is read as NTLM too.
+        let bare = negotiate(&ntlm_messages::authenticate("EXAMPLE", "dave"));
+        assert!(
+            matches!(bare, Credential::Ntlm { negotiate: true, stage: NtlmStage::Authenticate { ref user } } if user == "EXAMPLE\\dave")
+        );
+    }
+
+    /// Tokens real implementations wrote (pyspnego; curl with MIT Kerberos; see
+    /// testdata/negotiate).
+    #[test]
+    fn negotiate_reads_captured_legs() {
+        let fixture = |name: &str| {
+            let path = format!(
+                "{}/testdata/negotiate/{name}.b64",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let text = std::fs::read_to_string(path).unwrap();
+            format!("Negotiate {}", text.trim()).into_bytes()
+        };
+        assert_eq!(
+            classify(Some(&fixture("ntlm-init"))),
+            Credential::Ntlm {
+                negotiate: true,
+                stage: NtlmStage::Negotiate
+            }
         );
         assert_eq!(
-            classify(Some(&header("Negotiate", &[0x60, 0x82, 1, 2]))),
+            classify(Some(&fixture("ntlm-answer"))),
+            Credential::Ntlm {
+                negotiate: true,
+                stage: NtlmStage::Authenticate {
+                    user: "EXAMPLE\\alice".into()
+                }
+            }
+        );
+        // curl with MIT Kerberos: a NegTokenInit offering krb5, with its AP-REQ.
+        assert_eq!(
+            classify(Some(&fixture("kerberos-init"))),
             Credential::Kerberos
+        );
+        // The server's challenge leg parses as NTLM too (a Type 2 is `Other`).
+        assert!(matches!(
+            classify(Some(&fixture("ntlm-challenge"))),
+            Credential::Ntlm {
+                stage: NtlmStage::Other,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn negotiate_classifies_a_kerberos_ap_req_as_kerberos() {
+        let k = negotiate(&build::init_kerberos());
+        assert_eq!(k, Credential::Kerberos);
+        assert_eq!(k.kind(), AuthKind::Kerberos);
+        assert_eq!(k.kind().name(), "kerberos");
+        // A bare GSS Kerberos token (no SPNEGO), with either krb5 OID.
+        for oid in [
+            crate::identity::spnego::KRB5,
+            crate::identity::spnego::MS_KRB5,
+        ] {
+            assert_eq!(
+                negotiate(&build::kerberos_ap_req(oid)),
+                Credential::Kerberos
+            );
+        }
+        // An NTLMSSP signature buried in a Kerberos token is not NTLM.
+        let mut init = build::init_kerberos();
+        let at = init.len() - 20;
+        init[at..at + 8].copy_from_slice(b"NTLMSSP\0");
+        assert_eq!(negotiate(&init), Credential::Kerberos);
+    }
+
+    #[test]
+    fn malformed_spnego_is_refused_with_a_reason() {
+        use crate::identity::spnego::{KRB5, NEGOEX, NTLMSSP};
+        let t1 = ntlm_messages::negotiate();
+        let good = build::init_ntlm(&t1);
+        let mut trailing = good.clone();
+        trailing.push(0);
+        let mut lying = good.clone();
+        lying[1] = 0x7f; // the outer length runs past the end
+        let ap_req = build::kerberos_ap_req(KRB5);
+        let mut pvno4 = ap_req.clone();
+        let at = pvno4
+            .windows(3)
+            .position(|w| w == [0x02, 0x01, 0x05])
+            .unwrap();
+        pvno4[at + 2] = 4;
+        let mut junk_around_ntlm = vec![0x30, 0x03, 1, 2, 3];
+        junk_around_ntlm.extend(ntlm_messages::authenticate("", "eve"));
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            (
+                "truncated",
+                good[..good.len() - 3].to_vec(),
+                "spnego_malformed",
+            ),
+            ("trailing bytes", trailing, "spnego_malformed"),
+            ("lying length", lying, "spnego_malformed"),
+            (
+                "no mechToken",
+                build::init(&[NTLMSSP], None),
+                "spnego_no_token",
+            ),
+            (
+                "no mechanism",
+                build::init(&[], Some(&t1)),
+                "spnego_no_mechanism",
+            ),
+            (
+                "NEGOEX first",
+                build::init(&[NEGOEX, NTLMSSP], Some(&t1)),
+                "spnego_mechanism_unsupported",
+            ),
+            (
+                "NTLM named, Kerberos sent",
+                build::init(&[NTLMSSP], Some(&ap_req)),
+                "spnego_ntlm_malformed",
+            ),
+            (
+                "Kerberos named, NTLM sent",
+                build::init(&[KRB5], Some(&t1)),
+                "kerberos_malformed",
+            ),
+            (
+                "pvno 4",
+                build::init(&[KRB5], Some(&pvno4)),
+                "kerberos_malformed",
+            ),
+            (
+                "the old byte-search shape",
+                [&[0xa1, 0x81, 0x90, 0x30][..], &t1].concat(),
+                "spnego_malformed",
+            ),
+            (
+                "a bare 0x60 header",
+                vec![0x60, 0x82, 1, 2],
+                "spnego_malformed",
+            ),
+            (
+                "NTLMSSP after junk",
+                junk_around_ntlm,
+                "negotiate_malformed",
+            ),
+            ("empty", vec![], "negotiate_malformed"),
+            (
+                "resp without token",
+                build::tlv(
+                    der::Tag::ContextSpecific {
+                        constructed: true,
+                        number: der::TagNumber(1),
+                    },
+                    &[0x30, 0x00],
+                ),
+                "spnego_no_token",
+            ),
+        ];
+        for (what, blob, reason) in cases {
+            assert_eq!(negotiate(&blob), Credential::Invalid(reason), "{what}");
+        }
+        assert_eq!(
+            classify(Some(b"Negotiate !!!")),
+            Credential::Invalid("negotiate_not_base64")
+        );
+        // The NTLM scheme takes a bare NTLMSSP message only.
+        assert_eq!(
+            classify(Some(&header("NTLM", &good))),
+            Credential::Invalid("ntlm_no_signature")
         );
     }
 
@@ -293,12 +495,28 @@ mod tests {
 
     #[test]
     fn bearer_and_unknown_schemes() {
-        assert_eq!(
-            classify(Some(b"Bearer abc.def.ghi")),
-            Credential::Bearer {
-                token: "abc.def.ghi".into()
-            }
-        );
+        for value in [
+            &b"Bearer abc.def.ghi"[..],
+            b"bearer abc.def.ghi",
+            b"BEARER  abc.def.ghi ",
+        ] {
+            assert_eq!(
+                classify(Some(value)),
+                Credential::Bearer {
+                    token: "abc.def.ghi".into()
+                }
+            );
+            assert_eq!(bearer_token(value), Some("abc.def.ghi"));
+        }
+        for value in [
+            &b"Bearer "[..],
+            b"Bearer a b",
+            b"Basic abc",
+            b"Bearerabc",
+            b"",
+        ] {
+            assert_eq!(bearer_token(value), None, "{value:?}");
+        }
         assert_eq!(
             classify(Some(b"Bearer ")),
             Credential::Invalid("authorization_scheme")

@@ -1,21 +1,29 @@
 //! Entra ID (Azure AD) bearer tokens for hybrid set-ups: RS256 only, the key chosen by
-//! `kid` from a configured JWKS file, `exp` and `nbf` required, exact `iss` and `aud`, and
+//! `kid` from a configured JWKS file or from the JWKS that the tenant's OpenID discovery
+//! document names, `exp` and `nbf` required, exact `iss`, every `aud` value accepted, and
 //! the EWS permission itself (`scp` EWS.AccessAsUser.All, or the app role
 //! full_access_as_app).
 
-use std::{collections::HashMap, path::Path};
+use std::sync::Arc;
 
-use jsonwebtoken::{jwk::JwkSet, Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use crate::identity::tokens::{unverified_field, Audience, Family, TokenError, Verified};
-use crate::model::settings::EntraSettings;
+use crate::identity::{
+    jwt::{
+        check_times, rs256_claims, rs256_header, unverified_field, Audience, Family, KeyRing,
+        TokenError, Verified, MAX_TOKEN_BYTES,
+    },
+    metadata::KeySource,
+};
 
 const DELEGATED_SCOPE: &str = "EWS.AccessAsUser.All";
 const APP_ROLE: &str = "full_access_as_app";
 
 pub struct EntraValidator {
-    keys: HashMap<String, DecodingKey>,
+    /// Keys from a JWKS file.
+    pinned: KeyRing,
+    /// Keys from the discovery document's JWKS.
+    fetched: Option<Arc<KeySource>>,
     issuers: Vec<String>,
     audiences: Vec<String>,
     leeway: u64,
@@ -38,28 +46,24 @@ struct Claims {
 }
 
 impl EntraValidator {
-    pub fn load(settings: &EntraSettings, leeway: u64) -> anyhow::Result<EntraValidator> {
-        let text = std::fs::read_to_string(&settings.keys_file)?;
-        let set: JwkSet = serde_json::from_str(&text)?;
-        let mut keys = HashMap::new();
-        for jwk in &set.keys {
-            let (Some(kid), Ok(key)) = (jwk.common.key_id.clone(), DecodingKey::from_jwk(jwk))
-            else {
-                continue;
-            };
-            keys.insert(kid, key);
-        }
-        anyhow::ensure!(
-            !keys.is_empty(),
-            "{}: no keys with a kid",
-            show(&settings.keys_file)
-        );
-        Ok(EntraValidator {
-            keys,
-            issuers: settings.issuers.clone(),
-            audiences: settings.audiences.clone(),
+    pub fn new(
+        issuers: Vec<String>,
+        audiences: Vec<String>,
+        leeway: u64,
+        pinned: KeyRing,
+        fetched: Option<Arc<KeySource>>,
+    ) -> EntraValidator {
+        EntraValidator {
+            pinned,
+            fetched,
+            issuers,
+            audiences,
             leeway,
-        })
+        }
+    }
+
+    pub fn fetched(&self) -> Option<&Arc<KeySource>> {
+        self.fetched.as_ref()
     }
 
     /// Whether the token names one of this tenant's issuers (unverified: routing only).
@@ -67,48 +71,37 @@ impl EntraValidator {
         unverified_field(token, 1, "iss").is_some_and(|iss| self.issuers.contains(&iss))
     }
 
-    pub fn verify(&self, token: &str, now: u64) -> Result<Verified, TokenError> {
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
-        if header.alg != Algorithm::RS256 {
-            return Err(TokenError::Algorithm(format!("{:?}", header.alg)));
+    /// The discovery URL to refetch for a token whose `kid` is not known yet.
+    pub fn refetch_url(&self, token: &str) -> Option<String> {
+        let fetched = self.fetched.as_ref()?;
+        let kid = unverified_field(token, 0, "kid")?;
+        if self.pinned.contains(&kid) || fetched.ring_with(&kid).is_some() {
+            return None;
         }
+        fetched.urls().next().map(str::to_string)
+    }
+
+    pub fn verify(&self, token: &str, now: u64) -> Result<Verified, TokenError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::TooLarge);
+        }
+        let header = rs256_header(token)?;
         let kid = header.kid.ok_or(TokenError::NoKeyId)?;
+        let fetched = self.fetched.as_ref().and_then(|f| f.ring_with(&kid));
         let key = self
-            .keys
+            .pinned
             .get(&kid)
+            .or_else(|| fetched.as_ref().and_then(|r| r.get(&kid)))
             .ok_or_else(|| TokenError::UnknownKey(kid.clone()))?;
-        let mut validation = Validation::new(Algorithm::RS256);
-        validation.required_spec_claims.clear();
-        validation.validate_exp = false;
-        validation.validate_nbf = false;
-        validation.validate_aud = false;
-        let claims = jsonwebtoken::decode::<Claims>(token, key, &validation)
-            .map_err(|e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::InvalidSignature => TokenError::BadSignature,
-                _ => TokenError::Malformed(e.to_string()),
-            })?
-            .claims;
+        let claims: Claims = rs256_claims(token, key)?;
         let exp = claims.exp.ok_or(TokenError::MissingClaim("exp"))?;
         let nbf = claims.nbf.ok_or(TokenError::MissingClaim("nbf"))?;
-        if now > exp.saturating_add(self.leeway) {
-            return Err(TokenError::Expired { exp, now });
-        }
-        if now.saturating_add(self.leeway) < nbf {
-            return Err(TokenError::NotYetValid { nbf, now });
-        }
+        check_times(exp, nbf, now, self.leeway)?;
         let iss = claims.iss.clone().ok_or(TokenError::MissingClaim("iss"))?;
         if !self.issuers.contains(&iss) {
             return Err(TokenError::Issuer(iss));
         }
-        let auds = claims
-            .aud
-            .as_ref()
-            .ok_or(TokenError::MissingClaim("aud"))?
-            .values();
-        if !auds.iter().any(|a| self.audiences.contains(a)) {
-            return Err(TokenError::Audience(auds.join(",")));
-        }
+        Audience::check(claims.aud.as_ref(), &self.audiences)?;
         let delegated = claims
             .scp
             .as_deref()
@@ -135,6 +128,100 @@ impl EntraValidator {
     }
 }
 
-fn show(p: &Path) -> String {
-    p.display().to_string()
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::tokens::testkit::{signer, with, Signer, NOW};
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use serde_json::{json, Value};
+
+    const TENANT: &str = "https://sts.windows.net/0d7b2d1d-0000-4000-8000-000000000000/";
+    const OUTLOOK: &str = "https://outlook.office365.com";
+
+    fn jwks(s: &Signer, kid: &str) -> Vec<u8> {
+        let key = EncodingKey::from_rsa_pem(s.pem_key.as_bytes()).unwrap();
+        let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, Algorithm::RS256).unwrap();
+        jwk.common.key_id = Some(kid.into());
+        json!({"keys": [jwk]}).to_string().into_bytes()
+    }
+
+    fn validator(s: &Signer) -> EntraValidator {
+        let mut ring = KeyRing::default();
+        ring.add_jwks(&jwks(s, "k1")).unwrap();
+        EntraValidator::new(vec![TENANT.into()], vec![OUTLOOK.into()], 60, ring, None)
+    }
+
+    fn claims() -> Value {
+        json!({"iss": TENANT, "aud": OUTLOOK, "nbf": NOW - 10, "exp": NOW + 300,
+               "scp": "EWS.AccessAsUser.All", "upn": "Carol@example.org"})
+    }
+
+    fn token(s: &Signer, claims: &Value) -> String {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some("k1".into());
+        let key = EncodingKey::from_rsa_pem(s.pem_key.as_bytes()).unwrap();
+        jsonwebtoken::encode(&header, claims, &key).unwrap()
+    }
+
+    #[test]
+    fn a_token_with_the_ews_permission_passes() {
+        let s = signer();
+        let v = validator(&s).verify(&token(&s, &claims()), NOW).unwrap();
+        assert_eq!(v.family, Family::Entra);
+        assert_eq!(v.user.as_deref(), Some("carol@example.org"));
+        assert_eq!(v.x5t, "k1");
+    }
+
+    #[test]
+    fn every_audience_must_be_accepted() {
+        let s = signer();
+        let v = validator(&s);
+        let t = |aud: Value| v.verify(&token(&s, &with(claims(), "aud", aud)), NOW);
+        assert!(t(json!([OUTLOOK])).is_ok());
+        assert_eq!(
+            t(json!([OUTLOOK, "https://graph.microsoft.com"])),
+            Err(TokenError::Audience("https://graph.microsoft.com".into()))
+        );
+        assert!(matches!(t(json!([])), Err(TokenError::Audience(_))));
+        assert_eq!(t(Value::Null), Err(TokenError::MissingClaim("aud")));
+    }
+
+    #[test]
+    fn the_size_cap_is_the_exchange_one() {
+        let s = signer();
+        let big = with(claims(), "pad", json!("x".repeat(MAX_TOKEN_BYTES)));
+        assert_eq!(
+            validator(&s).verify(&token(&s, &big), NOW),
+            Err(TokenError::TooLarge)
+        );
+    }
+
+    #[test]
+    fn jwks_keys_need_rsa_signing_and_a_kid() {
+        let s = signer();
+        let good = jwks(&s, "k1");
+        let mut doc: Value = serde_json::from_slice(&good).unwrap();
+        let jwk = doc["keys"][0].clone();
+        let variant = |edit: &dyn Fn(&mut Value)| {
+            let mut k = jwk.clone();
+            edit(&mut k);
+            k
+        };
+        doc["keys"] = json!([
+            variant(&|k| k["use"] = json!("enc")),
+            variant(&|k| k["alg"] = json!("RS512")),
+            variant(&|k| {
+                k.as_object_mut().unwrap().remove("kid");
+            }),
+            variant(&|k| k["kty"] = json!("EC")),
+            variant(&|k| k["kid"] = json!("k2")),
+        ]);
+        let mut ring = KeyRing::default();
+        assert_eq!(
+            ring.add_jwks(doc.to_string().as_bytes()).unwrap(),
+            vec!["k2".to_string()]
+        );
+        assert!(KeyRing::default().add_jwks(b"{\"keys\": []}").is_err());
+        assert!(KeyRing::default().add_jwks(b"not json").is_err());
+    }
 }

@@ -6,182 +6,38 @@
 //!   from the certificate itself (base64url SHA-1 of the DER), several at once for rotation;
 //! - the exact audiences, issuers and auth-metadata URLs the deployment expects.
 //!
-//! Nothing in a token chooses a key or a URL: `x5t` is only a lookup key into the pinned set,
-//! `x5c`, `jku` and `x5u` are ignored, and `appctx.amurl` must be on the configured list.
+//! Nothing in a token chooses a key or a URL: `x5t` is only a lookup key into the pinned and
+//! fetched sets, `x5c`, `jku` and `x5u` are ignored, and `appctx.amurl` is required and must
+//! be on the configured list exactly; a fetched key counts only for the URL that listed it.
 //! The signature is checked by jsonwebtoken with RS256 alone; the claims are parsed and
 //! checked here, because Exchange writes `nbf` and `exp` as strings (which jsonwebtoken
 //! refuses) and jsonwebtoken does not check `nbf` by default.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 
-use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use crate::model::settings::Expectations;
+pub use crate::identity::jwt::{
+    thumbprint, unverified_field, Family, KeyError, KeyRing, TokenError, Verified, MAX_TOKEN_BYTES,
+};
+use crate::identity::{
+    jwt::{check_times, rs256_claims, rs256_header, Audience},
+    metadata::KeySource,
+};
+pub use crate::model::settings::Expectations;
 
-/// Longest token accepted; Exchange's are well under 4 KiB.
-pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// `appctx.version` of an identity token.
 pub const IDENTITY_VERSION: &str = "ExIdTok.V1";
 /// Token version of an EWS callback token.
 pub const CALLBACK_VERSION: &str = "Exchange.Callback.V1";
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TokenError {
-    #[error("token is malformed: {0}")]
-    Malformed(String),
-    #[error("token is larger than {MAX_TOKEN_BYTES} bytes")]
-    TooLarge,
-    #[error("algorithm {0} refused: only RS256 is accepted")]
-    Algorithm(String),
-    #[error("token names no signing certificate (x5t)")]
-    NoKeyId,
-    #[error("no pinned certificate has thumbprint {0}")]
-    UnknownKey(String),
-    #[error("signature does not verify")]
-    BadSignature,
-    #[error("claim {0} is missing")]
-    MissingClaim(&'static str),
-    #[error("claim {0} is not a number of seconds")]
-    BadTime(&'static str),
-    #[error("token expired at {exp} (now {now})")]
-    Expired { exp: u64, now: u64 },
-    #[error("token is not valid before {nbf} (now {now})")]
-    NotYetValid { nbf: u64, now: u64 },
-    #[error("audience {0} is not accepted")]
-    Audience(String),
-    #[error("issuer {0} is not accepted")]
-    Issuer(String),
-    #[error("auth metadata URL {0} is not on the allow list")]
-    MetadataUrl(String),
-    #[error("an identity token (ExIdTok.V1) never authorizes an EWS call")]
-    IdentityToken,
-    #[error("unknown token family {0}")]
-    Family(String),
-}
-
-impl TokenError {
-    /// A short stable name for audit lines and counters.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            TokenError::Malformed(_) => "token_malformed",
-            TokenError::TooLarge => "token_too_large",
-            TokenError::Algorithm(_) => "token_algorithm",
-            TokenError::NoKeyId | TokenError::UnknownKey(_) => "token_unknown_key",
-            TokenError::BadSignature => "token_bad_signature",
-            TokenError::MissingClaim(_) | TokenError::BadTime(_) => "token_claims",
-            TokenError::Expired { .. } => "token_expired",
-            TokenError::NotYetValid { .. } => "token_not_yet_valid",
-            TokenError::Audience(_) => "token_audience",
-            TokenError::Issuer(_) => "token_issuer",
-            TokenError::MetadataUrl(_) => "token_metadata_url",
-            TokenError::IdentityToken => "token_identity_as_ews",
-            TokenError::Family(_) => "token_family",
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum KeyError {
-    #[error("not an X.509 certificate: {0}")]
-    Certificate(String),
-    #[error("the certificate's key is not RSA")]
-    NotRsa,
-    #[error("no certificate found in the PEM text")]
-    Empty,
-}
-
-/// The token families ewsgate tells apart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    Callback,
-    Identity,
-    /// An Entra ID access token with the EWS permission (hybrid set-ups).
-    Entra,
-}
-
-/// What a verified token says, for rules and the audit log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verified {
-    pub family: Family,
-    /// nameid, smtp or msexchuid, whichever the token carries.
-    pub user: Option<String>,
-    /// The item a callback token was issued for (`ParentItemId:<id>` in its scope).
-    pub item: Option<String>,
-    pub expires: u64,
-    /// Thumbprint of the certificate that signed it.
-    pub x5t: String,
-}
-
-/// Pinned signing certificates, keyed by the thumbprint computed from each.
-#[derive(Default)]
-pub struct KeyRing {
-    keys: HashMap<String, DecodingKey>,
-}
-
-impl KeyRing {
-    /// Adds a DER certificate; returns its x5t.
-    pub fn add_der(&mut self, der: &[u8]) -> Result<String, KeyError> {
-        let (_, cert) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| KeyError::Certificate(e.to_string()))?;
-        let spki = cert.public_key();
-        if spki.algorithm.algorithm != x509_parser::oid_registry::OID_PKCS1_RSAENCRYPTION {
-            return Err(KeyError::NotRsa);
-        }
-        // The BIT STRING of an RSA SubjectPublicKeyInfo is the PKCS#1 RSAPublicKey.
-        let key = DecodingKey::from_rsa_der(&spki.subject_public_key.data);
-        let x5t = thumbprint(der);
-        self.keys.insert(x5t.clone(), key);
-        Ok(x5t)
-    }
-
-    /// Adds every certificate of a PEM text; returns their x5t values.
-    pub fn add_pem(&mut self, pem: &str) -> Result<Vec<String>, KeyError> {
-        let mut added = Vec::new();
-        for block in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
-            let block = block.map_err(|e| KeyError::Certificate(e.to_string()))?;
-            if block.label == "CERTIFICATE" {
-                added.push(self.add_der(&block.contents)?);
-            }
-        }
-        if added.is_empty() {
-            return Err(KeyError::Empty);
-        }
-        Ok(added)
-    }
-
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
-    }
-}
-
-/// JOSE `x5t`: base64url of the SHA-1 of the certificate's DER.
-pub fn thumbprint(der: &[u8]) -> String {
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY, der);
-    URL_SAFE_NO_PAD.encode(digest.as_ref())
-}
-
+/// Exchange callback and identity tokens.
 pub struct Validator {
+    /// Certificates pinned by the admin.
     pub keys: KeyRing,
-    /// Keys fetched from allow-listed auth metadata URLs, replaced whole on each fetch.
-    pub fetched: Option<std::sync::Arc<arc_swap::ArcSwap<KeyRing>>>,
+    /// Keys fetched from the allow-listed auth metadata URLs, kept per URL.
+    pub fetched: Option<Arc<KeySource>>,
     pub expect: Expectations,
-    /// Entra ID tokens, told apart by their issuer.
-    pub entra: Option<crate::identity::entra::EntraValidator>,
-}
-
-/// A string field of a token's header (`part` 0) or claims (`part` 1), read without
-/// verifying anything: for routing a token to its validator, never for trusting it.
-pub fn unverified_field(token: &str, part: usize, field: &str) -> Option<String> {
-    let text = token.split('.').nth(part)?;
-    let bytes = URL_SAFE_NO_PAD.decode(text.trim_end_matches('=')).ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    v.get(field)?.as_str().map(str::to_string)
 }
 
 /// A claim holding seconds, as a number or a numeric string.
@@ -190,23 +46,6 @@ pub fn unverified_field(token: &str, part: usize, field: &str) -> Option<String>
 enum Seconds {
     Number(u64),
     Text(String),
-}
-
-/// `aud` may be one string or a list.
-#[derive(Deserialize)]
-#[serde(untagged)]
-pub(crate) enum Audience {
-    One(String),
-    Many(Vec<String>),
-}
-
-impl Audience {
-    pub(crate) fn values(&self) -> Vec<String> {
-        match self {
-            Audience::One(a) => vec![a.clone()],
-            Audience::Many(v) => v.clone(),
-        }
-    }
 }
 
 /// `appctx` is a JSON-encoded string on the wire; accept an object too.
@@ -246,19 +85,28 @@ fn seconds(value: Option<Seconds>, name: &'static str) -> Result<u64, TokenError
     }
 }
 
+/// The `appctx.amurl` a token names, unverified: only to choose which allow-listed URL to
+/// refetch for an unknown key.
+pub fn unverified_amurl(token: &str) -> Option<String> {
+    let claims = crate::identity::jwt::unverified_json(token, 1)?;
+    let appctx = claims.get("appctx")?;
+    let appctx = match appctx.as_str() {
+        Some(text) => serde_json::from_str(text).ok()?,
+        None => appctx.clone(),
+    };
+    appctx.get("amurl")?.as_str().map(str::to_string)
+}
+
 impl Validator {
-    /// The `x5t` of an Exchange token signed by a certificate ewsgate has neither pinned
-    /// nor fetched: worth a refetch of the auth metadata. Entra tokens never are.
-    pub fn unknown_key(&self, token: &str) -> Option<String> {
-        if self.entra.as_ref().is_some_and(|e| e.claims_ours(token)) {
+    /// The allow-listed metadata URL to refetch for a token signed by a certificate ewsgate
+    /// has neither pinned nor fetched; `None` when the key is known or nothing may be fetched.
+    pub fn refetch_url(&self, token: &str) -> Option<String> {
+        let fetched = self.fetched.as_ref()?;
+        let x5t = unverified_field(token, 0, "x5t")?;
+        if self.keys.contains(&x5t) || fetched.ring_with(&x5t).is_some() {
             return None;
         }
-        let x5t = unverified_field(token, 0, "x5t")?;
-        let fetched = self
-            .fetched
-            .as_ref()
-            .is_some_and(|f| f.load().keys.contains_key(&x5t));
-        (!self.keys.keys.contains_key(&x5t) && !fetched).then_some(x5t)
+        unverified_amurl(token).filter(|u| fetched.urls().any(|f| f == u))
     }
 
     /// Verifies a token and says what it is. An identity token verifies here; only
@@ -270,12 +118,7 @@ impl Validator {
         let (x5t, claims) = self.signed_claims(token)?;
         let exp = seconds(claims.exp, "exp")?;
         let nbf = seconds(claims.nbf, "nbf")?;
-        if now > exp.saturating_add(self.expect.leeway) {
-            return Err(TokenError::Expired { exp, now });
-        }
-        if now.saturating_add(self.expect.leeway) < nbf {
-            return Err(TokenError::NotYetValid { nbf, now });
-        }
+        check_times(exp, nbf, now, self.expect.leeway)?;
         let iss = claims.iss.ok_or(TokenError::MissingClaim("iss"))?;
         if !self.expect.issuers.contains(&iss) {
             return Err(TokenError::Issuer(iss));
@@ -286,21 +129,14 @@ impl Validator {
             Some(AppCtxField::Text(t)) => serde_json::from_str(&t)
                 .map_err(|e| TokenError::Malformed(format!("appctx: {e}")))?,
         };
-        if let Some(url) = &appctx.amurl {
-            if !self.expect.metadata_urls.contains(url) {
-                return Err(TokenError::MetadataUrl(url.clone()));
-            }
-        }
+        let amurl = appctx
+            .amurl
+            .as_deref()
+            .ok_or(TokenError::MissingClaim("appctx.amurl"))?;
+        self.check_amurl(amurl, &x5t)?;
         let family = family(claims.ver.as_deref(), appctx.version.as_deref())?;
         if family == Family::Callback {
-            let aud = claims
-                .aud
-                .as_ref()
-                .ok_or(TokenError::MissingClaim("aud"))?
-                .values();
-            if let Some(bad) = aud.iter().find(|a| !self.expect.audiences.contains(a)) {
-                return Err(TokenError::Audience(bad.clone()));
-            }
+            Audience::check(claims.aud.as_ref(), &self.expect.audiences)?;
         }
         let item = appctx
             .scope
@@ -316,70 +152,50 @@ impl Validator {
         })
     }
 
+    /// `amurl` must be on the allow list, exactly; a key that is not pinned must have come
+    /// from that very URL's document.
+    fn check_amurl(&self, amurl: &str, x5t: &str) -> Result<(), TokenError> {
+        let listed = self.expect.metadata_urls.iter().any(|u| u == amurl);
+        let vouched = self.keys.contains(x5t)
+            || self
+                .fetched
+                .as_ref()
+                .and_then(|f| f.ring_of(amurl))
+                .is_some_and(|r| r.contains(x5t));
+        if listed && vouched {
+            Ok(())
+        } else {
+            Err(TokenError::MetadataUrl(amurl.to_string()))
+        }
+    }
+
     /// `verify`, then refuse anything that is not a callback token.
     pub fn verify_for_ews(&self, token: &str, now: u64) -> Result<Verified, TokenError> {
-        if let Some(e) = self.entra.as_ref().filter(|e| e.claims_ours(token)) {
-            return e.verify(token, now);
-        }
         let v = self.verify(token, now)?;
         match v.family {
-            Family::Callback | Family::Entra => Ok(v),
+            Family::Callback => Ok(v),
             Family::Identity => Err(TokenError::IdentityToken),
+            Family::Entra => Err(TokenError::Family("entra".into())),
         }
     }
 
-    /// Checks the header, picks the pinned key by x5t and verifies the RS256 signature.
+    /// Checks the header, picks the pinned or fetched key by x5t and verifies the RS256
+    /// signature.
     fn signed_claims(&self, token: &str) -> Result<(String, Claims), TokenError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
-            // `none` and other unknown algorithms fail to parse as a header at all.
-            jsonwebtoken::errors::ErrorKind::Json(_) => header_algorithm(token),
-            _ => TokenError::Malformed(e.to_string()),
-        })?;
-        if header.alg != Algorithm::RS256 {
-            return Err(TokenError::Algorithm(format!("{:?}", header.alg)));
-        }
-        if header
-            .typ
-            .as_deref()
-            .is_some_and(|t| !t.eq_ignore_ascii_case("JWT"))
-        {
-            return Err(TokenError::Malformed("typ is not JWT".into()));
-        }
+        let header = rs256_header(token)?;
         let x5t = header.x5t.ok_or(TokenError::NoKeyId)?;
-        let fetched = self.fetched.as_ref().map(|f| f.load());
-        let key = self
-            .keys
-            .keys
-            .get(&x5t)
-            .or_else(|| fetched.as_ref().and_then(|ring| ring.keys.get(&x5t)))
+        if let Some(key) = self.keys.get(&x5t) {
+            return Ok((x5t.clone(), rs256_claims(token, key)?));
+        }
+        let ring = self
+            .fetched
+            .as_ref()
+            .and_then(|f| f.ring_with(&x5t))
             .ok_or_else(|| TokenError::UnknownKey(x5t.clone()))?;
-        let mut validation = Validation::new(Algorithm::RS256);
-        // Claims are checked in `verify`, with string-or-number times and our own families.
-        validation.required_spec_claims.clear();
-        validation.validate_exp = false;
-        validation.validate_nbf = false;
-        validation.validate_aud = false;
-        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| match e
-            .kind()
-        {
-            jsonwebtoken::errors::ErrorKind::InvalidSignature => TokenError::BadSignature,
-            _ => TokenError::Malformed(e.to_string()),
-        })?;
-        Ok((x5t, data.claims))
-    }
-}
-
-/// For a header jsonwebtoken cannot parse: name the algorithm if that is why.
-fn header_algorithm(token: &str) -> TokenError {
-    let alg = token
-        .split('.')
-        .next()
-        .and_then(|h| URL_SAFE_NO_PAD.decode(h).ok())
-        .and_then(|h| serde_json::from_slice::<serde_json::Value>(&h).ok())
-        .and_then(|h| h.get("alg").and_then(|a| a.as_str()).map(str::to_string));
-    match alg {
-        Some(a) if a != "RS256" => TokenError::Algorithm(a),
-        _ => TokenError::Malformed("header is not valid JSON".into()),
+        let key = ring
+            .get(&x5t)
+            .ok_or_else(|| TokenError::UnknownKey(x5t.clone()))?;
+        Ok((x5t.clone(), rs256_claims(token, key)?))
     }
 }
 
@@ -403,7 +219,7 @@ fn family(ver: Option<&str>, appctx_version: Option<&str>) -> Result<Family, Tok
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit {
     use super::*;
-    use jsonwebtoken::{EncodingKey, Header};
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
     use serde_json::{json, Value};
 
     pub const NOW: u64 = 1_800_000_000;
@@ -436,12 +252,11 @@ pub mod testkit {
     pub fn validator(signers: &[&Signer]) -> Validator {
         let mut keys = KeyRing::default();
         for s in signers {
-            keys.add_pem(&s.pem_cert).unwrap();
+            keys.add_pem(s.pem_cert.as_bytes()).unwrap();
         }
         Validator {
             keys,
             fetched: None,
-            entra: None,
             expect: Expectations {
                 audiences: vec![AUD.into()],
                 issuers: vec![ISS.into()],
@@ -493,7 +308,8 @@ pub mod testkit {
 mod tests {
     use super::testkit::*;
     use super::*;
-    use jsonwebtoken::{EncodingKey, Header};
+    use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
     use serde_json::{json, Value};
 
     #[test]
@@ -594,6 +410,59 @@ mod tests {
     }
 
     #[test]
+    fn every_audience_value_must_be_accepted_and_there_must_be_one() {
+        let s = signer();
+        let v = validator(&[&s]);
+        let t = |aud: Value| v.verify_for_ews(&sign(&s, &with(callback_claims(), "aud", aud)), NOW);
+        assert!(t(json!([AUD])).is_ok());
+        assert!(matches!(t(json!([])), Err(TokenError::Audience(_))));
+        assert_eq!(t(json!("")), Err(TokenError::Audience(String::new())));
+        assert_eq!(
+            t(json!([AUD, ""])),
+            Err(TokenError::Audience(String::new()))
+        );
+        assert!(matches!(t(json!(7)), Err(TokenError::Malformed(_))));
+        assert_eq!(
+            TokenError::Audience(String::new()).reason(),
+            "token_audience"
+        );
+    }
+
+    #[test]
+    fn the_metadata_url_is_required() {
+        let s = signer();
+        let v = validator(&[&s]);
+        let t = |appctx: Value| {
+            v.verify_for_ews(
+                &sign(
+                    &s,
+                    &with(callback_claims(), "appctx", json!(appctx.to_string())),
+                ),
+                NOW,
+            )
+        };
+        let scope = "ParentItemId:AAMkAD-item-1=";
+        assert_eq!(
+            t(json!({"version": CALLBACK_VERSION, "scope": scope})),
+            Err(TokenError::MissingClaim("appctx.amurl"))
+        );
+        assert_eq!(
+            t(json!({"version": CALLBACK_VERSION, "scope": scope, "amurl": ""})),
+            Err(TokenError::MetadataUrl(String::new()))
+        );
+        // `ver` alone names the family, but the amurl is still required.
+        let no_appctx = with(callback_claims(), "appctx", Value::Null);
+        assert_eq!(
+            v.verify_for_ews(&sign(&s, &no_appctx), NOW),
+            Err(TokenError::MissingClaim("appctx.amurl"))
+        );
+        assert_eq!(
+            TokenError::MissingClaim("appctx.amurl").reason(),
+            "token_claims"
+        );
+    }
+
+    #[test]
     fn an_identity_token_never_authorizes_ews() {
         let s = signer();
         let appctx = json!({"msexchuid": "53e925fa@example.org", "version": IDENTITY_VERSION, "amurl": AMURL}).to_string();
@@ -615,10 +484,11 @@ mod tests {
             Err(TokenError::Family(_))
         ));
         let neither = with(
-            with(callback_claims(), "ver", Value::Null),
+            callback_claims(),
             "appctx",
-            Value::Null,
+            json!(json!({"amurl": AMURL}).to_string()),
         );
+        let neither = with(neither, "ver", Value::Null);
         assert!(matches!(
             v.verify(&sign(&s, &neither), NOW),
             Err(TokenError::Family(_))
@@ -777,7 +647,7 @@ mod tests {
         let mut ring = KeyRing::default();
         assert!(matches!(ring.add_der(cert.der()), Err(KeyError::NotRsa)));
         assert!(matches!(
-            ring.add_pem("no certificate here"),
+            ring.add_pem(b"no certificate here"),
             Err(KeyError::Empty)
         ));
         assert!(ring.is_empty());

@@ -5,7 +5,10 @@ pub enum AuthKind {
     None,
     Basic,
     Ntlm,
+    /// `Negotiate` carrying NTLM inside SPNEGO (or bare).
     Negotiate,
+    /// `Negotiate` carrying a Kerberos AP-REQ (its user is not readable by ewsgate).
+    Kerberos,
     Bearer,
     ClientCert,
 }
@@ -17,6 +20,7 @@ impl AuthKind {
             AuthKind::Basic => "basic",
             AuthKind::Ntlm => "ntlm",
             AuthKind::Negotiate => "negotiate",
+            AuthKind::Kerberos => "kerberos",
             AuthKind::Bearer => "bearer",
             AuthKind::ClientCert => "client-cert",
         }
@@ -28,6 +32,7 @@ impl AuthKind {
             AuthKind::Basic,
             AuthKind::Ntlm,
             AuthKind::Negotiate,
+            AuthKind::Kerberos,
             AuthKind::Bearer,
             AuthKind::ClientCert,
         ]

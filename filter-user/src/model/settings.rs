@@ -165,10 +165,12 @@ pub struct Expectations {
     pub leeway: u64,
 }
 
+/// Signing keys fetched from allow-listed URLs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FetchSettings {
+    /// The exact allow list: the only URLs fetched.
     pub urls: Vec<String>,
-    /// CA for `https` metadata URLs.
+    /// CA file for `https` URLs (its bytes travel in the config bundle).
     pub ca: Option<std::path::PathBuf>,
     pub refresh: Duration,
     pub timeout: Duration,
@@ -176,12 +178,29 @@ pub struct FetchSettings {
     pub refetch_min: Duration,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EntraSettings {
     pub issuers: Vec<String>,
     pub audiences: Vec<String>,
-    pub keys_file: std::path::PathBuf,
+    pub keys: EntraKeys,
 }
+
+/// Where Entra ID signing keys come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EntraKeys {
+    /// A JWKS file the admin keeps current.
+    File(std::path::PathBuf),
+    /// The tenant's OpenID discovery document (the one URL in `fetch.urls`), and the
+    /// `jwks_uri` it names if that is https on one of `jwks_hosts` (`host` for port 443,
+    /// `host:port` otherwise, lower case).
+    Discovery {
+        fetch: FetchSettings,
+        jwks_hosts: Vec<String>,
+    },
+}
+
+/// Where an Entra tenant's JWKS may live unless configured otherwise.
+pub const DEFAULT_JWKS_HOST: &str = "login.microsoftonline.com";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SoapLimits {

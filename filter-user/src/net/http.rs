@@ -10,7 +10,11 @@ use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
-use rustls::{crypto::aws_lc_rs, pki_types::ServerName, ClientConfig, RootCertStore};
+use rustls::{
+    crypto::aws_lc_rs,
+    pki_types::{pem::PemObject, ServerName},
+    ClientConfig, RootCertStore,
+};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -68,6 +72,27 @@ pub fn tls_config(ca: Option<&Path>) -> Result<ClientConfig, HttpError> {
             "no system root certificates: {why}"
         )));
     }
+    with_roots(roots)
+}
+
+/// TLS trusting exactly the certificates of a PEM text handed over as bytes (one CA, or a
+/// bundle such as Debian's, whose odd entries are skipped); `None` trusts nothing, which
+/// leaves only http:// URLs working. Reads no file.
+pub fn tls_config_pem(pem: Option<&[u8]>) -> Result<ClientConfig, HttpError> {
+    let mut roots = RootCertStore::empty();
+    if let Some(pem) = pem {
+        let certs = rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| HttpError::Roots(e.to_string()))?;
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(HttpError::Roots("no usable CA certificate".into()));
+        }
+    }
+    with_roots(roots)
+}
+
+fn with_roots(roots: RootCertStore) -> Result<ClientConfig, HttpError> {
     let provider = Arc::new(aws_lc_rs::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -86,6 +111,19 @@ impl Client {
     ) -> Result<Client, HttpError> {
         Ok(Client {
             tls: TlsConnector::from(Arc::new(tls_config(ca)?)),
+            timeout,
+            max_bytes,
+        })
+    }
+
+    /// A client trusting the CA bytes `ca_pem` (see [`tls_config_pem`]).
+    pub fn from_pem(
+        ca_pem: Option<&[u8]>,
+        timeout: Duration,
+        max_bytes: usize,
+    ) -> Result<Client, HttpError> {
+        Ok(Client {
+            tls: TlsConnector::from(Arc::new(tls_config_pem(ca_pem)?)),
             timeout,
             max_bytes,
         })

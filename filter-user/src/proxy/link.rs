@@ -169,6 +169,7 @@ fn adopt(shared: &Shared, init: Init, fds: Vec<OwnedFd>) -> anyhow::Result<()> {
     let current = shared.state.load_full();
     if current.id != init.policy.id {
         let state = build(&init.policy, Some(&current))?;
+        state.start();
         shared.state.store(Arc::new(state));
     }
     Ok(())
@@ -279,6 +280,7 @@ fn commit(shared: &Shared, id: u64, generation: u32) {
             info!(policy = id, generation, "policy committed");
             let mut state = state;
             state.generation = generation;
+            state.start();
             shared.ops.set_detections(&state.config.ops.detections);
             shared.state.store(Arc::new(state));
         }

@@ -69,6 +69,7 @@ pub fn serve(agent: PathBuf, threads: usize) -> anyhow::Result<()> {
         let mut session = connect_at_start(&agent, &hello).await?;
         let (init, fds) = link::init(&mut session).await?;
         let state = link::build(&init.policy, None).context("the agent's policy")?;
+        state.start();
         let mut fds = fds.into_iter();
         let mut listeners = Vec::new();
         for addr in &init.listeners {

@@ -2,19 +2,14 @@
 //! trust, the TLS server config, the upstream pool. Built whole from a config bundle and
 //! swapped in at once on commit; a connection keeps the state it started with.
 
-use std::{path::Path, sync::Arc};
+use std::sync::Arc;
 
 use anyhow::Context;
 use tokio_rustls::TlsAcceptor;
 
 use crate::{
     config::{Bundle, Config},
-    identity::{
-        entra::EntraValidator,
-        metadata::KeySource,
-        token_cache::TokenCache,
-        tokens::{KeyRing, Validator},
-    },
+    identity::token_cache::{KeyMaterial, TokenCache},
     model::{
         rules::Rule,
         settings::{ContentSettings, FeedbackSettings, ProxySettings},
@@ -32,8 +27,7 @@ pub struct State {
     pub reporting: bool,
     pub sources: SourceIndex,
     /// `None` when no signing key is configured: every bearer token is refused.
-    pub tokens: Option<std::sync::Mutex<TokenCache>>,
-    pub keys: Option<Arc<KeySource>>,
+    pub tokens: Option<TokenCache>,
     pub settings: ProxySettings,
     pub content: ContentSettings,
     pub feedback: FeedbackSettings,
@@ -44,8 +38,9 @@ pub struct State {
 }
 
 impl State {
-    /// Builds a state from a bundle. Signing keys fetched for `previous` are kept when the
-    /// fetch settings did not change, so a reload never forgets them.
+    /// Builds a state from a bundle. Signing keys fetched for `previous` are kept: the key
+    /// source itself when the fetch settings did not change, its keys per URL otherwise, so
+    /// a reload never forgets them.
     pub fn build(
         id: u64,
         generation: u32,
@@ -68,7 +63,7 @@ impl State {
             "the certificate names no DNS host: set [proxy] server_names"
         );
         let upstream = Upstream::new(&settings, bundle).context("the upstream")?;
-        let (tokens, keys) = token_trust(&config, bundle, previous)?;
+        let tokens = token_trust(&config, bundle, previous)?;
         Ok(State {
             id,
             generation,
@@ -76,7 +71,6 @@ impl State {
             reporting: config.rules.iter().any(|r| r.report),
             sources: SourceIndex::new(&config),
             tokens,
-            keys,
             content: config.content,
             feedback: config.feedback,
             acceptor: TlsAcceptor::from(Arc::new(server)),
@@ -87,6 +81,14 @@ impl State {
         })
     }
 
+    /// Puts the state to use in the proxy: signing keys start refreshing (a key source kept
+    /// from the previous state goes on as it was), lapsed tokens are swept.
+    pub fn start(&self) {
+        if let (Some(t), Ok(runtime)) = (&self.tokens, tokio::runtime::Handle::try_current()) {
+            t.keep_fresh(&runtime);
+        }
+    }
+
     /// The name of group `id` as the XDP tables number them (1-based).
     pub fn group_name(&self, id: u32) -> Option<&str> {
         let i = usize::try_from(id).ok()?.checked_sub(1)?;
@@ -94,54 +96,15 @@ impl State {
     }
 }
 
-type Trust = (Option<std::sync::Mutex<TokenCache>>, Option<Arc<KeySource>>);
-
+/// The token validators and their key sources, from the bundle's bytes. Nothing is fetched
+/// until the state is put to use ([`State::start`]): the agent builds states only to check
+/// them, and must never fetch.
 fn token_trust(
     config: &Config,
     bundle: &Bundle,
     previous: Option<&State>,
-) -> anyhow::Result<Trust> {
-    let t = &config.tokens;
-    let kept = previous
-        .and_then(|p| p.keys.clone())
-        .filter(|k| Some(&k.settings) == t.fetch.as_ref());
-    let keys = match (kept, t.fetch.clone()) {
-        (Some(k), _) => Some(k),
-        (None, Some(settings)) => {
-            let source = Arc::new(KeySource::new(settings)?);
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                crate::identity::metadata::keep_fresh(&source, &runtime);
-            }
-            Some(source)
-        }
-        (None, None) => None,
-    };
-    let entra = t
-        .entra
-        .as_ref()
-        .map(|e| EntraValidator::load(e, t.expect.leeway))
-        .transpose()
-        .context("[tokens.entra] keys_file")?;
-    if t.certificates.is_empty() && keys.is_none() && entra.is_none() {
-        return Ok((None, keys));
-    }
-    let mut ring = KeyRing::default();
-    for path in &t.certificates {
-        let pem = text(bundle, path)?;
-        ring.add_pem(&pem)
-            .with_context(|| format!("{}", path.display()))?;
-    }
-    let validator = Validator {
-        keys: ring,
-        fetched: keys.as_ref().map(|k| k.ring.clone()),
-        expect: t.expect.clone(),
-        entra,
-    };
-    let cache = TokenCache::new(validator, t.cache_entries);
-    Ok((Some(std::sync::Mutex::new(cache)), keys))
-}
-
-fn text(bundle: &Bundle, path: &Path) -> anyhow::Result<String> {
-    let bytes = bundle.file(path)?;
-    String::from_utf8(bytes.to_vec()).with_context(|| format!("{}: not UTF-8", path.display()))
+) -> anyhow::Result<Option<TokenCache>> {
+    let material = KeyMaterial::gather(&config.tokens, |p| bundle.file(p).map(<[u8]>::to_vec))?;
+    let previous = previous.and_then(|p| p.tokens.as_ref());
+    Ok(TokenCache::build(&config.tokens, &material, previous)?)
 }

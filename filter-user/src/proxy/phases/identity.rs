@@ -72,24 +72,15 @@ async fn bearer(state: &State, conn: &mut Conn, token: &str, ctx: &mut Ctx) -> R
     let leeway = state.config.tokens.expect.leeway;
     if let Some((policy, last, v)) = &conn.last_token {
         // The same token under the same policy, still within its life: as the cache would
-        // answer, without the hash and the lock. A new policy (new keys, say) verifies anew.
+        // answer, without hashing it again. A new policy (new keys, say) verifies anew.
         if *policy == state.id && **last == *token && now <= v.expires.saturating_add(leeway) {
             accept(v.clone(), ctx);
             return Ok(());
         }
     }
-    // A key ewsgate has not seen: fetch the allow-listed metadata again first (rate
-    // limited), as Exchange's auth certificate may just have rotated.
-    if let Some(keys) = &state.keys {
-        let unknown = cache.lock().ok().and_then(|c| c.unknown_key(token));
-        if unknown.is_some() {
-            keys.refetch().await;
-        }
-    }
-    let verified = cache
-        .lock()
-        .map_err(|_| Refusal::service(500, "token_cache_poisoned"))?
-        .verify_for_ews(token, now);
+    // A key ewsgate has not seen is fetched again (rate limited) before the token is refused,
+    // as Exchange's or Entra's signing key may just have rotated.
+    let verified = cache.verify_for_ews_fresh(token, now).await;
     match verified {
         Ok(v) => {
             conn.last_token = Some((state.id, token.into(), v.clone()));

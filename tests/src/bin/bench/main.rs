@@ -1,4 +1,4 @@
-//! `cargo xtask bench [xdp|proxy|all]`. The XDP suite (`proxy.rs` has the other): ewsgate's XDP program against its peers, all measured in one run
+//! `cargo xtask bench [xdp|proxy|tokens|cost|all]`. The XDP suite (`proxy.rs`, `tokens.rs` and `cost.rs` have the others): ewsgate's XDP program against its peers, all measured in one run
 //! on this machine, written to target/bench/xdp.json and printed as a table.
 //!
 //! - ns per packet through BPF_PROG_TEST_RUN (1,000,000 repeats) at 10, 1,000 and 100,000
@@ -47,15 +47,19 @@ const TEST_RUN_ROUNDS: usize = 3;
 
 mod cost;
 mod proxy;
+mod tokens;
 
 fn main() -> anyhow::Result<()> {
     let suite = std::env::args().nth(1).unwrap_or_else(|| "all".into());
     match suite.as_str() {
         "xdp" => xdp_suite(),
         "proxy" => proxy::run(),
+        "tokens" => tokens::run_suite(),
         "cost" => cost::run(),
-        "all" => xdp_suite().and_then(|()| proxy::run()),
-        _ => bail!("unknown bench suite '{suite}' (known: xdp, proxy, cost, all)"),
+        "all" => xdp_suite()
+            .and_then(|()| proxy::run())
+            .and_then(|()| tokens::run_suite()),
+        _ => bail!("unknown bench suite '{suite}' (known: xdp, proxy, tokens, cost, all)"),
     }
 }
 
