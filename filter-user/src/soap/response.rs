@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use quick_xml::{events::Event, NsReader};
 
-use super::{attr, namespace, Ns, SoapError, MESSAGES_NS, TYPES_NS};
+use super::{attr, bom_len, namespace, Ns, SoapError, MESSAGES_NS, TYPES_NS};
 use crate::model::settings::SoapLimits as Limits;
 
 /// An item as a response shows it.
@@ -86,7 +86,17 @@ struct Walk<'i> {
     elements: usize,
 }
 
+/// Spans index `bytes` as given, a byte-order mark included.
 pub fn parse_response(bytes: &[u8], limits: Limits) -> Result<Response, SoapError> {
+    let bom = bom_len(bytes);
+    let mut w = parse_document(&bytes[bom..], limits)?;
+    for m in &mut w.messages {
+        m.span = m.span.start + bom..m.span.end + bom;
+    }
+    Ok(w)
+}
+
+fn parse_document(bytes: &[u8], limits: Limits) -> Result<Response, SoapError> {
     let mut reader = NsReader::from_reader(bytes);
     reader.config_mut().check_end_names = true;
     let mut w = Walk::default();
