@@ -1,4 +1,4 @@
-//! The `Authorization` header (`auth::classify`): Basic, NTLM, Negotiate (SPNEGO with NTLM
+//! The `Authorization` header (`identity::auth::classify`): Basic, NTLM, Negotiate (SPNEGO with NTLM
 //! or Kerberos inside) and Bearer.
 //!
 //! The first byte chooses how the rest is sent, so that the binary parsers behind base64
@@ -12,8 +12,8 @@
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 use ewsgate::{
-    auth::{classify, Credential, NtlmStage},
-    config::AuthKind,
+    identity::auth::{classify, Credential, NtlmStage},
+    model::auth::AuthKind,
 };
 use libfuzzer_sys::fuzz_target;
 

@@ -1,27 +1,60 @@
-//! The configuration loader (`Config::parse`), on arbitrary text at a fixed path whose
-//! directory (`config/` beside this crate) holds the files an example configuration names.
+//! The configuration loader (`Config::parse_with`), on arbitrary text at a fixed path, with
+//! the files it may name held in memory (a config bundle, as the proxy reads it): those of
+//! `config/` beside this crate, under the fixed path's directory. Nothing is read from disk.
 //!
 //! Properties beyond "no panic": parsing is deterministic, and every error names the
 //! fixed path and a line and column inside the text.
 #![no_main]
 
-use std::path::{Component, Path};
+use std::{collections::BTreeMap, path::Path, sync::LazyLock};
 
-use ewsgate::config::{Config, ConfigError};
+use ewsgate::config::{Bundle, Config, ConfigError};
 use libfuzzer_sys::fuzz_target;
 
-const PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/ewsgate.toml");
+const PATH: &str = "/etc/ewsgate/ewsgate.toml";
+
+static FILES: LazyLock<BTreeMap<std::path::PathBuf, Vec<u8>>> = LazyLock::new(|| {
+    let dir = Path::new(PATH).parent().unwrap();
+    let file = |name: &str, bytes: &[u8]| (dir.join(name), bytes.to_vec());
+    BTreeMap::from([
+        file("offices.txt", include_bytes!("../config/offices.txt")),
+        file(
+            "salesforce-ip-ranges.json",
+            include_bytes!("../config/salesforce-ip-ranges.json"),
+        ),
+        file(
+            "entra-jwks.json",
+            include_bytes!("../config/entra-jwks.json"),
+        ),
+        file(
+            "tls/mail.example.org.pem",
+            include_bytes!("../keys/signer.pem"),
+        ),
+        file(
+            "tls/mail.example.org.key",
+            include_bytes!("../keys/signer.key"),
+        ),
+        file("tls/exchange-ca.pem", include_bytes!("../keys/signer.pem")),
+        file(
+            "tls/exchange-auth.pem",
+            include_bytes!("../keys/signer.pem"),
+        ),
+        file("tls/phones-ca.pem", include_bytes!("../keys/signer.pem")),
+    ])
+});
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if reads_outside(text) {
-        return;
-    }
     let path = Path::new(PATH);
-    let first = Config::parse(path, text);
-    let second = Config::parse(path, text);
+    let bundle = Bundle {
+        path: path.to_path_buf(),
+        text: text.to_string(),
+        files: FILES.clone(),
+    };
+    let first = Config::from_bundle(&bundle);
+    let second = Config::parse_with(path, text, &bundle);
     match (&first, &second) {
         (Ok(a), Ok(b)) => assert_eq!(a, b, "parsing is not deterministic"),
         (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
@@ -47,27 +80,3 @@ fuzz_target!(|data: &[u8]| {
         Err(e @ ConfigError::Read { .. }) => panic!("parse read its own file: {e}"),
     }
 });
-
-/// Whether the text names a CIDR file or feed outside the fixed directory (the loader
-/// reads those; `/dev/zero` would never end). Text that is not TOML reads nothing.
-fn reads_outside(text: &str) -> bool {
-    let Ok(doc) = text.parse::<toml::Table>() else {
-        return false;
-    };
-    let Some(sources) = doc.get("sources").and_then(|s| s.as_table()) else {
-        return false;
-    };
-    let outside = |v: &toml::Value| {
-        v.as_str().is_some_and(|f| {
-            Path::new(f)
-                .components()
-                .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
-        })
-    };
-    sources.values().filter_map(|s| s.as_table()).any(|s| {
-        s.get("feed").is_some_and(outside)
-            || s.get("files")
-                .and_then(|f| f.as_array())
-                .is_some_and(|f| f.iter().any(outside))
-    })
-}

@@ -1,106 +1,273 @@
-//! The strict HTTP/1.1 framing tracker (`strict::Tracker`), fed a client's byte stream.
+//! The proxy's HTTP/1.1 reader (`proxy::h1`): request heads (`read_head`,
+//! `RequestHead::parse`) and bodies (`BodyDecoder`), driven over a client's byte stream the
+//! way a connection reads it, one request after another.
 //!
 //! Properties beyond "no panic":
-//! - the checks do not depend on how the stream is split into reads;
-//! - every head the tracker passes is a head hyper reads the same way: httparse parses it
-//!   complete, ending on the same byte, and hyper's own body framing (lengths and chunks,
-//!   modelled here after hyper 1.x) puts the next head where the tracker does;
-//! - hyper never reads a request head the tracker has not judged, unless the tracker
-//!   refused the connection first.
+//! - what is read (heads, refusals, bodies) does not depend on how the stream is split into
+//!   reads: whole, in random pieces, or a byte at a time;
+//! - no body piece is empty (forwarded as a chunk, an empty piece would end the body);
+//! - a length-delimited body is exactly its length;
+//! - what the proxy forwards reads back the same: the head as the upstream phase writes it
+//!   (request line, the fields that are not hop-by-hop, its own framing header) parses to
+//!   the same fields and framing, both by `RequestHead::parse` and by an independent
+//!   reader (httparse with hyper 1.x's framing rules), and the body re-chunked as the
+//!   upstream phase chunks it reads back, by both, as the same bytes with nothing after.
 #![no_main]
 
-use ewsgate::strict::{Checks, HeadCheck, Tracker};
+use std::{
+    collections::VecDeque,
+    future::Future,
+    io,
+    pin::{pin, Pin},
+    task::{Context, Poll, Waker},
+};
+
+use bytes::{Bytes, BytesMut};
+use ewsgate::proxy::h1::{
+    fill, is_hop_by_hop, put_chunk_size, put_header, read_head, BodyDecoder, Framing, ReadError,
+    RequestHead,
+};
 use ewsgate_fuzz::{random_splits, Rng};
 use libfuzzer_sys::fuzz_target;
+use tokio::io::{AsyncRead, ReadBuf};
 
-/// As the proxy's header_count; the reference parses with the same limit.
-const MAX_HEADERS: usize = 32;
-/// Larger than any input: the differential run never refuses on size.
-const LARGE_HEAD: usize = 1 << 20;
+/// As the proxy's defaults are scaled down, so that the limits are reached.
+const MAX_HEAD: usize = 1024;
+const MAX_HEADERS: usize = 16;
 
 fuzz_target!(|data: &[u8]| {
     let mut rng = Rng::from_input(data);
-    // Small limits too, so that the size refusals are split-tested.
-    for (max_head, max_headers) in [(LARGE_HEAD, MAX_HEADERS), (200, 4)] {
-        let whole = run(&[data], max_head, max_headers);
-        let parts = random_splits(data, &mut rng);
-        assert_eq!(
-            run(&parts, max_head, max_headers),
-            whole,
-            "the checks depend on how the stream is split"
-        );
-    }
-    compare_with_hyper(data);
+    let whole = serve(vec![data]);
+    let pieces = random_splits(data, &mut rng);
+    assert_eq!(serve(pieces), whole, "what is read depends on the reads");
+    let bytes: Vec<&[u8]> = data.chunks(1).collect();
+    assert_eq!(
+        serve(bytes),
+        whole,
+        "read a byte at a time, it reads otherwise"
+    );
 });
 
-fn run(parts: &[&[u8]], max_head: usize, max_headers: usize) -> Vec<HeadCheck> {
-    let checks: Checks = Default::default();
-    let mut t = Tracker::new(max_head, max_headers, checks.clone());
-    for p in parts {
-        t.feed(p);
-    }
-    let q = checks.lock().unwrap();
-    q.iter().cloned().collect()
+#[derive(Debug, PartialEq)]
+enum Event {
+    Head {
+        method: String,
+        target: String,
+        minor: u8,
+        fields: Vec<(String, Vec<u8>)>,
+        framing: Result<Framing, &'static str>,
+    },
+    Refused(&'static str),
+    Body(Vec<u8>),
+    Truncated,
 }
 
-/// Byte at a time: each check is pushed by the byte that completes its head.
-fn checks_with_ends(data: &[u8]) -> Vec<(HeadCheck, usize)> {
-    let checks: Checks = Default::default();
-    let mut t = Tracker::new(LARGE_HEAD, MAX_HEADERS, checks.clone());
-    let mut out = Vec::new();
-    for i in 0..data.len() {
-        t.feed(&data[i..=i]);
-        let mut q = checks.lock().unwrap();
-        while let Some(c) = q.pop_front() {
-            out.push((c, i + 1));
-        }
-    }
-    out
-}
+/// A client stream handed over in the given pieces, one per read.
+struct Reads<'a>(VecDeque<&'a [u8]>);
 
-fn compare_with_hyper(data: &[u8]) {
-    let tracked = checks_with_ends(data);
-    let hyper = Hyper::read(data);
-    for (k, (check, end)) in tracked.iter().enumerate() {
-        if let HeadCheck::Refused(_) = check {
-            // The proxy closes the connection on a refusal: nothing after it is read.
-            return;
-        }
-        match hyper.heads.get(k) {
-            Some(&head_end) => assert_eq!(
-                head_end, *end,
-                "head {k}: the tracker and hyper disagree on where it ends"
-            ),
-            None => {
-                assert!(
-                    hyper.stop != Stop::Partial,
-                    "head {k}: the tracker passed a head hyper has not finished reading"
-                );
-                // hyper refused or closed before this head: it never reads it.
-                return;
+impl AsyncRead for Reads<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Some(p) = self.0.pop_front() {
+            let n = p.len().min(buf.remaining());
+            buf.put_slice(&p[..n]);
+            if n < p.len() {
+                self.0.push_front(&p[n..]);
             }
         }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Runs a future whose I/O never waits.
+fn block_on<F: Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(out) = f.as_mut().poll(&mut cx) {
+            return out;
+        }
+    }
+}
+
+/// The connection loop of `proxy::session`, without the phases: what it reads.
+fn serve(pieces: Vec<&[u8]>) -> Vec<Event> {
+    block_on(async {
+        let mut io = Reads(pieces.into_iter().filter(|p| !p.is_empty()).collect());
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        loop {
+            if buf.is_empty() && fill(&mut io, &mut buf).await.unwrap() == 0 {
+                return out;
+            }
+            let raw = match read_head(&mut io, &mut buf, MAX_HEAD).await {
+                Ok(Some(raw)) => raw,
+                Ok(None) => return out,
+                Err(ReadError::Head(e)) => {
+                    out.push(Event::Refused(e.0));
+                    return out;
+                }
+                Err(_) => {
+                    out.push(Event::Truncated);
+                    return out;
+                }
+            };
+            let head = match RequestHead::parse(raw, MAX_HEADERS) {
+                Ok(h) => h,
+                Err(e) => {
+                    out.push(Event::Refused(e.0));
+                    return out;
+                }
+            };
+            out.push(describe(&head));
+            let Ok(framing) = head.framing else {
+                return out;
+            };
+            let mut decoder = BodyDecoder::new(framing);
+            let mut pieces: Vec<Bytes> = Vec::new();
+            loop {
+                match decoder.decode(&mut buf) {
+                    Err(e) => {
+                        out.push(Event::Refused(e.reason()));
+                        return out;
+                    }
+                    Ok(Some(piece)) => {
+                        assert!(!piece.is_empty(), "an empty body piece");
+                        pieces.push(piece);
+                    }
+                    Ok(None) if decoder.is_done() => break,
+                    Ok(None) => {
+                        if fill(&mut io, &mut buf).await.unwrap() == 0 {
+                            if decoder.finish_at_eof().is_err() {
+                                out.push(Event::Truncated);
+                                return out;
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+            let body: Vec<u8> = pieces.concat();
+            if let Framing::Length(n) = framing {
+                assert_eq!(body.len() as u64, n, "a body is not its length");
+            }
+            forwarded_reads_back(&head, framing, &pieces);
+            out.push(Event::Body(body));
+        }
+    })
+}
+
+fn describe(head: &RequestHead) -> Event {
+    Event::Head {
+        method: head.method().to_string(),
+        target: head.target().to_string(),
+        minor: head.minor,
+        fields: head
+            .fields
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_vec()))
+            .collect(),
+        framing: head.framing.map_err(|e| e.0),
+    }
+}
+
+/// The request as the upstream phase writes it, read back.
+fn forwarded_reads_back(head: &RequestHead, framing: Framing, pieces: &[Bytes]) {
+    let chunked = framing == Framing::Chunked;
+    let mut out = Vec::new();
+    out.extend_from_slice(head.method().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(head.target().as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let kept: Vec<(&str, &[u8])> = head
+        .fields
+        .iter()
+        .filter(|(n, _)| !is_hop_by_hop(&head.fields, n))
+        .collect();
+    for (n, v) in &kept {
+        put_header(&mut out, n, v);
+    }
+    match framing {
+        Framing::Length(n) => put_header(&mut out, "Content-Length", n.to_string().as_bytes()),
+        Framing::Chunked => put_header(&mut out, "Transfer-Encoding", b"chunked"),
+        Framing::Empty | Framing::Close => {}
+    }
+    out.extend_from_slice(b"\r\n");
+    let head_len = out.len();
+    for piece in pieces {
+        if chunked {
+            put_chunk_size(&mut out, piece.len());
+        }
+        out.extend_from_slice(piece);
+        if chunked {
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    if chunked {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+    let body: Vec<u8> = pieces.concat();
+
+    // Read back by the proxy's own reader.
+    let again = RequestHead::parse(Bytes::copy_from_slice(&out[..head_len]), MAX_HEADERS + 4)
+        .expect("the forwarded head parses");
+    assert_eq!(
+        (again.method(), again.target()),
+        (head.method(), head.target())
+    );
+    assert_eq!(again.framing, Ok(framing), "forwarded framing");
+    let mut rest = BytesMut::from(&out[head_len..]);
+    let mut decoder = BodyDecoder::new(framing);
+    let mut read = Vec::new();
+    while let Some(p) = decoder
+        .decode(&mut rest)
+        .expect("the forwarded body decodes")
+    {
+        read.extend_from_slice(&p);
     }
     assert!(
-        hyper.heads.len() <= tracked.len(),
-        "hyper reads {} request heads, the tracker judged {}",
-        hyper.heads.len(),
-        tracked.len()
+        decoder.is_done() && rest.is_empty(),
+        "the forwarded body ends early or late"
+    );
+    assert_eq!(read, body);
+
+    // Read back by another reader: httparse and hyper's framing.
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS + 4];
+    let mut req = httparse::Request::new(&mut headers);
+    let n = match req.parse(&out) {
+        Ok(httparse::Status::Complete(n)) => n,
+        other => panic!("httparse reads the forwarded head as {other:?}"),
+    };
+    assert_eq!(n, head_len, "httparse ends the forwarded head elsewhere");
+    let fields: Vec<(&str, &[u8])> = req.headers.iter().map(|h| (h.name, h.value)).collect();
+    assert_eq!(
+        fields[..kept.len()],
+        kept[..],
+        "httparse reads other fields"
+    );
+    let (model, _) = framing_of(&req).expect("hyper would refuse the forwarded head");
+    let len = match (model, framing) {
+        (Body::Chunked, Framing::Chunked) => chunked_len(&out[n..]).expect("hyper's chunk reader"),
+        (Body::Length(m), Framing::Length(l)) if m == l => m as usize,
+        (Body::Length(0), Framing::Empty) => 0,
+        _ => panic!("hyper reads another framing than {framing:?}"),
+    };
+    assert_eq!(
+        n + len,
+        out.len(),
+        "hyper reads the forwarded body to another end"
     );
 }
 
 #[derive(Debug, PartialEq, Eq)]
 enum Stop {
-    /// hyper waits for more bytes.
+    /// The reader waits for more bytes.
     Partial,
-    /// hyper refused the stream or closes after the last request.
+    /// The reader refuses the stream or closes after the request.
     Closed,
-}
-
-/// hyper's reading of a request stream: where each head ends.
-struct Hyper {
-    heads: Vec<usize>,
-    stop: Stop,
 }
 
 enum Body {
@@ -108,59 +275,16 @@ enum Body {
     Chunked,
 }
 
-impl Hyper {
-    fn read(data: &[u8]) -> Hyper {
-        let mut heads = Vec::new();
-        let mut at = 0;
-        let stop = loop {
-            if at == data.len() {
-                break Stop::Partial;
-            }
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut req = httparse::Request::new(&mut headers);
-            let n = match req.parse(&data[at..]) {
-                Ok(httparse::Status::Complete(n)) => n,
-                Ok(httparse::Status::Partial) => break Stop::Partial,
-                Err(_) => break Stop::Closed,
-            };
-            at += n;
-            heads.push(at);
-            let Some((body, keep_alive)) = framing(&req) else {
-                break Stop::Closed;
-            };
-            let len = match body {
-                Body::Length(len) => usize::try_from(len)
-                    .ok()
-                    .filter(|l| at.checked_add(*l).is_some_and(|end| end <= data.len())),
-                Body::Chunked => match chunked_len(&data[at..]) {
-                    Ok(n) => Some(n),
-                    Err(stop) => break stop,
-                },
-            };
-            let Some(len) = len else {
-                break Stop::Partial;
-            };
-            at += len;
-            if !keep_alive {
-                break Stop::Closed;
-            }
-        };
-        Hyper { heads, stop }
-    }
-}
-
 /// hyper 1.x `role::Server::parse`: the body's framing and whether the connection stays
-/// open; `None` where hyper refuses the head.
-fn framing(req: &httparse::Request) -> Option<(Body, bool)> {
+/// open; `None` where hyper refuses the head's framing.
+fn framing_of(req: &httparse::Request) -> Option<(Body, bool)> {
     let http11 = req.version? == 1;
-    let method = http::Method::from_bytes(req.method?.as_bytes()).ok()?;
-    http::Uri::try_from(req.path?).ok()?;
     // The proxy refuses CONNECT and upgrades with `Connection: close`.
     let upgrade = req
         .headers
         .iter()
         .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
-    let refused = method == http::Method::CONNECT || upgrade;
+    let refused = req.method == Some("CONNECT") || upgrade;
     let mut keep_alive = http11;
     let (mut length, mut is_cl, mut is_te, mut chunked) = (None, false, false, false);
     for h in req.headers.iter() {

@@ -1,4 +1,4 @@
-//! Path normalisation (`paths::normalise`), on request paths as a client writes them.
+//! Path normalisation (`model::paths::normalise`), on request paths as a client writes them.
 //!
 //! Properties beyond "no panic", for every path that normalises:
 //! - normalising is idempotent: the normalised path normalises to itself;
@@ -8,7 +8,7 @@
 //!   is refused or reads back as the same path, with no query or fragment split off.
 #![no_main]
 
-use ewsgate::paths::{normalise, under_ews, EWS};
+use ewsgate::model::paths::{normalise, under_ews, EWS};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

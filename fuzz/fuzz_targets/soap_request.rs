@@ -12,7 +12,7 @@
 //! nothing the policy has not read can follow the buffer.
 #![no_main]
 
-use ewsgate::soap::{parse_request, Limits};
+use ewsgate::{model::settings::SoapLimits as Limits, soap::parse_request};
 use ewsgate_fuzz::{random_splits, Rng};
 use libfuzzer_sys::fuzz_target;
 

@@ -8,7 +8,10 @@
 //! or folder any more and the others unchanged.
 #![no_main]
 
-use ewsgate::soap::{parse_response, rewrite, Limits};
+use ewsgate::{
+    model::settings::SoapLimits as Limits,
+    soap::{parse_response, rewrite},
+};
 use ewsgate_fuzz::Rng;
 use libfuzzer_sys::fuzz_target;
 

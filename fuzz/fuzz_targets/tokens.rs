@@ -1,4 +1,4 @@
-//! Bearer tokens: the unverified header and claim readers (`tokens::unverified_field`,
+//! Bearer tokens: the unverified header and claim readers (`identity::tokens::unverified_field`,
 //! `Validator::unknown_key`), and both validators (Exchange callback tokens, Entra ID) with
 //! a fixed key ring: the certificate and JWKS under `keys/`, made for fuzzing only.
 //!
@@ -18,8 +18,11 @@ use std::sync::LazyLock;
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use ewsgate::{
-    entra::{EntraSettings, EntraValidator},
-    tokens::{unverified_field, Expectations, Family, KeyRing, Validator},
+    identity::{
+        entra::EntraValidator,
+        tokens::{unverified_field, Family, KeyRing, Validator},
+    },
+    model::settings::{EntraSettings, Expectations},
 };
 use jsonwebtoken::{Algorithm, EncodingKey};
 use libfuzzer_sys::fuzz_target;
