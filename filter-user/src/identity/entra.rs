@@ -8,7 +8,9 @@ use std::{collections::HashMap, path::Path};
 use jsonwebtoken::{jwk::JwkSet, Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use crate::identity::tokens::{unverified_field, Audience, Family, TokenError, Verified};
+use crate::identity::tokens::{
+    claims_are_text, unverified_field, Audience, Family, TokenError, Verified,
+};
 use crate::model::settings::EntraSettings;
 
 const DELEGATED_SCOPE: &str = "EWS.AccessAsUser.All";
@@ -89,6 +91,7 @@ impl EntraValidator {
                 _ => TokenError::Malformed(e.to_string()),
             })?
             .claims;
+        claims_are_text(token)?;
         let exp = claims.exp.ok_or(TokenError::MissingClaim("exp"))?;
         let nbf = claims.nbf.ok_or(TokenError::MissingClaim("nbf"))?;
         if now > exp.saturating_add(self.leeway) {
