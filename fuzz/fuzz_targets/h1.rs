@@ -54,7 +54,7 @@ enum Event {
         method: String,
         target: String,
         minor: u8,
-        fields: Vec<(String, Vec<u8>)>,
+        fields: Vec<(Vec<u8>, Vec<u8>)>,
         framing: Result<Framing, &'static str>,
     },
     Refused(&'static str),
@@ -168,7 +168,7 @@ fn describe(head: &RequestHead) -> Event {
         fields: head
             .fields
             .iter()
-            .map(|(n, v)| (n.to_string(), v.to_vec()))
+            .map(|(n, v)| (n.to_vec(), v.to_vec()))
             .collect(),
         framing: head.framing.map_err(|e| e.0),
     }
@@ -182,17 +182,18 @@ fn forwarded_reads_back(head: &RequestHead, framing: Framing, pieces: &[Bytes]) 
     out.push(b' ');
     out.extend_from_slice(head.target().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let kept: Vec<(&str, &[u8])> = head
+    let named = head.fields.connection_named();
+    let kept: Vec<(&[u8], &[u8])> = head
         .fields
         .iter()
-        .filter(|(n, _)| !is_hop_by_hop(&head.fields, n))
+        .filter(|(n, _)| !is_hop_by_hop(n, &named))
         .collect();
     for (n, v) in &kept {
         put_header(&mut out, n, v);
     }
     match framing {
-        Framing::Length(n) => put_header(&mut out, "Content-Length", n.to_string().as_bytes()),
-        Framing::Chunked => put_header(&mut out, "Transfer-Encoding", b"chunked"),
+        Framing::Length(n) => put_header(&mut out, b"Content-Length", n.to_string().as_bytes()),
+        Framing::Chunked => put_header(&mut out, b"Transfer-Encoding", b"chunked"),
         Framing::Empty | Framing::Close => {}
     }
     out.extend_from_slice(b"\r\n");
@@ -242,7 +243,11 @@ fn forwarded_reads_back(head: &RequestHead, framing: Framing, pieces: &[Bytes]) 
         other => panic!("httparse reads the forwarded head as {other:?}"),
     };
     assert_eq!(n, head_len, "httparse ends the forwarded head elsewhere");
-    let fields: Vec<(&str, &[u8])> = req.headers.iter().map(|h| (h.name, h.value)).collect();
+    let fields: Vec<(&[u8], &[u8])> = req
+        .headers
+        .iter()
+        .map(|h| (h.name.as_bytes(), h.value))
+        .collect();
     assert_eq!(
         fields[..kept.len()],
         kept[..],
