@@ -1,4 +1,5 @@
-//! Developer commands: `cargo xtask setup | build | test | demo | bench [xdp|proxy|tokens|cost|all]`.
+//! Developer commands: `cargo xtask setup | build | test | demo |
+//! bench [xdp|proxy|tokens|cost|all] | fuzz [--seconds N] [TARGET...]`.
 //!
 //! This crate depends on nothing that needs the eBPF toolchain, so `cargo xtask setup` builds
 //! on a machine that has only Rust, gcc and apt.
@@ -84,6 +85,14 @@ enum Cmd {
         #[arg(default_value = "all")]
         suite: String,
     },
+    /// Run the fuzz targets (cargo-fuzz, nightly), each for a while on its corpus.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets to run (all when none): `cargo fuzz list` names them.
+        targets: Vec<String>,
+    },
 }
 
 fn main() {
@@ -134,6 +143,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ],
                 &[("EWSGATE_BIN", &bin)],
             )
+        }
+        Cmd::Fuzz { seconds, targets } => {
+            setup_fuzz()?;
+            fuzz(seconds, targets)
         }
     }
 }
@@ -241,6 +254,7 @@ fn setup() -> anyhow::Result<()> {
             "nightly",
         ]))?;
     }
+    setup_fuzz()?;
     if !quiet_ok(
         Command::new("bpf-linker")
             .arg("--version")
@@ -298,6 +312,20 @@ fn crowdsec_offline() -> anyhow::Result<()> {
         "# no Central API: ewsgate's tests run their own Local API offline\n",
     )
     .with_context(|| format!("writing {CROWDSEC_CAPI}"))
+}
+
+/// cargo-fuzz, built from crates.io when missing. The fuzz targets build with nightly.
+fn setup_fuzz() -> anyhow::Result<()> {
+    let have = |cmd: &mut Command| quiet_ok(cmd.env("PATH", path_env()));
+    if !have(Command::new("cargo").args(["fuzz", "--version"])) {
+        eprintln!("setup: installing cargo-fuzz");
+        status(
+            Command::new("cargo")
+                .args(["install", "--locked", "cargo-fuzz"])
+                .env("PATH", path_env()),
+        )?;
+    }
+    Ok(())
 }
 
 fn cargo(args: &[&str], envs: &[(&str, &Path)]) -> anyhow::Result<()> {
@@ -379,4 +407,94 @@ fn parse_result(line: &str) -> Option<(u64, u64)> {
             .and_then(|n| n.trim().parse().ok())
     };
     Some((number(" passed")?, number(" failed")?))
+}
+
+/// Builds every fuzz target once, then runs each for `seconds` on its corpus: the seeds
+/// kept in fuzz/corpus/TARGET (read only) and what earlier runs found, kept under
+/// fuzz/target/corpus/TARGET. A failing input is written to fuzz/artifacts/TARGET/.
+fn fuzz(seconds: u64, mut targets: Vec<String>) -> anyhow::Result<()> {
+    let root = root().canonicalize()?;
+    let fuzz = |args: &[&str]| {
+        let mut cmd = Command::new("cargo");
+        cmd.arg("+nightly")
+            .arg("fuzz")
+            .args(args)
+            .current_dir(&root)
+            .env("PATH", path_env());
+        cmd
+    };
+    if targets.is_empty() {
+        let out = fuzz(&["list"]).output().context("cargo fuzz list")?;
+        if !out.status.success() {
+            bail!("cargo fuzz list: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        targets = String::from_utf8(out.stdout)?
+            .lines()
+            .map(str::to_string)
+            .collect();
+    }
+    status(&mut fuzz(&["build"]))?;
+    let mut failed = Vec::new();
+    for t in &targets {
+        let found = root.join("fuzz/target/corpus").join(t);
+        std::fs::create_dir_all(&found)?;
+        let seeds = root.join("fuzz/corpus").join(t);
+        let mut cmd = fuzz(&["run", t]);
+        cmd.arg(&found).arg(&seeds).args([
+            "--",
+            &format!("-max_total_time={seconds}"),
+            // An input that takes this long is reported as a hang.
+            "-timeout=10",
+            "-print_final_stats=1",
+        ]);
+        match run_target(&mut cmd)? {
+            Ok(stats) => println!("fuzz {t}: {stats}"),
+            Err(e) => {
+                println!("fuzz {t}: FAILED ({e})");
+                failed.push(t.as_str());
+            }
+        }
+    }
+    // The plain closing line CI reads, one per target.
+    println!(
+        "fuzz: {} passed, {} failed",
+        targets.len() - failed.len(),
+        failed.len()
+    );
+    if !failed.is_empty() {
+        bail!("fuzz targets failed: {}", failed.join(" "));
+    }
+    Ok(())
+}
+
+/// Runs one target, showing libFuzzer's output without its progress lines; the run's
+/// executions and rate, or why it failed.
+fn run_target(cmd: &mut Command) -> anyhow::Result<Result<String, String>> {
+    let mut child = cmd
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running cargo fuzz")?;
+    let stderr = child.stderr.take().context("cargo fuzz stderr")?;
+    let (mut runs, mut rate) = (String::new(), String::new());
+    for line in BufReader::new(stderr).lines() {
+        let line = line?;
+        if let Some(n) = line.strip_prefix("stat::number_of_executed_units:") {
+            runs = n.trim().to_string();
+        } else if let Some(n) = line.strip_prefix("stat::average_exec_per_sec:") {
+            rate = n.trim().to_string();
+        }
+        let progress = line.starts_with('#')
+            && ["NEW", "REDUCE", "pulse"]
+                .iter()
+                .any(|w| line.split_whitespace().nth(1) == Some(w));
+        if !progress && !line.starts_with("stat::") {
+            eprintln!("{line}");
+        }
+    }
+    let st = child.wait()?;
+    Ok(if st.success() {
+        Ok(format!("{runs} executions, {rate} per second, no failure"))
+    } else {
+        Err(format!("{st}"))
+    })
 }

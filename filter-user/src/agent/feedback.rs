@@ -264,7 +264,6 @@ impl Feedback {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     const CONFIG: &str = r#"
 [sources.offices]
@@ -282,7 +281,10 @@ identity_failures = 4
 "#;
 
     fn feedback() -> Feedback {
-        let dir = std::env::temp_dir().join(format!("ewsgate-fb-{}", std::process::id()));
+        // One directory per call: tests run in parallel and would race on one feed file.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("ewsgate-fb-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
             dir.join("feed.json"),
@@ -290,8 +292,9 @@ identity_failures = 4
         )
         .unwrap();
         let config = Config::parse(&dir.join("c.toml"), CONFIG).unwrap();
-        let _ = Path::new(&dir);
-        Feedback::new(&config)
+        let feedback = Feedback::new(&config);
+        let _ = std::fs::remove_dir_all(&dir);
+        feedback
     }
 
     fn failure(source: &str, class: FailureClass, identity: Option<&str>) -> Failure {

@@ -174,7 +174,8 @@ fn ntlm_stage(m: &[u8]) -> Option<NtlmStage> {
             };
             let domain = text(field(m, 28)?)?;
             let user = text(field(m, 36)?)?;
-            if user.is_empty() || user.chars().any(char::is_control) {
+            let control = |s: &str| s.chars().any(char::is_control);
+            if user.is_empty() || control(&user) || control(&domain) {
                 return None;
             }
             let user = if domain.is_empty() {
@@ -491,6 +492,20 @@ mod tests {
             classify(Some(&header("NTLM", b"garbage"))),
             Credential::Invalid("ntlm_no_signature")
         );
+    }
+
+    // Found by fuzzing (auth): only the user part was checked for control characters, so a
+    // NUL or a newline in the domain reached the user-name rules and the audit log.
+    #[test]
+    fn control_characters_in_the_ntlm_domain_are_refused() {
+        for domain in ["EX\0AMPLE", "EXAMPLE\n", "\u{1b}[31m"] {
+            let t3 = ntlm_messages::authenticate(domain, "bob");
+            assert_eq!(
+                classify(Some(&header("NTLM", &t3))),
+                Credential::Invalid("ntlm_malformed"),
+                "{domain:?}"
+            );
+        }
     }
 
     #[test]

@@ -282,12 +282,27 @@ pub(crate) fn rs256_claims<T: DeserializeOwned>(
     validation.validate_exp = false;
     validation.validate_nbf = false;
     validation.validate_aud = false;
-    jsonwebtoken::decode::<T>(token, key, &validation)
+    let claims = jsonwebtoken::decode::<T>(token, key, &validation)
         .map(|d| d.claims)
         .map_err(|e| match e.kind() {
             jsonwebtoken::errors::ErrorKind::InvalidSignature => TokenError::BadSignature,
             _ => TokenError::Malformed(e.to_string()),
-        })
+        })?;
+    claims_are_text(token)?;
+    Ok(claims)
+}
+
+/// Claims that decode to anything but UTF-8 are not JSON. serde skips an unknown claim's
+/// string without checking its UTF-8, so the check is made here, once the signature holds.
+fn claims_are_text(token: &str) -> Result<(), TokenError> {
+    let claims = token
+        .split('.')
+        .nth(1)
+        .and_then(|p| URL_SAFE_NO_PAD.decode(p.trim_end_matches('=')).ok());
+    match claims {
+        Some(c) if std::str::from_utf8(&c).is_ok() => Ok(()),
+        _ => Err(TokenError::Malformed("claims are not UTF-8 JSON".into())),
+    }
 }
 
 /// For a header jsonwebtoken cannot parse: name the algorithm if that is why.

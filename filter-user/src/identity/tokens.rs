@@ -637,6 +637,32 @@ mod tests {
         );
     }
 
+    // Found by fuzzing (tokens): an unknown claim whose string is not UTF-8 was skipped by
+    // serde unchecked, so claims that are not JSON passed.
+    #[test]
+    fn claims_that_are_not_utf8_are_refused() {
+        let s = signer();
+        let v = validator(&[&s]);
+        let body = callback_claims().to_string();
+        let mut claims = body.as_bytes()[..body.len() - 1].to_vec();
+        claims.extend_from_slice(b",\"x\":\"Excha\xff\xffnge\"}");
+        let header = json!({"alg": "RS256", "typ": "JWT", "x5t": thumbprint(&s.der)});
+        let signing_input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(&claims)
+        );
+        let key = EncodingKey::from_rsa_pem(s.pem_key.as_bytes()).unwrap();
+        let sig =
+            jsonwebtoken::crypto::sign(signing_input.as_bytes(), &key, Algorithm::RS256).unwrap();
+        let token = format!("{signing_input}.{sig}");
+        assert!(
+            matches!(v.verify_for_ews(&token, NOW), Err(TokenError::Malformed(_))),
+            "{:?}",
+            v.verify_for_ews(&token, NOW)
+        );
+    }
+
     #[test]
     fn certificates_must_be_rsa() {
         let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();

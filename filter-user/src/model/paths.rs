@@ -16,7 +16,7 @@ pub enum PathError {
     NotAbsolute,
     #[error("path has an invalid or double percent escape")]
     BadEscape,
-    #[error("path holds a control character or ':'")]
+    #[error("path holds a control character, ':', '?' or '#'")]
     BadCharacter,
     #[error("path climbs above the root")]
     AboveRoot,
@@ -34,7 +34,12 @@ pub fn normalise(raw: &str) -> Result<String, PathError> {
     if has_escape(&decoded) || (decoded.contains('%') && raw.contains("%25")) {
         return Err(PathError::BadEscape);
     }
-    if decoded.chars().any(|c| c.is_control() || c == ':') {
+    // A decoded `?` or `#` would end the forwarded path early: what is judged must be
+    // what is forwarded.
+    if decoded
+        .chars()
+        .any(|c| c.is_control() || matches!(c, ':' | '?' | '#'))
+    {
         return Err(PathError::BadCharacter);
     }
     let lowered = decoded.replace('\\', "/").to_lowercase();
@@ -126,6 +131,20 @@ mod tests {
             Err(PathError::AboveRoot)
         );
         assert_eq!(normalise("/EWS/%ff"), Err(PathError::BadEscape));
+    }
+
+    // Found by fuzzing (paths): a decoded `?` or `#` made the forwarded path read back as a
+    // shorter path and a query, not the path that was judged.
+    #[test]
+    fn escaped_query_and_fragment_marks_are_refused() {
+        for raw in [
+            "/ews%3f/exchange.asmx",
+            "/EWS%3F",
+            "/owa/%23/x",
+            "/x/ews/exchange.a%3Fsmx",
+        ] {
+            assert_eq!(normalise(raw), Err(PathError::BadCharacter), "{raw}");
+        }
     }
 
     #[test]

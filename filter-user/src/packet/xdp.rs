@@ -58,6 +58,8 @@ pub enum XdpError {
     Attach { iface: String, message: String },
     #[error(transparent)]
     Maps(#[from] MapsError),
+    #[error("this build has no XDP program (built without the `xdp` feature)")]
+    NoObject,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> XdpError + '_ {
@@ -231,6 +233,9 @@ impl Gate {
     /// Loads (or adopts) and fills the maps from `config`, then attaches. Maps are filled
     /// before the program sees its first packet.
     pub fn open(config: &Config) -> Result<Gate, XdpError> {
+        if OBJECT.is_empty() {
+            return Err(XdpError::NoObject);
+        }
         let pins = Pins::new(&config.xdp.pin_dir);
         prepare_dirs(&config.xdp.pin_dir, &pins)?;
         let (start, sizes) = check_pins(&pins, &config.xdp.capacity)?;

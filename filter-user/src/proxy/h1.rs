@@ -363,6 +363,10 @@ pub async fn read_head<R: AsyncRead + Unpin>(
         }
         let start = scanned.saturating_sub(3);
         if let Some(end) = find_blank_line(&buf[start.min(buf.len())..]) {
+            // The limit holds however the head arrived, in one read or many.
+            if start + end > max_head {
+                return Err(HeadError("head_too_large").into());
+            }
             return Ok(Some(buf.split_to(start + end).freeze()));
         }
         scanned = buf.len();
@@ -810,5 +814,20 @@ mod tests {
             .await
             .unwrap()
             .is_none());
+    }
+
+    // Found with the h1 fuzz target (its reads-do-not-matter property): a head over the
+    // limit passed when it arrived in one read, and was refused when it came in several.
+    #[tokio::test]
+    async fn the_head_limit_does_not_depend_on_the_reads() {
+        let mut head = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        head.resize(1100, b'a');
+        head.extend_from_slice(b"\r\n\r\n");
+        let mut one_read: &[u8] = &head;
+        let r = read_head(&mut one_read, &mut BytesMut::new(), 1024).await;
+        assert!(
+            matches!(r, Err(ReadError::Head(HeadError("head_too_large")))),
+            "{r:?}"
+        );
     }
 }

@@ -178,8 +178,38 @@ pub(crate) fn attr(e: &BytesStart, name: &str) -> Result<Option<String>, SoapErr
     }
 }
 
+/// A UTF-8 byte-order mark's length. quick-xml skips one without counting it in its
+/// positions, so the parsers skip it themselves: positions then index the document.
+pub(crate) fn bom_len(bytes: &[u8]) -> usize {
+    if bytes.starts_with(b"\xef\xbb\xbf") {
+        3
+    } else {
+        0
+    }
+}
+
+/// A reader error that only says the document stops inside markup.
+fn cut_in_markup(e: &quick_xml::Error) -> bool {
+    use quick_xml::errors::SyntaxError as S;
+    matches!(
+        e,
+        quick_xml::Error::Syntax(
+            S::UnclosedTag
+                | S::UnclosedComment
+                | S::UnclosedCData
+                | S::UnclosedPI
+                | S::UnclosedXmlDecl
+                | S::UnclosedDoctype
+                | S::UnclosedSingleQuotedAttributeValue
+                | S::UnclosedDoubleQuotedAttributeValue
+                | S::InvalidBangMarkup
+        )
+    )
+}
+
 /// Parses a request. `complete` is false when `bytes` is only the start of a longer body.
 pub fn parse_request(bytes: &[u8], complete: bool, limits: Limits) -> Result<Request, SoapError> {
+    let bytes = &bytes[bom_len(bytes)..];
     let mut p = RequestParser {
         out: Request::default(),
         stack: Vec::new(),
@@ -196,8 +226,9 @@ pub fn parse_request(bytes: &[u8], complete: bool, limits: Limits) -> Result<Req
         let before = reader.buffer_position() as usize;
         let (ns, event) = match reader.read_resolved_event() {
             Ok(x) => x,
-            // Cut inside a tag: a longer body, too large unless cut inside bulk content.
-            Err(_) if !complete => return p.cut(),
+            // Cut inside markup: a longer body, and markup is never bulk content. Any other
+            // error is one, wherever it is: the bytes after it would go unread.
+            Err(e) if !complete && cut_in_markup(&e) => return Err(SoapError::TooLarge),
             Err(e) => return Err(SoapError::Xml(e.to_string())),
         };
         let ns = namespace(&ns);
@@ -220,8 +251,6 @@ pub fn parse_request(bytes: &[u8], complete: bool, limits: Limits) -> Result<Req
 /// The name of the tag that starts `at` (`<prefix:local ...`), as written and as its local
 /// part, borrowed from the document.
 pub(crate) fn tag_name(at: &[u8]) -> (&[u8], &str) {
-    // From the `<`: the position may sit before a byte-order mark.
-    let at = &at[at.iter().position(|b| *b == b'<').unwrap_or(0)..];
     let name = at
         .get(1..)
         .unwrap_or_default()

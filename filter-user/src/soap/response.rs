@@ -17,7 +17,7 @@ use quick_xml::{
 };
 
 use super::{
-    attr, namespace,
+    attr, bom_len, namespace,
     schema::{self, known},
     tag_name, Ns, SoapError, MESSAGES_NS, TYPES_NS,
 };
@@ -250,7 +250,17 @@ struct Walk {
     elements: usize,
 }
 
+/// Spans index `bytes` as given, a byte-order mark included.
 pub fn parse_response(bytes: &[u8], limits: Limits) -> Result<Response, SoapError> {
+    let bom = bom_len(bytes);
+    let mut w = parse_document(&bytes[bom..], limits)?;
+    for m in &mut w.messages {
+        m.span = m.span.start + bom..m.span.end + bom;
+    }
+    Ok(w)
+}
+
+fn parse_document(bytes: &[u8], limits: Limits) -> Result<Response, SoapError> {
     let mut reader = NsReader::from_reader(bytes);
     reader.config_mut().check_end_names = true;
     let mut w = Walk::default();

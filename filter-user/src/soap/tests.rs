@@ -442,3 +442,76 @@ fn mailboxes_a_request_acts_on() {
     let oof = parse(&envelope("", "<m:GetUserOofSettingsRequest><t:Mailbox><t:Address>a@example.org</t:Address></t:Mailbox></m:GetUserOofSettingsRequest>")).unwrap();
     assert_eq!(oof.operation, "GetUserOofSettings");
 }
+
+// Found by fuzzing (soap_response): quick-xml skips a leading byte-order mark without
+// counting it in its positions, so every position was three bytes short. The request
+// parser then read an element's name from the tag before it, and a rewrite cut the wrong
+// bytes out of the response.
+#[test]
+fn positions_after_a_byte_order_mark_name_the_right_tags() {
+    let get = envelope(
+        "",
+        &format!("<m:GetItem><m:ItemIds xmlns=\"{TYPES_NS}\"><a><t:ItemId Id=\"victim\"/></a></m:ItemIds></m:GetItem>"),
+    );
+    let r = parse(&format!("\u{feff}{get}")).unwrap();
+    assert_eq!(r, parse(&get).unwrap());
+    assert_eq!(r.items, vec!["victim"]);
+
+    let response = format!(
+        r#"{HEAD}<soap:Body><m:GetItemResponse><m:ResponseMessages><m:GetItemResponseMessage ResponseClass="Success"><m:ResponseCode>NoError</m:ResponseCode><m:Items><t:Message><t:ItemId Id="M1"/></t:Message></m:Items></m:GetItemResponseMessage></m:ResponseMessages></m:GetItemResponse></soap:Body></soap:Envelope>"#
+    );
+    let with_bom = format!("\u{feff}{response}");
+    let r = parse_response(with_bom.as_bytes(), Limits::default()).unwrap();
+    let span = r.messages[0].span.clone();
+    assert!(
+        with_bom[span.clone()].starts_with("<m:GetItemResponseMessage "),
+        "{span:?}"
+    );
+    assert!(with_bom[span].ends_with("</m:GetItemResponseMessage>"));
+    let out = rewrite(
+        with_bom.as_bytes(),
+        &r,
+        &[Verdict {
+            withhold: Some("denied".into()),
+            cut: vec![],
+        }],
+    );
+    let again = parse_response(&out, Limits::default()).unwrap();
+    assert_eq!(again.messages.len(), 1);
+    assert!(again.messages[0].items.is_empty());
+    assert!(!String::from_utf8_lossy(&out).contains("M1"));
+}
+
+// Found by fuzzing (soap_request): any XML error in the classification buffer was taken
+// for the buffer's end when it came inside bulk content, so the bytes after the error were
+// never read, yet the request passed once the rest was base64 and the closing tags.
+#[test]
+fn only_the_end_of_the_buffer_is_a_cut_in_bulk_content() {
+    let doc = envelope(
+        "",
+        &format!(
+            r#"<m:CreateAttachment><m:ParentItemId Id="P1"/><m:Attachments><t:FileAttachment><t:Name>a.bin</t:Name><t:Content>{}</t:Content></t:FileAttachment></m:Attachments></m:CreateAttachment>"#,
+            "QUJD".repeat(64)
+        ),
+    );
+    let start = doc.find("<t:Content>").unwrap() + "<t:Content>".len();
+    let cut = start + 100;
+    let hidden = "</t:Wrong><m:ExportItems/>";
+    for bad in [hidden.as_bytes(), b"\xff\xfe"] {
+        let mut buffer = doc.as_bytes()[..start + 8].to_vec();
+        buffer.extend_from_slice(bad);
+        buffer.extend_from_slice(&doc.as_bytes()[start + 8..cut]);
+        match parse_request(&buffer, false, Limits::default()) {
+            Err(e) => assert_eq!(e.reason(), "soap_malformed", "{e}"),
+            Ok(r) => panic!("accepted with a tail: {r:?}"),
+        }
+    }
+    // A clean cut in the content still leaves a tail, and a cut inside markup is too large.
+    let r = parse_request(&doc.as_bytes()[..cut], false, Limits::default()).unwrap();
+    assert!(r.tail.is_some());
+    let in_tag = doc.find("<t:FileAttachment>").unwrap() + 4;
+    assert_eq!(
+        parse_request(&doc.as_bytes()[..in_tag], false, Limits::default()),
+        Err(SoapError::TooLarge)
+    );
+}
