@@ -10,7 +10,7 @@
 
 use ewsgate::{
     model::settings::SoapLimits as Limits,
-    soap::{parse_response, rewrite},
+    soap::{parse_response, rewrite, Verdict},
 };
 use ewsgate_fuzz::Rng;
 use libfuzzer_sys::fuzz_target;
@@ -38,17 +38,20 @@ fuzz_target!(|data: &[u8]| {
         );
         last = m.span.end;
     }
-    let none = vec![None; r.messages.len()];
+    let none = vec![Verdict::default(); r.messages.len()];
     assert_eq!(
         rewrite(data, &r, &none),
         data,
         "denying nothing changed the response"
     );
     let mut rng = Rng::from_input(data);
-    let denied: Vec<Option<String>> = r
+    let denied: Vec<Verdict> = r
         .messages
         .iter()
-        .map(|_| (rng.next() % 2 == 0).then(|| "rule <r&d> \"x\"".to_string()))
+        .map(|_| Verdict {
+            withhold: (rng.next() % 2 == 0).then(|| "rule <r&d> \"x\"".to_string()),
+            cut: Vec::new(),
+        })
         .collect();
     let out = rewrite(data, &r, &denied);
     let again = match parse_response(&out, REPARSE) {
@@ -65,7 +68,7 @@ fuzz_target!(|data: &[u8]| {
     );
     for ((after, before), why) in again.messages.iter().zip(&r.messages).zip(&denied) {
         assert_eq!(after.name, before.name);
-        if why.is_some() {
+        if why.withhold.is_some() {
             assert!(
                 after.items.is_empty() && after.attachments.is_empty() && after.folders.is_empty(),
                 "a denied message still holds {after:?}"

@@ -1,6 +1,7 @@
-//! Bearer tokens: the unverified header and claim readers (`identity::tokens::unverified_field`,
-//! `Validator::unknown_key`), and both validators (Exchange callback tokens, Entra ID) with
-//! a fixed key ring: the certificate and JWKS under `keys/`, made for fuzzing only.
+//! Bearer tokens: the unverified header and claim readers (`identity::jwt::unverified_field`,
+//! both validators' `refetch_url`), and both validators (Exchange callback tokens, Entra ID)
+//! behind the token cache the proxy uses, with a fixed key ring: the certificate and JWKS under
+//! `keys/`, made for fuzzing only.
 //!
 //! The first byte chooses the input's shape:
 //! - 0: the rest is a token as a client sends it;
@@ -8,7 +9,7 @@
 //!   with the fixed key, so that the claim checks behind the signature are reached;
 //! - 2: the rest is a claims JSON text, signed under a fixed RS256 header naming the key.
 //!
-//! Properties beyond "no panic", for every token `verify_for_ews` accepts: it is not an
+//! Properties beyond "no panic", for every token the cache's `verify_for_ews` accepts: it is not an
 //! identity token; it was signed by the fixed key; its issuer is a configured one; its
 //! time claims hold the clock within the leeway and `expires` is its `exp`; a callback
 //! token's every audience is the configured one, an Entra token's some audience is.
@@ -20,9 +21,11 @@ use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use ewsgate::{
     identity::{
         entra::EntraValidator,
-        tokens::{unverified_field, Family, KeyRing, Validator},
+        jwt::{unverified_field, Family, KeyRing},
+        token_cache::TokenCache,
+        tokens::Validator,
     },
-    model::settings::{EntraSettings, Expectations},
+    model::settings::Expectations,
 };
 use jsonwebtoken::{Algorithm, EncodingKey};
 use libfuzzer_sys::fuzz_target;
@@ -38,28 +41,22 @@ const ENTRA_AUD: &str = "https://outlook.office365.com";
 const KID: &str = "fuzz-entra-key";
 
 struct Fixture {
-    validator: Validator,
+    exchange: Validator,
+    entra: EntraValidator,
+    cache: TokenCache,
     key: EncodingKey,
     x5t: String,
 }
 
-static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
-    let pem = include_str!("../keys/signer.pem");
+fn exchange() -> (Validator, String) {
     let mut keys = KeyRing::default();
-    let x5t = keys.add_pem(pem).expect("the fixed certificate").remove(0);
-    let entra = EntraValidator::load(
-        &EntraSettings {
-            issuers: vec![ENTRA_ISS.into()],
-            audiences: vec![ENTRA_AUD.into()],
-            keys_file: concat!(env!("CARGO_MANIFEST_DIR"), "/keys/entra-jwks.json").into(),
-        },
-        LEEWAY,
-    )
-    .expect("the fixed JWKS");
+    let x5t = keys
+        .add_pem(include_bytes!("../keys/signer.pem"))
+        .expect("the fixed certificate")
+        .remove(0);
     let validator = Validator {
         keys,
         fetched: None,
-        entra: Some(entra),
         expect: Expectations {
             audiences: vec![AUD.into()],
             issuers: vec![ISS.into()],
@@ -67,9 +64,30 @@ static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
             leeway: LEEWAY,
         },
     };
+    (validator, x5t)
+}
+
+fn entra() -> EntraValidator {
+    let mut keys = KeyRing::default();
+    keys.add_jwks(include_bytes!("../keys/entra-jwks.json"))
+        .expect("the fixed JWKS");
+    EntraValidator::new(
+        vec![ENTRA_ISS.into()],
+        vec![ENTRA_AUD.into()],
+        LEEWAY,
+        keys,
+        None,
+    )
+}
+
+static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
+    let (exchange, x5t) = self::exchange();
+    let cache = TokenCache::new(self::exchange().0, Some(entra()), 1024);
     let key = EncodingKey::from_rsa_pem(include_bytes!("../keys/signer.key")).expect("the key");
     Fixture {
-        validator,
+        exchange,
+        entra: entra(),
+        cache,
         key,
         x5t,
     }
@@ -98,9 +116,11 @@ fuzz_target!(|data: &[u8]| {
     // The unverified readers only route; they must not fail on anything.
     let _ = unverified_field(&token, 0, "x5t");
     let _ = unverified_field(&token, 1, "iss");
-    let _ = f.validator.unknown_key(&token);
-    let _ = f.validator.verify(&token, NOW);
-    let Ok(v) = f.validator.verify_for_ews(&token, NOW) else {
+    let _ = f.exchange.refetch_url(&token);
+    let _ = f.entra.refetch_url(&token);
+    let _ = f.exchange.verify(&token, NOW);
+    let _ = f.entra.verify(&token, NOW);
+    let Ok(v) = f.cache.verify_for_ews(&token, NOW) else {
         return;
     };
     assert_ne!(
