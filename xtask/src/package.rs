@@ -54,8 +54,8 @@ pub fn package(bin: &Path, opts: &Options) -> anyhow::Result<PathBuf> {
     status(Command::new("strip").arg("-o").arg(&staged).arg(bin))?;
     status(Command::new(&staged).arg("manual").arg(&stage))?;
     let example = root.join("examples/ewsgate.toml");
-    let text = fs::read_to_string(&example)
-        .with_context(|| format!("reading {}", example.display()))?;
+    let text =
+        fs::read_to_string(&example).with_context(|| format!("reading {}", example.display()))?;
     fs::write(stage.join("ewsgate.toml"), conffile(&text)?)?;
     let out = opts
         .out

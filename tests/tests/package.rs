@@ -1,0 +1,557 @@
+//! The Debian package as an administrator meets it: lintian finds no error in it; it
+//! installs on a clean Debian 12 root and `ewsgate check` passes on the conffile it ships; an
+//! upgrade under steady traffic loses no allowed connection and lets no disallowed packet
+//! past XDP (the new agent's program replaces the old one on the pinned links); stopping the
+//! agent and removing the package leave the filter enforcing; purging detaches it and
+//! leaves no pins, units, user or config.
+//!
+//! Root is needed. Two packages are built once per run from `EWSGATE_BIN` with
+//! `cargo xtask package --fast` (the same binary under two versions: the upgrade path is the
+//! package's, not the code's). The Debian 12 root is made once with debootstrap (which needs
+//! a Debian mirror) and kept under target/package-test; each run installs into a fresh
+//! overlay of it and chroots there. systemd does not run inside the root: the test does what
+//! the units would (start the agent, restart it after the upgrade, stop it) with the
+//! installed binary, on a lab of network namespaces.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, OnceLock,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use tests::lab::{
+    reach, sh, stop_pid, tag, BpfFs, Lab, Netns, GATE_V4, INTERNET, OFFICE, SALESFORCE,
+};
+
+const OK: Duration = Duration::from_secs(2);
+/// A dropped SYN is retried after 1 s; 400 ms shows the first one went nowhere.
+const DROPPED: Duration = Duration::from_millis(400);
+const MIRROR: &str = "http://deb.debian.org/debian";
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+fn cache() -> PathBuf {
+    workspace().join("target/package-test")
+}
+
+/// The previous build and the new one.
+struct Debs {
+    old: PathBuf,
+    new: PathBuf,
+}
+
+fn debs() -> &'static Debs {
+    static DEBS: OnceLock<Debs> = OnceLock::new();
+    DEBS.get_or_init(|| {
+        let dir = cache().join(format!("debs-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("deb dir");
+        Debs {
+            old: build_deb("0.1.0-1", &dir.join("ewsgate_old.deb")),
+            new: build_deb("0.1.0-2", &dir.join("ewsgate_new.deb")),
+        }
+    })
+}
+
+fn build_deb(version: &str, out: &Path) -> PathBuf {
+    let started = Instant::now();
+    let output = Command::new("cargo")
+        .args([
+            "xtask",
+            "package",
+            "--fast",
+            "--deb-version",
+            version,
+            "--bin",
+        ])
+        .arg(tests::lab::ewsgate_bin())
+        .arg("-o")
+        .arg(out)
+        .current_dir(workspace())
+        .output()
+        .expect("running cargo xtask package");
+    assert!(
+        output.status.success(),
+        "cargo xtask package: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(out.exists(), "{} was not written", out.display());
+    eprintln!(
+        "package {version}: built in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    out.to_path_buf()
+}
+
+/// A minimal Debian 12 with systemd (for systemd-sysusers and the unit helpers), made once.
+fn debian_root() -> PathBuf {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let root = cache().join("debian12-root");
+        if root.join("usr/bin/apt-get").exists() {
+            return root;
+        }
+        let started = Instant::now();
+        let partial = cache().join(format!("debian12-root.partial-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&partial);
+        let out = Command::new("debootstrap")
+            .args([
+                "--variant=minbase",
+                "--include=systemd,systemd-sysv,dbus,iproute2",
+                "bookworm",
+            ])
+            .arg(&partial)
+            .arg(MIRROR)
+            .output()
+            .expect("running debootstrap");
+        assert!(
+            out.status.success(),
+            "debootstrap: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        fs::rename(&partial, &root).expect("keeping the Debian root");
+        eprintln!(
+            "debootstrap: {:.0} s (kept in {})",
+            started.elapsed().as_secs_f64(),
+            root.display()
+        );
+        root
+    })
+    .clone()
+}
+
+/// A fresh copy of the Debian root (an overlay over the cached one) with /proc, /dev/pts
+/// and the lab's bpffs mounted inside, all unmounted on drop.
+struct Chroot {
+    dir: PathBuf,
+    root: PathBuf,
+    mounts: Vec<PathBuf>,
+}
+
+impl Chroot {
+    fn new(bpffs: &Path) -> Chroot {
+        let dir = std::env::temp_dir().join(format!("ewsgate-pkg-{}", tag()));
+        let root = dir.join("root");
+        for d in ["upper", "work", "root"] {
+            fs::create_dir_all(dir.join(d)).expect("overlay dirs");
+        }
+        let mut c = Chroot {
+            dir: dir.clone(),
+            root: root.clone(),
+            mounts: Vec::new(),
+        };
+        sh(&format!(
+            "mount -t overlay overlay -o lowerdir={},upperdir={},workdir={} {}",
+            debian_root().display(),
+            dir.join("upper").display(),
+            dir.join("work").display(),
+            root.display()
+        ))
+        .expect("overlay");
+        c.mounts.push(root.clone());
+        sh(&format!("mount -t proc proc {}/proc", root.display())).expect("proc");
+        c.mounts.push(root.join("proc"));
+        fs::create_dir_all(root.join("dev/pts")).expect("dev/pts");
+        sh(&format!("mount --bind /dev/pts {}/dev/pts", root.display())).expect("dev/pts");
+        c.mounts.push(root.join("dev/pts"));
+        // The pins live on the lab's bpffs; inside the root at the same path, so that the
+        // maintainer scripts see what the agent pinned.
+        let inside = c.path(bpffs);
+        fs::create_dir_all(&inside).expect("bpffs mount point");
+        sh(&format!(
+            "mount --bind {} {}",
+            bpffs.display(),
+            inside.display()
+        ))
+        .expect("bpffs bind");
+        c.mounts.push(inside);
+        c
+    }
+
+    /// A path inside the root, as the host sees it.
+    fn path(&self, inside: &Path) -> PathBuf {
+        self.root.join(inside.strip_prefix("/").unwrap_or(inside))
+    }
+
+    /// Runs a command inside the root; returns whether it succeeded and what it printed.
+    fn run(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new("chroot")
+            .arg(&self.root)
+            .args(args)
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .env("LANG", "C")
+            .output()
+            .expect("running chroot");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    fn must(&self, args: &[&str]) -> String {
+        let (ok, text) = self.run(args);
+        assert!(ok, "{args:?} failed inside the Debian root: {text}");
+        text
+    }
+
+    /// apt-get, offline: only the package and what the root holds already.
+    fn apt(&self, args: &[&str]) -> String {
+        let mut all = vec![
+            "apt-get",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "-o",
+            "Dpkg::Options::=--force-confold",
+        ];
+        all.extend_from_slice(args);
+        self.must(&all)
+    }
+
+    /// Copies a package into the root's /tmp and returns its path there.
+    fn put(&self, deb: &Path, name: &str) -> String {
+        let inside = format!("/tmp/{name}");
+        fs::copy(deb, self.path(Path::new(&inside))).expect("copying the package");
+        inside
+    }
+}
+
+impl Drop for Chroot {
+    fn drop(&mut self) {
+        for m in self.mounts.iter().rev() {
+            let _ = sh(&format!("umount -l {}", m.display()));
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The agent as its unit runs it, from the installed tree, in the gate's namespace.
+struct Agent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(gate: &Netns, bin: &Path, config: &Path, socket: &Path) -> Agent {
+        let log = socket.with_extension(format!("log.{}", tag()));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &gate.name])
+            .arg(bin)
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("agent log"))
+            .spawn()
+            .expect("starting the agent");
+        let mut agent = Agent { child, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                panic!("the agent exited with {status}: {}", agent.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not open its socket: {}",
+                agent.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        agent
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, as `systemctl stop` sends, and wait for the exit.
+    fn stop(mut self) {
+        stop_pid(self.child.id());
+        let status = self.child.wait().expect("agent exit");
+        assert!(status.success(), "agent exit {status}: {}", self.log());
+        let _ = fs::remove_file(&self.log);
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            stop_pid(self.child.id());
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Packets to the protected port that got past XDP into the gate's stack, per source,
+/// counted by nftables' input hook.
+struct Counters {
+    gate: String,
+    table: String,
+}
+
+impl Counters {
+    fn new(gate: &Netns) -> Counters {
+        let table = format!("egpkg{}", tag());
+        let rules = format!(
+            "table inet {table} {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  \
+             ip saddr 203.0.113.50 tcp dport 443 counter\n  \
+             ip saddr 198.51.100.10 tcp dport 443 counter\n }}\n}}\n"
+        );
+        let path = std::env::temp_dir().join(format!("{table}.nft"));
+        fs::write(&path, rules).expect("nft rules");
+        sh(&format!(
+            "ip netns exec {} nft -f {}",
+            gate.name,
+            path.display()
+        ))
+        .expect("nft");
+        let _ = fs::remove_file(&path);
+        Counters {
+            gate: gate.name.clone(),
+            table,
+        }
+    }
+
+    /// Packets from `source` so far.
+    fn packets(&self, source: &str) -> u64 {
+        let text = sh(&format!(
+            "ip netns exec {} nft list table inet {}",
+            self.gate, self.table
+        ))
+        .expect("nft list");
+        let line = text
+            .lines()
+            .find(|l| l.contains(&format!("saddr {source} ")))
+            .unwrap_or_else(|| panic!("no counter for {source}: {text}"));
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == "packets").expect("packets");
+        words[at + 1].parse().expect("packet count")
+    }
+}
+
+/// The XDP program id on a gate interface (`prog/xdp id N`), if one is attached.
+fn xdp_prog(gate: &Netns, iface: &str) -> Option<u32> {
+    let text = gate.ip(&format!("-d link show {iface}")).ok()?;
+    let after = text.split("prog/xdp id ").nth(1)?;
+    after.split_whitespace().next()?.parse().ok()
+}
+
+/// Connections from `ns`, one after another, until `stop` (60 s and 5000 at most); returns
+/// (made, failed).
+fn steady(
+    ns: &Netns,
+    timeout: Duration,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<(usize, usize)> {
+    let ns_path = format!("/run/netns/{}", ns.name);
+    thread::spawn(move || {
+        let file = fs::File::open(&ns_path).expect("netns");
+        // SAFETY: setns on this thread only.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns");
+        let sa = format!("{GATE_V4}:443").parse().expect("address");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let (mut made, mut failed) = (0, 0);
+        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline && made + failed < 5000 {
+            match std::net::TcpStream::connect_timeout(&sa, timeout) {
+                Ok(_) => made += 1,
+                Err(_) => failed += 1,
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        (made, failed)
+    })
+}
+
+#[test]
+fn lintian_finds_no_errors() {
+    let deb = &debs().new;
+    let out = Command::new("lintian")
+        .args(["--fail-on", "error", "--tag-display-limit", "0"])
+        .arg(deb)
+        .output()
+        .expect("running lintian");
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("lintian:\n{text}");
+    assert!(
+        out.status.success(),
+        "lintian failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.lines().any(|l| l.starts_with("E:")),
+        "lintian errors: {text}"
+    );
+}
+
+/// Each unit's `systemd-analyze security` exposure (0 best, 10 worst), printed and held
+/// under a ceiling so that a loosened unit fails.
+#[test]
+fn units_are_hardened() {
+    for (unit, ceiling) in [("ewsgate.service", 3.5), ("ewsgate-proxy.service", 1.5)] {
+        let path = workspace().join("pkg").join(unit);
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--no-pager"])
+            .arg(&path)
+            .output()
+            .expect("running systemd-analyze");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.contains("Overall exposure level"))
+            .unwrap_or_else(|| panic!("no exposure level: {text}"));
+        eprintln!("{line}");
+        let level: f64 = line
+            .split(':')
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("unreadable: {line}"));
+        assert!(level <= ceiling, "{unit}: exposure {level} > {ceiling}");
+    }
+}
+
+#[test]
+fn installs_upgrades_under_traffic_and_purges() {
+    let started = Instant::now();
+    let debs = debs();
+    let bpffs = BpfFs::new().expect("bpffs");
+    let c = Chroot::new(&bpffs.dir);
+
+    // A clean install: the user, the units, the conffile, which `check` accepts as shipped.
+    let old = c.put(&debs.old, "ewsgate_old.deb");
+    let out = c.apt(&["install", &old]);
+    assert!(out.contains("monitor mode"), "{out}");
+    let check = c.must(&["ewsgate", "--config", "/etc/ewsgate/ewsgate.toml", "check"]);
+    assert!(check.starts_with("ok:"), "{check}");
+    let conf = fs::read_to_string(c.path(Path::new("/etc/ewsgate/ewsgate.toml"))).unwrap();
+    assert!(conf.contains("\nmonitor = true"), "{conf}");
+    c.must(&["getent", "passwd", "ewsgate"]);
+    for unit in ["ewsgate.service", "ewsgate-proxy.service"] {
+        let path = c.path(&Path::new("/usr/lib/systemd/system").join(unit));
+        assert!(path.exists(), "{} missing", path.display());
+    }
+    for file in [
+        "/usr/share/man/man8/ewsgate.8.gz",
+        "/usr/share/man/man8/ewsgate-block-add.8.gz",
+        "/usr/share/bash-completion/completions/ewsgate",
+        "/etc/logrotate.d/ewsgate",
+    ] {
+        assert!(c.path(Path::new(file)).exists(), "{file} missing");
+    }
+
+    // The administrator's config: the lab's gate, enforcing, offices allowed.
+    let mut lab = Lab::new(&[OFFICE, SALESFORCE, INTERNET]).expect("lab");
+    lab.serve(443).expect("listener");
+    let pin_dir = bpffs.dir.join("ewsgate");
+    let socket = c.dir.join("control.sock");
+    let config = c.path(Path::new("/etc/ewsgate/ewsgate.toml"));
+    let text = format!(
+        "{}\n[sources.offices]\ncidrs = [\"198.51.100.0/25\", \"2001:db8:100::/64\"]\n",
+        tests::lab_xdp_config(&pin_dir, &socket, "native")
+    );
+    fs::write(&config, text).expect("writing the config");
+    let bin = c.path(Path::new("/usr/sbin/ewsgate"));
+    let agent = Agent::start(&lab.gate, &bin, &config, &socket);
+    let office = lab.client("office");
+    let inet = lab.client("inet");
+    assert!(reach(office, GATE_V4, 443, OK), "office before the upgrade");
+    assert!(
+        !reach(inet, GATE_V4, 443, DROPPED),
+        "internet before the upgrade"
+    );
+    let counters = Counters::new(&lab.gate);
+    let prog_before = xdp_prog(&lab.gate, "g-office").expect("XDP attached");
+
+    // The upgrade under steady traffic: dpkg replaces the files, then the agent restarts as
+    // the postinst's `try-restart` does: SIGTERM, and the new binary starts.
+    let stop = Arc::new(AtomicBool::new(false));
+    let allowed = steady(office, Duration::from_millis(900), stop.clone());
+    let denied = steady(inet, Duration::from_millis(200), stop.clone());
+    thread::sleep(Duration::from_millis(500));
+    let new = c.put(&debs.new, "ewsgate_new.deb");
+    let out = c.apt(&["install", &new]);
+    assert!(out.contains("Unpacking ewsgate (0.1.0-2)"), "{out}");
+    agent.stop();
+    let agent = Agent::start(&lab.gate, &bin, &config, &socket);
+    thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    let (made, failed) = allowed.join().expect("office traffic");
+    let (through, _) = denied.join().expect("internet traffic");
+    eprintln!("upgrade: office {made} connections, {failed} failed; internet {through} through");
+    assert!(
+        made > 20,
+        "only {made} office connections during the upgrade"
+    );
+    assert_eq!(failed, 0, "{failed} office connections lost in the upgrade");
+    assert_eq!(through, 0, "{through} internet connections got through");
+    let leaked = counters.packets("203.0.113.50");
+    assert_eq!(leaked, 0, "{leaked} internet packets passed XDP");
+    assert!(counters.packets("198.51.100.10") > 0, "the counter counts");
+    let prog_after = xdp_prog(&lab.gate, "g-office").expect("XDP attached after");
+    assert_ne!(
+        prog_before, prog_after,
+        "the new agent's program is in the link"
+    );
+    let version = c.must(&["dpkg-query", "-W", "-f=${Version}", "ewsgate"]);
+    assert_eq!(version, "0.1.0-2");
+
+    // `systemctl stop`: the agent exits, the pinned program goes on enforcing.
+    agent.stop();
+    assert!(reach(office, GATE_V4, 443, OK), "office after stop");
+    assert!(!reach(inet, GATE_V4, 443, DROPPED), "internet after stop");
+
+    // `apt remove`: the program stays, and the package says so.
+    let out = c.apt(&["remove", "ewsgate"]);
+    assert!(out.contains("stays attached and enforcing"), "{out}");
+    assert!(pin_dir.exists(), "remove kept the pins");
+    assert!(!reach(inet, GATE_V4, 443, DROPPED), "internet after remove");
+    assert!(config.exists(), "remove keeps the conffile");
+
+    // `apt purge`: detached, and nothing of the package is left.
+    let out = c.apt(&["purge", "ewsgate"]);
+    assert!(out.contains("XDP program detached"), "{out}");
+    assert!(!pin_dir.exists(), "pins left behind");
+    assert_eq!(xdp_prog(&lab.gate, "g-office"), None, "XDP still attached");
+    assert!(reach(inet, GATE_V4, 443, OK), "nothing filters after purge");
+    let (user, _) = c.run(&["getent", "passwd", "ewsgate"]);
+    assert!(!user, "the user is left");
+    let (group, _) = c.run(&["getent", "group", "ewsgate"]);
+    assert!(!group, "the group is left");
+    for gone in ["/etc/ewsgate", "/var/lib/ewsgate", "/usr/sbin/ewsgate"] {
+        assert!(!c.path(Path::new(gone)).exists(), "{gone} left behind");
+    }
+    let units = sh(&format!(
+        "find {} -name 'ewsgate*'",
+        c.path(Path::new("/etc/systemd")).display()
+    ))
+    .unwrap_or_default()
+        + &sh(&format!(
+            "find {} -name 'ewsgate*'",
+            c.path(Path::new("/usr/lib/systemd")).display()
+        ))
+        .unwrap_or_default();
+    assert!(units.trim().is_empty(), "units left behind: {units}");
+    eprintln!(
+        "install, upgrade, remove, purge: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
