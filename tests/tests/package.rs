@@ -54,7 +54,7 @@ struct Debs {
 fn debs() -> &'static Debs {
     static DEBS: OnceLock<Debs> = OnceLock::new();
     DEBS.get_or_init(|| {
-        let dir = cache().join(format!("debs-{}", std::process::id()));
+        let dir = cache().join("debs");
         fs::create_dir_all(&dir).expect("deb dir");
         Debs {
             old: build_deb("0.1.0-1", &dir.join("ewsgate_old.deb")),
@@ -108,7 +108,7 @@ fn debian_root() -> PathBuf {
         let out = Command::new("debootstrap")
             .args([
                 "--variant=minbase",
-                "--include=systemd,systemd-sysv,dbus,iproute2",
+                "--include=systemd,systemd-sysv,dbus,iproute2,ca-certificates",
                 "bookworm",
             ])
             .arg(&partial)
