@@ -179,6 +179,16 @@ impl Chroot {
         c
     }
 
+    /// Unmounts /proc, /dev/pts and the bpffs again, leaving the overlay (before a boot,
+    /// which mounts its own).
+    fn release_mounts(&mut self) {
+        while self.mounts.len() > 1 {
+            if let Some(m) = self.mounts.pop() {
+                sh(&format!("umount {}", m.display())).expect("umount");
+            }
+        }
+    }
+
     /// A path inside the root, as the host sees it.
     fn path(&self, inside: &Path) -> PathBuf {
         self.root.join(inside.strip_prefix("/").unwrap_or(inside))
@@ -554,4 +564,241 @@ fn installs_upgrades_under_traffic_and_purges() {
         "install, upgrade, remove, purge: {:.1} s",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// The Debian root booted with systemd-nspawn (its own network namespace, a veth `host0`,
+/// the lab's bpffs at /sys/fs/bpf, CAP_BPF and CAP_PERFMON, which nspawn drops by default),
+/// powered off and waited for on drop.
+struct Booted {
+    nspawn: Child,
+    init: u32,
+    log: PathBuf,
+}
+
+impl Booted {
+    fn boot(root: &Path, bpffs: &Path) -> Booted {
+        let machine = format!("eg{}", tag());
+        let log = std::env::temp_dir().join(format!("{machine}.nspawn.log"));
+        let nspawn = Command::new("systemd-nspawn")
+            .arg("-D")
+            .arg(root)
+            .args([
+                "-b",
+                "--register=no",
+                "--keep-unit",
+                "--console=passive",
+                "--network-veth",
+                "-M",
+                &machine,
+                "--capability=CAP_BPF,CAP_PERFMON",
+                "--system-call-filter=bpf perf_event_open",
+            ])
+            .arg(format!("--bind={}:/sys/fs/bpf", bpffs.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("nspawn log"))
+            .spawn()
+            .expect("starting systemd-nspawn");
+        let mut booted = Booted {
+            init: 0,
+            nspawn,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "the container did not boot: {}",
+                fs::read_to_string(&booted.log).unwrap_or_default()
+            );
+            if let Ok(Some(status)) = booted.nspawn.try_wait() {
+                panic!(
+                    "systemd-nspawn exited with {status}: {}",
+                    fs::read_to_string(&booted.log).unwrap_or_default()
+                );
+            }
+            let pid = booted.nspawn.id();
+            booted.init = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .find_map(|c| c.parse().ok())
+                .unwrap_or(0);
+            if booted.init != 0 {
+                let (_, state) = booted.run(&["systemctl", "is-system-running"]);
+                if ["running", "degraded"].contains(&state.trim()) {
+                    return booted;
+                }
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Runs a command inside the booted container.
+    fn run(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new("nsenter")
+            .args(["-t", &self.init.to_string(), "-a"])
+            .args(args)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .output()
+            .expect("running nsenter");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    fn must(&self, args: &[&str]) -> String {
+        let (ok, text) = self.run(args);
+        assert!(ok, "{args:?} failed in the container: {text}");
+        text
+    }
+
+    fn main_pid(&self, unit: &str) -> u32 {
+        self.must(&["systemctl", "show", "-p", "MainPID", "--value", unit])
+            .trim()
+            .parse()
+            .expect("MainPID")
+    }
+
+    /// Waits (10 s at most) until `f` holds.
+    fn wait(&self, what: &str, f: impl Fn(&Booted) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f(self) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {}",
+                self.run(&["journalctl", "--no-pager", "-n", "40"]).1
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Booted {
+    fn drop(&mut self) {
+        let _ = self.run(&["systemctl", "poweroff"]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.nspawn.try_wait() {
+                let _ = fs::remove_file(&self.log);
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        stop_pid(self.nspawn.id());
+        let _ = self.nspawn.wait();
+    }
+}
+
+/// The installed units under a real systemd: the agent starts (Type=notify) and attaches
+/// within its sandbox; the proxy's unit runs it unprivileged on the sockets the agent
+/// hands over; an agent killed with SIGKILL is restarted and adopts the proxy, which lives
+/// in its own cgroup; stopping both leaves the program attached.
+#[test]
+fn units_run_under_systemd() {
+    let debs = debs();
+    let bpffs = BpfFs::new().expect("bpffs");
+    let mut c = Chroot::new(&bpffs.dir);
+    let deb = c.put(&debs.new, "ewsgate.deb");
+    c.apt(&["install", &deb]);
+    c.release_mounts();
+    // The request layer with a certificate for the gate; Exchange is never called here.
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["mail.example.org".to_string()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("certificate");
+    let etc = c.path(Path::new("/etc/ewsgate"));
+    fs::write(etc.join("gate.pem"), cert.pem()).expect("certificate file");
+    fs::write(etc.join("gate.key"), key.serialize_pem()).expect("key file");
+    let config = r#"
+[xdp]
+interfaces = ["host0"]
+mode = "generic"
+[[protect]]
+address = "192.0.2.10"
+ports = ["tcp/443"]
+[sources.offices]
+cidrs = ["198.51.100.0/25"]
+[proxy]
+spawn = false
+listen = ["192.0.2.10:443"]
+certificate = "gate.pem"
+private_key = "gate.key"
+upstream = "http://192.0.2.20:80"
+[[rule]]
+name = "office-basic"
+groups = ["offices"]
+auth = ["basic"]
+action = "allow"
+"#;
+    fs::write(etc.join("ewsgate.toml"), config).expect("config");
+
+    let b = Booted::boot(&c.root, &bpffs.dir);
+    b.must(&["ip", "addr", "add", "192.0.2.10/32", "dev", "lo"]);
+    b.must(&["systemctl", "start", "ewsgate"]);
+    let status = b.must(&["ewsgate", "status"]);
+    assert!(
+        status.contains("enforcing") && status.contains("host0 (generic)"),
+        "{status}"
+    );
+    let link = b.must(&["ip", "-d", "link", "show", "host0"]);
+    assert!(link.contains("prog/xdp id"), "{link}");
+
+    b.must(&["systemctl", "start", "ewsgate-proxy"]);
+    b.wait("the proxy never listened", |b| {
+        b.run(&["journalctl", "-u", "ewsgate-proxy", "--no-pager"])
+            .1
+            .contains("proxy listening")
+    });
+    let proxy = b.main_pid("ewsgate-proxy");
+    let proc_status = b.must(&["cat", &format!("/proc/{proxy}/status")]);
+    let field = |name: &str| {
+        proc_status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_ne!(field("Uid:"), "0", "the proxy runs as root");
+    assert_eq!(field("CapEff:"), "0000000000000000", "{proc_status}");
+    assert_eq!(field("CapBnd:"), "0000000000000000", "{proc_status}");
+    assert_eq!(field("NoNewPrivs:"), "1", "{proc_status}");
+    assert_eq!(field("Seccomp:"), "2", "{proc_status}");
+
+    // A crash of the agent: systemd restarts it, the proxy in its own cgroup lives on.
+    let agent = b.main_pid("ewsgate");
+    b.must(&["systemctl", "kill", "-s", "KILL", "ewsgate"]);
+    b.wait("the agent was not restarted", |b| {
+        let pid = b.main_pid("ewsgate");
+        pid != 0 && pid != agent
+    });
+    b.wait("the new agent did not adopt the proxy", |b| {
+        b.run(&["journalctl", "-u", "ewsgate", "--no-pager"])
+            .1
+            .contains(&format!("adopted a running proxy pid={proxy}"))
+    });
+    assert_eq!(
+        b.main_pid("ewsgate-proxy"),
+        proxy,
+        "the proxy was restarted"
+    );
+
+    for unit in ["ewsgate.service", "ewsgate-proxy.service"] {
+        let text = b.must(&["systemd-analyze", "security", "--no-pager", unit]);
+        let line = text
+            .lines()
+            .find(|l| l.contains("Overall exposure level"))
+            .unwrap_or_default();
+        eprintln!("in the container: {line}");
+    }
+
+    // `systemctl stop`: the program stays attached.
+    b.must(&["systemctl", "stop", "ewsgate-proxy", "ewsgate"]);
+    let link = b.must(&["ip", "-d", "link", "show", "host0"]);
+    assert!(link.contains("prog/xdp id"), "detached by stop: {link}");
 }
