@@ -656,6 +656,16 @@ impl Booted {
         text
     }
 
+    /// `systemctl start UNIT`, with the unit's journal when it fails.
+    fn start(&self, unit: &str) {
+        let (ok, text) = self.run(&["systemctl", "start", unit]);
+        let journal = || {
+            self.run(&["journalctl", "-u", unit, "--no-pager", "-n", "30"])
+                .1
+        };
+        assert!(ok, "systemctl start {unit}: {text}{}", journal());
+    }
+
     fn main_pid(&self, unit: &str) -> u32 {
         self.must(&["systemctl", "show", "-p", "MainPID", "--value", unit])
             .trim()
@@ -739,7 +749,7 @@ action = "allow"
 
     let b = Booted::boot(&c.root, &bpffs.dir);
     b.must(&["ip", "addr", "add", "192.0.2.10/32", "dev", "lo"]);
-    b.must(&["systemctl", "start", "ewsgate"]);
+    b.start("ewsgate");
     let status = b.must(&["ewsgate", "status"]);
     assert!(
         status.contains("enforcing") && status.contains("host0 (generic)"),
@@ -748,7 +758,7 @@ action = "allow"
     let link = b.must(&["ip", "-d", "link", "show", "host0"]);
     assert!(link.contains("prog/xdp id"), "{link}");
 
-    b.must(&["systemctl", "start", "ewsgate-proxy"]);
+    b.start("ewsgate-proxy");
     b.wait("the proxy never listened", |b| {
         b.run(&["journalctl", "-u", "ewsgate-proxy", "--no-pager"])
             .1
