@@ -150,7 +150,7 @@ pub fn conffile(example: &str) -> anyhow::Result<String> {
         match line.trim_start().starts_with('#') || line.trim().is_empty() {
             true => out.push_str(line),
             false => {
-                out.push_str("#");
+                out.push('#');
                 out.push_str(line);
             }
         }
