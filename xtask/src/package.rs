@@ -158,3 +158,36 @@ pub fn conffile(example: &str) -> anyhow::Result<String> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_conffile_is_the_example_in_monitor_mode_without_the_request_layer() {
+        let example = fs::read_to_string(root().join("examples/ewsgate.toml")).unwrap();
+        let conf = conffile(&example).unwrap();
+        let active: Vec<&str> = conf
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+            .collect();
+        assert!(active.contains(&"monitor = true    # the package starts here: set false once `ewsgate status` shows what you expect"));
+        assert!(!active.iter().any(|l| l.starts_with("monitor = false")));
+        assert!(active
+            .iter()
+            .any(|l| l.starts_with("feed_url = \"https://")));
+        for section in ["[proxy]", "[tokens]", "[[rule]]", "[audit]", "[detections]"] {
+            assert!(!active.contains(&section), "{section} is active");
+            assert!(conf.contains(&format!("#{section}")), "{section} is gone");
+        }
+        assert!(conf.contains("#spawn = false"), "{conf}");
+        // Every line of the example is still there, active or commented.
+        assert!(conf.lines().count() > example.lines().count());
+    }
+
+    #[test]
+    fn a_changed_example_is_an_error_not_a_silent_conffile() {
+        let err = conffile("[xdp]\nmonitor = true\n").unwrap_err().to_string();
+        assert!(err.contains("no longer holds"), "{err}");
+    }
+}
