@@ -296,7 +296,11 @@ fn explain(cli: &Cli, args: &ExplainArgs) -> anyhow::Result<()> {
             Some(p) => Some(read("--token", p)?.trim().to_string()),
             None => None,
         },
-        soap: args.soap.as_deref().map(|p| read("--soap", p)).transpose()?,
+        soap: args
+            .soap
+            .as_deref()
+            .map(|p| read("--soap", p))
+            .transpose()?,
         operation: args.operation.clone(),
         folder: args.folder.clone(),
         item: args.item.clone(),
@@ -351,7 +355,8 @@ fn review_file(cli: &Cli) -> anyhow::Result<Option<PathBuf>> {
         Ok(Response::Status(s)) => PathBuf::from(&s.config),
         _ => return Ok(Some(path.clone())),
     };
-    let same = |a: &std::path::Path, b: &std::path::Path| match (a.canonicalize(), b.canonicalize()) {
+    let same = |a: &std::path::Path, b: &std::path::Path| match (a.canonicalize(), b.canonicalize())
+    {
         (Ok(a), Ok(b)) => a == b,
         _ => a == b,
     };

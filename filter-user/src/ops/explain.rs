@@ -80,7 +80,9 @@ fn bad(text: impl Into<String>) -> ExplainError {
 impl Query {
     /// Checks everything that does not need the config.
     pub fn check(&self) -> Result<(AuthKind, IpAddr), ExplainError> {
-        let source = self.source.ok_or_else(|| bad("--source ADDRESS is required"))?;
+        let source = self
+            .source
+            .ok_or_else(|| bad("--source ADDRESS is required"))?;
         let auth = AuthKind::parse(&self.auth).ok_or_else(|| {
             bad(format!(
                 "unknown --auth {:?}: one of none, basic, ntlm, negotiate, kerberos, bearer, client-cert",
@@ -95,11 +97,15 @@ impl Query {
         }
         if let Some(op) = &self.operation {
             if op.is_empty() || op.len() > 64 || !op.bytes().all(|b| b.is_ascii_alphanumeric()) {
-                return Err(bad(format!("--operation {op:?}: an EWS operation name such as FindItem")));
+                return Err(bad(format!(
+                    "--operation {op:?}: an EWS operation name such as FindItem"
+                )));
             }
         }
         if self.soap.as_ref().is_some_and(|s| s.len() > MAX_SOAP) {
-            return Err(bad(format!("the SOAP body is larger than {MAX_SOAP} bytes")));
+            return Err(bad(format!(
+                "the SOAP body is larger than {MAX_SOAP} bytes"
+            )));
         }
         if self.token.as_ref().is_some_and(|t| t.len() > MAX_TOKEN) {
             return Err(bad(format!("the token is larger than {MAX_TOKEN} bytes")));
@@ -304,8 +310,9 @@ pub fn explain(inputs: &Inputs, q: &Query) -> Result<Explanation, ExplainError> 
     out.user = req.user.clone();
     let verdict = judge(inputs, q, &req, &group, when, &mut out)?;
     out.verdict = if settings.report_only && verdict.decision == "deny" {
-        out.notes
-            .push("[proxy] mode = \"report\": the refusal is audited and the request forwarded".into());
+        out.notes.push(
+            "[proxy] mode = \"report\": the refusal is audited and the request forwarded".into(),
+        );
         Verdict {
             decision: "would-deny".into(),
             ..verdict
@@ -434,7 +441,11 @@ fn identity(
 
 fn check_refused(inputs: &Inputs, req: &Request) -> Result<(), Verdict> {
     match req.identity().and_then(|i| (inputs.refused)(&i)) {
-        Some(why) => Err(Verdict::refused(403, None, format!("identity_refused: {why}"))),
+        Some(why) => Err(Verdict::refused(
+            403,
+            None,
+            format!("identity_refused: {why}"),
+        )),
         None => Ok(()),
     }
 }
@@ -493,7 +504,11 @@ fn judge(
     {
         out.notes
             .push("other_paths = pass: paths outside /EWS/ are forwarded unjudged".into());
-        return Ok(Verdict::new("allow", Some("(other_paths = pass)".into()), "forwarded"));
+        return Ok(Verdict::new(
+            "allow",
+            Some("(other_paths = pass)".into()),
+            "forwarded",
+        ));
     }
     let subject = Subject {
         group: group.as_deref(),
@@ -513,7 +528,11 @@ fn judge(
         let d = rules::decide_among_traced(rules_, &enforced, &subject, &mut trace);
         out.rules = trace.lines(rules_, &subject, None);
         if reporting {
-            let r = rules::decide_among(rules_, &rules::candidates(rules_, &subject, Pass::Report), &subject);
+            let r = rules::decide_among(
+                rules_,
+                &rules::candidates(rules_, &subject, Pass::Report),
+                &subject,
+            );
             if r.action != d.action {
                 out.report = Some(other_path_verdict(req, r.action, r.rule));
             }
@@ -543,7 +562,11 @@ fn judge(
                 "an NTLM or Negotiate leg without a user and without a body: Exchange answers it with a challenge"
                     .into(),
             );
-            return Ok(Verdict::new("allow", first_allow(rules_, &enforced), "forwarded"));
+            return Ok(Verdict::new(
+                "allow",
+                first_allow(rules_, &enforced),
+                "forwarded",
+            ));
         }
         (None, None) => {
             out.rules = trace.lines(rules_, &subject, None);
@@ -562,7 +585,11 @@ fn judge(
         Ok(r) => r,
         Err(e) => {
             out.rules = trace.lines(rules_, &subject, None);
-            return Ok(Verdict::refused(400, Some("protocol"), format!("{}: {e}", e.reason())));
+            return Ok(Verdict::refused(
+                400,
+                Some("protocol"),
+                format!("{}: {e}", e.reason()),
+            ));
         }
     };
     let info = operation(&request);
@@ -738,7 +765,8 @@ impl Recorder {
                     None => ("not-reached", "an earlier rule decided".to_string()),
                     Some(Step::ReportOnly) => (
                         "report-only",
-                        "mode = \"report\": judged for the audit line's report, not enforced".into(),
+                        "mode = \"report\": judged for the audit line's report, not enforced"
+                            .into(),
                     ),
                     Some(Step::Head(m)) | Some(Step::Content(m)) => ("failed", miss(*m, r, s, c)),
                     Some(Step::Candidate) => (
@@ -749,10 +777,7 @@ impl Recorder {
                         "needs-body",
                         "judges the SOAP body, which this request has none of".into(),
                     ),
-                    Some(Step::Matched { provisional }) => (
-                        "matched",
-                        matched(r, *provisional),
-                    ),
+                    Some(Step::Matched { provisional }) => ("matched", matched(r, *provisional)),
                 };
                 RuleLine {
                     name: r.name.clone(),
@@ -791,7 +816,11 @@ fn list<T: AsRef<str>>(items: &[T]) -> String {
 fn miss(m: Miss, r: &Rule, s: &Subject, c: Option<&Content>) -> String {
     let or_none = |v: Option<&str>| v.unwrap_or("none").to_string();
     match m {
-        Miss::Group => format!("groups = {} (source group: {})", list(&r.groups), or_none(s.group)),
+        Miss::Group => format!(
+            "groups = {} (source group: {})",
+            list(&r.groups),
+            or_none(s.group)
+        ),
         Miss::Auth => format!(
             "auth = {} (request: {})",
             list(&r.auth.iter().map(|a| a.name()).collect::<Vec<_>>()),
@@ -803,7 +832,11 @@ fn miss(m: Miss, r: &Rule, s: &Subject, c: Option<&Content>) -> String {
             or_none(s.token.map(|t| t.name()))
         ),
         Miss::Path if r.judges_content() => {
-            format!("judges EWS content, so only {} (request: {})", paths::EWS, s.path)
+            format!(
+                "judges EWS content, so only {} (request: {})",
+                paths::EWS,
+                s.path
+            )
         }
         Miss::Path if r.paths.is_empty() => {
             format!("no paths: only {} (request: {})", paths::EWS, s.path)
@@ -944,7 +977,11 @@ pub fn text(e: &Explanation) -> String {
             s,
             "packet       {}{} ({}) by {}",
             p.action.to_uppercase(),
-            if p.monitor { " (monitor: would drop)" } else { "" },
+            if p.monitor {
+                " (monitor: would drop)"
+            } else {
+                ""
+            },
             p.reason,
             p.by
         );
@@ -957,9 +994,15 @@ pub fn text(e: &Explanation) -> String {
             s,
             "token        {}{}{}{}",
             t.verdict,
-            t.reason.as_deref().map_or(String::new(), |r| format!(": {r}")),
-            t.family.as_deref().map_or(String::new(), |f| format!(", {f}")),
-            t.item.as_deref().map_or(String::new(), |i| format!(", item {i}"))
+            t.reason
+                .as_deref()
+                .map_or(String::new(), |r| format!(": {r}")),
+            t.family
+                .as_deref()
+                .map_or(String::new(), |f| format!(", {f}")),
+            t.item
+                .as_deref()
+                .map_or(String::new(), |i| format!(", item {i}"))
         );
     }
     if let Some(c) = &e.content {
@@ -971,7 +1014,11 @@ pub fn text(e: &Explanation) -> String {
             c.data,
             c.mailbox.as_deref().unwrap_or("-"),
             c.items,
-            if c.impersonation { ", impersonation" } else { "" },
+            if c.impersonation {
+                ", impersonation"
+            } else {
+                ""
+            },
             c.delegate
                 .as_deref()
                 .map_or(String::new(), |d| format!(", delegate access to {d}"))
@@ -1019,4 +1066,83 @@ pub fn text(e: &Explanation) -> String {
     );
     let _ = writeln!(s, "audit        {}", e.audit);
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::settings::SoapLimits;
+
+    #[test]
+    fn synthesized_requests_parse_as_the_proxy_parses_them() {
+        let body = synthesize("FindItem", Some("inbox"), None);
+        let r = soap::parse_request(body.as_bytes(), true, SoapLimits::default()).unwrap();
+        assert_eq!(r.operation, "FindItem");
+        assert_eq!(
+            r.folders,
+            vec![soap::Folder::Distinguished {
+                id: "inbox".into(),
+                mailbox: None
+            }]
+        );
+        let body = synthesize("GetItem", None, Some("AAMk\"<&>"));
+        let r = soap::parse_request(body.as_bytes(), true, SoapLimits::default()).unwrap();
+        assert_eq!(r.items, vec!["AAMk\"<&>".to_string()]);
+        let body = synthesize("GetFolder", Some("F-opaque"), None);
+        let r = soap::parse_request(body.as_bytes(), true, SoapLimits::default()).unwrap();
+        assert_eq!(r.folders, vec![soap::Folder::Opaque("F-opaque".into())]);
+    }
+
+    #[test]
+    fn questions_are_checked_before_anything_is_judged() {
+        let q = |f: fn(&mut Query)| {
+            let mut q = Query {
+                source: "198.51.100.10".parse().ok(),
+                auth: "basic".into(),
+                ..Query::default()
+            };
+            f(&mut q);
+            q.check().map(|_| ())
+        };
+        assert!(q(|_| {}).is_ok());
+        assert!(q(|q| q.auth = "password".into()).is_err());
+        assert!(q(|q| q.source = None).is_err());
+        assert!(q(|q| q.folder = Some("inbox".into())).is_err());
+        assert!(q(|q| q.operation = Some("Find Item".into())).is_err());
+        assert!(q(|q| {
+            q.operation = Some("FindItem".into());
+            q.soap = Some(String::new());
+        })
+        .is_err());
+        assert!(q(|q| q.token = Some("x".into())).is_err());
+        assert!(q(|q| q.soap = Some("x".repeat(MAX_SOAP + 1))).is_err());
+    }
+
+    #[test]
+    fn a_config_that_is_not_running_is_judged_by_its_groups() {
+        let text = r#"
+[[protect]]
+address = "192.0.2.10"
+ports = ["tcp/443"]
+[sources.offices]
+cidrs = ["198.51.100.0/25"]
+"#;
+        let c = Config::parse(std::path::Path::new("/etc/ewsgate/t.toml"), text).unwrap();
+        let v = config_verdict(&c, "198.51.100.10".parse().unwrap());
+        assert_eq!(
+            (v.action.as_str(), v.reason.as_str()),
+            ("pass", "allow_group")
+        );
+        let v = config_verdict(&c, "203.0.113.50".parse().unwrap());
+        assert_eq!(
+            (v.action.as_str(), v.reason.as_str()),
+            ("drop", "drop_not_allowed")
+        );
+        let v = config_verdict(&c, "2001:db8::1".parse().unwrap());
+        assert_eq!(v.reason, "not_bound");
+        assert_eq!(
+            destination(&c, "198.51.100.10".parse().unwrap()),
+            Some(("192.0.2.10".parse().unwrap(), 443))
+        );
+    }
 }

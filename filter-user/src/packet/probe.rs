@@ -96,7 +96,12 @@ pub fn syn_frame(src: IpAddr, dst: IpAddr, port: u16) -> Result<Vec<u8>, ProbeEr
 }
 
 /// Runs a SYN from `src` to `dst`:`port` through the gate's loaded program once.
-pub fn probe(gate: &mut Gate, src: IpAddr, dst: IpAddr, port: u16) -> Result<PacketVerdict, ProbeError> {
+pub fn probe(
+    gate: &mut Gate,
+    src: IpAddr,
+    dst: IpAddr,
+    port: u16,
+) -> Result<PacketVerdict, ProbeError> {
     let frame = syn_frame(src, dst, port)?;
     let before = counters(gate)?;
     let returned = {
@@ -144,7 +149,9 @@ fn verdict(returned: u32, moved: &[Reason]) -> Result<PacketVerdict, ProbeError>
     };
     Ok(PacketVerdict {
         action: action.into(),
-        reason: reason.map_or("unknown (no counter moved)", Reason::name).into(),
+        reason: reason
+            .map_or("unknown (no counter moved)", Reason::name)
+            .into(),
         monitor,
         by: "the running XDP program (BPF_PROG_TEST_RUN)".into(),
     })
@@ -184,7 +191,10 @@ mod tests {
     #[test]
     fn the_reason_must_agree_with_the_return_value() {
         let v = verdict(XDP_DROP, &[Reason::AllowGroup, Reason::NotAllowed]).unwrap();
-        assert_eq!((v.action.as_str(), v.reason.as_str()), ("drop", "drop_not_allowed"));
+        assert_eq!(
+            (v.action.as_str(), v.reason.as_str()),
+            ("drop", "drop_not_allowed")
+        );
         let v = verdict(XDP_PASS, &[Reason::NotAllowed, Reason::MonitorPassed]).unwrap();
         assert!(v.monitor && v.drops());
         assert_eq!(v.reason, "drop_not_allowed");

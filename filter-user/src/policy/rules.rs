@@ -634,6 +634,48 @@ action = "deny"
         assert!(overlap == Some("salesforce") || overlap == Some("partner"));
     }
 
+    /// Records every step, for the trace tests.
+    struct Steps(Vec<(usize, Step)>);
+
+    impl Trace for Steps {
+        fn note(&mut self, rule: usize, step: Step) {
+            self.0.push((rule, step));
+        }
+    }
+
+    #[test]
+    fn the_trace_names_the_failed_condition_and_the_traced_walk_decides_the_same() {
+        let c = config();
+        let mut s = subject("offices", AuthKind::Basic, Some("alice@example.org"));
+        s.when.minute = 20 * 60;
+        let mut t = Steps(Vec::new());
+        let cands = candidates_traced(&c.rules, &s, Pass::Enforced, &mut t);
+        assert_eq!(cands, candidates(&c.rules, &s, Pass::Enforced));
+        let d = decide_among_traced(&c.rules, &cands, &s, &mut t);
+        assert_eq!(d, decide_among(&c.rules, &cands, &s));
+        assert_eq!(d.rule.as_deref(), Some("no-basic"));
+        assert_eq!(
+            t.0,
+            vec![
+                (0, Step::Head(Miss::Group)),
+                (1, Step::Head(Miss::Hours)),
+                (2, Step::Candidate),
+                (2, Step::Matched { provisional: false }),
+            ]
+        );
+        s.when = LocalTime {
+            weekday: 6,
+            minute: 600,
+        };
+        let mut t = Steps(Vec::new());
+        candidates_traced(&c.rules, &s, Pass::Enforced, &mut t);
+        assert_eq!(t.0[1], (1, Step::Head(Miss::Day)));
+        s.user = Some("mallory@evil.test");
+        let mut t = Steps(Vec::new());
+        candidates_traced(&c.rules, &s, Pass::Enforced, &mut t);
+        assert_eq!(t.0[1], (1, Step::Head(Miss::User)));
+    }
+
     #[test]
     fn globs() {
         assert!(glob("*@example.org", "a@example.org"));
