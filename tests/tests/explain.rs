@@ -458,3 +458,82 @@ fn bad_questions_are_usage_errors() {
     assert_eq!(e["verdict"]["status"], 400, "{e:#}");
     assert_eq!(e["verdict"]["failure"], "protocol");
 }
+
+#[test]
+fn a_report_only_rule_is_explained_as_the_audit_line_reports_it() {
+    let rules = r#"
+[[rule]]
+name = "phones: calendar only"
+groups = ["offices"]
+auth = ["basic"]
+data = ["calendar"]
+mode = "report"
+action = "allow"
+
+[[rule]]
+name = "office-basic"
+groups = ["offices"]
+auth = ["basic"]
+action = "allow"
+"#;
+    let g = Gate::start(0, rules);
+    let alice = [
+        "--source",
+        "198.51.100.10",
+        "--auth",
+        "basic",
+        "--user",
+        "alice@example.org",
+        "--operation",
+        "FindItem",
+        "--folder",
+        "inbox",
+    ];
+    let e = explain(&g, &alice);
+    assert_eq!(
+        rule(&e, "phones: calendar only")["outcome"],
+        "report-only",
+        "{e:#}"
+    );
+    assert_eq!(rule(&e, "office-basic")["outcome"], "matched");
+    assert_eq!(e["verdict"]["decision"], "would-deny", "{e:#}");
+    assert_eq!(e["report"]["decision"], "deny");
+    let line = send(
+        &g,
+        "office",
+        &basic("alice@example.org"),
+        &requests::find_item("inbox", false, None),
+    );
+    assert_same("report-only", &e, &line);
+    assert_eq!(e["report"]["reason"], line["report"]["reason"], "{line}");
+    assert_eq!(e["report"]["rule"], line["report"]["rule"], "{line}");
+
+    // A token refused for its audience: the identity phase's reason, before any rule.
+    let token = g
+        .pki
+        .token(|c| testkit::with(c, "aud", serde_json::json!("https://evil.example/")));
+    let token_file = write(&g, "evil.jwt", &token);
+    let own = write(&g, "own.xml", &requests::get_item(&[TOKEN_ITEM]));
+    let e = explain(
+        &g,
+        &[
+            "--source",
+            "198.51.100.140",
+            "--auth",
+            "bearer",
+            "--token",
+            token_file.to_str().unwrap(),
+            "--soap",
+            own.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(e["token"]["verdict"], "refused", "{e:#}");
+    let line = send(
+        &g,
+        "sf",
+        &format!("Bearer {token}"),
+        &requests::get_item(&[TOKEN_ITEM]),
+    );
+    assert_eq!(line["decision"], "deny");
+    assert_same("foreign audience", &e, &line);
+}

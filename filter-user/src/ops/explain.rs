@@ -308,7 +308,12 @@ pub fn explain(inputs: &Inputs, q: &Query) -> Result<Explanation, ExplainError> 
         return Ok(out);
     }
     out.user = req.user.clone();
-    let verdict = judge(inputs, q, &req, &group, when, &mut out)?;
+    let mut verdict = judge(inputs, q, &req, &group, when, &mut out)?;
+    // A report-only rule that would refuse what the enforced rules allow: forwarded, and
+    // audited as would-deny with the report judgment beside it.
+    if verdict.decision == "allow" && out.report.as_ref().is_some_and(|r| r.decision == "deny") {
+        verdict.decision = "would-deny".into();
+    }
     out.verdict = if settings.report_only && verdict.decision == "deny" {
         out.notes.push(
             "[proxy] mode = \"report\": the refusal is audited and the request forwarded".into(),
