@@ -547,6 +547,7 @@ impl Worker {
                 reason: "not_bound".into(),
                 monitor: false,
                 by: "the config (no protected address of the source's family)".into(),
+                also_moved: Vec::new(),
             },
         };
         let now = Instant::now();

@@ -259,6 +259,7 @@ pub fn config_verdict(config: &Config, source: IpAddr) -> PacketVerdict {
         monitor: config.xdp.monitor && reason == "drop_not_allowed",
         by: "this config's source groups (not running: the live block and allow entries are not consulted)"
             .into(),
+        also_moved: Vec::new(),
     }
 }
 
@@ -990,6 +991,13 @@ pub fn text(e: &Explanation) -> String {
             p.reason,
             p.by
         );
+        if !p.also_moved.is_empty() {
+            let _ = writeln!(
+                s,
+                "             (live traffic moved {} in the same instant)",
+                p.also_moved.join(", ")
+            );
+        }
     }
     if !e.time.is_empty() {
         let _ = writeln!(s, "time         {} (the gate's local time)", e.time);

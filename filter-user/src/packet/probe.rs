@@ -46,6 +46,10 @@ pub struct PacketVerdict {
     pub monitor: bool,
     /// How the verdict was found.
     pub by: String,
+    /// Other counters of the same verdict that moved during the run (live traffic): when
+    /// not empty, the reason is the program's first check among those that moved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also_moved: Vec<String>,
 }
 
 impl PacketVerdict {
@@ -147,6 +151,16 @@ fn verdict(returned: u32, moved: &[Reason]) -> Result<PacketVerdict, ProbeError>
         XDP_PASS => ("pass", pick(&passes)),
         other => return Err(ProbeError::Action(other)),
     };
+    let class: &[Reason] = if action == "drop" || monitor {
+        &drops
+    } else {
+        &passes
+    };
+    let also_moved = class
+        .iter()
+        .filter(|r| has(**r) && Some(**r) != reason)
+        .map(|r| r.name().to_string())
+        .collect();
     Ok(PacketVerdict {
         action: action.into(),
         reason: reason
@@ -154,6 +168,7 @@ fn verdict(returned: u32, moved: &[Reason]) -> Result<PacketVerdict, ProbeError>
             .into(),
         monitor,
         by: "the running XDP program (BPF_PROG_TEST_RUN)".into(),
+        also_moved,
     })
 }
 
@@ -195,6 +210,9 @@ mod tests {
             (v.action.as_str(), v.reason.as_str()),
             ("drop", "drop_not_allowed")
         );
+        let v = verdict(XDP_DROP, &[Reason::Blocked, Reason::NotAllowed]).unwrap();
+        assert_eq!(v.reason, "drop_blocked");
+        assert_eq!(v.also_moved, vec!["drop_not_allowed".to_string()]);
         let v = verdict(XDP_PASS, &[Reason::NotAllowed, Reason::MonitorPassed]).unwrap();
         assert!(v.monitor && v.drops());
         assert_eq!(v.reason, "drop_not_allowed");
