@@ -529,126 +529,153 @@ fn judge(
     };
     let mut trace = Recorder::new(rules_.len());
     let enforced = rules::candidates_traced(rules_, &subject, Pass::Enforced, &mut trace);
-    let reporting = rules_.iter().any(|r| r.report);
     if !req.ews {
-        let d = rules::decide_among_traced(rules_, &enforced, &subject, &mut trace);
-        out.rules = trace.lines(rules_, &subject, None);
-        if reporting {
-            let r = rules::decide_among(
-                rules_,
-                &rules::candidates(rules_, &subject, Pass::Report),
-                &subject,
-            );
-            if r.action != d.action {
-                out.report = Some(other_path_verdict(req, r.action, r.rule));
-            }
-        }
-        return Ok(other_path_verdict(req, d.action, d.rule));
+        return Ok(other_path(rules_, req, &subject, &enforced, trace, out));
     }
     if !rules::may_allow_among(rules_, &enforced) {
         out.rules = trace.lines(rules_, &subject, None);
-        let rule = enforced
-            .last()
-            .and_then(|&i| rules_.get(i))
-            .filter(|r| r.action == Action::Deny && !r.judges_content());
-        let reason = match rule {
-            Some(r) => format!("denied by rule {}", r.name),
-            None => "no_rule_matched".into(),
-        };
-        let mut v = Verdict::refused(403, Some("policy"), reason);
-        v.rule = rule.map(|r| r.name.clone());
-        return Ok(v);
+        return Ok(head_refusal(rules_, &enforced));
     }
-    let body = match (&q.soap, &q.operation) {
-        (Some(s), _) => s.clone(),
-        (None, Some(op)) => synthesize(op, q.folder.as_deref(), q.item.as_deref()),
-        (None, None) if req.handshake => {
+    let body = match body_of(q, req, rules_, &enforced, out) {
+        Ok(body) => body,
+        Err(v) => {
             out.rules = trace.lines(rules_, &subject, None);
+            return Ok(v);
+        }
+    };
+    let request = match soap::parse_request(body.as_bytes(), true, config.content.limits) {
+        Ok(r) => r,
+        Err(e) => {
+            out.rules = trace.lines(rules_, &subject, None);
+            let reason = format!("{}: {e}", e.reason());
+            return Ok(Verdict::refused(400, Some("protocol"), reason));
+        }
+    };
+    Ok(judge_body(
+        config, req, &subject, &enforced, &request, trace, out,
+    ))
+}
+
+/// A path other than the EWS endpoint: decided on the head alone.
+fn other_path(
+    rules_: &[Rule],
+    req: &Request,
+    subject: &Subject,
+    enforced: &[usize],
+    mut trace: Recorder,
+    out: &mut Explanation,
+) -> Verdict {
+    let d = rules::decide_among_traced(rules_, enforced, subject, &mut trace);
+    out.rules = trace.lines(rules_, subject, None);
+    if rules_.iter().any(|r| r.report) {
+        let report = rules::candidates(rules_, subject, Pass::Report);
+        let r = rules::decide_among(rules_, &report, subject);
+        if r.action != d.action {
+            out.report = Some(other_path_verdict(req, r.action, r.rule));
+        }
+    }
+    other_path_verdict(req, d.action, d.rule)
+}
+
+/// The EWS endpoint that no candidate could allow: refused before its body is read.
+fn head_refusal(rules_: &[Rule], enforced: &[usize]) -> Verdict {
+    let rule = enforced
+        .last()
+        .and_then(|&i| rules_.get(i))
+        .filter(|r| r.action == Action::Deny && !r.judges_content());
+    let reason = match rule {
+        Some(r) => format!("denied by rule {}", r.name),
+        None => "no_rule_matched".into(),
+    };
+    let mut v = Verdict::refused(403, Some("policy"), reason);
+    v.rule = rule.map(|r| r.name.clone());
+    v
+}
+
+/// The SOAP body asked about, or the verdict when there is none.
+fn body_of(
+    q: &Query,
+    req: &Request,
+    rules_: &[Rule],
+    enforced: &[usize],
+    out: &mut Explanation,
+) -> Result<String, Verdict> {
+    match (&q.soap, &q.operation) {
+        (Some(s), _) => Ok(s.clone()),
+        (None, Some(op)) => Ok(synthesize(op, q.folder.as_deref(), q.item.as_deref())),
+        (None, None) if req.handshake => {
             out.notes.push(
                 "an NTLM or Negotiate leg without a user and without a body: Exchange answers it with a challenge"
                     .into(),
             );
-            return Ok(Verdict::new(
+            Err(Verdict::new(
                 "allow",
-                first_allow(rules_, &enforced),
+                first_allow(rules_, enforced),
                 "forwarded",
-            ));
+            ))
         }
         (None, None) => {
-            out.rules = trace.lines(rules_, &subject, None);
             out.notes.push(
                 "no --soap or --operation: the head could be allowed, the body decides".into(),
             );
-            return Ok(Verdict::new(
+            Err(Verdict::new(
                 "allow",
-                first_allow(rules_, &enforced),
+                first_allow(rules_, enforced),
                 "may be allowed, depending on the SOAP body",
-            ));
+            ))
         }
-    };
-    let limits = config.content.limits;
-    let request = match soap::parse_request(body.as_bytes(), true, limits) {
-        Ok(r) => r,
-        Err(e) => {
-            out.rules = trace.lines(rules_, &subject, None);
-            return Ok(Verdict::refused(
-                400,
-                Some("protocol"),
-                format!("{}: {e}", e.reason()),
-            ));
-        }
-    };
-    let info = operation(&request);
-    let access = content::access(&request, None, req.user.as_deref());
+    }
+}
+
+/// The body filter: what the request touches, and the candidates judged against it.
+fn judge_body(
+    config: &Config,
+    req: &Request,
+    subject: &Subject,
+    enforced: &[usize],
+    request: &soap::Request,
+    mut trace: Recorder,
+    out: &mut Explanation,
+) -> Verdict {
+    let rules_ = &config.rules;
+    let info = operation(request);
+    let access = content::access(request, None, req.user.as_deref());
     let mailbox = access.mailbox(req.user.as_deref());
     // The proxy's ID cache holds what Exchange's answers showed; explain starts from none.
     let cache = IdCache::new(1);
     let touch = match info {
-        Some(i) => content::touched(&request, &i, &cache, &mailbox, config.content.meetings),
+        Some(i) => content::touched(request, &i, &cache, &mailbox, config.content.meetings),
         None => Touch {
             data: DataSet::ALL,
             unresolved: true,
         },
     };
-    out.content = Some(ContentAnswer {
-        operation: request.operation.clone(),
-        class: info.map(|i| class_name(i.class).to_string()),
-        data: if touch.unresolved {
-            "unresolved".into()
-        } else {
-            touch.data.to_string()
-        },
-        mailbox: Some(mailbox.clone()).filter(|m| !m.is_empty()),
-        items: request.item_count(),
-        impersonation: access.impersonation.is_some(),
-        delegate: access.delegate.clone(),
-    });
+    out.content = Some(content_answer(request, info, &touch, &access, &mailbox));
     if touch.unresolved {
         out.notes.push(
             "data types unresolved: the proxy may know these IDs from earlier answers; explain does not"
                 .into(),
         );
     }
-    let roots: Vec<Option<&str>> = request.attachments.iter().map(|_| None).collect();
     let c = Content {
-        request: &request,
+        request,
         info,
         touch,
         access: &access,
         token_item: req.token_item.as_deref(),
-        roots,
+        roots: request.attachments.iter().map(|_| None).collect(),
     };
     let mut s = subject.clone();
     s.content = Some(c.clone());
-    let decision = rules::decide_among_traced(rules_, &enforced, &s, &mut trace);
+    let decision = rules::decide_among_traced(rules_, enforced, &s, &mut trace);
     out.rules = trace.lines(rules_, &s, Some(&c));
     let reason = |rule: Option<&str>| match rule {
         Some(name) => format!("denied by rule {name}"),
         None => rules::default_deny_reason(&c),
     };
-    if reporting {
-        let cands = rules::candidates(rules_, &subject, Pass::Report);
-        let r = rules::decide_among(rules_, &cands, &s);
+    if rules_.iter().any(|r| r.report) {
+        let report = rules::candidates(rules_, subject, Pass::Report);
+        let r = rules::decide_among(rules_, &report, &s);
         if r.action != decision.action {
             out.report = Some(match r.action {
                 Action::Allow => Verdict::new("allow", r.rule, "forwarded"),
@@ -662,7 +689,7 @@ fn judge(
     if decision.action == Action::Deny {
         let mut v = Verdict::refused(500, Some("policy"), reason(decision.rule.as_deref()));
         v.rule = decision.rule;
-        return Ok(v);
+        return v;
     }
     if decision.inspect.is_some() {
         out.notes.push(
@@ -670,7 +697,29 @@ fn judge(
                 .into(),
         );
     }
-    Ok(Verdict::new("allow", decision.rule, "forwarded"))
+    Verdict::new("allow", decision.rule, "forwarded")
+}
+
+fn content_answer(
+    request: &soap::Request,
+    info: Option<OpInfo>,
+    touch: &Touch,
+    access: &content::Access,
+    mailbox: &str,
+) -> ContentAnswer {
+    ContentAnswer {
+        operation: request.operation.clone(),
+        class: info.map(|i| class_name(i.class).to_string()),
+        data: if touch.unresolved {
+            "unresolved".into()
+        } else {
+            touch.data.to_string()
+        },
+        mailbox: Some(mailbox.to_string()).filter(|m| !m.is_empty()),
+        items: request.item_count(),
+        impersonation: access.impersonation.is_some(),
+        delegate: access.delegate.clone(),
+    }
 }
 
 fn other_path_verdict(req: &Request, action: Action, rule: Option<String>) -> Verdict {
