@@ -309,6 +309,12 @@ fn the_packet_verdict_is_the_live_programs_and_matches_a_real_syn() {
     let before = g.daemon.counter(&reason).expect("counter");
     assert!(!connects(inet, Duration::from_millis(800)));
     assert!(g.daemon.counter(&reason).expect("counter") > before);
+    // IPv6: the program's answer for the other family's protected address.
+    let e = explain(&g, &["--source", "2001:db8:300::50", "--auth", "none"]);
+    assert_eq!(e["destination"], "[2001:db8:10::10]:443", "{e:#}");
+    assert_eq!(e["verdict"]["reason"], "drop_not_allowed");
+    let e = explain(&g, &["--source", "2001:db8:200::10", "--auth", "none"]);
+    assert_eq!(e["packet"]["reason"], "allow_group", "{e:#}");
 
     // A blocked office host: the block set, in the program's order.
     g.daemon
