@@ -362,12 +362,24 @@ fn a_config_under_review_is_explained_without_touching_the_gate() {
         "--folder",
         "inbox",
     ];
+    let status = |g: &Gate| -> Value {
+        serde_json::from_str(&g.daemon.cli(&["status", "--json"]).expect("status")).expect("json")
+    };
+    let before = status(&g);
     let e = explain_with(&g, &review, &alice);
     assert_eq!(e["verdict"]["decision"], "allow", "{e:#}");
     assert_eq!(e["verdict"]["rule"], "phones-calendar-contacts");
     assert!(e["against"].as_str().unwrap().contains("review.toml"));
     assert!(e["packet"]["by"].as_str().unwrap().contains("not running"));
-    // The running gate is unchanged: it explains, and does, a refusal.
+    // The running gate is unchanged: the same policy and reload, and it explains, and
+    // does, a refusal.
+    let after = status(&g);
+    assert_eq!(before["policy"], after["policy"]);
+    assert_eq!(before["last_reload"], after["last_reload"]);
+    assert_eq!(
+        fs::read_to_string(&g.daemon.config).expect("config"),
+        running
+    );
     let live = explain(&g, &alice);
     assert_eq!(live["verdict"]["decision"], "deny", "{live:#}");
     let line = send(
