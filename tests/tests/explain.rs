@@ -45,6 +45,13 @@ hours = "{from:02}:00-{to:02}:00"
 action = "allow"
 
 [[rule]]
+name = "wsdl-in-hours"
+groups = ["offices"]
+paths = ["/EWS/Services.wsdl"]
+hours = "{from:02}:00-{to:02}:00"
+action = "allow"
+
+[[rule]]
 name = "phones-calendar-contacts"
 groups = ["offices"]
 auth = ["client-cert", "basic"]
@@ -98,10 +105,29 @@ fn basic(user: &str) -> String {
 
 /// Sends `body` from `role` with `auth` and returns the audit line it produced.
 fn send(g: &Gate, role: &str, auth: &str, body: &str) -> Value {
+    send_to(
+        g,
+        role,
+        "POST",
+        "/EWS/Exchange.asmx",
+        &[("Authorization", auth)],
+        body,
+    )
+}
+
+/// The same, any method, path and headers.
+fn send_to(
+    g: &Gate,
+    role: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Value {
     let before = audit_lines(&g.audit).len();
     let r = g
         .https(role)
-        .ews(&[("Authorization", auth)], body.as_bytes())
+        .request(method, path, headers, body.as_bytes())
         .expect("reply");
     assert!(r.status > 0);
     wait_audit(&g.audit, |_| audit_lines(&g.audit).len() > before)
@@ -223,6 +249,25 @@ fn explain_says_what_the_gate_does_with_the_same_request() {
     );
     assert_eq!(line["decision"], "deny");
     assert_same("outside hours, wrong data type", &e, &line);
+
+    // Outside hours alone: the only rule for the WSDL is closed now.
+    let w = explain(
+        &g,
+        &[
+            "--source",
+            "198.51.100.10",
+            "--auth",
+            "none",
+            "--path",
+            "/EWS/Services.wsdl",
+        ],
+    );
+    let r = rule(&w, "wsdl-in-hours");
+    assert_eq!(r["outcome"], "failed", "{w:#}");
+    assert!(r["condition"].as_str().unwrap().starts_with("hours"), "{r}");
+    let line = send_to(&g, "office", "GET", "/EWS/Services.wsdl", &[], "");
+    assert_eq!(line["decision"], "deny");
+    assert_same("outside hours", &w, &line);
 
     // The same question synthesized from --operation/--folder, and at a time inside the
     // window: the hours rule decides.
