@@ -184,6 +184,9 @@ fn explain_refused(daemon: &Daemon) -> anyhow::Result<()> {
     ];
     println!("\n== ewsgate {}", args.join(" "));
     print!("{}", daemon.cli(&args)?);
+    let args = ["explain", "--source", "203.0.113.50", "--auth", "basic"];
+    println!("\n== ewsgate {}", args.join(" "));
+    print!("{}", daemon.cli(&args)?);
     Ok(())
 }
 
