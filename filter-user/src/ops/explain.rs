@@ -278,6 +278,10 @@ pub fn explain(inputs: &Inputs, q: &Query) -> Result<Explanation, ExplainError> 
                 std::net::SocketAddr::new(a, p).to_string()
             }),
         packet: Some(inputs.packet.clone()),
+        path: q
+            .path
+            .clone()
+            .unwrap_or_else(|| "/EWS/Exchange.asmx".into()),
         auth: auth.name().into(),
         user: q.user.clone(),
         ..Explanation::default()
@@ -1020,8 +1024,8 @@ pub fn text(e: &Explanation) -> String {
         e.source,
         e.group.as_deref().unwrap_or("no group"),
         e.destination,
-        if e.path.is_empty() { "-" } else { "POST" },
-        if e.path.is_empty() { "" } else { &e.path },
+        "POST",
+        e.path,
         e.auth,
         e.user
             .as_deref()
