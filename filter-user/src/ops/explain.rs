@@ -1020,11 +1020,10 @@ pub fn text(e: &Explanation) -> String {
     let _ = writeln!(s, "explained against {}", e.against);
     let _ = writeln!(
         s,
-        "request      {} ({}) -> {}, {} {}, auth {}{}",
+        "request      {} ({}) -> {}, POST {}, auth {}{}",
         e.source,
         e.group.as_deref().unwrap_or("no group"),
         e.destination,
-        "POST",
         e.path,
         e.auth,
         e.user
