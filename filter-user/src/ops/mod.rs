@@ -12,6 +12,7 @@
 
 pub mod audit;
 pub mod detections;
+pub mod explain;
 pub mod manual;
 pub mod report;
 mod report_html;
