@@ -757,6 +757,18 @@ action = "allow"
     );
     let link = b.must(&["ip", "-d", "link", "show", "host0"]);
     assert!(link.contains("prog/xdp id"), "{link}");
+    // explain's packet verdict comes from the live program, through the sandboxed agent.
+    let explained = b.must(&[
+        "ewsgate",
+        "explain",
+        "--source",
+        "203.0.113.50",
+        "--auth",
+        "none",
+        "--json",
+    ]);
+    let e: serde_json::Value = serde_json::from_str(explained.trim()).expect("explain --json");
+    assert_eq!(e["packet"]["action"], "drop", "{e:#}");
 
     b.start("ewsgate-proxy");
     b.wait("the proxy never listened", |b| {
