@@ -706,7 +706,8 @@ impl Drop for Booted {
 /// The installed units under a real systemd: the agent starts (Type=notify) and attaches
 /// within its sandbox; the proxy's unit runs it unprivileged on the sockets the agent
 /// hands over; an agent killed with SIGKILL is restarted and adopts the proxy, which lives
-/// in its own cgroup; stopping both leaves the program attached.
+/// in its own cgroup; `apt remove` stops both and leaves the program attached; `apt purge`
+/// detaches it.
 #[test]
 fn units_run_under_systemd() {
     let debs = debs();
@@ -819,8 +820,34 @@ action = "allow"
         eprintln!("in the container: {line}");
     }
 
-    // `systemctl stop`: the program stays attached.
-    b.must(&["systemctl", "stop", "ewsgate-proxy", "ewsgate"]);
+    // `apt remove` with both units running: systemd stops them, the program stays attached.
+    let apt = |verb: &str| {
+        b.must(&[
+            "env",
+            "DEBIAN_FRONTEND=noninteractive",
+            "apt-get",
+            "-y",
+            "-q",
+            verb,
+            "ewsgate",
+        ])
+    };
+    let out = apt("remove");
+    assert!(out.contains("stays attached and enforcing"), "{out}");
+    for unit in ["ewsgate", "ewsgate-proxy"] {
+        let (active, state) = b.run(&["systemctl", "is-active", unit]);
+        assert!(!active, "{unit} is {state} after remove");
+    }
     let link = b.must(&["ip", "-d", "link", "show", "host0"]);
-    assert!(link.contains("prog/xdp id"), "detached by stop: {link}");
+    assert!(link.contains("prog/xdp id"), "detached by remove: {link}");
+    // `apt purge`: detached, the user gone.
+    let out = apt("purge");
+    assert!(out.contains("XDP program detached"), "{out}");
+    let link = b.must(&["ip", "-d", "link", "show", "host0"]);
+    assert!(
+        !link.contains("prog/xdp"),
+        "still attached after purge: {link}"
+    );
+    let (user, _) = b.run(&["getent", "passwd", "ewsgate"]);
+    assert!(!user, "the user is left");
 }
