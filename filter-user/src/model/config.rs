@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 
 use super::{
+    metrics::MetricsSettings,
     agent::{Copy, CopyMeta, CrowdSecSettings, FeedSettings, Held, LiveFeed},
     ops::OpsSettings,
     packet::{Protected, SourceGroup, XdpSettings},
@@ -32,6 +33,8 @@ pub struct Config {
     pub crowdsec: Option<CrowdSecSettings>,
     /// `[detections]` and `[audit]`.
     pub ops: OpsSettings,
+    /// `[metrics]`: where `GET /metrics` is served.
+    pub metrics: Option<MetricsSettings>,
 }
 
 impl Config {
