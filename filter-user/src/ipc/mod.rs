@@ -56,6 +56,11 @@ pub enum ToProxy {
     AuditFile,
     /// Stop serving: finish what is in flight and exit.
     Shutdown,
+    /// The packet layer's part of scrape `id`: OpenMetrics text without `# EOF`.
+    Metrics {
+        id: u64,
+        text: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,6 +75,9 @@ pub struct Init {
     pub entries: Vec<EntryChange>,
     /// Identities refused at the request layer, with seconds left.
     pub refused: Vec<(String, u64, String)>,
+    /// `[metrics] listen`, when its socket comes with this message (after the audit file).
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -115,6 +123,11 @@ pub enum ToAgent {
     /// Detections whose action the agent carries out (within its own policy).
     Detected {
         items: Vec<Detected>,
+    },
+    /// A scrape of `/metrics` asks for the packet layer's part, answered as
+    /// `ToProxy::Metrics` with the same id.
+    Metrics {
+        id: u64,
     },
 }
 
