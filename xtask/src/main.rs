@@ -42,6 +42,8 @@ const APT_PACKAGES: &[&str] = &[
     "chromium",
     "logrotate",
     "systemd",
+    // A real Prometheus scrapes the gate; its promtool unit-tests the alerting rules.
+    "prometheus",
 ];
 /// Debian's crowdsec registers with CrowdSec's Central API while it installs, which needs the
 /// network, unless this file exists with content first (its README.Debian). The tests run
