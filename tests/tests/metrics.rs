@@ -49,7 +49,10 @@ fn contrib(path: &str) -> PathBuf {
 fn gate() -> Gate {
     let tokens = format!("metadata_urls = [\"{}\"]\n", testkit::AMURL);
     Gate::start_edited(0, &tokens, RULES, |text, _| {
-        format!("{text}\n[metrics]\nlisten = \"{METRICS}\"\n")
+        // Three refusals of one user are a failure burst: a detection the test can count.
+        format!(
+            "{text}\n[metrics]\nlisten = \"{METRICS}\"\n\n[detections.failure_burst_user]\nthreshold = 3\n"
+        )
     })
 }
 
@@ -211,6 +214,47 @@ fn syns(ns: &Netns, count: u16) {
     });
 }
 
+/// The audit log once it holds `requests` request lines (bounded wait: it is written
+/// behind the answers).
+fn audited(g: &Gate, requests: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines = audit_lines(&g.audit);
+        let n = lines.iter().filter(|l| l["kind"] == "request").count();
+        if n >= requests || Instant::now() > deadline {
+            assert_eq!(n, requests, "{lines:?}");
+            return lines;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One request the rules allow (a callback token from Salesforce) and one they refuse
+/// (Basic from the offices by a user no rule names), `n` times each.
+fn traffic(g: &Gate, n: usize) {
+    let token = g.pki.token(|c| c);
+    let bearer = format!("Bearer {token}");
+    let soap = requests::get_item(&[TOKEN_ITEM]);
+    for _ in 0..n {
+        let r = g
+            .https("sf")
+            .ews(&[("Authorization", &bearer)], soap.as_bytes())
+            .expect("reply");
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let basic = format!(
+        "Basic {}",
+        STANDARD.encode("mallory@elsewhere.test:s3cret-Pa55")
+    );
+    for _ in 0..n {
+        let r = g
+            .https("office")
+            .ews(&[("Authorization", &basic)], soap.as_bytes())
+            .expect("reply");
+        assert_ne!(r.status, 200, "{}", r.body);
+    }
+}
+
 #[test]
 fn prometheus_scrapes_the_counters_the_traffic_produced() {
     let g = gate();
@@ -224,35 +268,17 @@ fn prometheus_scrapes_the_counters_the_traffic_produced() {
     let dropped_q = r#"sum(ewsgate_packets_total{verdict="drop",reason="drop_not_allowed"})"#;
     let dropped_before = prom.query(dropped_q).expect("the packet counters are scraped");
 
-    // Allowed: three callback-token requests from Salesforce, one token.
-    let token = g.pki.token(|c| c);
-    let bearer = format!("Bearer {token}");
-    let soap = requests::get_item(&[TOKEN_ITEM]);
-    for _ in 0..3 {
-        let r = g
-            .https("sf")
-            .ews(&[("Authorization", &bearer)], soap.as_bytes())
-            .expect("reply");
-        assert_eq!(r.status, 200, "{}", r.body);
-    }
-    // Refused: two Basic requests from the offices by a user no rule names.
-    let basic = format!(
-        "Basic {}",
-        STANDARD.encode("mallory@elsewhere.test:s3cret-Pa55")
-    );
-    for _ in 0..2 {
-        let r = g
-            .https("office")
-            .ews(&[("Authorization", &basic)], soap.as_bytes())
-            .expect("reply");
-        assert_ne!(r.status, 200, "{}", r.body);
-    }
+    // Allowed: three callback-token requests from Salesforce (one token); refused: three
+    // Basic requests from the offices.
+    traffic(&g, 3);
     // Dropped by XDP: five SYNs from the internet.
     syns(g.lab.client("inet"), 5);
 
+    audited(&g, 6);
+    // The detection's audit event is written right after the third refusal's line.
+    thread::sleep(Duration::from_millis(200));
     let audit = audit_lines(&g.audit);
-    let requests_audited = audit.iter().filter(|l| l["kind"] == "request").count();
-    assert_eq!(requests_audited, 5, "{audit:?}");
+    let detections = audit.iter().filter(|l| l["kind"] == "detection").count();
 
     let checks: [(&str, f64); 9] = [
         (
@@ -261,12 +287,12 @@ fn prometheus_scrapes_the_counters_the_traffic_produced() {
         ),
         (
             r#"sum(ewsgate_requests_total{rule="none",group="offices",auth="basic",verdict="deny"})"#,
-            2.0,
+            3.0,
         ),
-        ("sum(ewsgate_requests_total)", 5.0),
-        (r#"sum(ewsgate_refusals_total{failure="policy"})"#, 2.0),
-        ("sum(ewsgate_refusals_total)", 2.0),
-        ("sum(ewsgate_request_duration_seconds_count)", 5.0),
+        ("sum(ewsgate_requests_total)", 6.0),
+        (r#"sum(ewsgate_refusals_total{failure="policy"})"#, 3.0),
+        ("sum(ewsgate_refusals_total)", 3.0),
+        ("sum(ewsgate_request_duration_seconds_count)", 6.0),
         ("sum(ewsgate_upstream_duration_seconds_count)", 3.0),
         ("ewsgate_token_cache_misses_total", 1.0),
         ("ewsgate_token_cache_hits_total", 2.0),
@@ -274,6 +300,13 @@ fn prometheus_scrapes_the_counters_the_traffic_produced() {
     for (q, want) in checks {
         assert_eq!(prom.settle(q, want), Some(want), "{q}");
     }
+    // Each detection the audit log recorded (first-seen sources, at least) is counted.
+    assert!(detections > 0, "{audit:?}");
+    let fired = detections as f64;
+    assert_eq!(
+        prom.settle("sum(ewsgate_detections_total)", fired),
+        Some(fired)
+    );
     assert_eq!(
         prom.settle(dropped_q, dropped_before + 5.0),
         Some(dropped_before + 5.0),
@@ -362,6 +395,8 @@ fn the_dashboard_queries_only_metrics_a_real_scrape_has_and_the_agent_can_be_dow
     dashboard_exprs(&dashboard, &mut exprs);
     let used: BTreeSet<String> = exprs.iter().flat_map(|e| metric_names(e)).collect();
     assert!(used.len() >= 20, "the dashboard queries {used:?}");
+    traffic(&g, 1);
+    audited(&g, 2);
 
     let (head, body) = scrape(&g);
     assert!(

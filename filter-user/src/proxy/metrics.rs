@@ -220,13 +220,21 @@ impl ProxyMetrics {
         }
     }
 
-    /// Interns the names a config can put in labels, so that requests find them ready.
+    /// Interns the names a config can put in labels, so that requests find them ready, and
+    /// shows every enabled detection at 0 (a series that appears only when it first fires
+    /// would hide its first increase from `rate` and `increase`).
     pub fn prime(&self, config: &Config) {
         for r in &config.rules {
             self.names.get(&r.name);
         }
         for g in &config.groups {
             self.names.get(&g.name);
+        }
+        let detections = &config.ops.detections;
+        for rule in detections.rules.iter().filter(|r| detections.enabled && r.enabled) {
+            let _ = self.detections.get_or_create(&DetectionLabel {
+                detection: rule.kind.name(),
+            });
         }
     }
 
