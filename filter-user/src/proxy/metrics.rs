@@ -511,3 +511,184 @@ async fn answer(
     }
     reply(StatusCode::OK, scrape(&shared).await, CONTENT_TYPE)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeSet, net::SocketAddr, time::Instant};
+
+    use super::*;
+    use crate::{
+        model::auth::AuthKind,
+        proxy::context::{ConnInfo, Ctx},
+    };
+
+    fn ctx(i: usize, reason: &str) -> Ctx {
+        let peer: SocketAddr = format!("198.51.100.{}:{}", i % 250, 40000 + i)
+            .parse()
+            .unwrap();
+        let conn = Arc::new(ConnInfo {
+            id: i as u64,
+            peer,
+            group: Some(Arc::from(["offices", "salesforce"][i % 2])),
+            client_cert: None,
+        });
+        let mut c = Ctx::new(conn, Instant::now());
+        c.auth = [AuthKind::Basic, AuthKind::Bearer, AuthKind::Ntlm][i % 3];
+        c.user = Some(format!("user{i}@example.org"));
+        c.rule = (i % 4 == 0).then(|| Arc::from("office-basic"));
+        c.op_class = Some(OpClass::Read);
+        c.data = Some(["calendar,contacts", "unresolved", "<script>", "email"][i % 4].into());
+        c.decision = match (i / 6) % 3 {
+            0 => Decision::Allow,
+            _ => Decision::Deny,
+        };
+        c.reason = reason.to_string().into();
+        c.failure = Some(FailureClass::Policy);
+        c.upstream_ms = Some(1.5);
+        c.inspected_request = 100;
+        c
+    }
+
+    /// Every line is a comment the format knows or `name{label="value",...} number`.
+    fn parse(text: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
+        let mut samples = Vec::new();
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        for line in text.lines() {
+            if line == "# EOF" {
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# ") {
+                let mut parts = rest.splitn(3, ' ');
+                let kind = parts.next().unwrap();
+                assert!(["HELP", "TYPE", "UNIT"].contains(&kind), "{line}");
+                assert!(parts.next().unwrap().starts_with("ewsgate_"), "{line}");
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').expect(line);
+            let value: f64 = value.parse().expect(line);
+            let (name, labels) = match series.split_once('{') {
+                Some((n, l)) => (n, l.strip_suffix('}').expect(line)),
+                None => (series, ""),
+            };
+            assert!(
+                name.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':'),
+                "{line}"
+            );
+            samples.push((name.to_string(), label_pairs(labels, line), value));
+        }
+        samples
+    }
+
+    /// `k="v",k2="v2"`, with the format's escapes (`\\`, `\"`, `\n`) inside values.
+    fn label_pairs(mut rest: &str, line: &str) -> Vec<(String, String)> {
+        let mut pairs = Vec::new();
+        while !rest.is_empty() {
+            let (key, after) = rest.split_once("=\"").expect(line);
+            assert!(
+                key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+                "{line}"
+            );
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let end = loop {
+                match chars.next().expect(line) {
+                    (_, '\\') => match chars.next().expect(line).1 {
+                        'n' => value.push('\n'),
+                        c => value.push(c),
+                    },
+                    (i, '"') => break i,
+                    (_, c) => value.push(c),
+                }
+            };
+            pairs.push((key.to_string(), value));
+            rest = &after[end + 1..];
+            rest = rest.strip_prefix(',').unwrap_or(rest);
+        }
+        pairs
+    }
+
+    #[test]
+    fn the_exposition_parses_and_its_labels_name_no_user_and_no_address() {
+        let m = ProxyMetrics::new();
+        let reasons = [
+            "no_rule_matched",
+            "no rule allows FindItem on email",
+            "path: double escape in /ews/%252e",
+            "identity_refused: detection failure-burst-user for 203.0.113.9",
+            "token_expired",
+            "GetItem names items outside the callback token's scope",
+        ];
+        for i in 0..600 {
+            m.record(&ctx(i, reasons[i % reasons.len()]));
+        }
+        m.refusal("head_timeout", Some(FailureClass::Protocol));
+        m.detection("password-spray");
+        let mut text = m.encode(10, 64 << 20);
+        text.push_str("# EOF\n");
+        let samples = parse(&text);
+        let mut values: BTreeSet<(String, String)> = BTreeSet::new();
+        for (_, labels, _) in &samples {
+            for (k, v) in labels {
+                assert!(!v.contains('@') && !v.contains("198.51.100."), "{k}={v}");
+                assert!(!v.contains("203.0.113."), "{k}={v}");
+                values.insert((k.clone(), v.clone()));
+            }
+        }
+        let of = |key: &str| -> BTreeSet<&str> {
+            values
+                .iter()
+                .filter(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+                .collect()
+        };
+        assert_eq!(
+            of("reason"),
+            BTreeSet::from([
+                "head_timeout",
+                "identity_refused",
+                "no_rule_matched",
+                "path",
+                "policy",
+                "token_expired"
+            ])
+        );
+        assert_eq!(
+            of("data"),
+            BTreeSet::from(["calendar,contacts", "email", "other", "unresolved"])
+        );
+        assert_eq!(of("rule"), BTreeSet::from(["none", "office-basic"]));
+        assert_eq!(of("group"), BTreeSet::from(["offices", "salesforce"]));
+        let total: f64 = samples
+            .iter()
+            .filter(|(n, _, _)| n == "ewsgate_requests_total")
+            .map(|(_, _, v)| v)
+            .sum();
+        assert_eq!(total, 600.0);
+        let refused: f64 = samples
+            .iter()
+            .filter(|(n, _, _)| n == "ewsgate_refusals_total")
+            .map(|(_, _, v)| v)
+            .sum();
+        let denied = (0..600).filter(|i| (i / 6) % 3 != 0).count();
+        assert_eq!(refused, denied as f64 + 1.0);
+        assert!(samples
+            .iter()
+            .any(|(n, _, v)| n == "ewsgate_upstream_duration_seconds_count" && *v == 600.0));
+    }
+
+    #[test]
+    fn label_values_stay_bounded_whatever_the_reasons_say() {
+        let m = ProxyMetrics::new();
+        for i in 0..(MAX_NAMES + 500) {
+            m.refusal(&format!("made_up_reason_{i}"), None);
+        }
+        let text = m.encode(0, 1);
+        let reasons = text
+            .lines()
+            .filter(|l| l.starts_with("ewsgate_refusals_total{"))
+            .count();
+        assert!(reasons <= MAX_NAMES + 1, "{reasons} reason series");
+        assert_eq!(m.names.get("yet_another"), OTHER);
+    }
+}
