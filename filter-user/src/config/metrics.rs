@@ -57,3 +57,52 @@ impl RawMetrics {
         Ok(MetricsSettings { listen })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use crate::config::{Bundle, Config};
+
+    /// A config with `[proxy]` (its files as placeholder bytes: only their presence is
+    /// checked here) followed by `tail`.
+    fn parse(proxy: bool, tail: &str) -> Result<Config, String> {
+        let dir = Path::new("/etc/ewsgate");
+        let head = match proxy {
+            true => "[proxy]\nlisten = [\"192.0.2.10:443\"]\ncertificate = \"gate.pem\"\nprivate_key = \"gate.key\"\nupstream = \"http://127.0.0.1:8080\"\n",
+            false => "",
+        };
+        let mut bundle = Bundle {
+            path: dir.join("ewsgate.toml"),
+            text: format!("{head}{tail}"),
+            ..Default::default()
+        };
+        for f in ["gate.pem", "gate.key"] {
+            bundle.files.insert(PathBuf::from(dir).join(f), b"x".to_vec());
+        }
+        Config::from_bundle(&bundle).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_listen_address_defaults_to_loopback_and_is_checked() {
+        let c = parse(true, "[metrics]\n").unwrap();
+        assert_eq!(c.metrics.unwrap().listen.to_string(), "127.0.0.1:9464");
+        let c = parse(true, "[metrics]\nlisten = \"[::1]:9100\"\n").unwrap();
+        assert_eq!(c.metrics.unwrap().listen.to_string(), "[::1]:9100");
+        assert!(parse(true, "").unwrap().metrics.is_none());
+    }
+
+    #[test]
+    fn bad_metrics_settings_name_their_line_and_column() {
+        let e = parse(false, "[metrics]\nlisten = \"localhost:9464\"\n").unwrap_err();
+        assert!(e.contains("ewsgate.toml:2:10") && e.contains("not an address"), "{e}");
+        let e = parse(false, "\n[metrics]\n").unwrap_err();
+        assert!(e.contains("ewsgate.toml:2:1") && e.contains("needs [proxy]"), "{e}");
+        let e = parse(true, "[metrics]\nlisten = \"192.0.2.10:443\"\n").unwrap_err();
+        assert!(e.contains(":7:10") && e.contains("also a [proxy] listen"), "{e}");
+        let e = parse(true, "[metrics]\nlisten = \"127.0.0.1:0\"\n").unwrap_err();
+        assert!(e.contains("port 0"), "{e}");
+        let e = parse(true, "[metrics]\nport = 9464\n").unwrap_err();
+        assert!(e.contains(":7:1") && e.contains("unknown field"), "{e}");
+    }
+}

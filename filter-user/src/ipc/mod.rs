@@ -222,6 +222,14 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<ToAgent>(bad).is_err(), "{bad}");
         }
+        // A scrape's question carries its id and nothing else.
+        assert!(matches!(
+            serde_json::from_str::<ToAgent>(r#"{"type":"metrics","id":3}"#),
+            Ok(ToAgent::Metrics { id: 3 })
+        ));
+        assert!(
+            serde_json::from_str::<ToAgent>(r#"{"type":"metrics","id":3,"text":"x"}"#).is_err()
+        );
         let long = Failure {
             source: "198.51.100.9".parse().unwrap(),
             group: None,
