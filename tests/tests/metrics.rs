@@ -43,7 +43,9 @@ action = "allow"
 "#;
 
 fn contrib(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib").join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../contrib")
+        .join(path)
 }
 
 fn gate() -> Gate {
@@ -112,8 +114,14 @@ impl<'a> Prometheus<'a> {
         let log = fs::File::create(dir.join("log")).expect("prometheus log");
         let child = Command::new("ip")
             .args(["netns", "exec", &ns.name, "prometheus"])
-            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address={PROMETHEUS}"))
             .stdout(Stdio::null())
             .stderr(log)
@@ -266,7 +274,9 @@ fn prometheus_scrapes_the_counters_the_traffic_produced() {
         prom.log()
     );
     let dropped_q = r#"sum(ewsgate_packets_total{verdict="drop",reason="drop_not_allowed"})"#;
-    let dropped_before = prom.query(dropped_q).expect("the packet counters are scraped");
+    let dropped_before = prom
+        .query(dropped_q)
+        .expect("the packet counters are scraped");
 
     // Allowed: three callback-token requests from Salesforce (one token); refused: three
     // Basic requests from the offices.

@@ -136,10 +136,26 @@ pub fn render(maps: &Maps, config: &Config, reloads: &ReloadStats) -> Result<Str
     let settings = maps.settings()?;
     let cap = config.xdp.capacity;
     let fill = [
-        ("block_exact", settings.block_exact as usize, cap.dynamic_entries),
-        ("block_cidr", settings.block_cidr as usize, cap.dynamic_entries),
-        ("allow_exact", settings.allow_exact as usize, cap.dynamic_entries),
-        ("allow_cidr", settings.allow_cidr as usize, cap.dynamic_entries),
+        (
+            "block_exact",
+            settings.block_exact as usize,
+            cap.dynamic_entries,
+        ),
+        (
+            "block_cidr",
+            settings.block_cidr as usize,
+            cap.dynamic_entries,
+        ),
+        (
+            "allow_exact",
+            settings.allow_exact as usize,
+            cap.dynamic_entries,
+        ),
+        (
+            "allow_cidr",
+            settings.allow_cidr as usize,
+            cap.dynamic_entries,
+        ),
         (
             "ipv4_long_prefix_blocks",
             long_prefix_blocks(config),
@@ -154,9 +170,7 @@ pub fn render(maps: &Maps, config: &Config, reloads: &ReloadStats) -> Result<Str
     let entries = Family::<MapLabel, Gauge>::default();
     let capacity = Family::<MapLabel, Gauge>::default();
     for (map, used, most) in fill {
-        entries
-            .get_or_create(&MapLabel { map })
-            .set(used as i64);
+        entries.get_or_create(&MapLabel { map }).set(used as i64);
         capacity
             .get_or_create(&MapLabel { map })
             .set(i64::from(most));

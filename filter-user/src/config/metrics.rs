@@ -78,7 +78,9 @@ mod tests {
             ..Default::default()
         };
         for f in ["gate.pem", "gate.key"] {
-            bundle.files.insert(PathBuf::from(dir).join(f), b"x".to_vec());
+            bundle
+                .files
+                .insert(PathBuf::from(dir).join(f), b"x".to_vec());
         }
         Config::from_bundle(&bundle).map_err(|e| e.to_string())
     }
@@ -95,11 +97,20 @@ mod tests {
     #[test]
     fn bad_metrics_settings_name_their_line_and_column() {
         let e = parse(false, "[metrics]\nlisten = \"localhost:9464\"\n").unwrap_err();
-        assert!(e.contains("ewsgate.toml:2:10") && e.contains("not an address"), "{e}");
+        assert!(
+            e.contains("ewsgate.toml:2:10") && e.contains("not an address"),
+            "{e}"
+        );
         let e = parse(false, "\n[metrics]\n").unwrap_err();
-        assert!(e.contains("ewsgate.toml:2:1") && e.contains("needs [proxy]"), "{e}");
+        assert!(
+            e.contains("ewsgate.toml:2:1") && e.contains("needs [proxy]"),
+            "{e}"
+        );
         let e = parse(true, "[metrics]\nlisten = \"192.0.2.10:443\"\n").unwrap_err();
-        assert!(e.contains(":7:10") && e.contains("also a [proxy] listen"), "{e}");
+        assert!(
+            e.contains(":7:10") && e.contains("also a [proxy] listen"),
+            "{e}"
+        );
         let e = parse(true, "[metrics]\nlisten = \"127.0.0.1:0\"\n").unwrap_err();
         assert!(e.contains("port 0"), "{e}");
         let e = parse(true, "[metrics]\nport = 9464\n").unwrap_err();

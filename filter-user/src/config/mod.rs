@@ -28,8 +28,8 @@ pub use crate::model::Config;
 
 mod bundle;
 mod crowdsec;
-mod metrics;
 mod feed;
+mod metrics;
 pub mod ops;
 mod request;
 

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 
 use super::{
-    metrics::MetricsSettings,
     agent::{Copy, CopyMeta, CrowdSecSettings, FeedSettings, Held, LiveFeed},
+    metrics::MetricsSettings,
     ops::OpsSettings,
     packet::{Protected, SourceGroup, XdpSettings},
     rules::Rule,

@@ -162,10 +162,9 @@ impl ProxyMetrics {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
         let refusals = Family::<RefusalLabels, Counter>::default();
-        let request_seconds =
-            Family::<VerdictLabel, Histogram>::new_with_constructor(|| {
-                Histogram::new(seconds_buckets())
-            });
+        let request_seconds = Family::<VerdictLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(seconds_buckets())
+        });
         let upstream_seconds = Histogram::new(seconds_buckets());
         let inspected = Family::<DirectionLabel, Counter>::default();
         let detections = Family::<DetectionLabel, Counter>::default();
@@ -231,7 +230,11 @@ impl ProxyMetrics {
             self.names.get(&g.name);
         }
         let detections = &config.ops.detections;
-        for rule in detections.rules.iter().filter(|r| detections.enabled && r.enabled) {
+        for rule in detections
+            .rules
+            .iter()
+            .filter(|r| detections.enabled && r.enabled)
+        {
             let _ = self.detections.get_or_create(&DetectionLabel {
                 detection: rule.kind.name(),
             });
@@ -242,7 +245,11 @@ impl ProxyMetrics {
     pub fn request_labels(&self, ctx: &Ctx) -> RequestLabels {
         RequestLabels {
             rule: ctx.rule.as_deref().map_or(NONE, |r| self.names.get(r)),
-            group: ctx.conn.group.as_deref().map_or(NONE, |g| self.names.get(g)),
+            group: ctx
+                .conn
+                .group
+                .as_deref()
+                .map_or(NONE, |g| self.names.get(g)),
             auth: ctx.auth.name(),
             op_class: ctx.op_class.map_or(NONE, op_class_name),
             data: ctx.data.as_deref().map_or(NONE, |d| self.data_label(d)),
@@ -495,8 +502,10 @@ async fn answer(
     let reply = |status: StatusCode, body: String, kind: &'static str| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
-        r.headers_mut()
-            .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(kind));
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static(kind),
+        );
         Ok(r)
     };
     if req.uri().path() != "/metrics" {
