@@ -544,7 +544,7 @@ mod tests {
         let mut c = Ctx::new(conn, Instant::now());
         c.auth = [AuthKind::Basic, AuthKind::Bearer, AuthKind::Ntlm][i % 3];
         c.user = Some(format!("user{i}@example.org"));
-        c.rule = (i % 4 == 0).then(|| Arc::from("office-basic"));
+        c.rule = i.is_multiple_of(4).then(|| Arc::from("office-basic"));
         c.op_class = Some(OpClass::Read);
         c.data = Some(["calendar,contacts", "unresolved", "<script>", "email"][i % 4].into());
         c.decision = match (i / 6) % 3 {
@@ -559,7 +559,10 @@ mod tests {
     }
 
     /// Every line is a comment the format knows or `name{label="value",...} number`.
-    fn parse(text: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
+    /// A sample: its name, its labels, its value.
+    type Sample = (String, Vec<(String, String)>, f64);
+
+    fn parse(text: &str) -> Vec<Sample> {
         let mut samples = Vec::new();
         assert!(text.ends_with("# EOF\n"), "{text}");
         for line in text.lines() {
