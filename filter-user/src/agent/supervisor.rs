@@ -44,6 +44,9 @@ const CONNECT_GRACE: Duration = Duration::from_secs(10);
 const ADOPT_GRACE: Duration = Duration::from_secs(3);
 const RESTART_MIN: Duration = Duration::from_millis(500);
 const RESTART_MAX: Duration = Duration::from_secs(30);
+/// Scrapes the agent answers per second at most: each reads every counter from the maps,
+/// and a proxy that asks without end must not keep the worker from reloads.
+const METRICS_PER_SEC: u32 = 20;
 
 /// Who the proxy runs as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,6 +210,8 @@ struct Supervisor {
     child: Option<Child>,
     asks: Asks,
     restart_after: Duration,
+    /// The current second's scrape questions: when it began, how many.
+    metrics_asked: (Instant, u32),
 }
 
 /// Runs for the agent's life.
@@ -259,6 +264,7 @@ pub async fn run(
         child: None,
         asks,
         restart_after: RESTART_MIN,
+        metrics_asked: (Instant::now(), 0),
     };
     if sup.listeners.is_none() {
         info!("the listening sockets are held: waiting for the proxy that holds them");
@@ -565,7 +571,11 @@ impl Supervisor {
                 Ok(())
             }
             ToAgent::Metrics { id } => {
-                (self.asks)(Ask::Metrics(id));
+                // Past the budget the question goes unanswered: that scrape shows the agent
+                // as down, which is what a flood of them should look like.
+                if self.metrics_budget() {
+                    (self.asks)(Ask::Metrics(id));
+                }
                 Ok(())
             }
             ToAgent::Prepared { id } | ToAgent::Refused { id, .. }
@@ -582,6 +592,16 @@ impl Supervisor {
             }
             other => Err(format!("unexpected {other:?}")),
         }
+    }
+
+    fn metrics_budget(&mut self) -> bool {
+        let (since, asked) = &mut self.metrics_asked;
+        if since.elapsed() >= Duration::from_secs(1) {
+            *since = Instant::now();
+            *asked = 0;
+        }
+        *asked += 1;
+        *asked <= METRICS_PER_SEC
     }
 
     async fn tell(

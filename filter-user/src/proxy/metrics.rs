@@ -340,8 +340,8 @@ impl ProxyMetrics {
     }
 
     /// The request layer's exposition (no `# EOF`): the recorded metrics, then what is read
-    /// at scrape time (token cache, key fetches, audit backlog).
-    pub fn encode(&self, audit_backlog: usize, audit_limit: usize) -> String {
+    /// at scrape time (token cache, key fetches, the audit's lag).
+    pub fn encode(&self, audit: &AuditLag) -> String {
         let mut out = String::new();
         let _ = encode_registry(&mut out, &self.registry);
         let mut now = Registry::default();
@@ -380,12 +380,27 @@ impl ProxyMetrics {
         now.register(
             "ewsgate_audit_backlog_bytes",
             "Audit bytes written by requests and not yet on disk (the audit lag)",
-            gauge(audit_backlog),
+            gauge(audit.backlog),
         );
         now.register(
             "ewsgate_audit_backlog_limit_bytes",
             "The audit backlog past which new requests are refused (audit_backlog_bytes)",
-            gauge(audit_limit),
+            gauge(audit.limit),
+        );
+        let ratio = |v: f64| {
+            let g = Gauge::<f64, AtomicU64>::default();
+            g.set(v);
+            g
+        };
+        now.register(
+            "ewsgate_audit_sink_lag_seconds",
+            "Age of the oldest line queued for the slowest journald or syslog sink (0: none queued)",
+            ratio(audit.sink_oldest_secs),
+        );
+        now.register(
+            "ewsgate_audit_sink_fill_ratio",
+            "Fill of the fullest journald or syslog sink queue (at 0.9 requests are refused)",
+            ratio(audit.sink_fill),
         );
         let _ = encode_registry(&mut out, &now);
         out
@@ -416,6 +431,17 @@ impl ProxyMetrics {
     }
 }
 
+/// The audit's state at scrape time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AuditLag {
+    /// Bytes of the file sink's backlog, and the limit past which requests are refused.
+    pub backlog: usize,
+    pub limit: usize,
+    /// The other sinks' worst queue: its fill (0 to 1) and its oldest line's age.
+    pub sink_fill: f64,
+    pub sink_oldest_secs: f64,
+}
+
 /// Keeps `ewsgate_connections_open` up while a connection lives.
 pub struct ConnectionGuard(Arc<ProxyMetrics>);
 
@@ -435,11 +461,14 @@ fn op_class_name(class: OpClass) -> &'static str {
 /// The whole exposition: the request layer's part, the agent's (within the deadline), and
 /// `ewsgate_agent_up`.
 pub async fn scrape(shared: &Shared) -> String {
-    let state = shared.state.load();
-    let mut out = shared
-        .metrics
-        .encode(shared.audit.backlog(), state.settings.limits.audit_backlog);
-    drop(state);
+    let sinks = shared.ops.lag();
+    let audit = AuditLag {
+        backlog: shared.audit.backlog(),
+        limit: shared.state.load().settings.limits.audit_backlog,
+        sink_fill: sinks.as_ref().map_or(0.0, |l| l.fill),
+        sink_oldest_secs: sinks.map_or(0.0, |l| l.oldest.as_secs_f64()),
+    };
+    let mut out = shared.metrics.encode(&audit);
     let agent = ask_agent(shared).await;
     let up = agent.is_some();
     if let Some(text) = agent {
@@ -636,7 +665,11 @@ mod tests {
         }
         m.refusal("head_timeout", Some(FailureClass::Protocol));
         m.detection("password-spray");
-        let mut text = m.encode(10, 64 << 20);
+        let mut text = m.encode(&AuditLag {
+            backlog: 10,
+            limit: 64 << 20,
+            ..Default::default()
+        });
         text.push_str("# EOF\n");
         let samples = parse(&text);
         let mut values: BTreeSet<(String, String)> = BTreeSet::new();
@@ -695,7 +728,7 @@ mod tests {
         for i in 0..(MAX_NAMES + 500) {
             m.refusal(&format!("made_up_reason_{i}"), None);
         }
-        let text = m.encode(0, 1);
+        let text = m.encode(&AuditLag::default());
         let reasons = text
             .lines()
             .filter(|l| l.starts_with("ewsgate_refusals_total{"))
