@@ -19,7 +19,7 @@ use ewsgate::identity::tokens::testkit;
 use tests::{
     ews::audit_lines,
     gate::Gate,
-    lab::{stop_pid, tag, Netns, GATE_V4},
+    lab::{stop_pid, tag, Daemon, Netns, GATE_V4},
     mailbox::{requests, TOKEN_ITEM},
 };
 
@@ -434,6 +434,30 @@ fn the_dashboard_queries_only_metrics_a_real_scrape_has_and_the_agent_can_be_dow
     assert!(body.contains("ewsgate_agent_up 0"), "{body}");
     assert!(body.contains("# TYPE ewsgate_requests counter"), "{body}");
     assert!(!body.contains("ewsgate_packets_total"), "{body}");
+    // A new agent adopts the proxy, which kept the metrics socket: the packet layer is back.
+    let config = g.daemon.config.clone();
+    let daemon = Daemon::start(&g.lab.gate, &config, &g.dir.join("ctl.sock")).expect("agent");
+    let orphans = std::mem::take(&mut g.daemon.orphans);
+    g.daemon = daemon;
+    g.daemon.orphans = orphans;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let (_, body) = scrape(&g);
+        if body.contains("ewsgate_agent_up 1") || Instant::now() > deadline {
+            break body;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        body.contains("ewsgate_agent_up 1"),
+        "{body}\n{}",
+        g.daemon.log()
+    );
+    assert!(body.contains("ewsgate_packets_total{"), "{body}");
+    assert!(
+        body.contains(r#"ewsgate_requests_total{rule="salesforce-callback""#),
+        "the adopted proxy kept its counts: {body}"
+    );
 }
 
 #[test]
