@@ -55,7 +55,7 @@ use crate::{
     proxy::{context::Ctx, Shared},
 };
 
-/// `text/plain` exposition, OpenMetrics flavour (what prometheus-client writes).
+/// The OpenMetrics text exposition (what prometheus-client writes; Prometheus reads it).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// How long a scrape waits for the agent's packet-layer part.
 pub const AGENT_DEADLINE: Duration = Duration::from_secs(2);
