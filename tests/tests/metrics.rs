@@ -333,6 +333,34 @@ fn prometheus_scrapes_the_counters_the_traffic_produced() {
         .is_some_and(|n| n > 0.0));
     assert_eq!(prom.query("sum(ewsgate_reloads_total)"), Some(0.0));
     assert_eq!(prom.query("ewsgate_reload_last_success"), Some(1.0));
+    assert!(prom.query("ewsgate_generation").is_some());
+
+    // A broken config is refused (the agent reloads on the file's change, or on `reload`):
+    // the refusal is counted and the last result says so; the fixed file is applied.
+    let config = g.daemon.config.clone();
+    let good = fs::read_to_string(&config).expect("config");
+    fs::write(
+        &config,
+        format!("{good}\n[[rule]]\nname = \"broken\"\nactoin = \"allow\"\n"),
+    )
+    .expect("broken config");
+    let _ = g.daemon.cli(&["reload"]);
+    assert_eq!(prom.settle("ewsgate_reload_last_success", 0.0), Some(0.0));
+    assert!(prom
+        .query(r#"ewsgate_reloads_total{result="refused"}"#)
+        .is_some_and(|n| n >= 1.0));
+    fs::write(&config, &good).expect("config");
+    g.daemon.cli(&["reload"]).expect("reload");
+    assert_eq!(prom.settle("ewsgate_reload_last_success", 1.0), Some(1.0));
+    assert!(prom
+        .query(r#"ewsgate_reloads_total{result="ok"}"#)
+        .is_some_and(|n| n >= 1.0));
+    // Each applied reload flips it (the file's watch may have reloaded too): the scrape
+    // says what `status` says.
+    let status: serde_json::Value =
+        serde_json::from_str(&g.daemon.cli(&["status", "--json"]).expect("status")).unwrap();
+    let live = status["generation"].as_f64().expect("status generation");
+    assert_eq!(prom.settle("ewsgate_generation", live), Some(live));
     // No alert fires on this healthy gate (the rules are loaded and evaluated).
     let (_, rules) = prom.get("/api/v1/rules").expect("rules");
     assert!(
