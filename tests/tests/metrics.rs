@@ -60,8 +60,17 @@ fn gate() -> Gate {
 
 /// One HTTP/1.0 GET inside `ns` (HTTP/1.0: the answer is never chunked): status and body.
 fn get(ns: &Netns, addr: &str, target: &str) -> std::io::Result<(u16, String, String)> {
+    call(ns, "GET", addr, target)
+}
+
+fn call(
+    ns: &Netns,
+    method: &str,
+    addr: &str,
+    target: &str,
+) -> std::io::Result<(u16, String, String)> {
     let addr: SocketAddr = addr.parse().expect("address");
-    let request = format!("GET {target} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    let request = format!("{method} {target} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
     ns.run(move || {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         s.set_read_timeout(Some(Duration::from_secs(15)))?;
@@ -455,6 +464,8 @@ fn the_dashboard_queries_only_metrics_a_real_scrape_has_and_the_agent_can_be_dow
     // Anything but GET /metrics is refused.
     let (status, _, _) = get(&g.lab.gate, METRICS, "/admin").expect("404");
     assert_eq!(status, 404);
+    let (status, _, _) = call(&g.lab.gate, "DELETE", METRICS, "/metrics").expect("405");
+    assert_eq!(status, 405);
 
     // With the agent gone, the proxy still answers, and says the agent is down.
     g.daemon.kill9();
