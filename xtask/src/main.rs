@@ -44,6 +44,8 @@ const APT_PACKAGES: &[&str] = &[
     "chromium",
     "logrotate",
     "systemd",
+    // A real Prometheus scrapes the gate; its promtool unit-tests the alerting rules.
+    "prometheus",
     // `cargo xtask package` and its test: lintian checks the .deb, debootstrap makes a
     // clean Debian 12 root to install it in, systemd-analyze rates the units.
     "lintian",

@@ -29,6 +29,7 @@ pub use crate::model::Config;
 mod bundle;
 mod crowdsec;
 mod feed;
+mod metrics;
 pub mod ops;
 mod request;
 
@@ -150,7 +151,15 @@ impl Config {
             &names,
             proxy.as_ref(),
         )?;
+        let metrics = raw
+            .metrics
+            .map(|m| {
+                let at = m.span().start;
+                m.into_inner().validate(&here, at, proxy.as_ref())
+            })
+            .transpose()?;
         Ok(Config {
+            metrics,
             path: path.to_path_buf(),
             xdp: raw.xdp.validate(&here)?,
             protect: validate_protect(&here, raw.protect)?,
@@ -234,6 +243,7 @@ struct RawConfig {
     audit: Option<ops::RawAudit>,
     feeds: Option<feed::RawFeeds>,
     crowdsec: Option<crowdsec::RawCrowdSec>,
+    metrics: Option<Spanned<metrics::RawMetrics>>,
 }
 
 #[derive(Deserialize, Default)]
