@@ -37,6 +37,10 @@ const APT_PACKAGES: &[&str] = &[
     // ewsgate as a CrowdSec bouncer, CrowdSec and fail2ban reading the audit log.
     "crowdsec",
     "fail2ban",
+    // The fleet: protoc builds etcd-client's protos; the tests run real etcd 3.4 members.
+    "protobuf-compiler",
+    "etcd-server",
+    "etcd-client",
     // The audit report rendered in a real browser; file sinks under a real logrotate;
     // a real journald (started by the test in its own mount namespace) and journalctl.
     "chromium",

@@ -29,6 +29,7 @@ pub use crate::model::Config;
 mod bundle;
 mod crowdsec;
 mod feed;
+mod fleet;
 pub mod ops;
 mod request;
 
@@ -161,6 +162,7 @@ impl Config {
             rules: request::validate_rules(&here, raw.rule, &names)?,
             ops,
             crowdsec: raw.crowdsec.map(|c| c.validate(&here, base)).transpose()?,
+            fleet: raw.fleet.map(|f| f.validate(&here, base)).transpose()?,
             feeds,
             groups,
         })
@@ -234,6 +236,7 @@ struct RawConfig {
     audit: Option<ops::RawAudit>,
     feeds: Option<feed::RawFeeds>,
     crowdsec: Option<crowdsec::RawCrowdSec>,
+    fleet: Option<fleet::RawFleet>,
 }
 
 #[derive(Deserialize, Default)]

@@ -32,6 +32,8 @@ pub struct Config {
     pub crowdsec: Option<CrowdSecSettings>,
     /// `[detections]` and `[audit]`.
     pub ops: OpsSettings,
+    /// The etcd fleet this gate belongs to; `None`: a standalone gate.
+    pub fleet: Option<super::fleet::FleetSettings>,
 }
 
 impl Config {
