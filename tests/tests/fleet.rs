@@ -70,15 +70,19 @@ fn fleet_state(d: &Daemon) -> String {
         .to_string()
 }
 
-fn wait_for(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
+fn wait_for(limit: Duration, what: &str, ok: impl FnMut() -> bool) {
+    assert!(within(limit, ok), "{what}: not within {limit:?}");
+}
+
+fn within(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if ok() {
-            return;
+            return true;
         }
         thread::sleep(Duration::from_millis(100));
     }
-    panic!("{what}: not within {limit:?}");
+    false
 }
 
 /// A TCP connection from `role` to the gate's tcp/443 opens (XDP did not drop the SYN).
@@ -334,12 +338,18 @@ fn a_pushed_config_runs_everywhere_and_a_bad_one_nowhere() {
         .unwrap();
     assert!(out.contains("revision"), "{out}");
     let mut rev = None;
-    wait_for(Duration::from_secs(20), "every gate runs the revision", || {
-        let s = fleet_status(g1);
-        rev = s["revision"].as_i64();
-        let gates = s["gates"].as_array().cloned().unwrap_or_default();
+    let mut seen = Value::Null;
+    let ran = within(Duration::from_secs(20), || {
+        seen = fleet_status(g1);
+        rev = seen["revision"].as_i64();
+        let gates = seen["gates"].as_array().cloned().unwrap_or_default();
         gates.len() == 3 && gates.iter().all(|g| g["report"]["revision"].as_i64() == rev)
     });
+    assert!(
+        ran,
+        "every gate runs the revision: {seen}\n{}",
+        f[1].gate.daemon.log()
+    );
     for m in &f {
         assert!(connects(m, "inet"), "the new group is in force");
     }
@@ -358,8 +368,7 @@ fn a_pushed_config_runs_everywhere_and_a_bad_one_nowhere() {
         .daemon
         .cli(&["fleet", "push", bad.to_str().unwrap()])
         .unwrap();
-    let mut seen = Value::Null;
-    wait_for(Duration::from_secs(20), "every gate refuses it", || {
+    let refused = within(Duration::from_secs(20), || {
         seen = fleet_status(g1);
         let bad_rev = seen["revision"].as_i64();
         let gates = seen["gates"].as_array().cloned().unwrap_or_default();
@@ -370,6 +379,7 @@ fn a_pushed_config_runs_everywhere_and_a_bad_one_nowhere() {
                     && g["report"]["revision"].as_i64() == rev
             })
     });
+    assert!(refused, "every gate refuses it: {seen}");
     let why = seen["gates"][0]["report"]["refused"][1]
         .as_str()
         .unwrap_or_default()

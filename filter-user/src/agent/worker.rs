@@ -781,9 +781,8 @@ impl Worker {
     fn fleet_config(&mut self, revision: Revision, rev: i64) -> Result<String, String> {
         let started = Instant::now();
         let bundle = compose(&self.bundle, &self.config, revision)?;
-        let mut new = Config::from_bundle(&bundle).map_err(|e| e.to_string())?;
-        // A local reload (SIGHUP) still reads the local file.
-        new.path = self.config.path.clone();
+        // Its path is the local file's: a local reload (SIGHUP) reads that file again.
+        let new = Config::from_bundle(&bundle).map_err(|e| e.to_string())?;
         let result = self.apply(new, bundle).map_err(|e| format!("{e:#}"));
         self.last_reload = match &result {
             Ok(()) => format!(
@@ -797,7 +796,8 @@ impl Worker {
 }
 
 /// A fleet revision with this gate's `[xdp]` and `[fleet]` appended (the revision carries
-/// neither); `[fleet]`'s TLS files by the paths they resolved to here.
+/// neither), read as if it were this gate's config file: relative names resolve against
+/// this gate's config directory.
 fn compose(current: &Bundle, config: &Config, r: Revision) -> Result<Bundle, String> {
     let local: toml::Table = toml::from_str(&current.text)
         .map_err(|e| format!("the running config does not parse again: {e}"))?;
@@ -807,7 +807,20 @@ fn compose(current: &Bundle, config: &Config, r: Revision) -> Result<Bundle, Str
             own.insert(key.into(), v.clone());
         }
     }
-    let mut files: BTreeMap<PathBuf, Vec<u8>> = r.files.into_iter().collect();
+    // Relative names resolve against this gate's config directory (an audit log, a state
+    // directory), so the files the revision carries move there with them.
+    let (from, to) = (
+        r.path.parent().unwrap_or(std::path::Path::new("/")),
+        config.path.parent().unwrap_or(std::path::Path::new("/")),
+    );
+    let mut files: BTreeMap<PathBuf, Vec<u8>> = r
+        .files
+        .into_iter()
+        .map(|(p, bytes)| match p.strip_prefix(from) {
+            Ok(rel) => (to.join(rel), bytes),
+            Err(_) => (p, bytes),
+        })
+        .collect();
     if let (Some(toml::Value::Table(f)), Some(tls)) = (
         own.get_mut("fleet"),
         config.fleet.as_ref().and_then(|f| f.tls.as_ref()),
@@ -825,7 +838,7 @@ fn compose(current: &Bundle, config: &Config, r: Revision) -> Result<Bundle, Str
     }
     let own = toml::to_string(&own).map_err(|e| format!("writing [xdp] and [fleet]: {e}"))?;
     Ok(Bundle {
-        path: r.path,
+        path: config.path.clone(),
         text: format!("{}\n\n{own}", r.text.trim_end()),
         files,
     })
