@@ -94,9 +94,13 @@ fn connects(m: &Member, role: &str) -> bool {
 
 /// Waits until `role` is dropped (or let through) at every gate in `at`.
 fn expect(at: &[&Member], role: &str, dropped: bool, limit: Duration, what: &str) {
-    wait_for(limit, what, || {
-        at.iter().all(|m| connects(m, role) != dropped)
-    });
+    let ok = within(limit, || at.iter().all(|m| connects(m, role) != dropped));
+    if !ok {
+        for m in at {
+            eprintln!("--- {}\n{}", m.gate.daemon.config.display(), m.gate.daemon.log());
+        }
+    }
+    assert!(ok, "{what}: not within {limit:?}");
 }
 
 /// `failures` connections from `role` that send plain HTTP to the TLS port: each a failed
@@ -201,7 +205,8 @@ fn members_and_quorum_lost_then_back() {
     wait_for(Duration::from_secs(10), "gate 2 sees the partition", || {
         fleet_state(&g2.gate.daemon) == "partitioned"
     });
-    assert!(status(&g2.gate.daemon)["fleet"]["outbox"].as_u64() >= Some(1));
+    let s = status(&g2.gate.daemon);
+    assert!(s["fleet"]["outbox"].as_u64() >= Some(1), "{s}\n{}", g2.gate.daemon.log());
     thread::sleep(Duration::from_secs(2));
     assert!(connects(g1, "office") && connects(g3, "office"), "not yet elsewhere");
     for m in &f {

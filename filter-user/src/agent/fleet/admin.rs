@@ -46,7 +46,7 @@ pub async fn push(s: &FleetSettings, file: &Path) -> Result<i64, AdminError> {
     let value = serde_json::to_vec(&revision)
         .map_err(|e| AdminError::Refused(format!("encoding the revision: {e}")))?;
     let keys = Keys::new(&s.prefix);
-    let mut client = connect(s).await?;
+    let (mut client, _) = connect(s, 0).await?;
     let put = tokio::time::timeout(s.timeout, client.put(keys.config(), value, None))
         .await
         .map_err(|_| FleetError::Timeout("storing the revision"))?
@@ -60,7 +60,7 @@ pub async fn push(s: &FleetSettings, file: &Path) -> Result<i64, AdminError> {
 /// Every gate's report, by name.
 pub async fn reports(s: &FleetSettings) -> Result<Vec<(String, GateReport)>, AdminError> {
     let keys = Keys::new(&s.prefix);
-    let mut client = connect(s).await?;
+    let (mut client, _) = connect(s, 0).await?;
     let (kvs, _) = list(&mut client, &keys.gates(), s.timeout).await?;
     Ok(kvs
         .into_iter()
@@ -74,7 +74,7 @@ pub async fn reports(s: &FleetSettings) -> Result<Vec<(String, GateReport)>, Adm
 /// The revision stored under `<prefix>/config`, if any.
 pub async fn current(s: &FleetSettings) -> Result<Option<i64>, AdminError> {
     let keys = Keys::new(&s.prefix);
-    let mut client = connect(s).await?;
+    let (mut client, _) = connect(s, 0).await?;
     let got = tokio::time::timeout(s.timeout, client.get(keys.config(), None))
         .await
         .map_err(|_| FleetError::Timeout("reading the revision"))?

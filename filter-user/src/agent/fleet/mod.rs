@@ -267,7 +267,10 @@ async fn run(
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => break,
                 got = rx.recv() => match got {
-                    Some(c) => outbox.push(&keys, &settings.gate, c, unix_ms()),
+                    Some(c) => {
+                        outbox.push(&keys, &settings.gate, c, unix_ms());
+                        publish_status(&status, &settings, &outbox, &shared);
+                    }
                     None => return,
                 },
                 changed = view.changed() => { if changed.is_err() { return } break }

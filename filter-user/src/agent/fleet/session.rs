@@ -69,6 +69,8 @@ pub struct Shared {
     pub fleet_blocks: usize,
     pub fleet_allows: usize,
     pub resyncs: u64,
+    /// The member the next session tries first.
+    pub member: usize,
 }
 
 /// Runs `what` within `limit`.
@@ -84,12 +86,29 @@ async fn deadline<T>(
     }
 }
 
-/// A client for `s`, with TLS when set. Also used by `ewsgate fleet`.
-pub async fn connect(s: &FleetSettings) -> Result<Client, FleetError> {
+/// A client on one member, trying them in turn from `start`; returns the member's index.
+/// One member at a time: a balanced channel keeps sending calls to a member that is gone.
+/// Also used by `ewsgate fleet`.
+pub async fn connect(s: &FleetSettings, start: usize) -> Result<(Client, usize), FleetError> {
+    let n = s.endpoints.len().max(1);
+    let mut last = FleetError::Lost("no endpoints".into());
+    for k in 0..n {
+        let i = (start + k) % n;
+        match connect_one(s, &s.endpoints[i]).await {
+            Ok(c) => return Ok((c, i)),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+async fn connect_one(s: &FleetSettings, endpoint: &str) -> Result<Client, FleetError> {
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(s.timeout)
         .with_timeout(s.timeout)
-        .with_keep_alive(Duration::from_secs(2), s.timeout);
+        .with_keep_alive(Duration::from_secs(2), s.timeout)
+        // A member cut off from its leader refuses watches and keepalives at once.
+        .with_require_leader(true);
     if let Some(t) = &s.tls {
         let read = |p: &std::path::Path| {
             std::fs::read(p).map_err(|source| FleetError::Tls {
@@ -105,12 +124,16 @@ pub async fn connect(s: &FleetSettings) -> Result<Client, FleetError> {
             ));
         opts = opts.with_tls(tls);
     }
-    deadline(
+    let mut client = deadline(
         s.timeout,
         "connecting",
-        Client::connect(s.endpoints.clone(), Some(opts)),
+        Client::connect([endpoint], Some(opts)),
     )
-    .await
+    .await?;
+    // A linearizable read answers only where there is a quorum.
+    let probe = GetOptions::new().with_count_only();
+    deadline(s.timeout, "reading", client.get(s.prefix.as_str(), Some(probe))).await?;
+    Ok(client)
 }
 
 /// Every key under `prefix` at one revision, page by page: `(key, value, mod revision)`.
@@ -226,7 +249,23 @@ impl Session<'_> {
             shared.state = "connecting";
         }
         publish_status(status, s, outbox, shared);
-        let mut client = connect(s).await?;
+        // Connecting may take a deadline per member: local changes keep queueing meanwhile.
+        let connecting = connect(s, shared.member);
+        tokio::pin!(connecting);
+        let (mut client, member) = loop {
+            tokio::select! {
+                r = &mut connecting => break r?,
+                got = rx.recv() => match got {
+                    Some(c) => {
+                        outbox.push(keys, &s.gate, c, unix_ms());
+                        publish_status(status, s, outbox, shared);
+                    }
+                    None => return Ok(End::Stopped),
+                },
+            }
+        };
+        // Whatever ends this session, the next one tries the next member first.
+        shared.member = member + 1;
         let ttl = s.session_ttl.as_secs() as i64;
         let lease = deadline(s.timeout, "granting the session lease", client.lease_grant(ttl, None))
             .await?
