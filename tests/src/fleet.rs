@@ -166,7 +166,8 @@ impl Etcd {
         ))?;
         gate.ip(&format!("addr add {gate_addr}/30 dev f-etcd"))?;
         gate.ip("link set f-etcd up")?;
-        self.ns.ip(&format!("addr add {our_addr}/30 dev {theirs}"))?;
+        self.ns
+            .ip(&format!("addr add {our_addr}/30 dev {theirs}"))?;
         self.ns.ip(&format!("link set {theirs} up"))?;
         gate.ip(&format!("route add {ETCD_ADDR}/32 via {our_addr}"))?;
         Ok(theirs)
@@ -175,7 +176,10 @@ impl Etcd {
     /// Cuts (or heals) the gate behind `link` off etcd.
     pub fn set_link(&self, link: &str, up: bool) -> anyhow::Result<()> {
         self.ns
-            .ip(&format!("link set {link} {}", if up { "up" } else { "down" }))
+            .ip(&format!(
+                "link set {link} {}",
+                if up { "up" } else { "down" }
+            ))
             .map(|_| ())
     }
 

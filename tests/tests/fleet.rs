@@ -97,7 +97,11 @@ fn expect(at: &[&Member], role: &str, dropped: bool, limit: Duration, what: &str
     let ok = within(limit, || at.iter().all(|m| connects(m, role) != dropped));
     if !ok {
         for m in at {
-            eprintln!("--- {}\n{}", m.gate.daemon.config.display(), m.gate.daemon.log());
+            eprintln!(
+                "--- {}\n{}",
+                m.gate.daemon.config.display(),
+                m.gate.daemon.log()
+            );
         }
     }
     assert!(ok, "{what}: not within {limit:?}");
@@ -139,31 +143,78 @@ fn blocks_propagate_and_lapse_everywhere_also_without_etcd() {
     // A block typed on gate 1 drops the office at gates 2 and 3.
     g1.gate
         .daemon
-        .cli(&["block", "add", "198.51.100.10", "--ttl", "6", "--reason", "lab"])
+        .cli(&[
+            "block",
+            "add",
+            "198.51.100.10",
+            "--ttl",
+            "6",
+            "--reason",
+            "lab",
+        ])
         .unwrap();
     let t = Instant::now();
-    expect(&[g2, g3], "office", true, Duration::from_secs(5), "block reaches 2, 3");
-    println!("CLI block enforced at gates 2 and 3 after {:?}", t.elapsed());
+    expect(
+        &[g2, g3],
+        "office",
+        true,
+        Duration::from_secs(5),
+        "block reaches 2, 3",
+    );
+    println!(
+        "CLI block enforced at gates 2 and 3 after {:?}",
+        t.elapsed()
+    );
     let list = g2.gate.daemon.cli(&["block", "list"]).unwrap();
     assert!(list.contains("fleet gate-1: lab"), "{list}");
     // Its expiry lapses everywhere.
-    expect(&[g1, g2, g3], "office", false, Duration::from_secs(10), "expiry lapses");
+    expect(
+        &[g1, g2, g3],
+        "office",
+        false,
+        Duration::from_secs(10),
+        "expiry lapses",
+    );
 
     // Feedback on gate 1: Salesforce's address fails five times and is dropped at 2 and 3.
     assert!(connects(g3, "sf"));
     fail(g1, "sf", 5);
-    expect(&[g1, g2, g3], "sf", true, Duration::from_secs(5), "feedback block reaches all");
+    expect(
+        &[g1, g2, g3],
+        "sf",
+        true,
+        Duration::from_secs(5),
+        "feedback block reaches all",
+    );
     let list = g3.gate.daemon.cli(&["block", "list"]).unwrap();
-    assert!(list.contains("198.51.100.140") && list.contains("fleet gate-1"), "{list}");
-    g1.gate.daemon.cli(&["block", "del", "198.51.100.140"]).unwrap();
-    expect(&[g1, g2, g3], "sf", false, Duration::from_secs(5), "block del lifts it everywhere");
+    assert!(
+        list.contains("198.51.100.140") && list.contains("fleet gate-1"),
+        "{list}"
+    );
+    g1.gate
+        .daemon
+        .cli(&["block", "del", "198.51.100.140"])
+        .unwrap();
+    expect(
+        &[g1, g2, g3],
+        "sf",
+        false,
+        Duration::from_secs(5),
+        "block del lifts it everywhere",
+    );
 
     // Expiry while etcd is down: the gates lapse the entry on their own clock.
     g1.gate
         .daemon
         .cli(&["block", "add", "198.51.100.10", "--ttl", "5"])
         .unwrap();
-    expect(&[g2, g3], "office", true, Duration::from_secs(5), "second block reaches 2, 3");
+    expect(
+        &[g2, g3],
+        "office",
+        true,
+        Duration::from_secs(5),
+        "second block reaches 2, 3",
+    );
     etcd.stop_all();
     wait_for(Duration::from_secs(10), "gates see etcd gone", || {
         f.iter()
@@ -173,7 +224,13 @@ fn blocks_propagate_and_lapse_everywhere_also_without_etcd() {
     assert!(s["fleet"]["partitioned_since"].as_u64().is_some(), "{s}");
     let text = g2.gate.daemon.cli(&["status"]).unwrap();
     assert!(text.contains("partitioned since"), "{text}");
-    expect(&[g1, g2, g3], "office", false, Duration::from_secs(10), "expiry without etcd");
+    expect(
+        &[g1, g2, g3],
+        "office",
+        false,
+        Duration::from_secs(10),
+        "expiry without etcd",
+    );
 }
 
 #[test]
@@ -187,15 +244,36 @@ fn members_and_quorum_lost_then_back() {
         .daemon
         .cli(&["block", "add", "198.51.100.10", "--ttl", "60"])
         .unwrap();
-    expect(&[g2, g3], "office", true, Duration::from_secs(10), "block with 2 of 3 members");
-    g1.gate.daemon.cli(&["block", "del", "198.51.100.10"]).unwrap();
-    expect(&[g1, g2, g3], "office", false, Duration::from_secs(10), "del with 2 of 3");
+    expect(
+        &[g2, g3],
+        "office",
+        true,
+        Duration::from_secs(10),
+        "block with 2 of 3 members",
+    );
+    g1.gate
+        .daemon
+        .cli(&["block", "del", "198.51.100.10"])
+        .unwrap();
+    expect(
+        &[g1, g2, g3],
+        "office",
+        false,
+        Duration::from_secs(10),
+        "del with 2 of 3",
+    );
     // Quorum lost: every gate keeps enforcing what it holds; a block on gate 2 holds there.
     g1.gate
         .daemon
         .cli(&["block", "add", "198.51.100.140", "--ttl", "120"])
         .unwrap();
-    expect(&[g2, g3], "sf", true, Duration::from_secs(10), "sf block before quorum loss");
+    expect(
+        &[g2, g3],
+        "sf",
+        true,
+        Duration::from_secs(10),
+        "sf block before quorum loss",
+    );
     etcd.stop_member(1);
     g2.gate
         .daemon
@@ -206,15 +284,28 @@ fn members_and_quorum_lost_then_back() {
         fleet_state(&g2.gate.daemon) == "partitioned"
     });
     let s = status(&g2.gate.daemon);
-    assert!(s["fleet"]["outbox"].as_u64() >= Some(1), "{s}\n{}", g2.gate.daemon.log());
+    assert!(
+        s["fleet"]["outbox"].as_u64() >= Some(1),
+        "{s}\n{}",
+        g2.gate.daemon.log()
+    );
     thread::sleep(Duration::from_secs(2));
-    assert!(connects(g1, "office") && connects(g3, "office"), "not yet elsewhere");
+    assert!(
+        connects(g1, "office") && connects(g3, "office"),
+        "not yet elsewhere"
+    );
     for m in &f {
         assert!(!connects(m, "sf"), "held entries stay enforced");
     }
     // Quorum back: gate 2's block reaches the others.
     etcd.start_all().expect("etcd back");
-    expect(&[g1, g3], "office", true, Duration::from_secs(20), "queued block after recovery");
+    expect(
+        &[g1, g3],
+        "office",
+        true,
+        Duration::from_secs(20),
+        "queued block after recovery",
+    );
     wait_for(Duration::from_secs(10), "gate 2 rejoins", || {
         fleet_state(&g2.gate.daemon) == "connected"
     });
@@ -229,16 +320,20 @@ fn a_partitioned_gate_is_exact_after_healing_across_a_compaction() {
     for net in ["203.0.113.16/28", "203.0.113.32/28", "2001:db8:300::/64"] {
         d1.cli(&["block", "add", net, "--ttl", "300"]).unwrap();
     }
-    wait_for(Duration::from_secs(10), "gate 3 holds the first entries", || {
-        blocks(g3).len() == 3
-    });
+    wait_for(
+        Duration::from_secs(10),
+        "gate 3 holds the first entries",
+        || blocks(g3).len() == 3,
+    );
     etcd.set_link(&g3.link, false).unwrap();
     wait_for(Duration::from_secs(10), "gate 3 partitioned", || {
         fleet_state(&g3.gate.daemon) == "partitioned"
     });
     d1.cli(&["block", "del", "203.0.113.16/28"]).unwrap();
-    d1.cli(&["block", "add", "203.0.113.48/28", "--ttl", "300"]).unwrap();
-    d1.cli(&["block", "add", "198.51.100.10", "--ttl", "300"]).unwrap();
+    d1.cli(&["block", "add", "203.0.113.48/28", "--ttl", "300"])
+        .unwrap();
+    d1.cli(&["block", "add", "198.51.100.10", "--ttl", "300"])
+        .unwrap();
     d1.cli(&["block", "del", "2001:db8:300::/64"]).unwrap();
     // Many revisions, then compaction: a watch from before it cannot resume.
     for i in 0..50 {
@@ -246,7 +341,10 @@ fn a_partitioned_gate_is_exact_after_healing_across_a_compaction() {
     }
     let rev = etcd.revision().unwrap();
     etcd.ctl(&format!("compact {rev}")).unwrap();
-    assert!(connects(g3, "office"), "gate 3 has not heard of the office block");
+    assert!(
+        connects(g3, "office"),
+        "gate 3 has not heard of the office block"
+    );
     etcd.set_link(&g3.link, true).unwrap();
     wait_for(Duration::from_secs(15), "gate 3 exact again", || {
         blocks(g3) == blocks(g1)
@@ -270,7 +368,13 @@ fn a_gate_killed_and_restarted_without_etcd_enforces_its_pins_and_catches_up() {
         .daemon
         .cli(&["block", "add", "198.51.100.140", "--ttl", "300"])
         .unwrap();
-    expect(&[&f[1]], "sf", true, Duration::from_secs(10), "first block at gate 2");
+    expect(
+        &[&f[1]],
+        "sf",
+        true,
+        Duration::from_secs(10),
+        "first block at gate 2",
+    );
     f[1].gate.daemon.kill9();
     // Made while gate 2 is down: it must catch up later.
     f[0].gate
@@ -287,12 +391,21 @@ fn a_gate_killed_and_restarted_without_etcd_enforces_its_pins_and_catches_up() {
     g2.daemon.orphans = orphans;
     let m2 = &f[1];
     assert!(!connects(m2, "sf"), "the pinned entry is enforced");
-    assert!(connects(m2, "office"), "the block made meanwhile is not known yet");
+    assert!(
+        connects(m2, "office"),
+        "the block made meanwhile is not known yet"
+    );
     wait_for(Duration::from_secs(10), "partitioned at start", || {
         fleet_state(&m2.gate.daemon) == "partitioned"
     });
     etcd.start_all().expect("etcd back");
-    expect(&[m2], "office", true, Duration::from_secs(20), "caught up after etcd returns");
+    expect(
+        &[m2],
+        "office",
+        true,
+        Duration::from_secs(20),
+        "caught up after etcd returns",
+    );
 }
 
 /// A gate's config text without its own `[xdp]` and `[fleet]` sections.
@@ -348,7 +461,10 @@ fn a_pushed_config_runs_everywhere_and_a_bad_one_nowhere() {
         seen = fleet_status(g1);
         rev = seen["revision"].as_i64();
         let gates = seen["gates"].as_array().cloned().unwrap_or_default();
-        gates.len() == 3 && gates.iter().all(|g| g["report"]["revision"].as_i64() == rev)
+        gates.len() == 3
+            && gates
+                .iter()
+                .all(|g| g["report"]["revision"].as_i64() == rev)
     });
     assert!(
         ran,
@@ -365,7 +481,10 @@ fn a_pushed_config_runs_everywhere_and_a_bad_one_nowhere() {
     std::fs::write(
         &bad,
         shared
-            .replace("certificate = \"gate.pem\"", "certificate = \"not-a-cert.pem\"")
+            .replace(
+                "certificate = \"gate.pem\"",
+                "certificate = \"not-a-cert.pem\"",
+            )
             .replace("203.0.113.0/24", "203.0.113.0/25"),
     )
     .unwrap();
@@ -389,7 +508,10 @@ fn a_pushed_config_runs_everywhere_and_a_bad_one_nowhere() {
         .as_str()
         .unwrap_or_default()
         .to_string();
-    assert!(why.contains("certificate") || why.contains("not-a-cert"), "{why}");
+    assert!(
+        why.contains("certificate") || why.contains("not-a-cert"),
+        "{why}"
+    );
     let table = g1.gate.daemon.cli(&["fleet", "status"]).unwrap();
     assert!(table.contains("refused revision"), "{table}");
     for m in &f {
@@ -402,7 +524,10 @@ fn a_pushed_config_runs_everywhere_and_a_bad_one_nowhere() {
         .daemon
         .cli(&["fleet", "push", g1.gate.daemon.config.to_str().unwrap()])
         .unwrap_err();
-    assert!(err.to_string().contains("[xdp] is each gate's own"), "{err}");
+    assert!(
+        err.to_string().contains("[xdp] is each gate's own"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -417,7 +542,13 @@ fn failures_split_across_gates_reach_the_fleet_wide_threshold() {
     thread::sleep(Duration::from_secs(1));
     assert!(connects(g2, "sf"), "9 of 10 across the fleet block nothing");
     fail(g2, "sf", 1);
-    expect(&[g1, g2, g3], "sf", true, Duration::from_secs(5), "the tenth failure blocks everywhere");
+    expect(
+        &[g1, g2, g3],
+        "sf",
+        true,
+        Duration::from_secs(5),
+        "the tenth failure blocks everywhere",
+    );
     let list = g3.gate.daemon.cli(&["block", "list"]).unwrap();
     assert!(list.contains("at other gates of the fleet"), "{list}");
 }

@@ -458,7 +458,9 @@ identity_failures = 4
         let count = |count, until_ms| Some(FleetCount { count, until_ms });
         f.set_remote(src, "gate-2".into(), count(3, 10_000));
         for i in 0..1 {
-            assert!(f.record(&failure("198.51.100.10", FailureClass::Protocol, None), i).is_empty());
+            assert!(f
+                .record(&failure("198.51.100.10", FailureClass::Protocol, None), i)
+                .is_empty());
         }
         let got = f.record(&failure("198.51.100.10", FailureClass::Protocol, None), 2);
         assert!(
@@ -470,7 +472,12 @@ identity_failures = 4
         f.set_remote(src, "gate-3".into(), count(2, 10_000));
         f.set_remote(src, "gate-3".into(), None);
         for i in 0..4 {
-            assert!(f.record(&failure("198.51.100.10", FailureClass::Protocol, None), 100 + i).is_empty());
+            assert!(f
+                .record(
+                    &failure("198.51.100.10", FailureClass::Protocol, None),
+                    100 + i
+                )
+                .is_empty());
         }
     }
 

@@ -272,7 +272,11 @@ impl Worker {
                 set: Set::Block,
                 net,
                 until_ms: ttl.map(|t| fleet_until(Duration::from_secs(t))),
-                reason: self.notes.get(&(List::Block, net)).cloned().unwrap_or_default(),
+                reason: self
+                    .notes
+                    .get(&(List::Block, net))
+                    .cloned()
+                    .unwrap_or_default(),
             });
         }
         match out.failed.first() {

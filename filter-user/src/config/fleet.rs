@@ -40,27 +40,43 @@ impl RawFleet {
             Some(p) => {
                 let v = p.get_ref().trim_end_matches('/');
                 if !v.starts_with('/') || v.len() < 2 || v.contains("//") {
-                    return Err(here.at(p, "prefix must start with '/' and name something, like \"/ewsgate\""));
+                    return Err(here.at(
+                        p,
+                        "prefix must start with '/' and name something, like \"/ewsgate\"",
+                    ));
                 }
                 v.to_string()
             }
             None => DEFAULT_PREFIX.into(),
         };
-        let within = |v: &Option<Spanned<u64>>, name: &str, min: u64, max: u64, default: u64| match v {
-            Some(s) if !(min..=max).contains(s.get_ref()) => Err(here.at(
-                s,
-                format!("{name} = {}: must be {min}..={max}", s.get_ref()),
-            )),
-            Some(s) => Ok(*s.get_ref()),
-            None => Ok(default),
-        };
+        let within =
+            |v: &Option<Spanned<u64>>, name: &str, min: u64, max: u64, default: u64| match v {
+                Some(s) if !(min..=max).contains(s.get_ref()) => Err(here.at(
+                    s,
+                    format!("{name} = {}: must be {min}..={max}", s.get_ref()),
+                )),
+                Some(s) => Ok(*s.get_ref()),
+                None => Ok(default),
+            };
         Ok(FleetSettings {
             endpoints: self.endpoints.get_ref().clone(),
             tls,
             prefix,
             gate: self.gate.into_inner(),
-            timeout: Duration::from_millis(within(&self.timeout_ms, "timeout_ms", 100, 60_000, 2_000)?),
-            session_ttl: Duration::from_secs(within(&self.session_ttl_secs, "session_ttl_secs", 2, 600, 10)?),
+            timeout: Duration::from_millis(within(
+                &self.timeout_ms,
+                "timeout_ms",
+                100,
+                60_000,
+                2_000,
+            )?),
+            session_ttl: Duration::from_secs(within(
+                &self.session_ttl_secs,
+                "session_ttl_secs",
+                2,
+                600,
+                10,
+            )?),
         })
     }
 
@@ -83,7 +99,10 @@ impl RawFleet {
                     .flatten()
                     .next()
                     .map_or(0, |s| s.span().start);
-                Err(here.error(at, "[fleet] TLS needs all of ca, certificate and private_key"))
+                Err(here.error(
+                    at,
+                    "[fleet] TLS needs all of ca, certificate and private_key",
+                ))
             }
         }
     }
@@ -98,13 +117,20 @@ fn check_endpoint(e: &str, tls: bool) -> Result<(), String> {
     if uri.host().is_none_or(str::is_empty) || uri.port_u16().is_none() {
         return Err(format!("endpoint '{e}': expected http(s)://HOST:PORT"));
     }
-    if uri.path_and_query().is_some_and(|p| !matches!(p.as_str(), "" | "/")) {
+    if uri
+        .path_and_query()
+        .is_some_and(|p| !matches!(p.as_str(), "" | "/"))
+    {
         return Err(format!("endpoint '{e}': no path, just http(s)://HOST:PORT"));
     }
     match (uri.scheme_str(), tls) {
         (Some("https"), true) | (Some("http"), false) => Ok(()),
-        (Some("https"), false) => Err(format!("endpoint '{e}' is https: set ca, certificate and private_key")),
-        (Some("http"), true) => Err(format!("endpoint '{e}' is plain http, but TLS is set: use https://")),
+        (Some("https"), false) => Err(format!(
+            "endpoint '{e}' is https: set ca, certificate and private_key"
+        )),
+        (Some("http"), true) => Err(format!(
+            "endpoint '{e}' is plain http, but TLS is set: use https://"
+        )),
         _ => Err(format!("endpoint '{e}': expected http:// or https://")),
     }
 }
@@ -121,22 +147,39 @@ mod tests {
 
     #[test]
     fn a_fleet_section_is_read_and_checked_with_its_place() {
-        let c = parse("[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\ngate = \"gw-1\"\n").unwrap();
+        let c =
+            parse("[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\ngate = \"gw-1\"\n").unwrap();
         let f = c.fleet.unwrap();
         assert_eq!((f.prefix.as_str(), f.gate.as_str()), ("/ewsgate", "gw-1"));
         assert_eq!(f.timeout, Duration::from_secs(2));
-        assert!(parse("").unwrap().fleet.is_none(), "no [fleet]: a standalone gate");
-        let e = parse("[fleet]\nendpoints = [\"https://127.0.0.1:2379\"]\ngate = \"gw-1\"\n").unwrap_err();
-        assert!(e.starts_with("/nonexistent/ewsgate.toml:5:13: ") && e.contains("set ca"), "{e}");
-        let e = parse("[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\ngate = \"a/b\"\n").unwrap_err();
+        assert!(
+            parse("").unwrap().fleet.is_none(),
+            "no [fleet]: a standalone gate"
+        );
+        let e = parse("[fleet]\nendpoints = [\"https://127.0.0.1:2379\"]\ngate = \"gw-1\"\n")
+            .unwrap_err();
+        assert!(
+            e.starts_with("/nonexistent/ewsgate.toml:5:13: ") && e.contains("set ca"),
+            "{e}"
+        );
+        let e = parse("[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\ngate = \"a/b\"\n")
+            .unwrap_err();
         assert!(e.contains(":6:8: gate name 'a/b'"), "{e}");
         let e = parse("[fleet]\nendpoints = []\ngate = \"g\"\n").unwrap_err();
         assert!(e.contains("endpoints is empty"), "{e}");
-        let e = parse("[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\ngate = \"g\"\nca = \"ca.pem\"\n").unwrap_err();
+        let e = parse(
+            "[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\ngate = \"g\"\nca = \"ca.pem\"\n",
+        )
+        .unwrap_err();
         assert!(e.contains(":7:6: [fleet] TLS needs all"), "{e}");
-        let e = parse("[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\ngate = \"g\"\ntimeout_ms = 5\n").unwrap_err();
+        let e = parse(
+            "[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\ngate = \"g\"\ntimeout_ms = 5\n",
+        )
+        .unwrap_err();
         assert!(e.contains("timeout_ms = 5: must be 100..=60000"), "{e}");
-        let e = parse("[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\ngate = \"g\"\nsurprise = 1\n").unwrap_err();
+        let e =
+            parse("[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\ngate = \"g\"\nsurprise = 1\n")
+                .unwrap_err();
         assert!(e.contains("unknown field `surprise`"), "{e}");
     }
 }

@@ -134,7 +134,9 @@ fn settings(path: &Path) -> Result<FleetSettings, AdminError> {
         .ok_or_else(|| AdminError::Refused(format!("{}: no [fleet] section", path.display())))
 }
 
-fn block_on<T>(fut: impl std::future::Future<Output = Result<T, AdminError>>) -> Result<T, AdminError> {
+fn block_on<T>(
+    fut: impl std::future::Future<Output = Result<T, AdminError>>,
+) -> Result<T, AdminError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -154,9 +156,7 @@ pub fn push_command(config: &Path, file: &Path) -> Result<String, AdminError> {
 /// `ewsgate fleet status [--json]`.
 pub fn status_command(config: &Path, json: bool) -> Result<String, AdminError> {
     let s = settings(config)?;
-    let (current, reports) = block_on(async {
-        Ok((current(&s).await?, reports(&s).await?))
-    })?;
+    let (current, reports) = block_on(async { Ok((current(&s).await?, reports(&s).await?)) })?;
     if json {
         let v = serde_json::json!({ "revision": current, "gates": reports.iter().map(|(n, r)| serde_json::json!({"gate": n, "report": r})).collect::<Vec<_>>() });
         return Ok(v.to_string());

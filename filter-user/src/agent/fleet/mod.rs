@@ -15,7 +15,10 @@
 //!   through an unbounded channel and never awaits it.
 
 pub mod admin;
-mod session;
+pub mod session;
+
+/// The etcd client, for the benchmark's load generator.
+pub use etcd_client;
 
 use std::{
     collections::BTreeMap,
@@ -338,7 +341,15 @@ mod tests {
                 ..
             })
         ));
-        o.push(&keys, "g1", Local::Delete { set: Set::Block, net }, 2_000);
+        o.push(
+            &keys,
+            "g1",
+            Local::Delete {
+                set: Set::Block,
+                net,
+            },
+            2_000,
+        );
         assert_eq!(o.ops.len(), 1);
         assert_eq!(o.ops.get("/f/block/203.0.113.9_32"), Some(&Op::Delete));
         let source: IpAddr = "198.51.100.10".parse().unwrap();

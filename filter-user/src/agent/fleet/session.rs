@@ -132,7 +132,12 @@ async fn connect_one(s: &FleetSettings, endpoint: &str) -> Result<Client, FleetE
     .await?;
     // A linearizable read answers only where there is a quorum.
     let probe = GetOptions::new().with_count_only();
-    deadline(s.timeout, "reading", client.get(s.prefix.as_str(), Some(probe))).await?;
+    deadline(
+        s.timeout,
+        "reading",
+        client.get(s.prefix.as_str(), Some(probe)),
+    )
+    .await?;
     Ok(client)
 }
 
@@ -147,9 +152,7 @@ pub async fn list(
     let mut from = prefix.as_bytes().to_vec();
     let mut revision = 0;
     loop {
-        let mut opts = GetOptions::new()
-            .with_range(end.clone())
-            .with_limit(PAGE);
+        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
         if revision > 0 {
             opts = opts.with_revision(revision);
         }
@@ -200,8 +203,8 @@ async fn write(
                 Lease::None => None,
                 Lease::Session => Some(session),
                 Lease::Own(ttl) => {
-                    let l = deadline(limit, "granting a lease", client.lease_grant(*ttl, None))
-                        .await?;
+                    let l =
+                        deadline(limit, "granting a lease", client.lease_grant(*ttl, None)).await?;
                     Some(l.id())
                 }
             };
@@ -222,7 +225,7 @@ struct Changes {
     fails: Vec<(IpAddr, String, Option<FailCount>)>,
 }
 
-pub struct Session<'a> {
+pub(crate) struct Session<'a> {
     s: &'a FleetSettings,
     keys: &'a Keys,
     client: Client,
@@ -235,7 +238,7 @@ pub struct Session<'a> {
 
 impl Session<'_> {
     #[allow(clippy::too_many_arguments)]
-    pub async fn run(
+    pub(crate) async fn run(
         s: &FleetSettings,
         keys: &Keys,
         outbox: &mut Outbox,
@@ -267,11 +270,19 @@ impl Session<'_> {
         // Whatever ends this session, the next one tries the next member first.
         shared.member = member + 1;
         let ttl = s.session_ttl.as_secs() as i64;
-        let lease = deadline(s.timeout, "granting the session lease", client.lease_grant(ttl, None))
-            .await?
-            .id();
-        let (mut keeper, mut alive) =
-            deadline(s.timeout, "keeping the lease alive", client.lease_keep_alive(lease)).await?;
+        let lease = deadline(
+            s.timeout,
+            "granting the session lease",
+            client.lease_grant(ttl, None),
+        )
+        .await?
+        .id();
+        let (mut keeper, mut alive) = deadline(
+            s.timeout,
+            "keeping the lease alive",
+            client.lease_keep_alive(lease),
+        )
+        .await?;
         let mut session = Session {
             s,
             keys,
@@ -299,8 +310,12 @@ impl Session<'_> {
             .with_prefix()
             .with_start_revision(revision + 1);
         let prefix = format!("{}/", keys.prefix);
-        let mut stream = deadline(s.timeout, "watching", session.client.watch(prefix, Some(opts)))
-            .await?;
+        let mut stream = deadline(
+            s.timeout,
+            "watching",
+            session.client.watch(prefix, Some(opts)),
+        )
+        .await?;
         let mut tick = tokio::time::interval(s.session_ttl / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -418,9 +433,9 @@ impl Session<'_> {
                     None
                 }
             });
-            let left = entry.as_ref().map(|e| match e.until_ms {
-                None => None,
-                Some(u) => Some(Duration::from_millis(u.saturating_sub(unix_ms()))),
+            let left = entry.as_ref().map(|e| {
+                e.until_ms
+                    .map(|u| Duration::from_millis(u.saturating_sub(unix_ms())))
             });
             match (set, entry, left) {
                 // Lapsed already (etcd deletes late): nothing to enforce.
@@ -523,7 +538,10 @@ impl Session<'_> {
                 self.shared.report.revision = Some(rev);
             }
             Err(why) => {
-                warn!(revision = rev, why, "fleet: config revision refused; running config kept");
+                warn!(
+                    revision = rev,
+                    why, "fleet: config revision refused; running config kept"
+                );
                 self.shared.report.refused = Some((rev, why));
             }
         }
@@ -536,7 +554,12 @@ impl Session<'_> {
         (r.blocks, r.allows) = outbox.counts;
         let value = serde_json::to_vec(r).unwrap_or_default();
         let key = self.keys.gate(&self.s.gate);
-        deadline(self.s.timeout, "reporting", self.client.put(key, value, None)).await?;
+        deadline(
+            self.s.timeout,
+            "reporting",
+            self.client.put(key, value, None),
+        )
+        .await?;
         Ok(())
     }
 }
