@@ -194,3 +194,154 @@ impl Drop for Etcd {
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A gate's config text without its own `[xdp]` and `[fleet]` sections: what a fleet push
+/// carries.
+pub fn shared_part(text: &str) -> String {
+    let mut out = String::new();
+    let mut skip = false;
+    for line in text.lines() {
+        if line.starts_with('[') {
+            skip = line == "[xdp]" || line == "[fleet]";
+        }
+        if !skip {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// `cargo xtask demo fleet`: two gates and an etcd cluster. A source blocked by one gate's
+/// feedback is dropped by the other; a config pushed once runs on both.
+pub fn demo() -> anyhow::Result<()> {
+    use crate::gate::{gate4, Gate};
+    use std::{io::Write, net::TcpStream};
+
+    println!("starting a three-member etcd cluster and two gates, each in its own lab ...");
+    let mut etcd = Etcd::start()?;
+    let mut gates = Vec::new();
+    for i in 1..=2 {
+        let fleet = format!(
+            "\n[fleet]\nendpoints = [{}]\ngate = \"gate-{i}\"\ntimeout_ms = 1000\n",
+            Etcd::endpoints()
+        );
+        let tokens = format!(
+            "metadata_urls = [\"{}\"]\n",
+            ewsgate::identity::tokens::testkit::AMURL
+        );
+        let rules = "[[rule]]\nname = \"offices\"\ngroups = [\"offices\"]\naction = \"allow\"\n";
+        let gate = Gate::start_edited(5, &tokens, rules, |text, _| text + &fleet);
+        etcd.link(&gate.lab.gate)?;
+        gates.push(gate);
+    }
+    let joined = |g: &Gate| {
+        g.daemon
+            .cli(&["status", "--json"])
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|s| s["fleet"]["state"] == "connected")
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !gates.iter().all(joined) {
+        if Instant::now() > deadline {
+            bail!("the gates did not join the fleet");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let to = gate4();
+    let connects = |g: &Gate, role: &str| {
+        g.lab
+            .client(role)
+            .run(move || TcpStream::connect_timeout(&to, Duration::from_millis(400)).is_ok())
+    };
+    let table = |title: &str, gates: &[Gate]| {
+        println!("\n{title}");
+        println!(
+            "{:<12} {:<18} {:<12} {:<12}",
+            "from", "address", "gate-1", "gate-2"
+        );
+        for (role, addr) in [
+            ("office", "198.51.100.10"),
+            ("sf", "198.51.100.140"),
+            ("inet", "203.0.113.50"),
+        ] {
+            let r: Vec<&str> = gates
+                .iter()
+                .map(|g| {
+                    if connects(g, role) {
+                        "connected"
+                    } else {
+                        "DROPPED"
+                    }
+                })
+                .collect();
+            println!("{role:<12} {addr:<18} {:<12} {:<12}", r[0], r[1]);
+        }
+    };
+    table("tcp/443 on each gate, before:", &gates);
+
+    println!("\n198.51.100.140 fails five TLS handshakes at gate-1 (plain HTTP to port 443) ...");
+    for _ in 0..5 {
+        gates[0].lab.client("sf").run(move || {
+            if let Ok(mut t) = TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+                let _ = t.write_all(b"GET / HTTP/1.0\r\n\r\n");
+                let _ = t.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = std::io::Read::read(&mut t, &mut [0u8; 64]);
+            }
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while connects(&gates[1], "sf") && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    println!("\n$ ewsgate block list   (on gate-2)");
+    print!("{}", gates[1].daemon.cli(&["block", "list"])?);
+    table("tcp/443 on each gate, after gate-1's feedback:", &gates);
+
+    let text = fs::read_to_string(&gates[0].daemon.config)?;
+    let pushed = shared_part(&text).replace(
+        "[sources.partner]",
+        "[sources.lab-internet]\ncidrs = [\"203.0.113.0/24\"]\n[sources.partner]",
+    );
+    let file = gates[0].dir.join("fleet.toml");
+    fs::write(&file, pushed)?;
+    println!("\nthe same config with a new source group (203.0.113.0/24), pushed once:");
+    println!("$ ewsgate fleet push fleet.toml");
+    print!(
+        "{}",
+        gates[0]
+            .daemon
+            .cli(&["fleet", "push", &file.display().to_string()])?
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut status = String::new();
+    while Instant::now() < deadline {
+        status = gates[0].daemon.cli(&["fleet", "status"])?;
+        let json: serde_json::Value =
+            serde_json::from_str(&gates[0].daemon.cli(&["fleet", "status", "--json"])?)?;
+        let rev = json["revision"].as_i64();
+        let gates_json = json["gates"].as_array().cloned().unwrap_or_default();
+        if gates_json.len() == 2
+            && gates_json
+                .iter()
+                .all(|g| g["report"]["revision"].as_i64() == rev)
+        {
+            break;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    println!("\n$ ewsgate fleet status");
+    print!("{status}");
+    table("tcp/443 on each gate, after the push:", &gates);
+    println!("\n$ ewsgate status   (on gate-2, the fleet line)");
+    for line in gates[1].daemon.cli(&["status"])?.lines() {
+        if line.starts_with("fleet") || line.starts_with("last reload") {
+            println!("{line}");
+        }
+    }
+    drop(gates);
+    drop(etcd);
+    println!("\nlab removed");
+    Ok(())
+}

@@ -14,7 +14,7 @@ use std::{
 
 use serde_json::Value;
 use tests::{
-    fleet::Etcd,
+    fleet::{shared_part, Etcd},
     gate::{gate4, Gate},
     lab::{Daemon, Netns},
 };
@@ -406,22 +406,6 @@ fn a_gate_killed_and_restarted_without_etcd_enforces_its_pins_and_catches_up() {
         Duration::from_secs(20),
         "caught up after etcd returns",
     );
-}
-
-/// A gate's config text without its own `[xdp]` and `[fleet]` sections.
-fn shared_part(text: &str) -> String {
-    let mut out = String::new();
-    let mut skip = false;
-    for line in text.lines() {
-        if line.starts_with('[') {
-            skip = line == "[xdp]" || line == "[fleet]";
-        }
-        if !skip {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    out
 }
 
 fn fleet_status(m: &Member) -> Value {

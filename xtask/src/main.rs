@@ -81,7 +81,8 @@ enum Cmd {
     /// Run every test: unit tests, BPF_PROG_TEST_RUN tests and the namespace labs (root).
     Test,
     /// Build a lab of namespaces, run ewsgate on it, send traffic, print what happened.
-    Demo,
+    /// `demo fleet`: two gates and an etcd cluster instead.
+    Demo { which: Option<String> },
     /// Benchmarks against the peers, written to target/bench/*.json.
     Bench {
         /// xdp, proxy, tokens (the token cache alone), cost (instructions per request,
@@ -117,13 +118,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             setup()?;
             test()
         }
-        Cmd::Demo => {
+        Cmd::Demo { which } => {
             setup()?;
             let bin = build(false)?;
-            cargo(
-                &["run", "--quiet", "-p", "tests", "--bin", "ewsgate-demo"],
-                &[("EWSGATE_BIN", &bin)],
-            )
+            let mut args = vec!["run", "--quiet", "-p", "tests", "--bin", "ewsgate-demo"];
+            if let Some(w) = which.as_deref() {
+                args.extend(["--", w]);
+            }
+            cargo(&args, &[("EWSGATE_BIN", &bin)])
         }
         Cmd::Bench { suite } => {
             setup()?;
