@@ -34,17 +34,29 @@ struct Member {
 
 /// A fleet of `n` gates named gate-1.., each with feedback threshold `failures`.
 fn fleet(etcd: &mut Etcd, n: usize, failures: u32) -> Vec<Member> {
+    fleet_with(etcd, n, failures, RULES, |_| String::new())
+}
+
+/// The same, with `rules` and each gate's extra config text from `extra(i)`.
+fn fleet_with(
+    etcd: &mut Etcd,
+    n: usize,
+    failures: u32,
+    rules: &str,
+    extra: impl Fn(usize) -> String,
+) -> Vec<Member> {
     let mut out = Vec::new();
     for i in 1..=n {
         let fleet = format!(
-            "\n[fleet]\nendpoints = [{}]\ngate = \"gate-{i}\"\ntimeout_ms = 1000\nsession_ttl_secs = 3\n",
+            "\n{}\n[fleet]\nendpoints = [{}]\ngate = \"gate-{i}\"\ntimeout_ms = 1000\nsession_ttl_secs = 3\n",
+            extra(i),
             Etcd::endpoints()
         );
         let tokens = format!(
             "metadata_urls = [\"{}\"]\n",
             ewsgate::identity::tokens::testkit::AMURL
         );
-        let gate = Gate::start_edited(failures, &tokens, RULES, |text, _| text + &fleet);
+        let gate = Gate::start_edited(failures, &tokens, rules, |text, _| text + &fleet);
         let link = etcd.link(&gate.lab.gate).expect("link to etcd");
         out.push(Member { gate, link });
     }
@@ -535,4 +547,54 @@ fn failures_split_across_gates_reach_the_fleet_wide_threshold() {
     );
     let list = g3.gate.daemon.cli(&["block", "list"]).unwrap();
     assert!(list.contains("at other gates of the fleet"), "{list}");
+}
+
+#[test]
+fn the_same_user_at_two_sites_is_a_fleet_detection() {
+    use base64::Engine as _;
+    let mut etcd = Etcd::start().expect("etcd");
+    let rules = r#"
+[[rule]]
+name = "basic users"
+groups = ["offices", "salesforce"]
+auth = ["basic"]
+action = "allow"
+"#;
+    let f = fleet_with(&mut etcd, 2, 5, rules, |i| {
+        format!("[detections]\nsite = \"site-{i}\"\n")
+    });
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("alice@example.org:secret")
+    );
+    let soap = tests::mailbox::requests::get_item(&[tests::mailbox::TOKEN_ITEM]);
+    let ask = |m: &Member, role: &str| {
+        let r = m
+            .gate
+            .https(role)
+            .ews(&[("Authorization", &basic)], soap.as_bytes())
+            .expect("reply");
+        assert_eq!(r.status, 200, "{}", r.body);
+    };
+    // Alice at site 1, from the office network; gate 1 publishes where it saw her.
+    ask(&f[0], "office");
+    wait_for(Duration::from_secs(10), "the sighting reaches etcd", || {
+        etcd.ctl("get --prefix --keys-only /ewsgate/seen/")
+            .is_ok_and(|k| k.contains("/gate-1"))
+    });
+    let fired = |m: &Member| {
+        tests::ews::audit_lines(&m.gate.audit)
+            .iter()
+            .any(|l| l["kind"] == "detection" && l["detection"] == "two-places")
+    };
+    assert!(!f.iter().any(fired), "nothing fired yet");
+    // The same user minutes later at site 2, from another network: only the fleet knows.
+    ask(&f[1], "sf");
+    wait_for(Duration::from_secs(10), "two-places fires", || f.iter().any(fired));
+    let line = tests::ews::audit_lines(&f[1].gate.audit)
+        .into_iter()
+        .chain(tests::ews::audit_lines(&f[0].gate.audit))
+        .find(|l| l["detection"] == "two-places")
+        .unwrap();
+    assert!(line["user"].as_str().unwrap_or("").contains("alice"), "{line}");
 }

@@ -84,6 +84,8 @@ pub enum Ask {
     Init(tokio::sync::oneshot::Sender<Init>),
     Failures(Vec<crate::ipc::Failure>),
     Detected(Vec<crate::ipc::Detected>),
+    /// Sightings for the fleet.
+    Seen(Vec<crate::ipc::Seen>),
 }
 
 /// The worker's handle on the proxy.
@@ -526,6 +528,16 @@ impl Supervisor {
                     d.check()?;
                 }
                 (self.asks)(Ask::Detected(items));
+                Ok(())
+            }
+            ToAgent::Seen { items } => {
+                if items.len() > 1000 {
+                    return Err(format!("{} sightings in one message", items.len()));
+                }
+                for s in &items {
+                    s.check()?;
+                }
+                (self.asks)(Ask::Seen(items));
                 Ok(())
             }
             ToAgent::Prepared { id } | ToAgent::Refused { id, .. }

@@ -31,6 +31,8 @@ pub enum Ask {
         full: bool,
         counts: Vec<(std::net::IpAddr, String, Option<FailCount>)>,
     },
+    /// Other gates' sightings, for the proxy's detections.
+    RemoteSeen(Vec<crate::ipc::Seen>),
     /// A fleet config revision to validate and apply whole, or refuse.
     FleetConfig(Box<Revision>, i64, oneshot::Sender<Result<String, String>>),
 }

@@ -73,6 +73,9 @@ pub struct Worker {
     /// The feed and CrowdSec tasks.
     agent: Agent,
     runtime: tokio::runtime::Handle,
+    /// The last sighting published per user: a user's place goes to the fleet when it
+    /// changes, or once a minute, not on every request.
+    seen_sent: std::collections::HashMap<String, (Option<std::net::IpAddr>, Option<String>, u64)>,
     /// Dynamic allows the fleet holds here (so a full list can drop the rest).
     fleet_allows: std::collections::BTreeSet<IpNet>,
 }
@@ -99,6 +102,7 @@ impl Worker {
             agent,
             runtime,
             fleet_allows: Default::default(),
+            seen_sent: Default::default(),
             feedback: Feedback::new(&config),
             gate,
             config,
@@ -132,6 +136,10 @@ impl Worker {
             }
             Command::Proxy(Ask::Failures(items)) => self.failures(&items),
             Command::Proxy(Ask::Detected(items)) => self.detected(items),
+            Command::Proxy(Ask::Seen(items)) => self.seen(items),
+            Command::Agent(tasks::Ask::RemoteSeen(items)) => {
+                self.send(ToProxy::Seen { items });
+            }
             Command::Agent(tasks::Ask::Feed(update, reply)) => {
                 let _ = reply.send(self.feed(update));
             }
@@ -736,6 +744,30 @@ impl Worker {
 }
 
 impl Worker {
+    /// The proxy's sightings, for the fleet (only with `[fleet]`).
+    fn seen(&mut self, items: Vec<crate::ipc::Seen>) {
+        if self.config.fleet.is_none() {
+            return;
+        }
+        if self.seen_sent.len() > 100_000 {
+            self.seen_sent.clear();
+        }
+        for s in items {
+            let place = (s.source, s.group.clone());
+            let fresh = match self.seen_sent.get(&s.user) {
+                Some((src, grp, at)) => {
+                    (src, grp) != (&place.0, &place.1) || s.time_ms.saturating_sub(*at) >= 60_000
+                }
+                None => true,
+            };
+            if fresh {
+                self.seen_sent
+                    .insert(s.user.clone(), (place.0, place.1, s.time_ms));
+                self.agent.fleet.tell(Local::Seen(s));
+            }
+        }
+    }
+
     /// The fleet's allows: written into the allow set, lapsing on their own expiry.
     fn fleet_allows_changed(
         &mut self,

@@ -11,6 +11,7 @@
 //! | `<prefix>/fail/<address>/<gate>` | [`FailCount`]: a gate's failures in its window | the gate's session |
 //! | `<prefix>/config` | [`Revision`]: a config bundle without `[xdp]`/`[fleet]` | none |
 //! | `<prefix>/gate/<gate>` | [`GateReport`]: revision run or refused, contact, counts | none |
+//! | `<prefix>/seen/<user, hex>/<gate>` | a verified user's last place at that gate | the gate's session |
 //!
 //! `<net>` is the CIDR with `/` written as `_` (`203.0.113.7_32`), so one entry is one key
 //! and a prefix scan lists a set.
@@ -160,6 +161,24 @@ impl Keys {
         Some((addr.parse().ok()?, gate.to_string()))
     }
 
+    pub fn seens(&self) -> String {
+        format!("{}/seen/", self.prefix)
+    }
+
+    /// A user's sighting at a gate; the name in hex, so any name is one key segment.
+    pub fn seen(&self, user: &str, gate: &str) -> String {
+        let hex: String = user.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("{}{hex}/{gate}", self.seens())
+    }
+
+    /// The gate of a sighting key.
+    pub fn parse_seen(&self, key: &str) -> Option<String> {
+        let rest = key.strip_prefix(&self.seens())?;
+        let (_, gate) = rest.rsplit_once('/')?;
+        valid_gate(gate).ok()?;
+        Some(gate.to_string())
+    }
+
     pub fn config(&self) -> String {
         format!("{}/config", self.prefix)
     }
@@ -214,6 +233,8 @@ mod tests {
             Some((src, "gate-2".into()))
         );
         assert_eq!(k.parse_fail("/ewsgate/fail/198.51.100.10/a b"), None);
+        assert_eq!(k.seen("a/b", "g1"), "/ewsgate/seen/612f62/g1");
+        assert_eq!(k.parse_seen("/ewsgate/seen/612f62/g1"), Some("g1".into()));
         assert!(valid_gate("gw-1.site_a").is_ok());
         assert!(valid_gate("a/b").is_err() && valid_gate("").is_err());
     }

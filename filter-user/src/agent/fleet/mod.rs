@@ -55,6 +55,8 @@ pub enum Local {
     },
     /// The entries in this gate's maps now, for its report.
     Counts { blocks: usize, allows: usize },
+    /// A verified user seen here, for the other gates' `two-places`.
+    Seen(crate::ipc::Seen),
 }
 
 /// One write waiting in the outbox.
@@ -167,6 +169,16 @@ impl Outbox {
                 (keys.entry(set, net), Op::Put { value, lease })
             }
             Local::Delete { set, net } => (keys.entry(set, net), Op::Delete),
+            Local::Seen(s) => {
+                let value = serde_json::to_vec(&s).unwrap_or_default();
+                (
+                    keys.seen(&s.user, gate),
+                    Op::Put {
+                        value,
+                        lease: Lease::Session,
+                    },
+                )
+            }
             Local::Failures {
                 source,
                 count,
@@ -189,8 +201,9 @@ impl Outbox {
             }
         };
         if self.ops.len() >= Self::MAX && !self.ops.contains_key(&key) {
-            let fails = keys.fails();
-            self.ops.retain(|k, _| !k.starts_with(&fails));
+            let (fails, seen) = (keys.fails(), keys.seens());
+            self.ops
+                .retain(|k, _| !k.starts_with(&fails) && !k.starts_with(&seen));
             if self.ops.len() >= Self::MAX {
                 warn!(key, "fleet: the outbox is full; this change stays local");
                 return;

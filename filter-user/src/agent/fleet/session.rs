@@ -223,6 +223,7 @@ struct Changes {
     allows_set: Vec<(IpNet, Option<Duration>)>,
     allows_gone: Vec<IpNet>,
     fails: Vec<(IpAddr, String, Option<FailCount>)>,
+    seen: Vec<crate::ipc::Seen>,
 }
 
 pub(crate) struct Session<'a> {
@@ -461,6 +462,16 @@ impl Session<'_> {
             }
             return;
         }
+        if let Some(gate) = self.keys.parse_seen(key) {
+            // Another gate's sighting: compared with this gate's own (`two-places`).
+            if let (false, Some(v)) = (gate == self.s.gate, value) {
+                match serde_json::from_slice::<crate::ipc::Seen>(v) {
+                    Ok(s) if s.check().is_ok() => changes.seen.push(s),
+                    _ => warn!(key, "fleet: a sighting that does not parse is ignored"),
+                }
+            }
+            return;
+        }
         if let Some((source, gate)) = self.keys.parse_fail(key) {
             if gate == self.s.gate {
                 return;
@@ -503,6 +514,9 @@ impl Session<'_> {
                 set: c.allows_set,
                 release: c.allows_gone,
             });
+        }
+        if !c.seen.is_empty() {
+            (self.sink)(Ask::RemoteSeen(c.seen));
         }
         if full || !c.fails.is_empty() {
             (self.sink)(Ask::RemoteFailures {

@@ -247,7 +247,15 @@ fn resync(etcd: &Etcd, g2: &Member, rows: &mut Vec<Value>) -> anyhow::Result<()>
         s["fleet"]["resyncs"].as_u64() > Some(before)
             && s["block_entries"].as_u64() == Some(RESYNC_ENTRIES as u64)
     })
-    .context("gate 2 never resynced")?;
+    .with_context(|| {
+        let log = g2.gate.daemon.log();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        format!(
+            "gate 2 never resynced: {}\n{}",
+            status(g2)["fleet"],
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    })?;
     row(rows, "resync_seconds", healed.elapsed().as_secs_f64(), "s");
     row(
         rows,
