@@ -25,6 +25,18 @@ use crate::{
     model::fleet::{Entry, FailCount, FleetSettings, GateReport, Keys, Revision, Set},
 };
 
+/// How long failure counts and sightings gather before they are written.
+const GATHER: Duration = Duration::from_millis(200);
+
+fn far() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400)
+}
+
+/// A change the other gates should enforce at once: a block or an allow.
+fn urgent_change(c: &Local) -> bool {
+    matches!(c, Local::Put { .. } | Local::Delete { .. })
+}
+
 /// Keys read per page when listing (a page of entries stays far below gRPC's 4 MiB).
 const PAGE: i64 = 5_000;
 
@@ -317,6 +329,7 @@ impl Session<'_> {
             session.client.watch(prefix, Some(opts)),
         )
         .await?;
+        let mut flush_at: Option<tokio::time::Instant> = None;
         let mut tick = tokio::time::interval(s.session_ttl / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -336,11 +349,25 @@ impl Session<'_> {
                 }
                 got = rx.recv() => {
                     let Some(change) = got else { return Ok(End::Stopped) };
+                    let mut urgent = urgent_change(&change);
                     outbox.push(keys, &s.gate, change, unix_ms());
                     // Whatever else is waiting goes in the same flush.
                     while let Ok(c) = rx.try_recv() {
+                        urgent |= urgent_change(&c);
                         outbox.push(keys, &s.gate, c, unix_ms());
                     }
+                    // Blocks and allows go at once; failure counts and sightings gather for
+                    // a moment, so a burst of failures costs one write per source, not one
+                    // per failure.
+                    if urgent {
+                        session.flush(outbox).await?;
+                        flush_at = None;
+                    } else if flush_at.is_none() && !outbox.ops.is_empty() {
+                        flush_at = Some(tokio::time::Instant::now() + GATHER);
+                    }
+                }
+                _ = tokio::time::sleep_until(flush_at.unwrap_or_else(far)), if flush_at.is_some() => {
+                    flush_at = None;
                     session.flush(outbox).await?;
                 }
                 _ = tick.tick() => {
