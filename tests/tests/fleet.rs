@@ -215,6 +215,16 @@ fn blocks_propagate_and_lapse_everywhere_also_without_etcd() {
         "block del lifts it everywhere",
     );
 
+    // A temporary allow typed on gate 1 lets the internet host through at 2 and 3.
+    assert!(!connects(g2, "inet"));
+    g1.gate
+        .daemon
+        .cli(&["allow", "add", "203.0.113.50", "--ttl", "60"])
+        .unwrap();
+    expect(&[g1, g2, g3], "inet", false, Duration::from_secs(5), "allow reaches all");
+    g1.gate.daemon.cli(&["allow", "del", "203.0.113.50"]).unwrap();
+    expect(&[g1, g2, g3], "inet", true, Duration::from_secs(5), "allow del reaches all");
+
     // Expiry while etcd is down: the gates lapse the entry on their own clock.
     g1.gate
         .daemon

@@ -1,5 +1,5 @@
 //! Developer commands: `cargo xtask setup | build | test | demo |
-//! bench [xdp|proxy|tokens|cost|all] | fuzz [--seconds N] [TARGET...]`.
+//! bench [xdp|proxy|tokens|cost|fleet|all] | fuzz [--seconds N] [TARGET...]`.
 //!
 //! This crate depends on nothing that needs the eBPF toolchain, so `cargo xtask setup` builds
 //! on a machine that has only Rust, gcc and apt.
@@ -86,7 +86,7 @@ enum Cmd {
     /// Benchmarks against the peers, written to target/bench/*.json.
     Bench {
         /// xdp, proxy, tokens (the token cache alone), cost (instructions per request,
-        /// under callgrind), or all.
+        /// under callgrind), fleet (etcd propagation, resync and scale), or all.
         #[arg(default_value = "all")]
         suite: String,
     },
