@@ -221,9 +221,24 @@ fn blocks_propagate_and_lapse_everywhere_also_without_etcd() {
         .daemon
         .cli(&["allow", "add", "203.0.113.50", "--ttl", "60"])
         .unwrap();
-    expect(&[g1, g2, g3], "inet", false, Duration::from_secs(5), "allow reaches all");
-    g1.gate.daemon.cli(&["allow", "del", "203.0.113.50"]).unwrap();
-    expect(&[g1, g2, g3], "inet", true, Duration::from_secs(5), "allow del reaches all");
+    expect(
+        &[g1, g2, g3],
+        "inet",
+        false,
+        Duration::from_secs(5),
+        "allow reaches all",
+    );
+    g1.gate
+        .daemon
+        .cli(&["allow", "del", "203.0.113.50"])
+        .unwrap();
+    expect(
+        &[g1, g2, g3],
+        "inet",
+        true,
+        Duration::from_secs(5),
+        "allow del reaches all",
+    );
 
     // Expiry while etcd is down: the gates lapse the entry on their own clock.
     g1.gate
@@ -600,11 +615,16 @@ action = "allow"
     assert!(!f.iter().any(fired), "nothing fired yet");
     // The same user minutes later at site 2, from another network: only the fleet knows.
     ask(&f[1], "sf");
-    wait_for(Duration::from_secs(10), "two-places fires", || f.iter().any(fired));
+    wait_for(Duration::from_secs(10), "two-places fires", || {
+        f.iter().any(fired)
+    });
     let line = tests::ews::audit_lines(&f[1].gate.audit)
         .into_iter()
         .chain(tests::ews::audit_lines(&f[0].gate.audit))
         .find(|l| l["detection"] == "two-places")
         .unwrap();
-    assert!(line["user"].as_str().unwrap_or("").contains("alice"), "{line}");
+    assert!(
+        line["user"].as_str().unwrap_or("").contains("alice"),
+        "{line}"
+    );
 }
