@@ -198,6 +198,38 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
     vec![0]
 }
 
+/// Entries whose expiries fall in the same window of this many seconds share one lease: a
+/// lease grant is a raft write of its own, so one per entry would double the writes.
+const LEASE_WINDOW: u64 = 10;
+
+/// The entry leases granted in this session, by the end of their window (Unix seconds).
+#[derive(Default)]
+struct Leases(BTreeMap<u64, i64>);
+
+impl Leases {
+    /// A lease that lasts at least `ttl` seconds from now.
+    async fn at_least(
+        &mut self,
+        client: &mut Client,
+        limit: Duration,
+        ttl: i64,
+    ) -> Result<i64, FleetError> {
+        let now = unix_ms() / 1000;
+        let end = (now + ttl.max(1) as u64).div_ceil(LEASE_WINDOW) * LEASE_WINDOW;
+        // Windows that have ended take nothing new.
+        self.0 = self.0.split_off(&now);
+        if let Some(id) = self.0.get(&end) {
+            return Ok(*id);
+        }
+        let grant = (end - now + 2) as i64;
+        let id = deadline(limit, "granting a lease", client.lease_grant(grant, None))
+            .await?
+            .id();
+        self.0.insert(end, id);
+        Ok(id)
+    }
+}
+
 /// Writes one outbox entry.
 async fn write(
     client: &mut Client,
@@ -205,6 +237,7 @@ async fn write(
     key: &str,
     op: &Op,
     session: i64,
+    leases: &mut Leases,
 ) -> Result<(), FleetError> {
     match op {
         Op::Delete => {
@@ -214,11 +247,7 @@ async fn write(
             let lease = match lease {
                 Lease::None => None,
                 Lease::Session => Some(session),
-                Lease::Own(ttl) => {
-                    let l =
-                        deadline(limit, "granting a lease", client.lease_grant(*ttl, None)).await?;
-                    Some(l.id())
-                }
+                Lease::Own(ttl) => Some(leases.at_least(client, limit, *ttl).await?),
             };
             let opts = lease.map(|l| PutOptions::new().with_lease(l));
             deadline(limit, "writing", client.put(key, value.clone(), opts)).await?;
@@ -247,6 +276,7 @@ pub(crate) struct Session<'a> {
     sink: &'a Sink,
     /// The fleet's entries as listed and watched.
     held: BTreeMap<(Set, IpNet), Entry>,
+    leases: Leases,
 }
 
 impl Session<'_> {
@@ -304,6 +334,7 @@ impl Session<'_> {
             shared,
             sink,
             held: BTreeMap::new(),
+            leases: Leases::default(),
         };
         session.flush(outbox).await?;
         let revision = session.resync().await?;
@@ -398,7 +429,16 @@ impl Session<'_> {
     /// Publishes the outbox, key by key; what fails stays queued.
     async fn flush(&mut self, outbox: &mut Outbox) -> Result<(), FleetError> {
         while let Some((key, op)) = outbox.ops.pop_first() {
-            if let Err(e) = write(&mut self.client, self.s.timeout, &key, &op, self.lease).await {
+            let written = write(
+                &mut self.client,
+                self.s.timeout,
+                &key,
+                &op,
+                self.lease,
+                &mut self.leases,
+            )
+            .await;
+            if let Err(e) = written {
                 outbox.ops.insert(key, op);
                 return Err(e);
             }
