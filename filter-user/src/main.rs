@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use ewsgate::{
     agent::control::{self, Request, Response, Status},
@@ -96,6 +96,10 @@ enum Command {
     /// rule, the token, the content and the final reason. With --config naming a file the
     /// gate does not run, that file is explained instead (a change under review).
     Explain(ExplainArgs),
+    /// Write the man pages (DIR/man8) and shell completions (DIR/completions) generated from
+    /// this CLI, as the package installs them.
+    #[command(hide = true)]
+    Manual { dir: PathBuf },
 }
 
 #[derive(clap::Args)]
@@ -154,18 +158,23 @@ enum FeedAction {
 
 #[derive(Subcommand)]
 enum EntryAction {
+    /// Add an address or a CIDR.
     Add {
         /// An address or a CIDR.
         net: String,
         /// Lifetime: 90, 90s, 15m, 2h or 1d. Without it the entry stays until removed.
         #[arg(long)]
         ttl: Option<String>,
+        /// Why, as `list` and the status show it.
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Remove an entry.
     Del {
+        /// The address or CIDR it was added with.
         net: String,
     },
+    /// List the entries with their lifetimes and reasons.
     List,
 }
 
@@ -289,6 +298,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => report(files, since.as_deref(), html.as_deref(), json),
         Command::Explain(ref args) => explain(&cli, args),
+        Command::Manual { ref dir } => {
+            let written = ewsgate::ops::manual::write_all(Cli::command(), dir)?;
+            println!("{} files under {}", written.len(), dir.display());
+            Ok(())
+        }
     }
 }
 
