@@ -2,11 +2,12 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
+use anyhow::Context as _;
 use clap::{CommandFactory, Parser, Subcommand};
 
 use ewsgate::{
     agent::control::{self, Request, Response, Status},
-    config::{self, Config},
+    config,
     model::packet::{DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_DIR},
     ops::explain::ExplainError,
     packet::maps::List,
@@ -229,7 +230,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run => ewsgate::agent::daemon::run(&need_config()?),
         Command::Proxy { ref agent, threads } => ewsgate::proxy::serve(agent.clone(), threads),
         Command::Check => {
-            let c = Config::load(&need_config()?)?;
+            let (c, bundle) = ewsgate::config::load_bundle(&need_config()?)?;
+            if c.proxy.is_some() {
+                // What the proxy builds from the bundle at start and at each reload: the
+                // certificate's names, the upstream's CA, the signing keys.
+                ewsgate::proxy::state::State::build(0, 0, &bundle, None)
+                    .context("the request layer would refuse this config")?;
+            }
             println!(
                 "ok: {} source groups, {} prefixes, {} protected addresses",
                 c.groups.len(),

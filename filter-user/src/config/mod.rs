@@ -578,6 +578,32 @@ mod tests {
     }
 
     #[test]
+    fn an_https_upstreams_ca_travels_in_the_bundle() {
+        // The proxy reads files only from the bundle: a CA read beside it would leave the
+        // proxy unable to start while `check` passes.
+        let dir = std::env::temp_dir().join(format!("ewsgate-upca-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        for f in ["cert.pem", "key.pem", "ca.pem"] {
+            fs::write(dir.join(f), f).unwrap();
+        }
+        let path = dir.join("c.toml");
+        let text = |ca: &str| {
+            format!(
+                "[proxy]\nlisten = [\"192.0.2.10:443\"]\ncertificate = \"cert.pem\"\n\
+                 private_key = \"key.pem\"\nupstream = \"https://mail.example.org\"\n\
+                 upstream_ca = \"{ca}\"\n"
+            )
+        };
+        fs::write(&path, text("ca.pem")).unwrap();
+        let (_, bundle) = load_bundle(&path).unwrap();
+        assert_eq!(bundle.file(&dir.join("ca.pem")).unwrap(), b"ca.pem");
+        fs::write(&path, text("missing.pem")).unwrap();
+        let e = load_bundle(&path).unwrap_err().to_string();
+        assert!(e.contains(":6:") && e.contains("missing.pem"), "{e}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn full_config_parses() {
         let c = parse(
             r#"
