@@ -68,6 +68,11 @@ enum Command {
         #[command(subcommand)]
         action: FeedAction,
     },
+    /// The etcd fleet this gate belongs to (`[fleet]`).
+    Fleet {
+        #[command(subcommand)]
+        action: FleetAction,
+    },
     /// Stop the daemon and remove the program, its links and maps.
     Detach {
         #[arg(long)]
@@ -133,6 +138,17 @@ struct ExplainArgs {
     /// One JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand)]
+enum FleetAction {
+    /// Store FILE (without [xdp] and [fleet]) as the fleet's next config revision.
+    Push { file: PathBuf },
+    /// Every gate: the revision it runs or refused, its last contact, its entries.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -271,6 +287,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 group: group.clone(),
             },
         )?),
+        Command::Fleet { ref action } => {
+            use ewsgate::agent::fleet::admin;
+            let config = need_config()?;
+            let text = match action {
+                FleetAction::Push { file } => admin::push_command(&config, file)?,
+                FleetAction::Status { json } => admin::status_command(&config, *json)?,
+            };
+            println!("{}", text.trim_end());
+            Ok(())
+        }
         Command::Detach { ref pin_dir } => detach(&cli, pin_dir.clone()),
         Command::Report {
             ref files,
@@ -600,6 +626,25 @@ fn print_agent(s: &Status) {
             ago(f.fetched),
             ago(f.confirmed)
         );
+    }
+    if let Some(f) = &s.fleet {
+        let state = match (f.partitioned_since, &f.why) {
+            (Some(since), Some(why)) => format!("partitioned since {}: {why}", ago(Some(since))),
+            (Some(since), None) => format!("partitioned since {}", ago(Some(since))),
+            _ => f.state.clone(),
+        };
+        println!(
+            "fleet        gate {} {state}; revision {}, {} fleet blocks, {} fleet allows, {} queued, {} resyncs",
+            f.gate,
+            f.revision.map_or("-".into(), |r| r.to_string()),
+            f.fleet_blocks,
+            f.fleet_allows,
+            f.outbox,
+            f.resyncs
+        );
+        if let Some((rev, why)) = &f.refused {
+            println!("fleet        refused revision {rev}: {why}");
+        }
     }
     if let Some(c) = &s.crowdsec {
         let state = match &c.why {

@@ -89,6 +89,8 @@ pub enum Ask {
     Detected(Vec<crate::ipc::Detected>),
     /// The packet layer's part of a scrape, answered to the proxy as `ToProxy::Metrics`.
     Metrics(u64),
+    /// Sightings for the fleet.
+    Seen(Vec<crate::ipc::Seen>),
 }
 
 /// The worker's handle on the proxy.
@@ -576,6 +578,16 @@ impl Supervisor {
                 if self.metrics_budget() {
                     (self.asks)(Ask::Metrics(id));
                 }
+                Ok(())
+            }
+            ToAgent::Seen { items } => {
+                if items.len() > 1000 {
+                    return Err(format!("{} sightings in one message", items.len()));
+                }
+                for s in &items {
+                    s.check()?;
+                }
+                (self.asks)(Ask::Seen(items));
                 Ok(())
             }
             ToAgent::Prepared { id } | ToAgent::Refused { id, .. }

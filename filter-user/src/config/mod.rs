@@ -30,6 +30,7 @@ mod bundle;
 mod crowdsec;
 mod feed;
 mod metrics;
+mod fleet;
 pub mod ops;
 mod request;
 
@@ -170,6 +171,7 @@ impl Config {
             rules: request::validate_rules(&here, raw.rule, &names)?,
             ops,
             crowdsec: raw.crowdsec.map(|c| c.validate(&here, base)).transpose()?,
+            fleet: raw.fleet.map(|f| f.validate(&here, base)).transpose()?,
             feeds,
             groups,
         })
@@ -244,6 +246,7 @@ struct RawConfig {
     feeds: Option<feed::RawFeeds>,
     crowdsec: Option<crowdsec::RawCrowdSec>,
     metrics: Option<Spanned<metrics::RawMetrics>>,
+    fleet: Option<fleet::RawFleet>,
 }
 
 #[derive(Deserialize, Default)]

@@ -54,6 +54,10 @@ pub enum ToProxy {
     },
     /// A reopened audit file (descriptor attached), after rotation.
     AuditFile,
+    /// Other gates of the fleet saw these users (for `two-places`).
+    Seen {
+        items: Vec<Seen>,
+    },
     /// Stop serving: finish what is in flight and exit.
     Shutdown,
     /// The packet layer's part of scrape `id`: OpenMetrics text without `# EOF`.
@@ -129,6 +133,35 @@ pub enum ToAgent {
     Metrics {
         id: u64,
     },
+    /// Verified users' places, for the fleet's `two-places`.
+    Seen {
+        items: Vec<Seen>,
+    },
+}
+
+/// A verified user seen at a gate: the wire form of `ops::detections::Sighting`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Seen {
+    pub site: String,
+    pub user: String,
+    pub group: Option<String>,
+    pub source: Option<IpAddr>,
+    pub time_ms: u64,
+}
+
+impl Seen {
+    /// Bounds a sighting before it is stored or compared.
+    pub fn check(&self) -> Result<(), String> {
+        if self.site.len() > 128
+            || self.user.is_empty()
+            || self.user.len() > 512
+            || self.group.as_ref().is_some_and(|g| g.len() > 128)
+        {
+            return Err("a sighting field is empty or too long".into());
+        }
+        Ok(())
+    }
 }
 
 /// What a detection asks of the agent.

@@ -35,6 +35,8 @@ pub struct Config {
     pub ops: OpsSettings,
     /// `[metrics]`: where `GET /metrics` is served.
     pub metrics: Option<MetricsSettings>,
+    /// The etcd fleet this gate belongs to; `None`: a standalone gate.
+    pub fleet: Option<super::fleet::FleetSettings>,
 }
 
 impl Config {

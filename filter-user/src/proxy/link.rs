@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 use crate::{
     ipc::{
         wire::{Receiver, Writer},
-        Detected, Failure, Init, PolicyState, ToAgent, ToProxy, MAX_TO_PROXY,
+        Detected, Failure, Init, PolicyState, Seen, ToAgent, ToProxy, MAX_TO_PROXY,
     },
     proxy::{state::State, Shared},
 };
@@ -37,6 +37,8 @@ const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 pub struct Link {
     pending: Mutex<Vec<Failure>>,
     detected: Mutex<Vec<Detected>>,
+    /// Verified users' places for the fleet: one per user until sent.
+    seen: Mutex<std::collections::HashMap<String, Seen>>,
     /// Failures dropped because the agent was away too long.
     pub dropped: AtomicU64,
     wake: Notify,
@@ -90,6 +92,26 @@ impl Link {
         };
         let n = pending.len().min(BATCH);
         pending.drain(..n).collect()
+    }
+
+    /// Queues a sighting for the fleet; a newer one for the same user replaces it.
+    pub fn seen(&self, s: Seen) {
+        let Ok(mut pending) = self.seen.lock() else {
+            return;
+        };
+        if pending.len() >= MAX_PENDING && !pending.contains_key(&s.user) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        pending.insert(s.user.clone(), s);
+    }
+
+    fn take_seen(&self) -> Vec<Seen> {
+        let Ok(mut pending) = self.seen.lock() else {
+            return Vec::new();
+        };
+        let keys: Vec<String> = pending.keys().take(BATCH).cloned().collect();
+        keys.iter().filter_map(|k| pending.remove(k)).collect()
     }
 
     fn take(&self) -> Vec<Failure> {
@@ -248,6 +270,20 @@ fn handle(shared: &Shared, msg: ToProxy, fds: Vec<OwnedFd>) -> Option<ToAgent> {
             shared.refused.add(identity, secs, reason);
             None
         }
+        ToProxy::Seen { items } => {
+            for s in items {
+                let sighting = crate::ops::detections::Sighting {
+                    site: s.site,
+                    user: s.user,
+                    group: s.group,
+                    source: s.source,
+                    time_ms: s.time_ms,
+                };
+                let fired = shared.ops.observe_remote(&sighting);
+                crate::proxy::phases::logging::fire(shared, fired);
+            }
+            None
+        }
         ToProxy::AuditFile => {
             if let Some(fd) = fds.into_iter().next() {
                 shared.audit.reopen(File::from(fd));
@@ -317,6 +353,13 @@ async fn flush_failures(shared: Arc<Shared>, writer: Arc<Writer>) {
         let detected = shared.link.take_detected();
         if !detected.is_empty() {
             let msg = ToAgent::Detected { items: detected };
+            if writer.send(&msg, &[]).await.is_err() {
+                return;
+            }
+        }
+        let seen = shared.link.take_seen();
+        if !seen.is_empty() {
+            let msg = ToAgent::Seen { items: seen };
             if writer.send(&msg, &[]).await.is_err() {
                 return;
             }

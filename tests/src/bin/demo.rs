@@ -22,6 +22,9 @@ use tests::{
 };
 
 fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("fleet") {
+        return tests::fleet::demo();
+    }
     let fs_guard = BpfFs::new()?;
     let mut lab = Lab::new(&[OFFICE, SALESFORCE, INTERNET])?;
     lab.serve(8080)?; // another service on the same host, not protected

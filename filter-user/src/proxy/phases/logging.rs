@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use crate::{
-    ipc::{Detected, Failure},
+    ipc::{Detected, Failure, Seen},
     model::outcome::{Decision, FailureClass},
     ops::{
         audit::{Record, Shadow},
@@ -22,7 +22,22 @@ fn now_ms() -> u64 {
 /// Runs a decision through the detections; each firing is an audit event of its own, and
 /// its action goes to the agent (an identity refusal also applies here at once).
 fn detections(shared: &Shared, o: &Observation) {
-    for d in shared.ops.observe(o) {
+    fire(shared, shared.ops.observe(o));
+    if let Some(s) = shared.ops.sighting(o) {
+        shared.link.seen(Seen {
+            site: s.site,
+            user: s.user,
+            group: s.group,
+            source: s.source,
+            time_ms: s.time_ms,
+        });
+    }
+}
+
+/// Detections that fired (here, or on another gate's sighting): each an audit event, its
+/// action sent to the agent.
+pub fn fire(shared: &Shared, fired: Vec<crate::ops::detections::Detection>) {
+    for d in fired {
         shared.metrics.detection(d.name());
         tracing::warn!(detection = d.name(), subject = %d.subject, action = d.action.name(), "detection fired");
         let event = d.event();
