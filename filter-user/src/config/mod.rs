@@ -29,8 +29,8 @@ pub use crate::model::Config;
 mod bundle;
 mod crowdsec;
 mod feed;
-mod metrics;
 mod fleet;
+mod metrics;
 pub mod ops;
 mod request;
 
