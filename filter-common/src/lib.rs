@@ -7,7 +7,7 @@
 /// Bumped whenever a map's layout or meaning changes. Pins live under `<pin_dir>/v<N>`, so a
 /// daemon never adopts maps written by an incompatible build (aya reuses a pinned map
 /// without comparing its layout).
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Protected addresses per family; more is a config error. A firewall in front of Exchange
 /// protects a handful, and a short scan beats a hash lookup on every packet.
@@ -16,7 +16,8 @@ pub const MAX_PROTECTED: usize = 8;
 pub const MAX_PORTS: usize = 8;
 /// VLAN tags walked (802.1Q and 802.1ad, so QinQ and one more level).
 pub const MAX_VLAN_DEPTH: usize = 4;
-/// IPv6 extension headers walked before the packet counts as malformed.
+/// IPv6 extension headers walked (a fragment header counts as one); a chain of more is
+/// dropped as malformed, wherever it goes.
 pub const MAX_IPV6_EXT: usize = 8;
 /// Source groups are numbered 1..=MAX_GROUPS; 0 means "no group".
 pub const MAX_GROUPS: usize = 255;
@@ -57,9 +58,12 @@ pub enum Reason {
     Fragment = 6,
     /// Monitor mode passed a packet that would have been dropped (counted in addition).
     MonitorPassed = 7,
+    /// A tunnelled packet (IPIP, 6in4, 4in6, 6in6, GRE, VXLAN) opened to judge its inner
+    /// packet (counted in addition to the inner packet's verdict).
+    Tunnel = 8,
 }
 
-pub const REASON_COUNT: u32 = 8;
+pub const REASON_COUNT: u32 = 9;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -71,6 +75,7 @@ impl Reason {
         Reason::Malformed,
         Reason::Fragment,
         Reason::MonitorPassed,
+        Reason::Tunnel,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -83,6 +88,7 @@ impl Reason {
             Reason::Malformed => "drop_malformed",
             Reason::Fragment => "fragment",
             Reason::MonitorPassed => "monitor_passed",
+            Reason::Tunnel => "tunnel",
         }
     }
 }

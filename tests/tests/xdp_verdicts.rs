@@ -663,7 +663,7 @@ fn incompatible_pinned_maps_are_refused_not_reused() {
         .err()
         .expect("must refuse")
         .to_string();
-    assert!(err.contains("13 of 14 maps pinned"), "{err}");
+    assert!(err.contains("15 of 16 maps pinned"), "{err}");
     ewsgate::packet::xdp::detach(&dir).unwrap();
 }
 

@@ -15,7 +15,7 @@ use std::{
 };
 
 use aya::{
-    maps::{MapInfo, MapType},
+    maps::{MapInfo, MapType, ProgramArray},
     programs::{links::FdLink, links::PinnedLink, ProgramError, Xdp, XdpMode},
     Ebpf, EbpfError, EbpfLoader,
 };
@@ -40,6 +40,7 @@ use crate::{
 /// The XDP object built by build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ewsgate-xdp"));
 pub const PROGRAM: &str = "ewsgate_xdp";
+const TUNNEL_PROGRAM: &str = "ewsgate_tunnel";
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 #[derive(Debug, thiserror::Error)]
@@ -137,7 +138,7 @@ const fn layout(name: &'static str, kind: MapType, key: usize, value: usize, siz
 const LPM_KEY: usize = 4 + 16;
 
 /// Every map of the object, as this build expects to find it pinned.
-fn layouts() -> [Layout; 14] {
+fn layouts() -> [Layout; 16] {
     use MapType::*;
     use Size::*;
     [
@@ -151,6 +152,8 @@ fn layouts() -> [Layout; 14] {
             Fixed(MAX_GROUPS as u32 + 1),
         ),
         layout("POLICY", Array, 4, size_of::<Policy>(), Fixed(2)),
+        layout("TUNNEL", ProgramArray, 4, 4, Fixed(1)),
+        layout("INNER", PerCpuArray, 4, 8, Fixed(1)),
         layout("TBL24_0", Array, 4, TBL24_ROW * 4, Fixed(TBL24_ROWS)),
         layout("TBL24_1", Array, 4, TBL24_ROW * 4, Fixed(TBL24_ROWS)),
         layout(
@@ -249,6 +252,7 @@ impl Gate {
         let mut ebpf = loader.load(OBJECT)?;
         // Load before taking the maps: the program's relocations need their fds.
         program(&mut ebpf)?.load()?;
+        install_tunnel(&mut ebpf)?;
         let maps = Maps::new(&mut ebpf, sizes)?;
         let mut gate = Gate {
             ebpf,
@@ -379,6 +383,30 @@ impl Gate {
 fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
     let prog = ebpf.program_mut(PROGRAM).ok_or(ProgramError::NotLoaded)?;
     Ok(prog.try_into()?)
+}
+
+/// Loads the program that judges a tunnel's inner packet and puts it in the pinned program
+/// array the main program tail calls. Until it is there, tunnelled packets are dropped.
+fn install_tunnel(ebpf: &mut Ebpf) -> Result<(), XdpError> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(TUNNEL_PROGRAM)
+        .ok_or(ProgramError::NotLoaded)?
+        .try_into()?;
+    prog.load()?;
+    let fd = prog.fd()?.try_clone().map_err(|e| XdpError::Io {
+        path: TUNNEL_PROGRAM.into(),
+        source: e,
+    })?;
+    let map = ebpf.map_mut("TUNNEL").ok_or(MapsError::Missing("TUNNEL"))?;
+    let mut array = ProgramArray::try_from(map).map_err(|source| MapsError::Map {
+        name: "TUNNEL",
+        source,
+    })?;
+    array.set(0, &fd, 0).map_err(|source| MapsError::Map {
+        name: "TUNNEL",
+        source,
+    })?;
+    Ok(())
 }
 
 fn if_index(iface: &str) -> Option<u32> {
