@@ -388,6 +388,9 @@ fn print_status(s: &Status) {
     for (iface, mode) in &s.interfaces {
         println!("interface    {iface} ({mode})");
     }
+    for w in &s.warnings {
+        println!("WARNING      {w}");
+    }
     for p in &s.protected {
         println!("protected    {p}");
     }

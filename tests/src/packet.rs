@@ -8,6 +8,7 @@ pub const TPID_8021AD: u16 = 0x88a8;
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
 pub const ICMP: u8 = 1;
+pub const ICMPV6: u8 = 58;
 
 /// An IPv6 extension header to put in a chain.
 #[derive(Clone, Copy, Debug)]

@@ -86,6 +86,9 @@ pub struct Status {
     /// The CrowdSec bouncer, when `[crowdsec]` is set.
     #[serde(default)]
     pub crowdsec: Option<CrowdSecStatus>,
+    /// Paths around the program: up interfaces it does not run on.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -660,6 +660,10 @@ impl Worker {
             refused_identities: self.refused.len(),
             feeds: self.agent.feeds_status(),
             crowdsec: self.agent.crowdsec_status(),
+            warnings: crate::packet::paths::unfiltered(&self.gate.attached)
+                .iter()
+                .map(|u| u.warning())
+                .collect(),
         })))
     }
 
