@@ -6,9 +6,12 @@
 
 use std::{
     collections::HashMap,
+    fs,
     net::{SocketAddr, TcpStream},
+    os::unix::net::UnixStream,
     path::Path,
-    time::Duration,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use aya::programs::{TestRun, TestRunOptions};
@@ -435,4 +438,90 @@ fn an_interface_without_the_program_is_named_and_the_proxy_refuses_at_accept() {
     .expect("audited");
     assert_eq!(line["kind"], "connection");
     assert!(g.backend.requests().is_empty());
+}
+
+/// `ewsgate run` in a fresh mount namespace where nothing is mounted at /sys/fs/bpf (as on
+/// a host without systemd): the agent mounts bpffs there itself, pins, and serves.
+#[test]
+fn the_agent_mounts_bpffs_where_nothing_is_mounted() {
+    let t = tests::lab::tag();
+    let dir = std::env::temp_dir().join(format!("ewsgate-bpffs-test-{t}"));
+    fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("ctl.sock");
+    let config = dir.join("ewsgate.toml");
+    let pin_dir = format!("/sys/fs/bpf/ewsgate-test-{t}");
+    let text = format!(
+        "[xdp]\npin_dir = \"{pin_dir}\"\ncontrol_socket = \"{}\"\n\n[[protect]]\naddress = \"{GATE}\"\nports = [\"tcp/443\"]\n{}",
+        socket.display(),
+        tests::TEST_GROUPS
+    );
+    fs::write(&config, text).unwrap();
+    let log = dir.join("agent.log");
+    // unshare and sh exec in place: the child's PID is the agent's.
+    let script = format!(
+        "umount /sys/fs/bpf 2>/dev/null; exec {} --config {} run",
+        tests::lab::ewsgate_bin().display(),
+        config.display()
+    );
+    let mut child = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while UnixStream::connect(&socket).is_err() && Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = Command::new(tests::lab::ewsgate_bin())
+        .args(["--config", config.to_str().unwrap(), "status"])
+        .output()
+        .unwrap();
+    tests::lab::stop_pid(child.id());
+    let _ = child.wait();
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    let _ = fs::remove_dir_all(&dir);
+    assert!(
+        text.contains("mounted bpffs at /sys/fs/bpf"),
+        "the agent did not say it mounted bpffs: {text}"
+    );
+    let out = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        out.contains(&format!("{pin_dir}/v")),
+        "status: {out}{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    // The mount lived in the agent's namespace only: the host's /sys/fs/bpf is as it was.
+    assert!(!Path::new(&pin_dir).exists(), "the pins leaked to the host");
+}
+
+/// A pin_dir on another file system gets an error that says what to do, never a bare
+/// "No such file or directory".
+#[test]
+fn a_pin_dir_off_bpffs_gets_an_error_that_says_what_to_do() {
+    let t = tests::lab::tag();
+    let dir = std::env::temp_dir().join(format!("ewsgate-bpffs-test-{t}"));
+    fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("ewsgate.toml");
+    let text = format!(
+        "[xdp]\npin_dir = \"{}\"\ncontrol_socket = \"{}\"\n\n[[protect]]\naddress = \"{GATE}\"\nports = [\"tcp/443\"]\n",
+        dir.join("pins/deeper").display(),
+        dir.join("ctl.sock").display(),
+    );
+    fs::write(&config, text).unwrap();
+    let out = Command::new(tests::lab::ewsgate_bin())
+        .args(["--config", config.to_str().unwrap(), "run"])
+        .output()
+        .unwrap();
+    let _ = fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("is not on a BPF file system: mount one there"),
+        "{err}"
+    );
+    assert!(!err.contains("No such file or directory"), "{err}");
 }

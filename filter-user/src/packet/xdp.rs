@@ -47,7 +47,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 pub enum XdpError {
     #[error("{path}: {source}")]
     Io { path: String, source: io::Error },
-    #[error("{0} is not on a BPF file system (mount -t bpf bpf /sys/fs/bpf)")]
+    #[error("{0}")]
     NotBpfFs(String),
     #[error("pinned map {path} does not match this build ({what}); run `ewsgate detach` first")]
     Incompatible { path: String, what: String },
@@ -416,19 +416,89 @@ fn if_index(iface: &str) -> Option<u32> {
     (idx != 0).then_some(idx)
 }
 
+/// Where systemd mounts bpffs, and where the agent mounts it when nothing is there.
+pub const BPF_FS_ROOT: &str = "/sys/fs/bpf";
+const SYSFS_MAGIC: i64 = 0x6265_6572;
+
+/// Makes sure `pin_dir` is on a bpffs and creates the pin directories. Where `pin_dir` is
+/// under /sys/fs/bpf and nothing is mounted there (a host without systemd, a fresh mount
+/// namespace), the agent mounts bpffs there as systemd would. Anywhere else it says what
+/// to do rather than let a mkdir on another file system fail with a bare errno.
 fn prepare_dirs(pin_dir: &Path, pins: &Pins) -> Result<(), XdpError> {
+    let root = Path::new(BPF_FS_ROOT);
+    if fs_type(&existing_ancestor(pin_dir)) != Some(BPF_FS_MAGIC) {
+        if !pin_dir.starts_with(root) {
+            return Err(XdpError::NotBpfFs(format!(
+                "{} is not on a BPF file system: mount one there (`mount -t bpf bpf DIR` on                  it or a parent) or set xdp.pin_dir under {BPF_FS_ROOT}",
+                pin_dir.display()
+            )));
+        }
+        mount_bpffs(root)?;
+    }
     fs::create_dir_all(pins.maps()).map_err(io_err(&pins.maps()))?;
-    let c = std::ffi::CString::new(pin_dir.as_os_str().as_encoded_bytes())
-        .map_err(|e| io_err(pin_dir)(io::Error::other(e)))?;
+    if fs_type(pin_dir) != Some(BPF_FS_MAGIC) {
+        return Err(XdpError::NotBpfFs(format!(
+            "{} is not on a BPF file system (`mount -t bpf bpf {BPF_FS_ROOT}`)",
+            pin_dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Mounts bpffs at `root` when nothing is mounted there (it is a plain sysfs directory).
+fn mount_bpffs(root: &Path) -> Result<(), XdpError> {
+    match fs_type(root) {
+        Some(SYSFS_MAGIC) => {}
+        None => {
+            return Err(XdpError::NotBpfFs(format!(
+                "{BPF_FS_ROOT} does not exist (is sysfs mounted at /sys?): mount sysfs, then                  `mount -t bpf bpf {BPF_FS_ROOT}`, or set xdp.pin_dir to a directory on a                  BPF file system"
+            )))
+        }
+        Some(other) => {
+            return Err(XdpError::NotBpfFs(format!(
+                "{BPF_FS_ROOT} holds another file system (type {other:#x}), not bpffs:                  unmount it and `mount -t bpf bpf {BPF_FS_ROOT}`, or set xdp.pin_dir to a                  directory on a BPF file system"
+            )))
+        }
+    }
+    let c = |s: &str| std::ffi::CString::new(s).map_err(|e| io_err(root)(io::Error::other(e)));
+    let (source, target, kind, data) = (c("bpf")?, c(BPF_FS_ROOT)?, c("bpf")?, c("mode=0700")?);
+    // SAFETY: valid NUL-terminated strings; mount(2) reads them only.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            kind.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(XdpError::NotBpfFs(format!(
+            "nothing is mounted at {BPF_FS_ROOT} and mounting bpffs there failed ({e}): run              `mount -t bpf bpf {BPF_FS_ROOT}` as root, or set xdp.pin_dir to a directory on              a BPF file system"
+        )));
+    }
+    info!("mounted bpffs at {BPF_FS_ROOT} (nothing was mounted there)");
+    Ok(())
+}
+
+/// The nearest ancestor of `path` (or itself) that exists.
+fn existing_ancestor(path: &Path) -> PathBuf {
+    path.ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"))
+        .to_path_buf()
+}
+
+/// The file system type (statfs f_type) holding `path`, None when it cannot be read.
+fn fs_type(path: &Path) -> Option<i64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: statfs writes into the struct we pass.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io_err(pin_dir)(io::Error::last_os_error()));
+        return None;
     }
-    if st.f_type as i64 != BPF_FS_MAGIC {
-        return Err(XdpError::NotBpfFs(pin_dir.display().to_string()));
-    }
-    Ok(())
+    Some(st.f_type as i64)
 }
 
 /// Compares every pinned map with this build's layout. Returns whether state is adopted and
