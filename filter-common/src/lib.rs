@@ -107,7 +107,30 @@ pub struct Settings {
     pub block_cidr: u32,
     pub allow_exact: u32,
     pub allow_cidr: u32,
+    /// Drop events per second and CPU sent to `DROPS` for `ewsgate watch`; 0 (nobody
+    /// watching) sends none, so the feature costs a dropped packet one compare.
+    pub watch_rate: u32,
+    pub _pad: u32,
 }
+
+/// One sampled drop in the `DROPS` ring buffer, for `ewsgate watch`. Addresses as the
+/// packet holds them (network order); IPv4 in the last word.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropEvent {
+    pub source: [u32; 4],
+    pub destination: [u32; 4],
+    /// Destination port, host order; 0 when none was read.
+    pub port: u16,
+    pub proto: u8,
+    /// 4 or 6; 0 when the headers were too broken to tell.
+    pub family: u8,
+    /// A `Reason`.
+    pub reason: u32,
+}
+
+/// Size of the `DROPS` ring buffer (a power-of-two number of pages).
+pub const DROPS_BYTES: u32 = 64 * 1024;
 
 /// One protected (protocol, port) on an address; `proto` 0 ends the list.
 #[repr(C)]
@@ -216,4 +239,5 @@ mod pod {
     unsafe impl aya::Pod for Policy {}
     unsafe impl aya::Pod for V6Bucket {}
     unsafe impl aya::Pod for Expiring {}
+    unsafe impl aya::Pod for DropEvent {}
 }

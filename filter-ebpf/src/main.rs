@@ -12,12 +12,13 @@ use aya_ebpf::{
     bindings::{xdp_action, BPF_F_MMAPABLE},
     helpers::bpf_ktime_get_ns,
     macros::{map, xdp},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, ProgramArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, ProgramArray, RingBuf},
     programs::XdpContext,
 };
 use filter_common::{
-    v6_buckets, v6_hash, Expiring, Policy, Reason, Settings, V6Bucket, MAX_GROUPS, REASON_COUNT,
-    TBL24_ROW, TBL24_ROWS, TBL8_FLAG, TBL8_SIZE, V6_MAX_LENGTHS, V6_SLOTS,
+    v6_buckets, v6_hash, DropEvent, Expiring, Policy, Reason, Settings, V6Bucket, DROPS_BYTES,
+    MAX_GROUPS, REASON_COUNT, TBL24_ROW, TBL24_ROWS, TBL8_FLAG, TBL8_SIZE, V6_MAX_LENGTHS,
+    V6_SLOTS,
 };
 use parse::{Bound, Facts};
 
@@ -68,6 +69,13 @@ static TUNNEL: ProgramArray = ProgramArray::pinned(1, 0);
 #[map]
 static INNER: PerCpuArray<[u32; 2]> = PerCpuArray::pinned(1, 0);
 
+// `ewsgate watch`: sampled drops, and per CPU the current one-second window's start and the
+// events sent in it.
+#[map]
+static DROPS: RingBuf = RingBuf::pinned(DROPS_BYTES, 0);
+#[map]
+static WATCH_WINDOW: PerCpuArray<[u64; 2]> = PerCpuArray::pinned(1, 0);
+
 /// Inner headers start no further than this into a frame; further is malformed. Well past
 /// any real outer chain, and it keeps the verifier's offset arithmetic bounded.
 const MAX_INNER_OFF: u32 = 4096;
@@ -100,7 +108,7 @@ pub fn ewsgate_xdp(ctx: XdpContext) -> u32 {
             Reason::Malformed
         }
     };
-    verdict(settings, reason)
+    verdict(&ctx, settings, reason, &facts)
 }
 
 /// The inner packet of a tunnel, reached only by tail call from `ewsgate_xdp`.
@@ -116,14 +124,14 @@ pub fn ewsgate_tunnel(ctx: XdpContext) -> u32 {
     let Some(&[proto, off]) = INNER.get(0) else {
         return xdp_action::XDP_DROP;
     };
+    let mut facts = Facts::default();
     let reason = if off > MAX_INNER_OFF {
         Reason::Malformed
     } else {
-        let mut facts = Facts::default();
         let bound = parse::classify_inner(&ctx, policy, &mut facts, proto as u16, off as usize);
         decide(settings, generation, policy, bound, &facts)
     };
-    verdict(settings, reason)
+    verdict(&ctx, settings, reason, &facts)
 }
 
 #[inline(always)]
@@ -170,10 +178,13 @@ pub fn xdp_drop_floor(_ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn verdict(settings: &Settings, reason: Reason) -> u32 {
+fn verdict(ctx: &XdpContext, settings: &Settings, reason: Reason, facts: &Facts) -> u32 {
     count(reason);
     match reason {
         Reason::Blocked | Reason::NotAllowed | Reason::Malformed => {
+            if settings.watch_rate != 0 {
+                report(ctx, settings.watch_rate, reason, facts);
+            }
             if settings.monitor != 0 {
                 count(Reason::MonitorPassed);
                 xdp_action::XDP_PASS
@@ -183,6 +194,32 @@ fn verdict(settings: &Settings, reason: Reason) -> u32 {
         }
         _ => xdp_action::XDP_PASS,
     }
+}
+
+/// Sends a drop to `DROPS` unless this CPU has sent `rate` in the current second (a fixed
+/// one-second window per CPU: cheap, and enough to keep a flood from filling the buffer).
+#[inline(never)]
+fn report(ctx: &XdpContext, rate: u32, reason: Reason, facts: &Facts) {
+    let Some(window) = WATCH_WINDOW.get_ptr_mut(0) else {
+        return;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: per-CPU slot, as in `count`.
+    let w = unsafe { &mut *window };
+    if now.wrapping_sub(w[0]) >= 1_000_000_000 {
+        w[0] = now;
+        w[1] = 0;
+    }
+    if w[1] >= rate as u64 {
+        return;
+    }
+    w[1] += 1;
+    let mut event = DropEvent {
+        reason: reason as u32,
+        ..Default::default()
+    };
+    parse::describe(ctx, facts, &mut event);
+    let _ = DROPS.output::<DropEvent>(&event, 0);
 }
 
 #[inline(always)]

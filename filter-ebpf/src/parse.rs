@@ -4,7 +4,9 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
-use filter_common::{Endpoint, Policy, MAX_IPV6_EXT, MAX_PORTS, MAX_PROTECTED, MAX_VLAN_DEPTH};
+use filter_common::{
+    DropEvent, Endpoint, Policy, MAX_IPV6_EXT, MAX_PORTS, MAX_PROTECTED, MAX_VLAN_DEPTH,
+};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -522,6 +524,33 @@ fn l4(ctx: &XdpContext, ep: &Endpoint, proto: u8, off: usize) -> Bound {
         }
     }
     Bound::No
+}
+
+/// Fills a drop event from what the parse learnt, reading the destination and port again
+/// from the packet (only for sampled drops, so the parse itself keeps no more).
+#[inline(always)]
+pub fn describe(ctx: &XdpContext, facts: &Facts, event: &mut DropEvent) {
+    if facts.ip_off == 0 || facts.ip_off > 4096 {
+        return; // not parsed as far as an IP header
+    }
+    event.source = facts.source;
+    event.proto = facts.proto;
+    if facts.v4 {
+        event.family = 4;
+        if let Some(dst) = read::<u32>(ctx, facts.ip_off + 16) {
+            event.destination = [0, 0, 0, dst];
+        }
+    } else {
+        event.family = 6;
+        if let Some(dst) = read::<[u32; 4]>(ctx, facts.ip_off + 24) {
+            event.destination = dst;
+        }
+    }
+    if facts.l4_off != 0 && facts.l4_off <= 8192 {
+        if let Some(port) = read_be16(ctx, facts.l4_off + 2) {
+            event.port = port;
+        }
+    }
 }
 
 /// For the benchmark's reference program: the source word of an untagged IPv4 TCP packet to

@@ -39,6 +39,15 @@ pub enum Request {
     FeedRefresh {
         group: Option<String>,
     },
+    /// Stream sampled XDP drops on this connection (see `agent::watch`).
+    Watch {
+        /// Events per second and CPU.
+        rate: u32,
+        /// Stop after this many.
+        count: Option<u64>,
+    },
+    /// Stop sending drop events (sent by the agent itself when a watcher leaves).
+    Unwatch,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

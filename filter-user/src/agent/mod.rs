@@ -11,4 +11,5 @@ pub mod feedback;
 pub mod feeds;
 pub mod supervisor;
 pub mod tasks;
+pub mod watch;
 pub mod worker;

@@ -62,6 +62,8 @@ pub struct Worker {
     feedback: Feedback,
     /// Identities refused at the request layer: until, reason.
     refused: BTreeMap<String, (Instant, String)>,
+    /// An `ewsgate watch` is connected (drop events on).
+    watching: bool,
     /// Who holds each block entry (administrator, feedback, CrowdSec).
     ledger: Ledger,
     ledger_path: PathBuf,
@@ -99,6 +101,7 @@ impl Worker {
             last_reload: "at start: ok".into(),
             proxy,
             refused: BTreeMap::new(),
+            watching: false,
         }
     }
 
@@ -518,6 +521,15 @@ impl Worker {
             Request::List { list } => return self.list(list),
             // Answered by `handle`, never here.
             Request::Shutdown | Request::FeedRefresh { .. } => Ok(String::new()),
+            Request::Watch { rate, .. } => self.watch(rate),
+            Request::Unwatch => {
+                self.watching = false;
+                self.gate
+                    .maps
+                    .set_watch(0)
+                    .map(|()| String::new())
+                    .map_err(Into::into)
+            }
         };
         match result {
             Ok(message) => Response::Ok { message },
@@ -525,6 +537,18 @@ impl Worker {
                 message: format!("{e:#}"),
             },
         }
+    }
+
+    /// Turns drop events on for one watcher; answers with the ring buffer's pin.
+    fn watch(&mut self, rate: u32) -> anyhow::Result<String> {
+        if self.watching {
+            anyhow::bail!("another `ewsgate watch` is connected");
+        }
+        self.gate
+            .maps
+            .set_watch(rate.clamp(1, crate::agent::watch::MAX_RATE))?;
+        self.watching = true;
+        Ok(self.gate.pins().map("DROPS").display().to_string())
     }
 
     fn add(

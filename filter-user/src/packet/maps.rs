@@ -219,6 +219,13 @@ impl Maps {
         self.settings.set(0, s, 0).map_err(map_err("SETTINGS"))
     }
 
+    /// Drop events per second and CPU for `ewsgate watch`; 0 sends none.
+    pub fn set_watch(&mut self, rate: u32) -> Result<(), MapsError> {
+        let mut s = self.settings()?;
+        s.watch_rate = rate;
+        self.set_settings(s)
+    }
+
     pub fn set_monitor(&mut self, monitor: bool) -> Result<(), MapsError> {
         let mut s = self.settings()?;
         s.monitor = monitor as u32;

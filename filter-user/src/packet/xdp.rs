@@ -22,8 +22,8 @@ use aya::{
 use tracing::{info, warn};
 
 use filter_common::{
-    Expiring, Policy, Settings, V6Bucket, LAYOUT_VERSION, MAX_GROUPS, REASON_COUNT, TBL24_ROW,
-    TBL24_ROWS, TBL8_SIZE,
+    Expiring, Policy, Settings, V6Bucket, DROPS_BYTES, LAYOUT_VERSION, MAX_GROUPS, REASON_COUNT,
+    TBL24_ROW, TBL24_ROWS, TBL8_SIZE,
 };
 
 use crate::{
@@ -88,6 +88,10 @@ impl Pins {
     fn maps(&self) -> PathBuf {
         self.root.join("maps")
     }
+    /// Where the map `name` is pinned.
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps().join(name)
+    }
     fn prog(&self) -> PathBuf {
         self.root.join("prog")
     }
@@ -138,7 +142,7 @@ const fn layout(name: &'static str, kind: MapType, key: usize, value: usize, siz
 const LPM_KEY: usize = 4 + 16;
 
 /// Every map of the object, as this build expects to find it pinned.
-fn layouts() -> [Layout; 16] {
+fn layouts() -> [Layout; 18] {
     use MapType::*;
     use Size::*;
     [
@@ -154,6 +158,8 @@ fn layouts() -> [Layout; 16] {
         layout("POLICY", Array, 4, size_of::<Policy>(), Fixed(2)),
         layout("TUNNEL", ProgramArray, 4, 4, Fixed(1)),
         layout("INNER", PerCpuArray, 4, 8, Fixed(1)),
+        layout("DROPS", RingBuf, 0, 0, Fixed(DROPS_BYTES)),
+        layout("WATCH_WINDOW", PerCpuArray, 4, 16, Fixed(1)),
         layout("TBL24_0", Array, 4, TBL24_ROW * 4, Fixed(TBL24_ROWS)),
         layout("TBL24_1", Array, 4, TBL24_ROW * 4, Fixed(TBL24_ROWS)),
         layout(
@@ -264,6 +270,8 @@ impl Gate {
         if start == Start::Adopted {
             gate.maps.recount()?;
         }
+        // A watcher of the previous agent is gone: send no more drop events.
+        gate.maps.set_watch(0)?;
         gate.apply(config)?;
         Ok(gate)
     }
