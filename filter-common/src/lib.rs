@@ -129,6 +129,22 @@ pub struct DropEvent {
     pub reason: u32,
 }
 
+/// A drop handed to the report program (per-CPU scratch between two programs of one run).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Source as the dynamic maps key it (IPv4 mapped).
+    pub source: [u32; 4],
+    /// Offsets of the judged IP header and its TCP/UDP header (0: none).
+    pub ip_off: u32,
+    pub l4_off: u32,
+    pub proto: u32,
+    pub v4: u32,
+    pub reason: u32,
+    /// The XDP action the caller decided.
+    pub action: u32,
+}
+
 /// Size of the `DROPS` ring buffer (a power-of-two number of pages).
 pub const DROPS_BYTES: u32 = 64 * 1024;
 

@@ -16,7 +16,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use filter_common::{
-    v6_buckets, v6_hash, DropEvent, Expiring, Policy, Reason, Settings, V6Bucket, DROPS_BYTES,
+    v6_buckets, v6_hash, DropEvent, Expiring, Report, Policy, Reason, Settings, V6Bucket, DROPS_BYTES,
     MAX_GROUPS, REASON_COUNT, TBL24_ROW, TBL24_ROWS, TBL8_FLAG, TBL8_SIZE, V6_MAX_LENGTHS,
     V6_SLOTS,
 };
@@ -65,7 +65,9 @@ static ALLOW_CIDR: LpmTrie<[u32; 4], Expiring> = LpmTrie::pinned(1, 0); // sized
 // calls the inner program, so the verifier checks each layer's parse on its own (one
 // program walking both explodes past its instruction limit).
 #[map]
-static TUNNEL: ProgramArray = ProgramArray::pinned(1, 0);
+static TAIL: ProgramArray = ProgramArray::pinned(2, 0);
+const TAIL_TUNNEL: u32 = 0;
+const TAIL_REPORT: u32 = 1;
 #[map]
 static INNER: PerCpuArray<[u32; 2]> = PerCpuArray::pinned(1, 0);
 
@@ -75,6 +77,8 @@ static INNER: PerCpuArray<[u32; 2]> = PerCpuArray::pinned(1, 0);
 static DROPS: RingBuf = RingBuf::pinned(DROPS_BYTES, 0);
 #[map]
 static WATCH_WINDOW: PerCpuArray<[u64; 2]> = PerCpuArray::pinned(1, 0);
+#[map]
+static REPORT: PerCpuArray<Report> = PerCpuArray::pinned(1, 0);
 
 /// Inner headers start no further than this into a frame; further is malformed. Well past
 /// any real outer chain, and it keeps the verifier's offset arithmetic bounded.
@@ -103,7 +107,7 @@ pub fn ewsgate_xdp(ctx: XdpContext) -> u32 {
                 unsafe { *slot = [facts.inner_proto as u32, facts.inner_off as u32] };
             }
             // SAFETY: index 0 of our own program array; on success this never returns.
-            unsafe { TUNNEL.tail_call(&ctx, 0) };
+            unsafe { TAIL.tail_call(&ctx, TAIL_TUNNEL) };
             // No inner program installed: the inner packet cannot be judged.
             Reason::Malformed
         }
@@ -182,44 +186,72 @@ fn verdict(ctx: &XdpContext, settings: &Settings, reason: Reason, facts: &Facts)
     count(reason);
     match reason {
         Reason::Blocked | Reason::NotAllowed | Reason::Malformed => {
-            if settings.watch_rate != 0 {
-                report(ctx, settings.watch_rate, reason, facts);
-            }
-            if settings.monitor != 0 {
+            let action = if settings.monitor != 0 {
                 count(Reason::MonitorPassed);
                 xdp_action::XDP_PASS
             } else {
                 xdp_action::XDP_DROP
+            };
+            if settings.watch_rate != 0 {
+                report(ctx, reason, facts, action);
             }
+            action
         }
         _ => xdp_action::XDP_PASS,
     }
 }
 
-/// Sends a drop to `DROPS` unless this CPU has sent `rate` in the current second (a fixed
-/// one-second window per CPU: cheap, and enough to keep a flood from filling the buffer).
-#[inline(never)]
-fn report(ctx: &XdpContext, rate: u32, reason: Reason, facts: &Facts) {
-    let Some(window) = WATCH_WINDOW.get_ptr_mut(0) else {
-        return;
-    };
-    let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: per-CPU slot, as in `count`.
-    let w = unsafe { &mut *window };
-    if now.wrapping_sub(w[0]) >= 1_000_000_000 {
-        w[0] = now;
-        w[1] = 0;
+/// Hands a drop to `ewsgate_report` through the scratch slot. A tail call, so the verifier
+/// checks the event's packet reads once rather than on every path that ends in a drop.
+#[inline(always)]
+fn report(ctx: &XdpContext, reason: Reason, facts: &Facts, action: u32) {
+    if let Some(slot) = REPORT.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, read by the tail-called program on this CPU.
+        unsafe {
+            *slot = Report {
+                source: facts.source,
+                ip_off: facts.ip_off as u32,
+                l4_off: facts.l4_off as u32,
+                proto: facts.proto as u32,
+                v4: facts.v4 as u32,
+                reason: reason as u32,
+                action,
+            }
+        };
     }
-    if w[1] >= rate as u64 {
-        return;
-    }
-    w[1] += 1;
-    let mut event = DropEvent {
-        reason: reason as u32,
-        ..Default::default()
+    // SAFETY: our own program array; on success this never returns.
+    unsafe { TAIL.tail_call(ctx, TAIL_REPORT) };
+}
+
+/// A sampled drop: sends it to `DROPS` unless this CPU has sent `watch_rate` in the
+/// current second (a fixed one-second window per CPU: cheap, and enough to keep a flood
+/// from filling the buffer), then gives the verdict the caller decided.
+#[xdp]
+pub fn ewsgate_report(ctx: XdpContext) -> u32 {
+    let Some(r) = REPORT.get(0) else {
+        return xdp_action::XDP_DROP;
     };
-    parse::describe(ctx, facts, &mut event);
-    let _ = DROPS.output::<DropEvent>(&event, 0);
+    let r = *r;
+    let rate = SETTINGS.get(0).map_or(0, |s| s.watch_rate);
+    if let Some(window) = WATCH_WINDOW.get_ptr_mut(0) {
+        let now = unsafe { bpf_ktime_get_ns() };
+        // SAFETY: per-CPU slot, as in `count`.
+        let w = unsafe { &mut *window };
+        if now.wrapping_sub(w[0]) >= 1_000_000_000 {
+            w[0] = now;
+            w[1] = 0;
+        }
+        if w[1] < rate as u64 {
+            w[1] += 1;
+            let mut event = DropEvent {
+                reason: r.reason,
+                ..Default::default()
+            };
+            parse::describe(&ctx, &r, &mut event);
+            let _ = DROPS.output::<DropEvent>(&event, 0);
+        }
+    }
+    r.action
 }
 
 #[inline(always)]

@@ -5,7 +5,7 @@ use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
 use filter_common::{
-    DropEvent, Endpoint, Policy, MAX_IPV6_EXT, MAX_PORTS, MAX_PROTECTED, MAX_VLAN_DEPTH,
+    DropEvent, Endpoint, Policy, Report, MAX_IPV6_EXT, MAX_PORTS, MAX_PROTECTED, MAX_VLAN_DEPTH,
 };
 
 const ETH_HLEN: usize = 14;
@@ -529,25 +529,30 @@ fn l4(ctx: &XdpContext, ep: &Endpoint, proto: u8, off: usize) -> Bound {
 /// Fills a drop event from what the parse learnt, reading the destination and port again
 /// from the packet (only for sampled drops, so the parse itself keeps no more).
 #[inline(always)]
-pub fn describe(ctx: &XdpContext, facts: &Facts, event: &mut DropEvent) {
-    if facts.ip_off == 0 || facts.ip_off > 4096 {
+pub fn describe(ctx: &XdpContext, r: &Report, event: &mut DropEvent) {
+    if r.ip_off == 0 {
         return; // not parsed as far as an IP header
     }
-    event.source = facts.source;
-    event.proto = facts.proto;
-    if facts.v4 {
+    // Masked, not range-checked: LLVM folds a range check into arithmetic the verifier
+    // cannot follow. Under 16 KiB the verifier can add a header length and still bound it;
+    // a deeper offset (only past a very long extension chain) shows wrong bytes, nothing more.
+    let ip = (r.ip_off & 0x3fff) as usize;
+    event.source = r.source;
+    event.proto = r.proto as u8;
+    if r.v4 != 0 {
         event.family = 4;
-        if let Some(dst) = read::<u32>(ctx, facts.ip_off + 16) {
+        if let Some(dst) = read::<u32>(ctx, ip + 16) {
             event.destination = [0, 0, 0, dst];
         }
     } else {
         event.family = 6;
-        if let Some(dst) = read::<[u32; 4]>(ctx, facts.ip_off + 24) {
+        if let Some(dst) = read::<[u32; 4]>(ctx, ip + 24) {
             event.destination = dst;
         }
     }
-    if facts.l4_off != 0 && facts.l4_off <= 8192 {
-        if let Some(port) = read_be16(ctx, facts.l4_off + 2) {
+    let l4 = (r.l4_off & 0x3fff) as usize;
+    if l4 != 0 {
+        if let Some(port) = read_be16(ctx, l4 + 2) {
             event.port = port;
         }
     }

@@ -750,7 +750,7 @@ fn incompatible_pinned_maps_are_refused_not_reused() {
         .err()
         .expect("must refuse")
         .to_string();
-    assert!(err.contains("15 of 16 maps pinned"), "{err}");
+    assert!(err.contains("18 of 19 maps pinned"), "{err}");
     ewsgate::packet::xdp::detach(&dir).unwrap();
 }
 

@@ -22,7 +22,7 @@ use aya::{
 use tracing::{info, warn};
 
 use filter_common::{
-    Expiring, Policy, Settings, V6Bucket, DROPS_BYTES, LAYOUT_VERSION, MAX_GROUPS, REASON_COUNT,
+    Expiring, Policy, Report, Settings, V6Bucket, DROPS_BYTES, LAYOUT_VERSION, MAX_GROUPS, REASON_COUNT,
     TBL24_ROW, TBL24_ROWS, TBL8_SIZE,
 };
 
@@ -41,6 +41,7 @@ use crate::{
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ewsgate-xdp"));
 pub const PROGRAM: &str = "ewsgate_xdp";
 const TUNNEL_PROGRAM: &str = "ewsgate_tunnel";
+const REPORT_PROGRAM: &str = "ewsgate_report";
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 #[derive(Debug, thiserror::Error)]
@@ -142,7 +143,7 @@ const fn layout(name: &'static str, kind: MapType, key: usize, value: usize, siz
 const LPM_KEY: usize = 4 + 16;
 
 /// Every map of the object, as this build expects to find it pinned.
-fn layouts() -> [Layout; 18] {
+fn layouts() -> [Layout; 19] {
     use MapType::*;
     use Size::*;
     [
@@ -156,10 +157,11 @@ fn layouts() -> [Layout; 18] {
             Fixed(MAX_GROUPS as u32 + 1),
         ),
         layout("POLICY", Array, 4, size_of::<Policy>(), Fixed(2)),
-        layout("TUNNEL", ProgramArray, 4, 4, Fixed(1)),
+        layout("TAIL", ProgramArray, 4, 4, Fixed(2)),
         layout("INNER", PerCpuArray, 4, 8, Fixed(1)),
         layout("DROPS", RingBuf, 0, 0, Fixed(DROPS_BYTES)),
         layout("WATCH_WINDOW", PerCpuArray, 4, 16, Fixed(1)),
+        layout("REPORT", PerCpuArray, 4, size_of::<Report>(), Fixed(1)),
         layout("TBL24_0", Array, 4, TBL24_ROW * 4, Fixed(TBL24_ROWS)),
         layout("TBL24_1", Array, 4, TBL24_ROW * 4, Fixed(TBL24_ROWS)),
         layout(
@@ -258,7 +260,7 @@ impl Gate {
         let mut ebpf = loader.load(OBJECT)?;
         // Load before taking the maps: the program's relocations need their fds.
         program(&mut ebpf)?.load()?;
-        install_tunnel(&mut ebpf)?;
+        install_tails(&mut ebpf)?;
         let maps = Maps::new(&mut ebpf, sizes)?;
         let mut gate = Gate {
             ebpf,
@@ -393,27 +395,30 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
     Ok(prog.try_into()?)
 }
 
-/// Loads the program that judges a tunnel's inner packet and puts it in the pinned program
-/// array the main program tail calls. Until it is there, tunnelled packets are dropped.
-fn install_tunnel(ebpf: &mut Ebpf) -> Result<(), XdpError> {
-    let prog: &mut Xdp = ebpf
-        .program_mut(TUNNEL_PROGRAM)
-        .ok_or(ProgramError::NotLoaded)?
-        .try_into()?;
-    prog.load()?;
-    let fd = prog.fd()?.try_clone().map_err(|e| XdpError::Io {
-        path: TUNNEL_PROGRAM.into(),
-        source: e,
-    })?;
-    let map = ebpf.map_mut("TUNNEL").ok_or(MapsError::Missing("TUNNEL"))?;
-    let mut array = ProgramArray::try_from(map).map_err(|source| MapsError::Map {
-        name: "TUNNEL",
-        source,
-    })?;
-    array.set(0, &fd, 0).map_err(|source| MapsError::Map {
-        name: "TUNNEL",
-        source,
-    })?;
+/// Loads the programs the main one tail calls (a tunnel's inner packet, a sampled drop)
+/// into the pinned program array. Until they are there, tunnelled packets are dropped and
+/// drops are not reported.
+fn install_tails(ebpf: &mut Ebpf) -> Result<(), XdpError> {
+    for (index, name) in [(0, TUNNEL_PROGRAM), (1, REPORT_PROGRAM)] {
+        let prog: &mut Xdp = ebpf
+            .program_mut(name)
+            .ok_or(ProgramError::NotLoaded)?
+            .try_into()?;
+        prog.load()?;
+        let fd = prog.fd()?.try_clone().map_err(|e| XdpError::Io {
+            path: name.into(),
+            source: e,
+        })?;
+        let map = ebpf.map_mut("TAIL").ok_or(MapsError::Missing("TAIL"))?;
+        let mut array = ProgramArray::try_from(map).map_err(|source| MapsError::Map {
+            name: "TAIL",
+            source,
+        })?;
+        array.set(index, &fd, 0).map_err(|source| MapsError::Map {
+            name: "TAIL",
+            source,
+        })?;
+    }
     Ok(())
 }
 
