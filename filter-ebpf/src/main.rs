@@ -16,9 +16,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use filter_common::{
-    v6_buckets, v6_hash, DropEvent, Expiring, Report, Policy, Reason, Settings, V6Bucket, DROPS_BYTES,
-    MAX_GROUPS, REASON_COUNT, TBL24_ROW, TBL24_ROWS, TBL8_FLAG, TBL8_SIZE, V6_MAX_LENGTHS,
-    V6_SLOTS,
+    v6_buckets, v6_hash, DropEvent, Expiring, Policy, Reason, Report, Settings, V6Bucket,
+    DROPS_BYTES, MAX_GROUPS, REASON_COUNT, TBL24_ROW, TBL24_ROWS, TBL8_FLAG, TBL8_SIZE,
+    V6_MAX_LENGTHS, V6_SLOTS,
 };
 use parse::{Bound, Facts};
 

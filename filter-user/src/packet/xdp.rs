@@ -22,8 +22,8 @@ use aya::{
 use tracing::{info, warn};
 
 use filter_common::{
-    Expiring, Policy, Report, Settings, V6Bucket, DROPS_BYTES, LAYOUT_VERSION, MAX_GROUPS, REASON_COUNT,
-    TBL24_ROW, TBL24_ROWS, TBL8_SIZE,
+    Expiring, Policy, Report, Settings, V6Bucket, DROPS_BYTES, LAYOUT_VERSION, MAX_GROUPS,
+    REASON_COUNT, TBL24_ROW, TBL24_ROWS, TBL8_SIZE,
 };
 
 use crate::{
