@@ -48,6 +48,10 @@ pub enum Request {
     },
     /// Stop sending drop events (sent by the agent itself when a watcher leaves).
     Unwatch,
+    /// How the gate would judge a hypothetical request (`ewsgate explain`).
+    Explain {
+        query: Box<crate::ops::explain::Query>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -56,6 +60,7 @@ pub enum Response {
     Ok { message: String },
     Status(Box<Status>),
     Entries { entries: Vec<Listed> },
+    Explained(Box<crate::ops::explain::Explanation>),
     Error { message: String },
 }
 

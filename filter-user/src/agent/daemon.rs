@@ -38,7 +38,8 @@ use crate::{
 
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 const WATCH_EVERY: Duration = Duration::from_secs(1);
-const MAX_REQUEST: usize = 64 * 1024;
+// An explain request carries a SOAP body of up to 1 MiB, JSON-escaped.
+const MAX_REQUEST: usize = 8 << 20;
 
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let (config, bundle) = config::load_bundle(config_path)?;

@@ -11,6 +11,7 @@
 
 pub mod audit;
 pub mod detections;
+pub mod explain;
 pub mod report;
 mod report_html;
 pub mod sinks;

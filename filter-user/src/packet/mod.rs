@@ -3,5 +3,6 @@
 
 pub mod maps;
 pub mod paths;
+pub mod probe;
 pub mod tables;
 pub mod xdp;
