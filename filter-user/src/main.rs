@@ -2,11 +2,12 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use anyhow::Context as _;
+use clap::{CommandFactory, Parser, Subcommand};
 
 use ewsgate::{
     agent::control::{self, Request, Response, Status},
-    config::{self, Config},
+    config,
     model::packet::{DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_DIR},
     ops::explain::ExplainError,
     packet::maps::List,
@@ -103,6 +104,10 @@ enum Command {
     /// rule, the token, the content and the final reason. With --config naming a file the
     /// gate does not run, that file is explained instead (a change under review).
     Explain(ExplainArgs),
+    /// Write the man pages (DIR/man8) and shell completions (DIR/completions) generated from
+    /// this CLI, as the package installs them.
+    #[command(hide = true)]
+    Manual { dir: PathBuf },
 }
 
 #[derive(clap::Args)]
@@ -150,18 +155,23 @@ enum FeedAction {
 
 #[derive(Subcommand)]
 enum EntryAction {
+    /// Add an address or a CIDR.
     Add {
         /// An address or a CIDR.
         net: String,
         /// Lifetime: 90, 90s, 15m, 2h or 1d. Without it the entry stays until removed.
         #[arg(long)]
         ttl: Option<String>,
+        /// Why, as `list` and the status show it.
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Remove an entry.
     Del {
+        /// The address or CIDR it was added with.
         net: String,
     },
+    /// List the entries with their lifetimes and reasons.
     List,
 }
 
@@ -216,7 +226,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run => ewsgate::agent::daemon::run(&need_config()?),
         Command::Proxy { ref agent, threads } => ewsgate::proxy::serve(agent.clone(), threads),
         Command::Check => {
-            let c = Config::load(&need_config()?)?;
+            let (c, bundle) = ewsgate::config::load_bundle(&need_config()?)?;
+            if c.proxy.is_some() {
+                // What the proxy builds from the bundle at start and at each reload: the
+                // certificate's names, the upstream's CA, the signing keys.
+                ewsgate::proxy::state::State::build(0, 0, &bundle, None)
+                    .context("the request layer would refuse this config")?;
+            }
             println!(
                 "ok: {} source groups, {} prefixes, {} protected addresses",
                 c.groups.len(),
@@ -284,6 +300,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => report(files, since.as_deref(), html.as_deref(), json),
         Command::Explain(ref args) => explain(&cli, args),
+        Command::Manual { ref dir } => {
+            let written = ewsgate::ops::manual::write_all(Cli::command(), dir)?;
+            println!("{} files under {}", written.len(), dir.display());
+            Ok(())
+        }
     }
 }
 

@@ -9,6 +9,7 @@ pub mod crowdsec;
 pub mod daemon;
 pub mod feedback;
 pub mod feeds;
+pub mod metrics;
 pub mod supervisor;
 pub mod tasks;
 pub mod watch;

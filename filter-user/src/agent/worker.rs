@@ -58,6 +58,8 @@ pub struct Worker {
     notes: BTreeMap<(List, IpNet), String>,
     notes_path: PathBuf,
     last_reload: String,
+    /// Reload counts and the last one's duration and result, for `/metrics`.
+    reloads: crate::agent::metrics::ReloadStats,
     proxy: Option<ProxyLink>,
     feedback: Feedback,
     /// Identities refused at the request layer: until, reason.
@@ -99,6 +101,7 @@ impl Worker {
             bundle,
             policy_id: 1,
             last_reload: "at start: ok".into(),
+            reloads: Default::default(),
             proxy,
             refused: BTreeMap::new(),
             watching: false,
@@ -127,6 +130,7 @@ impl Worker {
             }
             Command::Proxy(Ask::Failures(items)) => self.failures(&items),
             Command::Proxy(Ask::Detected(items)) => self.detected(items),
+            Command::Proxy(Ask::Metrics(id)) => self.metrics(id),
             Command::Agent(tasks::Ask::Feed(update, reply)) => {
                 let _ = reply.send(self.feed(update));
             }
@@ -325,12 +329,22 @@ impl Worker {
                 generation: self.generation(),
             },
             entries: self.entries(),
+            metrics: None,
             refused: self
                 .refused
                 .iter()
                 .filter(|(_, (until, _))| *until > now)
                 .map(|(k, (until, why))| (k.clone(), (*until - now).as_secs().max(1), why.clone()))
                 .collect(),
+        }
+    }
+
+    /// Answers a scrape with the packet layer's part (an error is logged and answered with
+    /// nothing, so the scrape shows the agent as down rather than wrong numbers).
+    fn metrics(&self, id: u64) {
+        match crate::agent::metrics::render(&self.gate.maps, &self.config, &self.reloads) {
+            Ok(text) => self.send(ToProxy::Metrics { id, text }),
+            Err(e) => warn!(error = %e, "reading the maps for /metrics"),
         }
     }
 
@@ -441,6 +455,7 @@ impl Worker {
             .map_err(|e| e.to_string())
             .and_then(|(new, bundle)| self.apply(new, bundle).map_err(|e| format!("{e:#}")));
         let took = started.elapsed();
+        self.reloads.record(result.is_ok(), took);
         self.last_reload = match &result {
             Ok(()) => {
                 info!(
@@ -751,6 +766,9 @@ fn restart_only(old: &Config, new: &Config) -> anyhow::Result<()> {
     }
     match (&old.proxy, &new.proxy) {
         (None, None) => Ok(()),
+        _ if old.metrics != new.metrics => {
+            anyhow::bail!("[metrics] changes only with a restart")
+        }
         (Some(a), Some(b))
             if a.listen == b.listen && a.user == b.user && a.threads == b.threads =>
         {

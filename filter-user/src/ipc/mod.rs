@@ -56,6 +56,11 @@ pub enum ToProxy {
     AuditFile,
     /// Stop serving: finish what is in flight and exit.
     Shutdown,
+    /// The packet layer's part of scrape `id`: OpenMetrics text without `# EOF`.
+    Metrics {
+        id: u64,
+        text: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,6 +75,9 @@ pub struct Init {
     pub entries: Vec<EntryChange>,
     /// Identities refused at the request layer, with seconds left.
     pub refused: Vec<(String, u64, String)>,
+    /// `[metrics] listen`, when its socket comes with this message (after the audit file).
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -115,6 +123,11 @@ pub enum ToAgent {
     /// Detections whose action the agent carries out (within its own policy).
     Detected {
         items: Vec<Detected>,
+    },
+    /// A scrape of `/metrics` asks for the packet layer's part, answered as
+    /// `ToProxy::Metrics` with the same id.
+    Metrics {
+        id: u64,
     },
 }
 
@@ -209,6 +222,14 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<ToAgent>(bad).is_err(), "{bad}");
         }
+        // A scrape's question carries its id and nothing else.
+        assert!(matches!(
+            serde_json::from_str::<ToAgent>(r#"{"type":"metrics","id":3}"#),
+            Ok(ToAgent::Metrics { id: 3 })
+        ));
+        assert!(
+            serde_json::from_str::<ToAgent>(r#"{"type":"metrics","id":3,"text":"x"}"#).is_err()
+        );
         let long = Failure {
             source: "198.51.100.9".parse().unwrap(),
             group: None,

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod auth;
 pub mod config;
 pub mod ews;
+pub mod metrics;
 pub mod ops;
 pub mod outcome;
 pub mod packet;

@@ -40,6 +40,8 @@ pub struct Link {
     /// Failures dropped because the agent was away too long.
     pub dropped: AtomicU64,
     wake: Notify,
+    /// The open session's writer, for scrapes that ask the agent.
+    writer: Mutex<Option<Arc<Writer>>>,
 }
 
 impl Link {
@@ -69,6 +71,17 @@ impl Link {
         }
         pending.push(d);
         self.wake.notify_one();
+    }
+
+    /// The open session's writer; `None` while the agent is away.
+    pub fn writer(&self) -> Option<Arc<Writer>> {
+        self.writer.lock().ok()?.clone()
+    }
+
+    fn set_writer(&self, writer: Option<Arc<Writer>>) {
+        if let Ok(mut w) = self.writer.lock() {
+            *w = writer;
+        }
     }
 
     fn take_detected(&self) -> Vec<Detected> {
@@ -162,6 +175,9 @@ fn adopt(shared: &Shared, init: Init, fds: Vec<OwnedFd>) -> anyhow::Result<()> {
             shared.audit.reopen(File::from(fd));
         }
     }
+    // A metrics socket sent again (never, as the agent sends it only with the listeners)
+    // is closed: this proxy serves the one it started with.
+    drop(fds);
     shared.dynamic.reset(&init.entries);
     for (identity, secs, why) in init.refused {
         shared.refused.add(identity, secs, why);
@@ -170,6 +186,7 @@ fn adopt(shared: &Shared, init: Init, fds: Vec<OwnedFd>) -> anyhow::Result<()> {
     if current.id != init.policy.id {
         let state = build(&init.policy, Some(&current))?;
         state.start();
+        shared.metrics.prime(&state.config);
         shared.state.store(Arc::new(state));
     }
     Ok(())
@@ -181,6 +198,7 @@ pub fn build(policy: &PolicyState, previous: Option<&State>) -> anyhow::Result<S
 
 async fn serve_session(shared: &Arc<Shared>, mut s: Session) {
     let flusher = tokio::spawn(flush_failures(shared.clone(), s.writer.clone()));
+    shared.link.set_writer(Some(s.writer.clone()));
     loop {
         let (msg, fds) = match s.receiver.recv(&s.stream).await {
             Ok(m) => m,
@@ -196,6 +214,7 @@ async fn serve_session(shared: &Arc<Shared>, mut s: Session) {
         }
     }
     flusher.abort();
+    shared.link.set_writer(None);
 }
 
 fn handle(shared: &Shared, msg: ToProxy, fds: Vec<OwnedFd>) -> Option<ToAgent> {
@@ -242,6 +261,10 @@ fn handle(shared: &Shared, msg: ToProxy, fds: Vec<OwnedFd>) -> Option<ToAgent> {
             }
             None
         }
+        ToProxy::Metrics { id, text } => {
+            shared.metrics.agent_answered(id, text);
+            None
+        }
         ToProxy::Shutdown => {
             info!("the agent asked the proxy to stop");
             shared.audit.flush();
@@ -282,6 +305,7 @@ fn commit(shared: &Shared, id: u64, generation: u32) {
             state.generation = generation;
             state.start();
             shared.ops.set_detections(&state.config.ops.detections);
+            shared.metrics.prime(&state.config);
             shared.state.store(Arc::new(state));
         }
         _ => warn!(policy = id, "commit of a policy that was not prepared"),

@@ -23,6 +23,7 @@ fn now_ms() -> u64 {
 /// its action goes to the agent (an identity refusal also applies here at once).
 fn detections(shared: &Shared, o: &Observation) {
     for d in shared.ops.observe(o) {
+        shared.metrics.detection(d.name());
         tracing::warn!(detection = d.name(), subject = %d.subject, action = d.action.name(), "detection fired");
         let event = d.event();
         shared.audit.log(&event);
@@ -92,6 +93,7 @@ pub fn run(shared: &Shared, ctx: &Ctx) {
     };
     shared.audit.log_record(&record);
     shared.ops.record(&record);
+    shared.metrics.record(ctx);
     let observation = Observation {
         group: ctx.conn.group.as_deref(),
         user: ctx.user.as_deref(),
@@ -143,6 +145,9 @@ pub fn connection(
     };
     shared.audit.log_record(&record);
     shared.ops.record(&record);
+    if decision == Decision::Deny {
+        shared.metrics.refusal(reason, failure);
+    }
     detections(
         shared,
         &Observation {
