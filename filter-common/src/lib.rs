@@ -7,7 +7,7 @@
 /// Bumped whenever a map's layout or meaning changes. Pins live under `<pin_dir>/v<N>`, so a
 /// daemon never adopts maps written by an incompatible build (aya reuses a pinned map
 /// without comparing its layout).
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Protected addresses per family; more is a config error. A firewall in front of Exchange
 /// protects a handful, and a short scan beats a hash lookup on every packet.
@@ -16,7 +16,8 @@ pub const MAX_PROTECTED: usize = 8;
 pub const MAX_PORTS: usize = 8;
 /// VLAN tags walked (802.1Q and 802.1ad, so QinQ and one more level).
 pub const MAX_VLAN_DEPTH: usize = 4;
-/// IPv6 extension headers walked before the packet counts as malformed.
+/// IPv6 extension headers walked (a fragment header counts as one); a chain of more is
+/// dropped as malformed, wherever it goes.
 pub const MAX_IPV6_EXT: usize = 8;
 /// Source groups are numbered 1..=MAX_GROUPS; 0 means "no group".
 pub const MAX_GROUPS: usize = 255;
@@ -57,9 +58,12 @@ pub enum Reason {
     Fragment = 6,
     /// Monitor mode passed a packet that would have been dropped (counted in addition).
     MonitorPassed = 7,
+    /// A tunnelled packet (IPIP, 6in4, 4in6, 6in6, GRE, VXLAN) opened to judge its inner
+    /// packet (counted in addition to the inner packet's verdict).
+    Tunnel = 8,
 }
 
-pub const REASON_COUNT: u32 = 8;
+pub const REASON_COUNT: u32 = 9;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -71,6 +75,7 @@ impl Reason {
         Reason::Malformed,
         Reason::Fragment,
         Reason::MonitorPassed,
+        Reason::Tunnel,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -83,6 +88,7 @@ impl Reason {
             Reason::Malformed => "drop_malformed",
             Reason::Fragment => "fragment",
             Reason::MonitorPassed => "monitor_passed",
+            Reason::Tunnel => "tunnel",
         }
     }
 }
@@ -101,7 +107,46 @@ pub struct Settings {
     pub block_cidr: u32,
     pub allow_exact: u32,
     pub allow_cidr: u32,
+    /// Drop events per second and CPU sent to `DROPS` for `ewsgate watch`; 0 (nobody
+    /// watching) sends none, so the feature costs a dropped packet one compare.
+    pub watch_rate: u32,
+    pub _pad: u32,
 }
+
+/// One sampled drop in the `DROPS` ring buffer, for `ewsgate watch`. Addresses as the
+/// packet holds them (network order); IPv4 in the last word.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropEvent {
+    pub source: [u32; 4],
+    pub destination: [u32; 4],
+    /// Destination port, host order; 0 when none was read.
+    pub port: u16,
+    pub proto: u8,
+    /// 4 or 6; 0 when the headers were too broken to tell.
+    pub family: u8,
+    /// A `Reason`.
+    pub reason: u32,
+}
+
+/// A drop handed to the report program (per-CPU scratch between two programs of one run).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Source as the dynamic maps key it (IPv4 mapped).
+    pub source: [u32; 4],
+    /// Offsets of the judged IP header and its TCP/UDP header (0: none).
+    pub ip_off: u32,
+    pub l4_off: u32,
+    pub proto: u32,
+    pub v4: u32,
+    pub reason: u32,
+    /// The XDP action the caller decided.
+    pub action: u32,
+}
+
+/// Size of the `DROPS` ring buffer (a power-of-two number of pages).
+pub const DROPS_BYTES: u32 = 64 * 1024;
 
 /// One protected (protocol, port) on an address; `proto` 0 ends the list.
 #[repr(C)]
@@ -210,4 +255,5 @@ mod pod {
     unsafe impl aya::Pod for Policy {}
     unsafe impl aya::Pod for V6Bucket {}
     unsafe impl aya::Pod for Expiring {}
+    unsafe impl aya::Pod for DropEvent {}
 }

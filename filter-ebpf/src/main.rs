@@ -12,14 +12,15 @@ use aya_ebpf::{
     bindings::{xdp_action, BPF_F_MMAPABLE},
     helpers::bpf_ktime_get_ns,
     macros::{map, xdp},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, ProgramArray, RingBuf},
     programs::XdpContext,
 };
 use filter_common::{
-    v6_buckets, v6_hash, Expiring, Policy, Reason, Settings, V6Bucket, MAX_GROUPS, REASON_COUNT,
-    TBL24_ROW, TBL24_ROWS, TBL8_FLAG, TBL8_SIZE, V6_MAX_LENGTHS, V6_SLOTS,
+    v6_buckets, v6_hash, DropEvent, Expiring, Policy, Reason, Report, Settings, V6Bucket,
+    DROPS_BYTES, MAX_GROUPS, REASON_COUNT, TBL24_ROW, TBL24_ROWS, TBL8_FLAG, TBL8_SIZE,
+    V6_MAX_LENGTHS, V6_SLOTS,
 };
-use parse::{Bound, Source};
+use parse::{Bound, Facts};
 
 // Sizes marked "sized at load" are set by the daemon from its config before loading.
 #[map]
@@ -60,6 +61,29 @@ static ALLOW_EXACT: HashMap<[u32; 4], Expiring> = HashMap::pinned(1, 0); // size
 #[map]
 static ALLOW_CIDR: LpmTrie<[u32; 4], Expiring> = LpmTrie::pinned(1, 0); // sized at load
 
+// Tunnels: the outer program leaves the inner packet's ethertype and offset here and tail
+// calls the inner program, so the verifier checks each layer's parse on its own (one
+// program walking both explodes past its instruction limit).
+#[map]
+static TAIL: ProgramArray = ProgramArray::pinned(2, 0);
+const TAIL_TUNNEL: u32 = 0;
+const TAIL_REPORT: u32 = 1;
+#[map]
+static INNER: PerCpuArray<[u32; 2]> = PerCpuArray::pinned(1, 0);
+
+// `ewsgate watch`: sampled drops, and per CPU the current one-second window's start and the
+// events sent in it.
+#[map]
+static DROPS: RingBuf = RingBuf::pinned(DROPS_BYTES, 0);
+#[map]
+static WATCH_WINDOW: PerCpuArray<[u64; 2]> = PerCpuArray::pinned(1, 0);
+#[map]
+static REPORT: PerCpuArray<Report> = PerCpuArray::pinned(1, 0);
+
+/// Inner headers start no further than this into a frame; further is malformed. Well past
+/// any real outer chain, and it keeps the verifier's offset arithmetic bounded.
+const MAX_INNER_OFF: u32 = 4096;
+
 #[xdp]
 pub fn ewsgate_xdp(ctx: XdpContext) -> u32 {
     // Index 0 of a one-entry array (and 0 or 1 of POLICY below) always exists: these
@@ -73,17 +97,64 @@ pub fn ewsgate_xdp(ctx: XdpContext) -> u32 {
     let Some(policy) = POLICY.get(generation) else {
         return xdp_action::XDP_PASS;
     };
-    let reason = match parse::classify(&ctx, policy) {
-        Bound::No => Reason::NotBound,
-        Bound::Malformed => Reason::Malformed,
-        Bound::Yes { source, fragment } => {
-            if fragment {
-                count(Reason::Fragment);
+    let mut facts = Facts::default();
+    let reason = match parse::classify(&ctx, policy, &mut facts) {
+        Some(bound) => decide(settings, generation, policy, bound, &facts),
+        None => {
+            count(Reason::Tunnel);
+            if let Some(slot) = INNER.get_ptr_mut(0) {
+                // SAFETY: per-CPU slot, read by the tail-called program on this CPU.
+                unsafe { *slot = [facts.inner_proto as u32, facts.inner_off as u32] };
             }
-            judge(settings, generation, policy, &source)
+            // SAFETY: index 0 of our own program array; on success this never returns.
+            unsafe { TAIL.tail_call(&ctx, TAIL_TUNNEL) };
+            // No inner program installed: the inner packet cannot be judged.
+            Reason::Malformed
         }
     };
-    verdict(settings, reason)
+    verdict(&ctx, settings, reason, &facts)
+}
+
+/// The inner packet of a tunnel, reached only by tail call from `ewsgate_xdp`.
+#[xdp]
+pub fn ewsgate_tunnel(ctx: XdpContext) -> u32 {
+    let Some(settings) = SETTINGS.get(0) else {
+        return xdp_action::XDP_DROP;
+    };
+    let generation = settings.generation & 1;
+    let Some(policy) = POLICY.get(generation) else {
+        return xdp_action::XDP_DROP;
+    };
+    let Some(&[proto, off]) = INNER.get(0) else {
+        return xdp_action::XDP_DROP;
+    };
+    let mut facts = Facts::default();
+    let reason = if off > MAX_INNER_OFF {
+        Reason::Malformed
+    } else {
+        let bound = parse::classify_inner(&ctx, policy, &mut facts, proto as u16, off as usize);
+        decide(settings, generation, policy, bound, &facts)
+    };
+    verdict(&ctx, settings, reason, &facts)
+}
+
+#[inline(always)]
+fn decide(
+    settings: &Settings,
+    generation: u32,
+    policy: &Policy,
+    bound: Bound,
+    facts: &Facts,
+) -> Reason {
+    match bound {
+        Bound::No => Reason::NotBound,
+        Bound::Malformed => Reason::Malformed,
+        Bound::Yes => judge(settings, generation, policy, facts),
+        Bound::Fragment => {
+            count(Reason::Fragment);
+            judge(settings, generation, policy, facts)
+        }
+    }
 }
 
 /// Benchmark reference: the plain kernel LPM trie that DIR-24-8 replaces for IPv4. Not
@@ -111,19 +182,76 @@ pub fn xdp_drop_floor(_ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn verdict(settings: &Settings, reason: Reason) -> u32 {
+fn verdict(ctx: &XdpContext, settings: &Settings, reason: Reason, facts: &Facts) -> u32 {
     count(reason);
     match reason {
         Reason::Blocked | Reason::NotAllowed | Reason::Malformed => {
-            if settings.monitor != 0 {
+            let action = if settings.monitor != 0 {
                 count(Reason::MonitorPassed);
                 xdp_action::XDP_PASS
             } else {
                 xdp_action::XDP_DROP
+            };
+            if settings.watch_rate != 0 {
+                report(ctx, reason, facts, action);
             }
+            action
         }
         _ => xdp_action::XDP_PASS,
     }
+}
+
+/// Hands a drop to `ewsgate_report` through the scratch slot. A tail call, so the verifier
+/// checks the event's packet reads once rather than on every path that ends in a drop.
+#[inline(always)]
+fn report(ctx: &XdpContext, reason: Reason, facts: &Facts, action: u32) {
+    if let Some(slot) = REPORT.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, read by the tail-called program on this CPU.
+        unsafe {
+            *slot = Report {
+                source: facts.source,
+                ip_off: facts.ip_off as u32,
+                l4_off: facts.l4_off as u32,
+                proto: facts.proto as u32,
+                v4: facts.v4 as u32,
+                reason: reason as u32,
+                action,
+            }
+        };
+    }
+    // SAFETY: our own program array; on success this never returns.
+    unsafe { TAIL.tail_call(ctx, TAIL_REPORT) };
+}
+
+/// A sampled drop: sends it to `DROPS` unless this CPU has sent `watch_rate` in the
+/// current second (a fixed one-second window per CPU: cheap, and enough to keep a flood
+/// from filling the buffer), then gives the verdict the caller decided.
+#[xdp]
+pub fn ewsgate_report(ctx: XdpContext) -> u32 {
+    let Some(r) = REPORT.get(0) else {
+        return xdp_action::XDP_DROP;
+    };
+    let r = *r;
+    let rate = SETTINGS.get(0).map_or(0, |s| s.watch_rate);
+    if let Some(window) = WATCH_WINDOW.get_ptr_mut(0) {
+        let now = unsafe { bpf_ktime_get_ns() };
+        // SAFETY: per-CPU slot, as in `count`.
+        let w = unsafe { &mut *window };
+        if now.wrapping_sub(w[0]) >= 1_000_000_000 {
+            w[0] = now;
+            w[1] = 0;
+        }
+        if w[1] < rate as u64 {
+            w[1] += 1;
+            let mut event = DropEvent {
+                reason: r.reason,
+                ..Default::default()
+            };
+            parse::describe(&ctx, &r, &mut event);
+            let _ = DROPS.output::<DropEvent>(&event, 0);
+        }
+    }
+    r.action
 }
 
 #[inline(always)]
@@ -135,18 +263,18 @@ fn count(reason: Reason) {
 }
 
 #[inline(always)]
-fn judge(settings: &Settings, generation: u32, policy: &Policy, source: &Source) -> Reason {
-    // The dynamic-map key is built only when a non-empty map is consulted.
-    let key = || source.mapped();
+fn judge(settings: &Settings, generation: u32, policy: &Policy, facts: &Facts) -> Reason {
+    let key = || facts.source;
     if settings.block_exact != 0 && live(unsafe { BLOCK_EXACT.get(key()) }) {
         return Reason::Blocked;
     }
     if settings.block_cidr != 0 && live(BLOCK_CIDR.get(lpm_key(&key()).as_key())) {
         return Reason::Blocked;
     }
-    let group = match source {
-        Source::V4(addr) => group_v4(generation, u32::from_be(*addr)),
-        Source::V6(addr) => group_v6(generation, policy, addr),
+    let group = if facts.v4 {
+        group_v4(generation, u32::from_be(facts.source[3]))
+    } else {
+        group_v6(generation, policy, &facts.source)
     };
     if group != 0 {
         if let Some(slot) = GROUP_HITS.get_ptr_mut(group) {

@@ -53,6 +53,18 @@ enum Command {
     },
     /// Re-read the config file now (as SIGHUP does).
     Reload,
+    /// A live, rate-limited sample of the packets XDP drops, with their reasons.
+    Watch {
+        /// Stop after this many drops.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Drops per second and CPU the program sends (1 to 1000).
+        #[arg(long, default_value_t = 10)]
+        rate: u32,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Sources whose packets to the protected endpoints are always dropped.
     Block {
         #[command(subcommand)]
@@ -277,6 +289,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Reload => print_ok(ask(&cli, &Request::Reload)?),
+        Command::Watch { count, rate, json } => {
+            if !(1..=ewsgate::agent::watch::MAX_RATE).contains(&rate) {
+                anyhow::bail!(
+                    "--rate {rate}: from 1 to {}",
+                    ewsgate::agent::watch::MAX_RATE
+                );
+            }
+            ewsgate::agent::watch::client(&socket_of(&cli)?, rate, count, json)
+        }
         Command::Block { ref action } => entries(&cli, List::Block, action),
         Command::Allow { ref action } => entries(&cli, List::Allow, action),
         Command::Feed {
@@ -579,6 +600,9 @@ fn print_status(s: &Status) {
     );
     for (iface, mode) in &s.interfaces {
         println!("interface    {iface} ({mode})");
+    }
+    for w in &s.warnings {
+        println!("WARNING      {w}");
     }
     for p in &s.protected {
         println!("protected    {p}");

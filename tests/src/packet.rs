@@ -8,6 +8,7 @@ pub const TPID_8021AD: u16 = 0x88a8;
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
 pub const ICMP: u8 = 1;
+pub const ICMPV6: u8 = 58;
 
 /// An IPv6 extension header to put in a chain.
 #[derive(Clone, Copy, Debug)]
@@ -77,6 +78,8 @@ pub struct Frame {
     /// IPv4 fragment offset in 8-octet units and MF flag.
     pub frag: (u16, bool),
     pub ext: Vec<Ext>,
+    /// Bytes after the IP header chain in place of a TCP, UDP or ICMP header (a tunnel).
+    pub payload: Option<Vec<u8>>,
 }
 
 pub fn frame(src: &str, dst: &str) -> Frame {
@@ -89,6 +92,7 @@ pub fn frame(src: &str, dst: &str) -> Frame {
         options: vec![],
         frag: (0, false),
         ext: vec![],
+        payload: None,
     }
 }
 
@@ -115,7 +119,22 @@ impl Frame {
         self
     }
 
+    /// Carries `payload` as protocol `proto` (a tunnel header and its inner packet).
+    pub fn carrying(mut self, proto: u8, payload: Vec<u8>) -> Frame {
+        self.proto = proto;
+        self.payload = Some(payload);
+        self
+    }
+
+    /// The IP packet alone, without the Ethernet header and tags.
+    pub fn ip_packet(&self) -> Vec<u8> {
+        self.build()[14 + 4 * self.vlans.len()..].to_vec()
+    }
+
     fn l4(&self) -> Vec<u8> {
+        if let Some(p) = &self.payload {
+            return p.clone();
+        }
         match self.proto {
             TCP => {
                 let mut t = vec![0u8; 20];
@@ -204,4 +223,69 @@ pub fn arp() -> Vec<u8> {
     out.extend([0x02, 0, 0, 0, 0, 1, 203, 0, 113, 5]);
     out.extend([0, 0, 0, 0, 0, 0, 192, 0, 2, 10]);
     out
+}
+
+pub const IPIP: u8 = 4;
+pub const IPV6_IN_IP: u8 = 41;
+pub const GRE: u8 = 47;
+pub const VXLAN_PORT: u16 = 4789;
+/// GRE flag bits of the first byte: checksum, key, sequence number present.
+pub const GRE_CSUM: u8 = 0x80;
+pub const GRE_KEY: u8 = 0x20;
+pub const GRE_SEQ: u8 = 0x10;
+
+/// `outer` carrying `inner`'s IP packet: IPIP, 6in4, 4in6 or 6in6 by the inner family.
+pub fn ip_in_ip(outer: Frame, inner: &Frame) -> Frame {
+    let proto = if inner.dst.is_ipv4() {
+        IPIP
+    } else {
+        IPV6_IN_IP
+    };
+    outer.carrying(proto, inner.ip_packet())
+}
+
+/// `outer` carrying `inner` in GRE version 0 with the given flag bits (each adds a word):
+/// its IP packet, or with `teb` its whole Ethernet frame (gretap).
+pub fn gre(outer: Frame, flags: u8, inner: &Frame, teb: bool) -> Frame {
+    let ethertype: u16 = match (teb, inner.dst.is_ipv4()) {
+        (true, _) => 0x6558,
+        (false, true) => 0x0800,
+        (false, false) => 0x86dd,
+    };
+    let bytes = if teb {
+        inner.build()
+    } else {
+        inner.ip_packet()
+    };
+    outer.carrying(GRE, gre_payload(flags, ethertype, &bytes))
+}
+
+/// A GRE header (flags, version 0, `ethertype`, a word per flag) and `inner`.
+pub fn gre_payload(flags: u8, ethertype: u16, inner: &[u8]) -> Vec<u8> {
+    let mut p = vec![flags, 0];
+    p.extend(ethertype.to_be_bytes());
+    for bit in [GRE_CSUM, GRE_KEY, GRE_SEQ] {
+        if flags & bit != 0 {
+            p.extend([0, 0, 0, 7]);
+        }
+    }
+    p.extend(inner);
+    p
+}
+
+/// `outer` carrying `inner`'s Ethernet frame in VXLAN to `port` (4789 is VXLAN's).
+pub fn vxlan(outer: Frame, port: u16, inner: &Frame) -> Frame {
+    outer.carrying(UDP, vxlan_payload(port, &inner.build()))
+}
+
+/// A UDP header to `port`, a VXLAN header (VNI 42) and the Ethernet `frame`.
+pub fn vxlan_payload(port: u16, frame: &[u8]) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend(40000u16.to_be_bytes());
+    p.extend(port.to_be_bytes());
+    p.extend(((8 + 8 + frame.len()) as u16).to_be_bytes());
+    p.extend([0, 0]);
+    p.extend([0x08, 0, 0, 0, 0, 0, 42, 0]); // I flag, VNI 42
+    p.extend(frame);
+    p
 }

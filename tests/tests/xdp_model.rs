@@ -11,7 +11,10 @@ use ewsgate::{config::Config, packet::xdp::Gate};
 use filter_common::Reason;
 use tests::{
     lab::BpfFs,
-    packet::{frame, Ext, Frame, ICMP, TCP, TPID_8021AD, TPID_8021Q, UDP},
+    packet::{
+        frame, gre_payload, vxlan_payload, Ext, Frame, GRE, GRE_CSUM, GRE_KEY, GRE_SEQ, ICMP, IPIP,
+        IPV6_IN_IP, TCP, TPID_8021AD, TPID_8021Q, UDP, VXLAN_PORT,
+    },
 };
 
 const PASS: u32 = 2;
@@ -65,13 +68,32 @@ mod model {
     use super::*;
 
     pub fn verdict(b: &[u8]) -> Reason {
-        let Some((proto, off)) = ethernet(b) else {
+        let Some((proto, off)) = ethernet(b, 0) else {
             return Reason::Malformed;
         };
+        match layer(b, proto, off) {
+            Step::Done(r) => r,
+            // The inner program's bound on where inner headers start.
+            Step::Inner(_, off) if off > 4096 => Reason::Malformed,
+            Step::Inner(proto, off) => match layer(b, proto, off) {
+                Step::Done(r) => r,
+                // A tunnel inside a tunnel: the innermost destination may be protected.
+                Step::Inner(..) => Reason::Malformed,
+            },
+        }
+    }
+
+    /// One IP layer: a verdict, or a tunnel's inner packet (ethertype, offset).
+    enum Step {
+        Done(Reason),
+        Inner(u16, usize),
+    }
+
+    fn layer(b: &[u8], proto: u16, off: usize) -> Step {
         match proto {
             0x0800 => ipv4(b, off),
             0x86dd => ipv6(b, off),
-            _ => Reason::NotBound,
+            _ => Step::Done(Reason::NotBound),
         }
     }
 
@@ -79,9 +101,9 @@ mod model {
         Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
     }
 
-    fn ethernet(b: &[u8]) -> Option<(u16, usize)> {
-        let mut proto = be16(b, 12)?;
-        let mut off = 14;
+    fn ethernet(b: &[u8], base: usize) -> Option<(u16, usize)> {
+        let mut proto = be16(b, base + 12)?;
+        let mut off = base + 14;
         let mut tags = 0;
         while proto == 0x8100 || proto == 0x88a8 {
             if tags == 4 {
@@ -104,56 +126,152 @@ mod model {
         }
     }
 
-    fn ipv4(b: &[u8], off: usize) -> Reason {
+    /// Protocols that may carry a tunnel: IPIP, IPv6, GRE, UDP (VXLAN).
+    fn carrier(proto: u8) -> bool {
+        matches!(proto, 4 | 41 | 47 | 17)
+    }
+
+    /// Every packet of `proto` is bound on the address.
+    fn listed(whole: bool, ports: &[(u8, u16)], proto: u8) -> bool {
+        whole || ports.iter().any(|(p, _)| *p == proto)
+    }
+
+    /// A broken header: dropped where the destination is protected, passed elsewhere.
+    fn broken(bound: bool) -> Step {
+        Step::Done(if bound {
+            Reason::Malformed
+        } else {
+            Reason::NotBound
+        })
+    }
+
+    fn ipv4(b: &[u8], off: usize) -> Step {
         let Some(h) = b.get(off..off + 20) else {
-            return Reason::Malformed;
+            return Step::Done(Reason::Malformed);
         };
         let dst = IpAddr::from([h[16], h[17], h[18], h[19]]);
-        let Some((whole, ports)) = protected(dst) else {
-            return Reason::NotBound;
-        };
+        let ep = protected(dst);
+        if ep.is_none() && !carrier(h[9]) {
+            return Step::Done(Reason::NotBound);
+        }
         let ihl = (h[0] & 0x0f) as usize * 4;
         if h[0] >> 4 != 4 || ihl < 20 {
-            return Reason::Malformed;
+            return broken(ep.is_some());
         }
         let src = IpAddr::from([h[12], h[13], h[14], h[15]]);
         if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
-            return source(src);
+            return Step::Done(match ep {
+                Some((whole, ports)) if listed(whole, ports, h[9]) => source(src),
+                _ => Reason::NotBound,
+            });
         }
         if b.len() < off + ihl {
-            return Reason::Malformed;
+            return broken(ep.is_some());
         }
-        l4(b, off + ihl, h[9], whole, ports, src)
+        upper(b, off + ihl, h[9], ep, src)
     }
 
-    fn ipv6(b: &[u8], off: usize) -> Reason {
+    fn upper(
+        b: &[u8],
+        off: usize,
+        proto: u8,
+        ep: Option<(bool, &[(u8, u16)])>,
+        src: IpAddr,
+    ) -> Step {
+        if let Some((whole, ports)) = ep {
+            match l4(b, off, proto, whole, ports, src) {
+                Reason::NotBound => {}
+                r => return Step::Done(r),
+            }
+        }
+        if !carrier(proto) {
+            return Step::Done(Reason::NotBound);
+        }
+        open(b, off, proto)
+    }
+
+    /// A tunnel header: the inner packet's ethertype and offset.
+    fn open(b: &[u8], off: usize, proto: u8) -> Step {
+        let inner_ethernet = |at: usize| match ethernet(b, at) {
+            Some((p, o)) => Step::Inner(p, o),
+            None => Step::Done(Reason::Malformed),
+        };
+        match proto {
+            4 => Step::Inner(0x0800, off),
+            41 => Step::Inner(0x86dd, off),
+            47 => {
+                let Some(h) = b.get(off..off + 4) else {
+                    return Step::Done(Reason::Malformed);
+                };
+                if h[0] & 0x40 != 0 || h[1] & 0x07 != 0 {
+                    return Step::Done(Reason::NotBound);
+                }
+                let words = [0x80, 0x20, 0x10].iter().filter(|f| h[0] & *f != 0).count();
+                let at = off + 4 + 4 * words;
+                match u16::from_be_bytes([h[2], h[3]]) {
+                    0x0800 => Step::Inner(0x0800, at),
+                    0x86dd => Step::Inner(0x86dd, at),
+                    0x6558 => inner_ethernet(at),
+                    _ => Step::Done(Reason::NotBound),
+                }
+            }
+            _ => match be16(b, off + 2) {
+                None => Step::Done(Reason::Malformed),
+                Some(4789) => inner_ethernet(off + 16),
+                Some(_) => Step::Done(Reason::NotBound),
+            },
+        }
+    }
+
+    fn is_ext(next: u8) -> bool {
+        matches!(next, 0 | 43 | 44 | 51 | 60 | 135)
+    }
+
+    fn ipv6(b: &[u8], off: usize) -> Step {
         let Some(h) = b.get(off..off + 40) else {
-            return Reason::Malformed;
+            return Step::Done(Reason::Malformed);
         };
         let dst = IpAddr::from(<[u8; 16]>::try_from(&h[24..40]).unwrap());
-        let Some((whole, ports)) = protected(dst) else {
-            return Reason::NotBound;
-        };
+        let ep = protected(dst);
+        if ep.is_none() && !carrier(h[6]) && !is_ext(h[6]) {
+            return Step::Done(Reason::NotBound);
+        }
         if h[0] >> 4 != 6 {
-            return Reason::Malformed;
+            return broken(ep.is_some());
         }
         let src = IpAddr::from(<[u8; 16]>::try_from(&h[8..24]).unwrap());
         let mut next = h[6];
         let mut cur = off + 40;
-        for _ in 0..8 {
-            let unit = match next {
-                0 | 43 | 60 | 135 => 8,
-                51 => 4,
-                44 => return source(src),
-                _ => return l4(b, cur, next, whole, ports, src),
+        // None, Some(later): the walk stops at a fragment header.
+        let mut frag = None;
+        let mut headers = 0;
+        while is_ext(next) {
+            if headers == 8 {
+                // Longer than the walk: dropped wherever it goes.
+                return Step::Done(Reason::Malformed);
+            }
+            let Some(e) = b.get(cur..cur + 4) else {
+                return broken(ep.is_some());
             };
-            let (Some(&n), Some(&len)) = (b.get(cur), b.get(cur + 1)) else {
-                return Reason::Malformed;
-            };
-            next = n;
-            cur += (len as usize + if unit == 8 { 1 } else { 2 }) * unit;
+            headers += 1;
+            if next == 44 {
+                next = e[0];
+                frag = Some(u16::from_be_bytes([e[2], e[3]]) & 0xfff8 != 0);
+                cur += 8;
+                break;
+            }
+            let unit = if next == 51 { 4 } else { 8 };
+            next = e[0];
+            cur += (e[1] as usize + if unit == 8 { 1 } else { 2 }) * unit;
         }
-        Reason::Malformed
+        match (frag, ep) {
+            (Some(_), Some((whole, ports))) if listed(whole, ports, next) || is_ext(next) => {
+                Step::Done(source(src))
+            }
+            (Some(true), _) => Step::Done(Reason::NotBound),
+            (Some(false), None) if is_ext(next) => Step::Done(Reason::Malformed),
+            _ => upper(b, cur, next, ep, src),
+        }
     }
 
     fn l4(
@@ -274,6 +392,70 @@ fn random_frame(r: &mut Rng) -> Vec<u8> {
         let keep = 14 + r.below((bytes.len() - 14) as u64 + 1) as usize;
         bytes.truncate(keep);
     }
+    // Tunnels, now and then one inside another, around whatever was built.
+    let mut depth = 0;
+    while depth < 2 && r.chance(if depth == 0 { 25 } else { 15 }) {
+        bytes = wrap(r, &bytes);
+        depth += 1;
+    }
+    bytes
+}
+
+/// Puts a frame (its IP packet or all of it) in a random tunnel to a random destination.
+fn wrap(r: &mut Rng, inner: &[u8]) -> Vec<u8> {
+    let pick = |r: &mut Rng, list: &[&'static str]| list[r.below(list.len() as u64) as usize];
+    let v6 = r.chance(40);
+    let src = pick(r, if v6 { &SOURCES[4..] } else { &SOURCES[..4] });
+    let dst = pick(r, if v6 { &DESTS[3..] } else { &DESTS[..3] });
+    let outer = frame(src, dst);
+    // The inner frame's IP packet: after its Ethernet header and tags.
+    let mut at = 12;
+    while at + 2 <= inner.len()
+        && matches!(
+            u16::from_be_bytes([inner[at], inner[at + 1]]),
+            0x8100 | 0x88a8
+        )
+    {
+        at += 4;
+    }
+    let ethertype = inner
+        .get(at..at + 2)
+        .map_or(0x0800, |e| u16::from_be_bytes([e[0], e[1]]));
+    let ip = inner.get(at + 2..).unwrap_or_default().to_vec();
+    let f = match r.below(4) {
+        0 => outer.carrying(
+            if ethertype == 0x86dd {
+                IPV6_IN_IP
+            } else {
+                IPIP
+            },
+            ip,
+        ),
+        1 => {
+            let flags =
+                [0, GRE_CSUM, GRE_KEY, GRE_SEQ, GRE_KEY | GRE_SEQ, 0xb0, 0x40][r.below(7) as usize];
+            if r.chance(40) {
+                outer.carrying(GRE, gre_payload(flags, 0x6558, inner))
+            } else {
+                outer.carrying(GRE, gre_payload(flags, ethertype, &ip))
+            }
+        }
+        2 => outer.carrying(GRE, {
+            // Version 1 (PPTP) or a payload not opened: passed as not bound.
+            let mut p = gre_payload(0, [0x880b, 0x8847][r.below(2) as usize], &ip);
+            p[1] |= r.below(2) as u8;
+            p
+        }),
+        _ => outer.carrying(
+            UDP,
+            vxlan_payload([VXLAN_PORT, VXLAN_PORT, 4790][r.below(3) as usize], inner),
+        ),
+    };
+    let mut bytes = f.build();
+    if r.chance(10) {
+        let keep = 14 + r.below((bytes.len() - 14) as u64 + 1) as usize;
+        bytes.truncate(keep);
+    }
     bytes
 }
 
@@ -307,7 +489,7 @@ fn random_hostile_frames_match_the_model() {
         let moved: Vec<&str> = before
             .iter()
             .zip(&after)
-            .filter(|((r, b), (_, a))| a != b && *r != Reason::Fragment)
+            .filter(|((r, b), (_, a))| a != b && *r != Reason::Fragment && *r != Reason::Tunnel)
             .map(|((r, _), _)| r.name())
             .collect();
         let action = match want {
@@ -321,7 +503,14 @@ fn random_hostile_frames_match_the_model() {
             bytes
         );
         *seen.entry(want.name()).or_default() += 1;
+        let tunnel = Reason::Tunnel as usize;
+        if after[tunnel].1 != before[tunnel].1 {
+            *seen.entry("opened tunnels").or_default() += 1;
+        }
     }
+    // Tunnels must be opened often enough for their inner verdicts to be compared.
+    assert!(seen["opened tunnels"] > 2000, "{seen:?}");
+    eprintln!("{seen:?}");
     // The generator must reach every verdict, or the comparison proves little.
     for r in [
         Reason::NotBound,

@@ -12,7 +12,7 @@ use ewsgate::{
 use filter_common::Reason;
 use tests::{
     lab::BpfFs,
-    packet::{arp, frame, Ext, Frame, ICMP, TCP, TPID_8021AD, TPID_8021Q, UDP},
+    packet::{arp, frame, Ext, Frame, ICMP, ICMPV6, TCP, TPID_8021AD, TPID_8021Q, UDP},
 };
 
 const PASS: u32 = 2;
@@ -296,6 +296,37 @@ fn ipv6_extension_chains() {
         PASS,
         Reason::NotBound,
     );
+    // Exactly eight headers are walked to their upper layer; a ninth is too many.
+    let eight = [Ext::DestOpts; 8];
+    b.check(
+        "eight headers, internet",
+        frame(INET6, GATE6).ext(&eight),
+        DROP,
+        Reason::NotAllowed,
+    );
+    b.check(
+        "eight headers, office",
+        frame(OFFICE6, GATE6).ext(&eight),
+        PASS,
+        Reason::AllowGroup,
+    );
+    b.check(
+        "eight headers to port 80",
+        frame(INET6, GATE6).ext(&eight).port(TCP, 80),
+        PASS,
+        Reason::NotBound,
+    );
+    let mut seven_and_fragment = vec![Ext::DestOpts; 7];
+    seven_and_fragment.push(Ext::Fragment {
+        offset: 0,
+        more: true,
+    });
+    b.check(
+        "seven headers and a fragment header, internet",
+        frame(INET6, GATE6).ext(&seven_and_fragment),
+        DROP,
+        Reason::NotAllowed,
+    );
     let long = [Ext::DestOpts; 9];
     b.check(
         "chain longer than the walk",
@@ -364,8 +395,64 @@ fn fragments_are_judged_by_source() {
     assert_eq!(
         b.counters()["fragment"],
         5,
-        "every fragment to a protected address is counted"
+        "every fragment judged by its source is counted"
     );
+}
+
+#[test]
+fn fragments_of_unprotected_protocols_pass() {
+    // The gate protects tcp/443 only: a large ping or a fragmented UDP answer to the host
+    // must not break, whatever its source.
+    let mut b = Bench::new();
+    let v4 = |proto, off, more| frame(INET, GATE).port(proto, 0).fragment(off, more);
+    b.check("v4 ping, first", v4(ICMP, 0, true), PASS, Reason::NotBound);
+    b.check(
+        "v4 ping, later",
+        v4(ICMP, 185, false),
+        PASS,
+        Reason::NotBound,
+    );
+    b.check(
+        "v4 udp answer, first",
+        v4(UDP, 0, true),
+        PASS,
+        Reason::NotBound,
+    );
+    b.check(
+        "v4 udp answer, later",
+        v4(UDP, 185, true),
+        PASS,
+        Reason::NotBound,
+    );
+    b.check(
+        "v4 tcp, later: still by source",
+        v4(TCP, 185, false),
+        DROP,
+        Reason::NotAllowed,
+    );
+    let v6 = |proto, off| {
+        frame(INET6, GATE6).port(proto, 0).ext(&[Ext::Fragment {
+            offset: off,
+            more: true,
+        }])
+    };
+    b.check("v6 ping, first", v6(ICMPV6, 0), PASS, Reason::NotBound);
+    b.check("v6 ping, later", v6(ICMPV6, 181), PASS, Reason::NotBound);
+    b.check("v6 udp answer, later", v6(UDP, 181), PASS, Reason::NotBound);
+    b.check(
+        "v6 tcp, later: still by source",
+        v6(TCP, 181),
+        DROP,
+        Reason::NotAllowed,
+    );
+    // A whole protected address binds every protocol, fragments included.
+    b.check(
+        "v4 ping to a whole address, later",
+        frame(INET, WHOLE).port(ICMP, 0).fragment(185, false),
+        DROP,
+        Reason::NotAllowed,
+    );
+    assert_eq!(b.counters()["fragment"], 3, "only the bound ones");
 }
 
 #[test]
@@ -663,7 +750,7 @@ fn incompatible_pinned_maps_are_refused_not_reused() {
         .err()
         .expect("must refuse")
         .to_string();
-    assert!(err.contains("13 of 14 maps pinned"), "{err}");
+    assert!(err.contains("18 of 19 maps pinned"), "{err}");
     ewsgate::packet::xdp::detach(&dir).unwrap();
 }
 

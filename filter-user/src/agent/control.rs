@@ -39,6 +39,15 @@ pub enum Request {
     FeedRefresh {
         group: Option<String>,
     },
+    /// Stream sampled XDP drops on this connection (see `agent::watch`).
+    Watch {
+        /// Events per second and CPU.
+        rate: u32,
+        /// Stop after this many.
+        count: Option<u64>,
+    },
+    /// Stop sending drop events (sent by the agent itself when a watcher leaves).
+    Unwatch,
     /// How the gate would judge a hypothetical request (`ewsgate explain`).
     Explain {
         query: Box<crate::ops::explain::Query>,
@@ -94,6 +103,9 @@ pub struct Status {
     /// The etcd fleet, when `[fleet]` is set.
     #[serde(default)]
     pub fleet: Option<FleetStatus>,
+    /// Paths around the program: up interfaces it does not run on.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

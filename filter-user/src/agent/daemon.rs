@@ -250,7 +250,17 @@ async fn client(stream: UnixStream, tx: mpsc::Sender<Command>) {
             let mut line = String::new();
             let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
             match reader.read_line(&mut line).await {
-                Ok(_) => dispatch(&line, tx).await,
+                Ok(_) => {
+                    // A watcher keeps its connection for a stream of drops.
+                    if let Ok(Request::Watch { rate, count }) = serde_json::from_str(&line) {
+                        let read = reader.into_inner().into_inner();
+                        if let Ok(stream) = read.reunite(write) {
+                            crate::agent::watch::serve(stream, rate, count, tx).await;
+                        }
+                        return;
+                    }
+                    dispatch(&line, tx).await
+                }
                 Err(e) => Response::Error {
                     message: format!("read: {e}"),
                 },

@@ -13,4 +13,5 @@ pub mod fleet;
 pub mod metrics;
 pub mod supervisor;
 pub mod tasks;
+pub mod watch;
 pub mod worker;

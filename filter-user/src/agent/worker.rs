@@ -69,6 +69,8 @@ pub struct Worker {
     feedback: Feedback,
     /// Identities refused at the request layer: until, reason.
     refused: BTreeMap<String, (Instant, String)>,
+    /// An `ewsgate watch` is connected (drop events on).
+    watching: bool,
     /// Who holds each block entry (administrator, feedback, CrowdSec).
     ledger: Ledger,
     ledger_path: PathBuf,
@@ -114,6 +116,7 @@ impl Worker {
             reloads: Default::default(),
             proxy,
             refused: BTreeMap::new(),
+            watching: false,
         }
     }
 
@@ -588,6 +591,15 @@ impl Worker {
             Request::Explain { query } => return self.explain(&query),
             // Answered by `handle`, never here.
             Request::Shutdown | Request::FeedRefresh { .. } => Ok(String::new()),
+            Request::Watch { rate, .. } => self.watch(rate),
+            Request::Unwatch => {
+                self.watching = false;
+                self.gate
+                    .maps
+                    .set_watch(0)
+                    .map(|()| String::new())
+                    .map_err(Into::into)
+            }
         };
         match result {
             Ok(message) => Response::Ok { message },
@@ -595,6 +607,18 @@ impl Worker {
                 message: format!("{e:#}"),
             },
         }
+    }
+
+    /// Turns drop events on for one watcher; answers with the ring buffer's pin.
+    fn watch(&mut self, rate: u32) -> anyhow::Result<String> {
+        if self.watching {
+            anyhow::bail!("another `ewsgate watch` is connected");
+        }
+        self.gate
+            .maps
+            .set_watch(rate.clamp(1, crate::agent::watch::MAX_RATE))?;
+        self.watching = true;
+        Ok(self.gate.pins().map("DROPS").display().to_string())
     }
 
     /// `ewsgate explain`: the running config, the live program's verdict for the source
@@ -788,6 +812,10 @@ impl Worker {
             feeds: self.agent.feeds_status(),
             crowdsec: self.agent.crowdsec_status(),
             fleet: self.agent.fleet.status(),
+            warnings: crate::packet::paths::unfiltered(&self.gate.attached)
+                .iter()
+                .map(|u| u.warning())
+                .collect(),
         })))
     }
 

@@ -81,9 +81,9 @@ pub struct Entry {
     pub ttl_left: Option<u64>,
 }
 
-/// A shared-memory view of a `BPF_F_MMAPABLE` array map.
+/// A shared-memory view of a `BPF_F_MMAPABLE` array map, held only while a reload writes
+/// it: a mapping kept for the agent's life would count every table page in its RSS.
 struct Mmap {
-    _map: MapData,
     ptr: *mut u8,
     bytes: usize,
 }
@@ -92,7 +92,7 @@ struct Mmap {
 unsafe impl Send for Mmap {}
 
 impl Mmap {
-    fn new(name: &'static str, map: MapData, bytes: usize) -> Result<Mmap, MapsError> {
+    fn new(name: &'static str, map: &MapData, bytes: usize) -> Result<Mmap, MapsError> {
         let fd = map.fd().as_fd().as_raw_fd();
         // SAFETY: a fresh shared mapping of a map fd; the kernel checks size and flags.
         let ptr = unsafe {
@@ -112,7 +112,6 @@ impl Mmap {
             });
         }
         Ok(Mmap {
-            _map: map,
             ptr: ptr.cast(),
             bytes,
         })
@@ -133,10 +132,28 @@ impl Drop for Mmap {
     }
 }
 
+/// One generation's table maps and their sizes in bytes, mapped by `Generation::map`.
 struct Generation {
+    tbl24: (&'static str, MapData, usize),
+    tbl8: (&'static str, MapData, usize),
+    v6: (&'static str, MapData, usize),
+}
+
+struct Mapped {
     tbl24: Mmap,
     tbl8: Mmap,
     v6: Mmap,
+}
+
+impl Generation {
+    fn map(&self) -> Result<Mapped, MapsError> {
+        let m = |(name, map, bytes): &(&'static str, MapData, usize)| Mmap::new(name, map, *bytes);
+        Ok(Mapped {
+            tbl24: m(&self.tbl24)?,
+            tbl8: m(&self.tbl8)?,
+            v6: m(&self.v6)?,
+        })
+    }
 }
 
 pub struct Maps {
@@ -173,13 +190,13 @@ fn generation(ebpf: &mut Ebpf, g: usize, sizes: Sizes) -> Result<Generation, Map
     ];
     let v6_bytes = sizes.v6_buckets as usize * size_of::<V6Bucket>();
     Ok(Generation {
-        tbl24: Mmap::new(t24, raw_array(ebpf, t24)?, TBL24_ENTRIES as usize * 4)?,
-        tbl8: Mmap::new(
+        tbl24: (t24, raw_array(ebpf, t24)?, TBL24_ENTRIES as usize * 4),
+        tbl8: (
             t8,
             raw_array(ebpf, t8)?,
             sizes.tbl8_blocks as usize * TBL8_SIZE * 4,
-        )?,
-        v6: Mmap::new(v6, raw_array(ebpf, v6)?, v6_bytes)?,
+        ),
+        v6: (v6, raw_array(ebpf, v6)?, v6_bytes),
     })
 }
 
@@ -219,6 +236,13 @@ impl Maps {
         self.settings.set(0, s, 0).map_err(map_err("SETTINGS"))
     }
 
+    /// Drop events per second and CPU for `ewsgate watch`; 0 sends none.
+    pub fn set_watch(&mut self, rate: u32) -> Result<(), MapsError> {
+        let mut s = self.settings()?;
+        s.watch_rate = rate;
+        self.set_settings(s)
+    }
+
     pub fn set_monitor(&mut self, monitor: bool) -> Result<(), MapsError> {
         let mut s = self.settings()?;
         s.monitor = monitor as u32;
@@ -233,7 +257,8 @@ impl Maps {
         }
         let live = self.settings()?.generation as usize & 1;
         let idle = 1 - live;
-        let tables = &mut self.generations[idle];
+        // Unmapped when this returns, success or not.
+        let mut tables = self.generations[idle].map()?;
         tables::build_v4(&config.groups, tables.tbl24.slice(), tables.tbl8.slice())?;
         let v6 = tables.v6.slice::<V6Bucket>();
         let buckets = v6.len() as u32;

@@ -2,6 +2,7 @@
 //! typed maps, and the allow tables it reads.
 
 pub mod maps;
+pub mod paths;
 pub mod probe;
 pub mod tables;
 pub mod xdp;

@@ -15,15 +15,15 @@ use std::{
 };
 
 use aya::{
-    maps::{MapInfo, MapType},
+    maps::{MapInfo, MapType, ProgramArray},
     programs::{links::FdLink, links::PinnedLink, ProgramError, Xdp, XdpMode},
     Ebpf, EbpfError, EbpfLoader,
 };
 use tracing::{info, warn};
 
 use filter_common::{
-    Expiring, Policy, Settings, V6Bucket, LAYOUT_VERSION, MAX_GROUPS, REASON_COUNT, TBL24_ROW,
-    TBL24_ROWS, TBL8_SIZE,
+    Expiring, Policy, Report, Settings, V6Bucket, DROPS_BYTES, LAYOUT_VERSION, MAX_GROUPS,
+    REASON_COUNT, TBL24_ROW, TBL24_ROWS, TBL8_SIZE,
 };
 
 use crate::{
@@ -40,13 +40,15 @@ use crate::{
 /// The XDP object built by build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ewsgate-xdp"));
 pub const PROGRAM: &str = "ewsgate_xdp";
+const TUNNEL_PROGRAM: &str = "ewsgate_tunnel";
+const REPORT_PROGRAM: &str = "ewsgate_report";
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum XdpError {
     #[error("{path}: {source}")]
     Io { path: String, source: io::Error },
-    #[error("{0} is not on a BPF file system (mount -t bpf bpf /sys/fs/bpf)")]
+    #[error("{0}")]
     NotBpfFs(String),
     #[error("pinned map {path} does not match this build ({what}); run `ewsgate detach` first")]
     Incompatible { path: String, what: String },
@@ -86,6 +88,10 @@ impl Pins {
     }
     fn maps(&self) -> PathBuf {
         self.root.join("maps")
+    }
+    /// Where the map `name` is pinned.
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps().join(name)
     }
     fn prog(&self) -> PathBuf {
         self.root.join("prog")
@@ -137,7 +143,7 @@ const fn layout(name: &'static str, kind: MapType, key: usize, value: usize, siz
 const LPM_KEY: usize = 4 + 16;
 
 /// Every map of the object, as this build expects to find it pinned.
-fn layouts() -> [Layout; 14] {
+fn layouts() -> [Layout; 19] {
     use MapType::*;
     use Size::*;
     [
@@ -151,6 +157,11 @@ fn layouts() -> [Layout; 14] {
             Fixed(MAX_GROUPS as u32 + 1),
         ),
         layout("POLICY", Array, 4, size_of::<Policy>(), Fixed(2)),
+        layout("TAIL", ProgramArray, 4, 4, Fixed(2)),
+        layout("INNER", PerCpuArray, 4, 8, Fixed(1)),
+        layout("DROPS", RingBuf, 0, 0, Fixed(DROPS_BYTES)),
+        layout("WATCH_WINDOW", PerCpuArray, 4, 16, Fixed(1)),
+        layout("REPORT", PerCpuArray, 4, size_of::<Report>(), Fixed(1)),
         layout("TBL24_0", Array, 4, TBL24_ROW * 4, Fixed(TBL24_ROWS)),
         layout("TBL24_1", Array, 4, TBL24_ROW * 4, Fixed(TBL24_ROWS)),
         layout(
@@ -249,6 +260,7 @@ impl Gate {
         let mut ebpf = loader.load(OBJECT)?;
         // Load before taking the maps: the program's relocations need their fds.
         program(&mut ebpf)?.load()?;
+        install_tails(&mut ebpf)?;
         let maps = Maps::new(&mut ebpf, sizes)?;
         let mut gate = Gate {
             ebpf,
@@ -260,6 +272,8 @@ impl Gate {
         if start == Start::Adopted {
             gate.maps.recount()?;
         }
+        // A watcher of the previous agent is gone: send no more drop events.
+        gate.maps.set_watch(0)?;
         gate.apply(config)?;
         Ok(gate)
     }
@@ -381,6 +395,33 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
     Ok(prog.try_into()?)
 }
 
+/// Loads the programs the main one tail calls (a tunnel's inner packet, a sampled drop)
+/// into the pinned program array. Until they are there, tunnelled packets are dropped and
+/// drops are not reported.
+fn install_tails(ebpf: &mut Ebpf) -> Result<(), XdpError> {
+    for (index, name) in [(0, TUNNEL_PROGRAM), (1, REPORT_PROGRAM)] {
+        let prog: &mut Xdp = ebpf
+            .program_mut(name)
+            .ok_or(ProgramError::NotLoaded)?
+            .try_into()?;
+        prog.load()?;
+        let fd = prog.fd()?.try_clone().map_err(|e| XdpError::Io {
+            path: name.into(),
+            source: e,
+        })?;
+        let map = ebpf.map_mut("TAIL").ok_or(MapsError::Missing("TAIL"))?;
+        let mut array = ProgramArray::try_from(map).map_err(|source| MapsError::Map {
+            name: "TAIL",
+            source,
+        })?;
+        array.set(index, &fd, 0).map_err(|source| MapsError::Map {
+            name: "TAIL",
+            source,
+        })?;
+    }
+    Ok(())
+}
+
 fn if_index(iface: &str) -> Option<u32> {
     let name = std::ffi::CString::new(iface).ok()?;
     // SAFETY: a valid C string.
@@ -388,19 +429,89 @@ fn if_index(iface: &str) -> Option<u32> {
     (idx != 0).then_some(idx)
 }
 
+/// Where systemd mounts bpffs, and where the agent mounts it when nothing is there.
+pub const BPF_FS_ROOT: &str = "/sys/fs/bpf";
+const SYSFS_MAGIC: i64 = 0x6265_6572;
+
+/// Makes sure `pin_dir` is on a bpffs and creates the pin directories. Where `pin_dir` is
+/// under /sys/fs/bpf and nothing is mounted there (a host without systemd, a fresh mount
+/// namespace), the agent mounts bpffs there as systemd would. Anywhere else it says what
+/// to do rather than let a mkdir on another file system fail with a bare errno.
 fn prepare_dirs(pin_dir: &Path, pins: &Pins) -> Result<(), XdpError> {
+    let root = Path::new(BPF_FS_ROOT);
+    if fs_type(&existing_ancestor(pin_dir)) != Some(BPF_FS_MAGIC) {
+        if !pin_dir.starts_with(root) {
+            return Err(XdpError::NotBpfFs(format!(
+                "{} is not on a BPF file system: mount one there (`mount -t bpf bpf DIR` on                  it or a parent) or set xdp.pin_dir under {BPF_FS_ROOT}",
+                pin_dir.display()
+            )));
+        }
+        mount_bpffs(root)?;
+    }
     fs::create_dir_all(pins.maps()).map_err(io_err(&pins.maps()))?;
-    let c = std::ffi::CString::new(pin_dir.as_os_str().as_encoded_bytes())
-        .map_err(|e| io_err(pin_dir)(io::Error::other(e)))?;
+    if fs_type(pin_dir) != Some(BPF_FS_MAGIC) {
+        return Err(XdpError::NotBpfFs(format!(
+            "{} is not on a BPF file system (`mount -t bpf bpf {BPF_FS_ROOT}`)",
+            pin_dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Mounts bpffs at `root` when nothing is mounted there (it is a plain sysfs directory).
+fn mount_bpffs(root: &Path) -> Result<(), XdpError> {
+    match fs_type(root) {
+        Some(SYSFS_MAGIC) => {}
+        None => {
+            return Err(XdpError::NotBpfFs(format!(
+                "{BPF_FS_ROOT} does not exist (is sysfs mounted at /sys?): mount sysfs, then                  `mount -t bpf bpf {BPF_FS_ROOT}`, or set xdp.pin_dir to a directory on a                  BPF file system"
+            )))
+        }
+        Some(other) => {
+            return Err(XdpError::NotBpfFs(format!(
+                "{BPF_FS_ROOT} holds another file system (type {other:#x}), not bpffs:                  unmount it and `mount -t bpf bpf {BPF_FS_ROOT}`, or set xdp.pin_dir to a                  directory on a BPF file system"
+            )))
+        }
+    }
+    let c = |s: &str| std::ffi::CString::new(s).map_err(|e| io_err(root)(io::Error::other(e)));
+    let (source, target, kind, data) = (c("bpf")?, c(BPF_FS_ROOT)?, c("bpf")?, c("mode=0700")?);
+    // SAFETY: valid NUL-terminated strings; mount(2) reads them only.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            kind.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(XdpError::NotBpfFs(format!(
+            "nothing is mounted at {BPF_FS_ROOT} and mounting bpffs there failed ({e}): run              `mount -t bpf bpf {BPF_FS_ROOT}` as root, or set xdp.pin_dir to a directory on              a BPF file system"
+        )));
+    }
+    info!("mounted bpffs at {BPF_FS_ROOT} (nothing was mounted there)");
+    Ok(())
+}
+
+/// The nearest ancestor of `path` (or itself) that exists.
+fn existing_ancestor(path: &Path) -> PathBuf {
+    path.ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"))
+        .to_path_buf()
+}
+
+/// The file system type (statfs f_type) holding `path`, None when it cannot be read.
+fn fs_type(path: &Path) -> Option<i64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: statfs writes into the struct we pass.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io_err(pin_dir)(io::Error::last_os_error()));
+        return None;
     }
-    if st.f_type as i64 != BPF_FS_MAGIC {
-        return Err(XdpError::NotBpfFs(pin_dir.display().to_string()));
-    }
-    Ok(())
+    Some(st.f_type as i64)
 }
 
 /// Compares every pinned map with this build's layout. Returns whether state is adopted and
