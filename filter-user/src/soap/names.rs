@@ -117,7 +117,7 @@ impl<'i> NsReader<'i> {
             .level
             .checked_add(1)
             .ok_or(NamespaceError::TooDeeplyNested(usize::from(u16::MAX)))?;
-        if !e.attributes_raw().contains("xmlns") {
+        if !declares(e.attributes_raw().as_bytes()) {
             return Ok(());
         }
         // As quick-xml reads declarations: unchecked, up to the first malformed attribute.
@@ -166,17 +166,29 @@ impl<'i> NsReader<'i> {
     /// An element's namespace: its prefix's nearest binding, or the default namespace's
     /// when it has none. `:name` (an empty prefix) binds to nothing.
     fn resolve(&self, name: &str) -> Ns {
-        let prefix = match name.split_once(':') {
-            Some(("", _)) => return Ns::Other,
-            Some((prefix, _)) => prefix,
-            None => "",
+        let name = name.as_bytes();
+        let prefix = match name.iter().position(|&b| b == b':') {
+            Some(0) => return Ns::Other,
+            Some(i) => &name[..i],
+            None => &[][..],
         };
+        let prefixes = self.prefixes.as_bytes();
         self.bindings
             .iter()
             .rev()
-            .find(|b| self.prefixes.get(b.start..b.start + b.len) == Some(prefix))
+            .find(|b| prefixes.get(b.start..b.start + b.len) == Some(prefix))
             .map_or(Ns::Other, |b| b.ns)
     }
+}
+
+/// Whether a tag's attributes may declare a namespace: `xmlns` appears in them. Byte by
+/// byte: most tags have few attributes or none, where a substring search costs more in
+/// setting up than in searching.
+fn declares(attributes: &[u8]) -> bool {
+    attributes
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'x' && attributes[i..].starts_with(b"xmlns"))
 }
 
 #[cfg(test)]
