@@ -4,11 +4,6 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc rather than glibc's malloc: a request allocates a few dozen times, and
-/// `cargo xtask bench cost` counts fewer instructions per request with it.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use ewsgate::{
     agent::control::{self, Request, Response, Status},
     config::{self, Config},
