@@ -2,12 +2,13 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use ewsgate::{
     agent::control::{self, Request, Response, Status},
     config::{self, Config},
     model::packet::{DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_DIR},
+    ops::explain::ExplainError,
     packet::maps::List,
 };
 
@@ -86,6 +87,51 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// How the gate would judge a request: the packet verdict of the live program, each
+    /// rule, the token, the content and the final reason. With --config naming a file the
+    /// gate does not run, that file is explained instead (a change under review).
+    Explain(ExplainArgs),
+    /// Write the man pages (DIR/man8) and shell completions (DIR/completions) generated from
+    /// this CLI, as the package installs them.
+    #[command(hide = true)]
+    Manual { dir: PathBuf },
+}
+
+#[derive(clap::Args)]
+struct ExplainArgs {
+    /// The client's address.
+    #[arg(long)]
+    source: String,
+    /// none, basic, ntlm, negotiate, kerberos, bearer or client-cert.
+    #[arg(long)]
+    auth: String,
+    /// The user the credentials name (for client-cert, the certificate's subject).
+    #[arg(long)]
+    user: Option<String>,
+    /// A file holding the bearer token.
+    #[arg(long)]
+    token: Option<PathBuf>,
+    /// A file holding the SOAP request body.
+    #[arg(long)]
+    soap: Option<PathBuf>,
+    /// Instead of --soap: the EWS operation (FindItem, GetItem, ...).
+    #[arg(long)]
+    operation: Option<String>,
+    /// With --operation: the folder it names (a distinguished name such as inbox, or an ID).
+    #[arg(long)]
+    folder: Option<String>,
+    /// With --operation: the item ID it names.
+    #[arg(long)]
+    item: Option<String>,
+    /// The request path.
+    #[arg(long)]
+    path: Option<String>,
+    /// When (UTC): 2026-12-01T23:00, RFC 3339, or 90m, 24h ago; now by default.
+    #[arg(long)]
+    time: Option<String>,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -96,18 +142,23 @@ enum FeedAction {
 
 #[derive(Subcommand)]
 enum EntryAction {
+    /// Add an address or a CIDR.
     Add {
         /// An address or a CIDR.
         net: String,
         /// Lifetime: 90, 90s, 15m, 2h or 1d. Without it the entry stays until removed.
         #[arg(long)]
         ttl: Option<String>,
+        /// Why, as `list` and the status show it.
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Remove an entry.
     Del {
+        /// The address or CIDR it was added with.
         net: String,
     },
+    /// List the entries with their lifetimes and reasons.
     List,
 }
 
@@ -128,6 +179,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ewsgate: {}", chain(&e));
+            // A wrong question (bad address, unknown auth kind, unreadable file) is a usage
+            // error, as clap's own are.
+            if e.downcast_ref::<ExplainError>().is_some() {
+                return ExitCode::from(2);
+            }
             ExitCode::FAILURE
         }
     }
@@ -215,7 +271,110 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ref html,
             json,
         } => report(files, since.as_deref(), html.as_deref(), json),
+        Command::Explain(ref args) => explain(&cli, args),
+        Command::Manual { ref dir } => {
+            let written = ewsgate::ops::manual::write_all(Cli::command(), dir)?;
+            println!("{} files under {}", written.len(), dir.display());
+            Ok(())
+        }
     }
+}
+
+/// `ewsgate explain`: the running gate answers, unless --config names a file it does not
+/// run; that file is then loaded, validated and explained here.
+fn explain(cli: &Cli, args: &ExplainArgs) -> anyhow::Result<()> {
+    use ewsgate::ops::explain::{self as ex, Query};
+    let bad = |text: String| anyhow::Error::new(ExplainError::BadInput(text));
+    let read = |what: &str, path: &std::path::Path| {
+        let bytes =
+            std::fs::read(path).map_err(|e| bad(format!("{what} {}: {e}", path.display())))?;
+        String::from_utf8(bytes).map_err(|_| bad(format!("{what} {}: not UTF-8", path.display())))
+    };
+    let source = args
+        .source
+        .trim()
+        .parse()
+        .map_err(|_| bad(format!("--source {:?}: not an IP address", args.source)))?;
+    let now = ewsgate::agent::feeds::unix_now() as i64;
+    let time = args
+        .time
+        .as_deref()
+        .map(|t| ewsgate::ops::report::parse_since(t, now))
+        .transpose()
+        .map_err(|e| bad(format!("--time: {e}")))?;
+    let query = Query {
+        source: Some(source),
+        auth: args.auth.clone(),
+        user: args.user.clone(),
+        token: match &args.token {
+            Some(p) => Some(read("--token", p)?.trim().to_string()),
+            None => None,
+        },
+        soap: args
+            .soap
+            .as_deref()
+            .map(|p| read("--soap", p))
+            .transpose()?,
+        operation: args.operation.clone(),
+        folder: args.folder.clone(),
+        item: args.item.clone(),
+        path: args.path.clone(),
+        time,
+    };
+    query.check()?;
+    let explained = match review_file(cli)? {
+        Some(path) => {
+            let (config, bundle) =
+                config::load_bundle(&path).map_err(|e| bad(format!("--config: {e}")))?;
+            let refused = |_: &str| None;
+            let inputs = ex::Inputs {
+                config: &config,
+                bundle: &bundle,
+                packet: ex::config_verdict(&config, source),
+                refused: &refused,
+                against: format!("{} (not running; nothing in force changes)", path.display()),
+            };
+            ex::explain(&inputs, &query)?
+        }
+        None => match ask(
+            cli,
+            &Request::Explain {
+                query: Box::new(query),
+            },
+        )? {
+            Response::Explained(e) => *e,
+            Response::Error { message } => anyhow::bail!("{message}"),
+            other => anyhow::bail!("unexpected answer: {other:?}"),
+        },
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&explained)?);
+    } else {
+        print!("{}", ex::text(&explained));
+    }
+    Ok(())
+}
+
+/// The --config file, when it is not the config the running gate was started with (or no
+/// gate answers): explain then judges that file itself.
+fn review_file(cli: &Cli) -> anyhow::Result<Option<PathBuf>> {
+    let Some(path) = &cli.config else {
+        return Ok(None);
+    };
+    let socket = match socket_of(cli) {
+        Ok(s) => s,
+        Err(_) => return Ok(Some(path.clone())),
+    };
+    let running = match control::request(&socket, &Request::Status) {
+        Ok(Response::Status(s)) => PathBuf::from(&s.config),
+        _ => return Ok(Some(path.clone())),
+    };
+    let same = |a: &std::path::Path, b: &std::path::Path| match (a.canonicalize(), b.canonicalize())
+    {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    };
+    Ok((!same(path, &running)).then(|| path.clone()))
 }
 
 fn report(

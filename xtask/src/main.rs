@@ -1,5 +1,5 @@
 //! Developer commands: `cargo xtask setup | build | test | demo |
-//! bench [xdp|proxy|tokens|cost|all] | fuzz [--seconds N] [TARGET...]`.
+//! bench [xdp|proxy|tokens|cost|all] | fuzz [--seconds N] [TARGET...] | package`.
 //!
 //! This crate depends on nothing that needs the eBPF toolchain, so `cargo xtask setup` builds
 //! on a machine that has only Rust, gcc and apt.
@@ -13,6 +13,8 @@ use std::{
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+
+mod package;
 
 /// Debian packages: LLVM 22 for bpf-linker, and the tools the tests, demo and bench drive.
 const APT_PACKAGES: &[&str] = &[
@@ -42,6 +44,11 @@ const APT_PACKAGES: &[&str] = &[
     "chromium",
     "logrotate",
     "systemd",
+    // `cargo xtask package` and its test: lintian checks the .deb, debootstrap makes a
+    // clean Debian 12 root to install it in, systemd-analyze rates the units.
+    "lintian",
+    "debootstrap",
+    "systemd-container",
 ];
 /// Debian's crowdsec registers with CrowdSec's Central API while it installs, which needs the
 /// network, unless this file exists with content first (its README.Debian). The tests run
@@ -92,6 +99,21 @@ enum Cmd {
         seconds: u64,
         /// Targets to run (all when none): `cargo fuzz list` names them.
         targets: Vec<String>,
+    },
+    /// Build the Debian package (cargo-deb): target/debian/ewsgate_VERSION_ARCH.deb.
+    Package {
+        /// Package this ewsgate binary instead of building a release one.
+        #[arg(long)]
+        bin: Option<PathBuf>,
+        /// The package's version (default: the crate's).
+        #[arg(long)]
+        deb_version: Option<String>,
+        /// Where the .deb goes: a file or a directory.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// Faster compression, a larger file.
+        #[arg(long)]
+        fast: bool,
     },
 }
 
@@ -147,6 +169,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Fuzz { seconds, targets } => {
             setup_fuzz()?;
             fuzz(seconds, targets)
+        }
+        Cmd::Package {
+            bin,
+            deb_version,
+            out,
+            fast,
+        } => {
+            package::setup()?;
+            let bin = match bin {
+                Some(b) => b,
+                None => {
+                    setup()?;
+                    build(true)?
+                }
+            };
+            let opts = package::Options {
+                deb_version,
+                out,
+                fast,
+            };
+            package::package(&bin, &opts).map(|_| ())
         }
     }
 }
@@ -255,6 +298,7 @@ fn setup() -> anyhow::Result<()> {
         ]))?;
     }
     setup_fuzz()?;
+    package::setup()?;
     if !quiet_ok(
         Command::new("bpf-linker")
             .arg("--version")

@@ -39,6 +39,10 @@ pub enum Request {
     FeedRefresh {
         group: Option<String>,
     },
+    /// How the gate would judge a hypothetical request (`ewsgate explain`).
+    Explain {
+        query: Box<crate::ops::explain::Query>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,6 +51,7 @@ pub enum Response {
     Ok { message: String },
     Status(Box<Status>),
     Entries { entries: Vec<Listed> },
+    Explained(Box<crate::ops::explain::Explanation>),
     Error { message: String },
 }
 

@@ -38,7 +38,8 @@ use crate::{
 
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 const WATCH_EVERY: Duration = Duration::from_secs(1);
-const MAX_REQUEST: usize = 64 * 1024;
+// An explain request carries a SOAP body of up to 1 MiB, JSON-escaped.
+const MAX_REQUEST: usize = 8 << 20;
 
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let (config, bundle) = config::load_bundle(config_path)?;
@@ -70,6 +71,10 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     // The control socket appears only once the filter is attached and filled: callers may
     // take its presence as "ewsgate is enforcing".
     let listener = bind_control(&socket)?;
+    // Under systemd (Type=notify) the unit is started from here on; elsewhere a no-op.
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        warn!(error = %e, "telling systemd the agent is ready");
+    }
     info!(start = ?gate.start, interfaces = ?gate.attached, prefixes = config.prefix_count(), proxy = proxy.is_some(), "ewsgate agent running");
     let audit_path = config
         .proxy
@@ -94,6 +99,9 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             let _ = done_tx.send(());
         })
         .context("starting the worker thread")?;
+    // A proxy started elsewhere (`spawn = false`: its own service unit) outlives this agent
+    // by design: a restart or an upgrade of the agent must not take it down.
+    let spawned = proxy.as_ref().is_some_and(|p| p.spawn);
     if let (Some(settings), Some(opened), Some(socket)) = (proxy, opened, proxy_socket) {
         let asks = tx.clone();
         let asks: supervisor::Asks = Arc::new(move |a: Ask| asks.send(Command::Proxy(a)).is_ok());
@@ -105,12 +113,15 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     };
     let result = rt.block_on(serve(listener, tx, watch, done_rx));
     let _ = fs::remove_file(&socket);
-    // A clean stop stops the proxy too; the XDP program stays attached and enforcing. (An
-    // agent that dies leaves its proxy serving, to be adopted by the next agent.)
-    rt.block_on(async {
-        link.send(crate::ipc::ToProxy::Shutdown);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    });
+    // A clean stop stops the proxy it spawned; the XDP program stays attached and enforcing.
+    // (An agent that dies leaves its proxy serving, to be adopted by the next agent.)
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    if spawned {
+        rt.block_on(async {
+            link.send(crate::ipc::ToProxy::Shutdown);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        });
+    }
     result
 }
 

@@ -516,6 +516,7 @@ impl Worker {
             } => self.add(list, net, ttl_secs, reason),
             Request::Del { list, net } => self.del(list, net),
             Request::List { list } => return self.list(list),
+            Request::Explain { query } => return self.explain(&query),
             // Answered by `handle`, never here.
             Request::Shutdown | Request::FeedRefresh { .. } => Ok(String::new()),
         };
@@ -524,6 +525,48 @@ impl Worker {
             Err(e) => Response::Error {
                 message: format!("{e:#}"),
             },
+        }
+    }
+
+    /// `ewsgate explain`: the running config, the live program's verdict for the source
+    /// (BPF_PROG_TEST_RUN), the identities refused now.
+    fn explain(&mut self, query: &crate::ops::explain::Query) -> Response {
+        use crate::{ops::explain, packet::probe};
+        let error = |message: String| Response::Error { message };
+        let source = match query.check() {
+            Ok((_, source)) => source,
+            Err(e) => return error(e.to_string()),
+        };
+        let packet = match explain::destination(&self.config, source) {
+            Some((dest, port)) => match probe::probe(&mut self.gate, source, dest, port) {
+                Ok(v) => v,
+                Err(e) => return error(format!("packet probe: {e}")),
+            },
+            None => probe::PacketVerdict {
+                action: "pass".into(),
+                reason: "not_bound".into(),
+                monitor: false,
+                by: "the config (no protected address of the source's family)".into(),
+                also_moved: Vec::new(),
+            },
+        };
+        let now = Instant::now();
+        let refused = |identity: &str| {
+            self.refused
+                .get(identity)
+                .filter(|(until, _)| *until > now)
+                .map(|(_, why)| why.clone())
+        };
+        let inputs = explain::Inputs {
+            config: &self.config,
+            bundle: &self.bundle,
+            packet,
+            refused: &refused,
+            against: format!("the running gate ({})", self.config.path.display()),
+        };
+        match explain::explain(&inputs, query) {
+            Ok(e) => Response::Explained(Box::new(e)),
+            Err(e) => error(e.to_string()),
         }
     }
 

@@ -3,6 +3,7 @@
 //! - `audit`: the audit record, one JSON line per decision;
 //! - `detections`: signals over the stream of decisions (the same user from two places,
 //!   failure bursts, password spray, mailbox sweeps, ...), each with an optional action;
+//! - `manual`: the man pages and shell completions, generated from the CLI;
 //! - `report`: a summary of audit files, as text, JSON or one self-contained HTML page;
 //! - `sinks`: where the audit lines go (files that survive rotation, journald, syslog).
 //!
@@ -11,6 +12,8 @@
 
 pub mod audit;
 pub mod detections;
+pub mod explain;
+pub mod manual;
 pub mod report;
 mod report_html;
 pub mod sinks;

@@ -2,5 +2,6 @@
 //! typed maps, and the allow tables it reads.
 
 pub mod maps;
+pub mod probe;
 pub mod tables;
 pub mod xdp;

@@ -101,11 +101,28 @@ pub enum Pass {
 /// rule being rolled out for these callers, and what it would not allow is what the report
 /// must show, rather than falling through to the rule it is meant to replace.
 pub fn candidates(rules: &[Rule], s: &Subject, pass: Pass) -> Vec<usize> {
+    candidates_traced(rules, s, pass, &mut ())
+}
+
+/// `candidates`, telling `trace` what each rule it looked at did. The request path passes
+/// `()`, whose notes compile to nothing: explain and the proxy share this one walk.
+pub fn candidates_traced(
+    rules: &[Rule],
+    s: &Subject,
+    pass: Pass,
+    trace: &mut impl Trace,
+) -> Vec<usize> {
     let mut out = Vec::new();
     for (i, r) in rules.iter().enumerate() {
-        if (pass == Pass::Enforced && r.report) || !head_matches(r, s) {
+        if pass == Pass::Enforced && r.report {
+            trace.note(i, Step::ReportOnly);
             continue;
         }
+        if let Some(miss) = head_miss(r, s) {
+            trace.note(i, Step::Head(miss));
+            continue;
+        }
+        trace.note(i, Step::Candidate);
         out.push(i);
         let rolled_out = pass == Pass::Report && r.report && r.action == Action::Allow;
         if !r.judges_content() || rolled_out {
@@ -121,16 +138,35 @@ pub fn decide(rules: &[Rule], s: &Subject) -> Decision {
 
 /// The first candidate that matches `s` (its content too, when it has some) decides.
 pub fn decide_among(rules: &[Rule], candidates: &[usize], s: &Subject) -> Decision {
-    for r in candidates.iter().filter_map(|&i| rules.get(i)) {
+    decide_among_traced(rules, candidates, s, &mut ())
+}
+
+/// `decide_among`, telling `trace` why each candidate it judged did or did not decide.
+pub fn decide_among_traced(
+    rules: &[Rule],
+    candidates: &[usize],
+    s: &Subject,
+    trace: &mut impl Trace,
+) -> Decision {
+    for &i in candidates {
+        let Some(r) = rules.get(i) else {
+            continue;
+        };
         let provisional = match &s.content {
-            Some(c) => match content_matches(r, c) {
-                Fit::No => continue,
-                Fit::Yes => false,
-                Fit::Provisional => true,
+            Some(c) => match content_fit(r, c) {
+                Err(miss) => {
+                    trace.note(i, Step::Content(miss));
+                    continue;
+                }
+                Ok(fit) => fit == Fit::Provisional,
             },
-            None if r.judges_content() => continue,
+            None if r.judges_content() => {
+                trace.note(i, Step::NeedsContent);
+                continue;
+            }
             None => false,
         };
+        trace.note(i, Step::Matched { provisional });
         let inspect = (r.action == Action::Allow)
             .then(|| inspection(r, s, provisional))
             .flatten();
@@ -147,6 +183,51 @@ pub fn decide_among(rules: &[Rule], candidates: &[usize], s: &Subject) -> Decisi
     }
 }
 
+/// Receives what the rule walk found for each rule it looked at, in order.
+pub trait Trace {
+    fn note(&mut self, rule: usize, step: Step);
+}
+
+/// The request path's trace: nothing.
+impl Trace for () {
+    #[inline(always)]
+    fn note(&mut self, _rule: usize, _step: Step) {}
+}
+
+/// What one rule did in a judgment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// A report-only rule, left out of the enforced judgment.
+    ReportOnly,
+    /// A head condition failed.
+    Head(Miss),
+    /// The head matched: the rule takes part in the judgment.
+    Candidate,
+    /// A content condition failed.
+    Content(Miss),
+    /// The rule judges content and there is none (not the EWS endpoint, or before the body).
+    NeedsContent,
+    /// The rule decided.
+    Matched { provisional: bool },
+}
+
+/// The first condition of a rule that a request did not meet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Miss {
+    Group,
+    Auth,
+    Token,
+    Path,
+    User,
+    Day,
+    Hours,
+    Operation,
+    Impersonation,
+    Delegate,
+    TokenScope,
+    Data,
+}
+
 /// Before the body is read: could any rule allow this request? A deny rule that judges no
 /// content ends the search, as it would after the body.
 pub fn may_allow(rules: &[Rule], s: &Subject) -> bool {
@@ -161,13 +242,13 @@ pub fn may_allow_among(rules: &[Rule], candidates: &[usize]) -> bool {
 }
 
 /// Whether a rule matched for sure, or only once the response shows the data types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fit {
-    No,
     Yes,
     Provisional,
 }
 
-fn content_matches(r: &Rule, c: &Content) -> Fit {
+fn content_fit(r: &Rule, c: &Content) -> Result<Fit, Miss> {
     let op = c.request.operation.as_str();
     let named = |class| {
         r.operations.iter().any(|m| match m {
@@ -181,26 +262,29 @@ fn content_matches(r: &Rule, c: &Content) -> Fit {
     } else {
         named(class)
     };
-    if !op_ok
-        || (c.access.impersonation.is_some() && !r.impersonation)
-        || (c.access.delegate.is_some() && !r.delegate)
-        || (r.scope == Some(Scope::TokenItem) && !in_token_scope(c))
-    {
-        return Fit::No;
+    if !op_ok {
+        return Err(Miss::Operation);
+    }
+    if c.access.impersonation.is_some() && !r.impersonation {
+        return Err(Miss::Impersonation);
+    }
+    if c.access.delegate.is_some() && !r.delegate {
+        return Err(Miss::Delegate);
+    }
+    if r.scope == Some(Scope::TokenItem) && !in_token_scope(c) {
+        return Err(Miss::TokenScope);
     }
     let Some(allowed) = r.data else {
-        return Fit::Yes;
+        return Ok(Fit::Yes);
     };
     let reveals = c.info.is_some_and(|i| i.shape == Shape::Items);
     match (r.action, c.touch.unresolved) {
         // A deny rule for a type matches whatever might be of that type.
-        (Action::Deny, true) => Fit::Yes,
-        (Action::Deny, false) if c.touch.data.intersects(allowed) => Fit::Yes,
-        (Action::Deny, false) => Fit::No,
-        (Action::Allow, true) if reveals => Fit::Provisional,
-        (Action::Allow, true) => Fit::No,
-        (Action::Allow, false) if c.touch.data.within(allowed) => Fit::Yes,
-        (Action::Allow, false) => Fit::No,
+        (Action::Deny, true) => Ok(Fit::Yes),
+        (Action::Deny, false) if c.touch.data.intersects(allowed) => Ok(Fit::Yes),
+        (Action::Allow, true) if reveals => Ok(Fit::Provisional),
+        (Action::Allow, false) if c.touch.data.within(allowed) => Ok(Fit::Yes),
+        _ => Err(Miss::Data),
     }
 }
 
@@ -257,20 +341,37 @@ pub fn default_deny_reason(c: &Content) -> String {
     }
 }
 
-fn head_matches(r: &Rule, s: &Subject) -> bool {
+/// The first head condition `s` does not meet, in the order the rule file lists them.
+fn head_miss(r: &Rule, s: &Subject) -> Option<Miss> {
     let any_or = |empty: bool, hit: bool| empty || hit;
-    any_or(
+    if !any_or(
         r.groups.is_empty(),
         s.group.is_some_and(|g| r.groups.iter().any(|x| x == g)),
-    ) && any_or(r.auth.is_empty(), r.auth.contains(&s.auth))
-        && any_or(
-            r.token.is_empty(),
-            s.token.is_some_and(|t| r.token.contains(&t)),
-        )
-        && paths_match(r, s)
-        && users_match(r, s)
-        && r.days & (1 << s.when.weekday) != 0
-        && r.hours.is_none_or(|h| in_hours(h, s.when.minute))
+    ) {
+        return Some(Miss::Group);
+    }
+    if !any_or(r.auth.is_empty(), r.auth.contains(&s.auth)) {
+        return Some(Miss::Auth);
+    }
+    if !any_or(
+        r.token.is_empty(),
+        s.token.is_some_and(|t| r.token.contains(&t)),
+    ) {
+        return Some(Miss::Token);
+    }
+    if !paths_match(r, s) {
+        return Some(Miss::Path);
+    }
+    if !users_match(r, s) {
+        return Some(Miss::User);
+    }
+    if r.days & (1 << s.when.weekday) == 0 {
+        return Some(Miss::Day);
+    }
+    if !r.hours.is_none_or(|h| in_hours(h, s.when.minute)) {
+        return Some(Miss::Hours);
+    }
+    None
 }
 
 /// Any path other than the EWS SOAP endpoint must be named by the rule.
@@ -531,6 +632,48 @@ action = "deny"
         assert_eq!(idx.group("203.0.113.50".parse().unwrap()), None);
         let overlap = idx.group("198.51.100.200".parse().unwrap());
         assert!(overlap == Some("salesforce") || overlap == Some("partner"));
+    }
+
+    /// Records every step, for the trace tests.
+    struct Steps(Vec<(usize, Step)>);
+
+    impl Trace for Steps {
+        fn note(&mut self, rule: usize, step: Step) {
+            self.0.push((rule, step));
+        }
+    }
+
+    #[test]
+    fn the_trace_names_the_failed_condition_and_the_traced_walk_decides_the_same() {
+        let c = config();
+        let mut s = subject("offices", AuthKind::Basic, Some("alice@example.org"));
+        s.when.minute = 20 * 60;
+        let mut t = Steps(Vec::new());
+        let cands = candidates_traced(&c.rules, &s, Pass::Enforced, &mut t);
+        assert_eq!(cands, candidates(&c.rules, &s, Pass::Enforced));
+        let d = decide_among_traced(&c.rules, &cands, &s, &mut t);
+        assert_eq!(d, decide_among(&c.rules, &cands, &s));
+        assert_eq!(d.rule.as_deref(), Some("no-basic"));
+        assert_eq!(
+            t.0,
+            vec![
+                (0, Step::Head(Miss::Group)),
+                (1, Step::Head(Miss::Hours)),
+                (2, Step::Candidate),
+                (2, Step::Matched { provisional: false }),
+            ]
+        );
+        s.when = LocalTime {
+            weekday: 6,
+            minute: 600,
+        };
+        let mut t = Steps(Vec::new());
+        candidates_traced(&c.rules, &s, Pass::Enforced, &mut t);
+        assert_eq!(t.0[1], (1, Step::Head(Miss::Day)));
+        s.user = Some("mallory@evil.test");
+        let mut t = Steps(Vec::new());
+        candidates_traced(&c.rules, &s, Pass::Enforced, &mut t);
+        assert_eq!(t.0[1], (1, Step::Head(Miss::User)));
     }
 
     #[test]

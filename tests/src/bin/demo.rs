@@ -2,7 +2,9 @@
 //! stand-in Exchange mailbox), runs ewsgate on it with the example config, and shows the
 //! packet layer (what XDP drops), the content policy (an office phone reads the calendar
 //! and is refused the inbox; a Salesforce token is refused an item it was not issued for),
-//! the audit lines, the block list, and a restart that keeps filtering. Then removes it all.
+//! the audit lines, `ewsgate explain` of a refused request, a detection firing, the block
+//! list, and a restart that keeps filtering. Then removes it all and writes the HTML report
+//! of the demo's audit log.
 
 use std::{
     fs,
@@ -44,6 +46,8 @@ fn main() -> anyhow::Result<()> {
         "ewsgate running: XDP on the gate's links (TCP connect)",
     );
     content(&lab, &pki, &audit)?;
+    explain_refused(&daemon)?;
+    detection(&lab, &pki, &audit)?;
 
     println!("\n== ewsgate block add 198.51.100.10 --ttl 5m --reason demo");
     daemon.cli(&[
@@ -69,6 +73,7 @@ fn main() -> anyhow::Result<()> {
     println!("\n{}", daemon.cli(&["status"])?);
     daemon.cli(&["detach"])?;
     println!("== ewsgate detach: program, links and maps removed; lab removed");
+    html_report(&daemon, &audit)?;
     drop(daemon);
     drop(lab);
     let _ = fs::remove_dir_all(&dir);
@@ -158,6 +163,70 @@ fn content(lab: &Lab, pki: &Pki, audit: &Path) -> anyhow::Result<()> {
             v["reason"].as_str().unwrap_or("-"),
         );
     }
+    Ok(())
+}
+
+/// `ewsgate explain` of the request the gate just refused: the live program's packet
+/// verdict, each rule with the condition that failed, and the reason the audit line carries.
+fn explain_refused(daemon: &Daemon) -> anyhow::Result<()> {
+    let args = [
+        "explain",
+        "--source",
+        "198.51.100.10",
+        "--auth",
+        "client-cert",
+        "--user",
+        "phone-0042",
+        "--operation",
+        "FindItem",
+        "--folder",
+        "inbox",
+    ];
+    println!("\n== ewsgate {}", args.join(" "));
+    print!("{}", daemon.cli(&args)?);
+    let args = ["explain", "--source", "203.0.113.50", "--auth", "basic"];
+    println!("\n== ewsgate {}", args.join(" "));
+    print!("{}", daemon.cli(&args)?);
+    Ok(())
+}
+
+/// A detection firing: the office phone tries `ExportItems`, which the rules refuse and
+/// `export-or-impersonation` reports on its first attempt.
+fn detection(lab: &Lab, pki: &Pki, audit: &Path) -> anyhow::Result<()> {
+    println!("\n== a detection: the office phone tries to export a mailbox item");
+    let mut phone = Https::connect(lab.client("office"), gate4(), pki, Some("phone-0042"))?;
+    show(
+        "office phone, ExportItems",
+        &phone.ews(&[], requests::export_items(TOKEN_ITEM).as_bytes())?,
+    );
+    let fired = tests::ews::wait_audit(audit, |v| {
+        v["kind"] == "detection" && v["detection"] == "export-or-impersonation"
+    });
+    match fired {
+        Some(v) => println!(
+            "detection {} severity={} subject={} action={} evidence={}",
+            v["detection"].as_str().unwrap_or("-"),
+            v["severity"].as_str().unwrap_or("-"),
+            v["subject"].as_str().unwrap_or("-"),
+            v["action"].as_str().unwrap_or("-"),
+            v["evidence"]
+        ),
+        None => println!("(no detection line in the audit log)"),
+    }
+    Ok(())
+}
+
+/// `ewsgate report --html` of the demo's audit log, kept after the lab is gone.
+fn html_report(daemon: &Daemon, audit: &Path) -> anyhow::Result<()> {
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ewsgate-demo-report.html");
+    let (audit_s, out_s) = (audit.display().to_string(), out.display().to_string());
+    let summary = daemon.cli(&["report", &audit_s, "--html", &out_s])?;
+    println!("\n== ewsgate report {audit_s} --html ...");
+    for line in summary.lines().take(12) {
+        println!("{line}");
+    }
+    let shown = out.canonicalize().unwrap_or(out);
+    println!("== HTML report written to {}", shown.display());
     Ok(())
 }
 
