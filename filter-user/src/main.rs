@@ -2,11 +2,12 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
+use anyhow::Context as _;
 use clap::{CommandFactory, Parser, Subcommand};
 
 use ewsgate::{
     agent::control::{self, Request, Response, Status},
-    config::{self, Config},
+    config,
     model::packet::{DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_DIR},
     ops::explain::ExplainError,
     packet::maps::List,
@@ -66,6 +67,11 @@ enum Command {
     Feed {
         #[command(subcommand)]
         action: FeedAction,
+    },
+    /// The etcd fleet this gate belongs to (`[fleet]`).
+    Fleet {
+        #[command(subcommand)]
+        action: FleetAction,
     },
     /// Stop the daemon and remove the program, its links and maps.
     Detach {
@@ -132,6 +138,17 @@ struct ExplainArgs {
     /// One JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand)]
+enum FleetAction {
+    /// Store FILE (without [xdp] and [fleet]) as the fleet's next config revision.
+    Push { file: PathBuf },
+    /// Every gate: the revision it runs or refused, its last contact, its entries.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -213,7 +230,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run => ewsgate::agent::daemon::run(&need_config()?),
         Command::Proxy { ref agent, threads } => ewsgate::proxy::serve(agent.clone(), threads),
         Command::Check => {
-            let c = Config::load(&need_config()?)?;
+            let (c, bundle) = ewsgate::config::load_bundle(&need_config()?)?;
+            if c.proxy.is_some() {
+                // What the proxy builds from the bundle at start and at each reload: the
+                // certificate's names, the upstream's CA, the signing keys.
+                ewsgate::proxy::state::State::build(0, 0, &bundle, None)
+                    .context("the request layer would refuse this config")?;
+            }
             println!(
                 "ok: {} source groups, {} prefixes, {} protected addresses",
                 c.groups.len(),
@@ -264,6 +287,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 group: group.clone(),
             },
         )?),
+        Command::Fleet { ref action } => {
+            use ewsgate::agent::fleet::admin;
+            let config = need_config()?;
+            let text = match action {
+                FleetAction::Push { file } => admin::push_command(&config, file)?,
+                FleetAction::Status { json } => admin::status_command(&config, *json)?,
+            };
+            println!("{}", text.trim_end());
+            Ok(())
+        }
         Command::Detach { ref pin_dir } => detach(&cli, pin_dir.clone()),
         Command::Report {
             ref files,
@@ -593,6 +626,25 @@ fn print_agent(s: &Status) {
             ago(f.fetched),
             ago(f.confirmed)
         );
+    }
+    if let Some(f) = &s.fleet {
+        let state = match (f.partitioned_since, &f.why) {
+            (Some(since), Some(why)) => format!("partitioned since {}: {why}", ago(Some(since))),
+            (Some(since), None) => format!("partitioned since {}", ago(Some(since))),
+            _ => f.state.clone(),
+        };
+        println!(
+            "fleet        gate {} {state}; revision {}, {} fleet blocks, {} fleet allows, {} queued, {} resyncs",
+            f.gate,
+            f.revision.map_or("-".into(), |r| r.to_string()),
+            f.fleet_blocks,
+            f.fleet_allows,
+            f.outbox,
+            f.resyncs
+        );
+        if let Some((rev, why)) = &f.refused {
+            println!("fleet        refused revision {rev}: {why}");
+        }
     }
     if let Some(c) = &s.crowdsec {
         let state = match &c.why {

@@ -5,6 +5,7 @@ pub mod crowdsec;
 pub mod docs;
 pub mod ews;
 pub mod feedserver;
+pub mod fleet;
 pub mod gate;
 pub mod lab;
 pub mod mailbox;

@@ -1,5 +1,5 @@
 //! Developer commands: `cargo xtask setup | build | test | demo |
-//! bench [xdp|proxy|tokens|cost|all] | fuzz [--seconds N] [TARGET...] | package`.
+//! bench [xdp|proxy|tokens|cost|fleet|all] | fuzz [--seconds N] [TARGET...] | package`.
 //!
 //! This crate depends on nothing that needs the eBPF toolchain, so `cargo xtask setup` builds
 //! on a machine that has only Rust, gcc and apt.
@@ -39,11 +39,17 @@ const APT_PACKAGES: &[&str] = &[
     // ewsgate as a CrowdSec bouncer, CrowdSec and fail2ban reading the audit log.
     "crowdsec",
     "fail2ban",
+    // The fleet: protoc builds etcd-client's protos; the tests run real etcd 3.4 members.
+    "protobuf-compiler",
+    "etcd-server",
+    "etcd-client",
     // The audit report rendered in a real browser; file sinks under a real logrotate;
     // a real journald (started by the test in its own mount namespace) and journalctl.
     "chromium",
     "logrotate",
     "systemd",
+    // A real Prometheus scrapes the gate; its promtool unit-tests the alerting rules.
+    "prometheus",
     // `cargo xtask package` and its test: lintian checks the .deb, debootstrap makes a
     // clean Debian 12 root to install it in, systemd-analyze rates the units.
     "lintian",
@@ -84,11 +90,12 @@ enum Cmd {
     /// Run every test: unit tests, BPF_PROG_TEST_RUN tests and the namespace labs (root).
     Test,
     /// Build a lab of namespaces, run ewsgate on it, send traffic, print what happened.
-    Demo,
+    /// `demo fleet`: two gates and an etcd cluster instead.
+    Demo { which: Option<String> },
     /// Benchmarks against the peers, written to target/bench/*.json.
     Bench {
         /// xdp, proxy, tokens (the token cache alone), cost (instructions per request,
-        /// under callgrind), or all.
+        /// under callgrind), fleet (etcd propagation, resync and scale), or all.
         #[arg(default_value = "all")]
         suite: String,
     },
@@ -135,13 +142,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             setup()?;
             test()
         }
-        Cmd::Demo => {
+        Cmd::Demo { which } => {
             setup()?;
             let bin = build(false)?;
-            cargo(
-                &["run", "--quiet", "-p", "tests", "--bin", "ewsgate-demo"],
-                &[("EWSGATE_BIN", &bin)],
-            )
+            let mut args = vec!["run", "--quiet", "-p", "tests", "--bin", "ewsgate-demo"];
+            if let Some(w) = which.as_deref() {
+                args.extend(["--", w]);
+            }
+            cargo(&args, &[("EWSGATE_BIN", &bin)])
         }
         Cmd::Bench { suite } => {
             setup()?;

@@ -22,6 +22,8 @@ pub enum Source {
     Crowdsec,
     /// A detection's `block-source` action.
     Detection,
+    /// Another gate of the fleet (through etcd).
+    Fleet,
 }
 
 impl Source {
@@ -31,6 +33,7 @@ impl Source {
             Source::Feedback => "feedback",
             Source::Crowdsec => "crowdsec",
             Source::Detection => "detection",
+            Source::Fleet => "fleet",
         }
     }
 }
@@ -164,7 +167,7 @@ pub struct Batch {
     pub source: Source,
     /// `set` is everything the source holds: its claims on anything else are released.
     pub full: bool,
-    /// (address or range, time left, reason)
+    /// (address or range, time left, reason); `Duration::MAX` is permanent.
     pub set: Vec<(IpNet, Duration, String)>,
     pub release: Vec<IpNet>,
 }
@@ -200,15 +203,9 @@ pub fn apply(ledger: &mut Ledger, batch: Batch, now: u64, set: &mut impl BlockSe
     }
     for (net, left, reason) in batch.set {
         let before = ledger.claims(&net).cloned();
-        let until = now.saturating_add(left.as_nanos().min(u64::MAX as u128) as u64);
-        let effect = ledger.claim(
-            net,
-            batch.source,
-            Claim {
-                until: Some(until),
-                reason,
-            },
-        );
+        let until = (left != Duration::MAX)
+            .then(|| now.saturating_add(left.as_nanos().min(u64::MAX as u128) as u64));
+        let effect = ledger.claim(net, batch.source, Claim { until, reason });
         enact(ledger, net, Some(before), effect, set, &mut out);
     }
     for net in batch.release {

@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    agent::{crowdsec::CrowdSecStatus, feeds::FeedStatus},
+    agent::{crowdsec::CrowdSecStatus, feeds::FeedStatus, fleet::FleetStatus},
     packet::maps::List,
 };
 
@@ -91,6 +91,9 @@ pub struct Status {
     /// The CrowdSec bouncer, when `[crowdsec]` is set.
     #[serde(default)]
     pub crowdsec: Option<CrowdSecStatus>,
+    /// The etcd fleet, when `[fleet]` is set.
+    #[serde(default)]
+    pub fleet: Option<FleetStatus>,
 }
 
 #[derive(Debug, thiserror::Error)]

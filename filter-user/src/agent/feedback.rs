@@ -87,6 +87,18 @@ impl<K: Hash + Eq + Clone> Counter<K> {
     /// Counts one failure; returns the total in the window when it reaches `threshold`
     /// (and forgets the key: it starts afresh after whatever the total earns).
     pub fn record(&mut self, key: &K, threshold: u32, now_ms: u64) -> Option<u32> {
+        self.record_with(key, threshold, now_ms, 0)
+    }
+
+    /// The same, with `elsewhere` failures counted for the key outside this window (other
+    /// gates of a fleet) added before the threshold is checked.
+    pub fn record_with(
+        &mut self,
+        key: &K,
+        threshold: u32,
+        now_ms: u64,
+        elsewhere: u32,
+    ) -> Option<u32> {
         let tick = self.tick(now_ms);
         if !self.keys.contains_key(key) {
             self.make_room(now_ms);
@@ -100,7 +112,7 @@ impl<K: Hash + Eq + Clone> Counter<K> {
         let slot = &mut w.counts[(tick % BUCKETS as u64) as usize];
         *slot = slot.saturating_add(1);
         w.last_ms = now_ms;
-        let total = w.total();
+        let total = w.total().saturating_add(elsewhere);
         if total < threshold {
             return None;
         }
@@ -158,7 +170,15 @@ pub struct Feedback {
     unlisted: GroupRule,
     by_source: Counter<IpAddr>,
     by_identity: Counter<String>,
+    /// Other gates' counts per source (a fleet): gate → count and until when (Unix ms).
+    remote: HashMap<IpAddr, HashMap<String, FleetCount>>,
 }
+
+/// Another gate's failures against a source, and the Unix ms they lapse at.
+pub type FleetCount = crate::model::fleet::FailCount;
+
+/// Sources whose remote counts are kept at most.
+const MAX_REMOTE: usize = 100_000;
 
 impl Feedback {
     pub fn new(config: &Config) -> Feedback {
@@ -181,7 +201,48 @@ impl Feedback {
             },
             by_source: Counter::new(window, MAX_TRACKED),
             by_identity: Counter::new(window, MAX_TRACKED),
+            remote: HashMap::new(),
         }
+    }
+
+    /// Another gate's count against `source` (`None`: it has none now).
+    pub fn set_remote(&mut self, source: IpAddr, gate: String, count: Option<FleetCount>) {
+        match count {
+            Some(c) => {
+                if self.remote.len() >= MAX_REMOTE && !self.remote.contains_key(&source) {
+                    let now = crate::agent::feeds::unix_now() * 1000;
+                    self.remote
+                        .retain(|_, g| g.values().any(|c| c.until_ms > now));
+                    if self.remote.len() >= MAX_REMOTE {
+                        return;
+                    }
+                }
+                self.remote.entry(source).or_default().insert(gate, c);
+            }
+            None => {
+                if let Some(g) = self.remote.get_mut(&source) {
+                    g.remove(&gate);
+                    if g.is_empty() {
+                        self.remote.remove(&source);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forgets every other gate's counts (before a full list from the fleet).
+    pub fn clear_remote(&mut self) {
+        self.remote.clear();
+    }
+
+    /// Other gates' live failures against `source`.
+    fn elsewhere(&self, source: IpAddr, now_ms: u64) -> u32 {
+        self.remote.get(&source).map_or(0, |g| {
+            g.values()
+                .filter(|c| c.until_ms > now_ms)
+                .map(|c| c.count)
+                .fold(0u32, u32::saturating_add)
+        })
     }
 
     /// Keeps the counts when a reload leaves the window as it was.
@@ -190,13 +251,16 @@ impl Feedback {
         if next.settings.window == self.settings.window {
             let counts_s = std::mem::replace(&mut self.by_source, Counter::new(1, 1));
             let counts_i = std::mem::replace(&mut self.by_identity, Counter::new(1, 1));
+            let remote = std::mem::take(&mut self.remote);
             *self = Feedback {
                 by_source: counts_s,
                 by_identity: counts_i,
+                remote,
                 ..next
             };
         } else {
-            *self = next;
+            let remote = std::mem::take(&mut self.remote);
+            *self = Feedback { remote, ..next };
         }
     }
 
@@ -241,15 +305,26 @@ impl Feedback {
         if rule.threshold == 0 || !rule.block_on.contains(&f.class) {
             return actions;
         }
-        if let Some(total) = self.by_source.record(&f.source, rule.threshold, now_ms) {
+        let elsewhere = self.elsewhere(f.source, now_ms);
+        if let Some(total) =
+            self.by_source
+                .record_with(&f.source, rule.threshold, now_ms, elsewhere)
+        {
             actions.push(Action::BlockSource {
                 source: f.source,
                 ttl_secs: s.block.as_secs(),
-                reason: format!(
-                    "{total} {} failures within {secs} s, last: {}",
-                    f.class.name(),
-                    f.reason
-                ),
+                reason: match elsewhere {
+                    0 => format!(
+                        "{total} {} failures within {secs} s, last: {}",
+                        f.class.name(),
+                        f.reason
+                    ),
+                    n => format!(
+                        "{total} {} failures within {secs} s ({n} at other gates of the fleet), last: {}",
+                        f.class.name(),
+                        f.reason
+                    ),
+                },
             });
         }
         actions
@@ -374,6 +449,36 @@ identity_failures = 4
         assert!(f
             .record(&failure("198.51.100.140", FailureClass::Protocol, None), 30)
             .is_empty());
+    }
+
+    #[test]
+    fn failures_at_other_gates_count_toward_the_threshold() {
+        let mut f = feedback();
+        let src: IpAddr = "198.51.100.10".parse().unwrap();
+        let count = |count, until_ms| Some(FleetCount { count, until_ms });
+        f.set_remote(src, "gate-2".into(), count(3, 10_000));
+        for i in 0..1 {
+            assert!(f
+                .record(&failure("198.51.100.10", FailureClass::Protocol, None), i)
+                .is_empty());
+        }
+        let got = f.record(&failure("198.51.100.10", FailureClass::Protocol, None), 2);
+        assert!(
+            matches!(&got[..], [Action::BlockSource { reason, .. }] if reason.contains("3 at other gates")),
+            "{got:?}"
+        );
+        // A lapsed or withdrawn count no longer counts.
+        f.set_remote(src, "gate-2".into(), count(3, 10));
+        f.set_remote(src, "gate-3".into(), count(2, 10_000));
+        f.set_remote(src, "gate-3".into(), None);
+        for i in 0..4 {
+            assert!(f
+                .record(
+                    &failure("198.51.100.10", FailureClass::Protocol, None),
+                    100 + i
+                )
+                .is_empty());
+        }
     }
 
     #[test]

@@ -44,6 +44,9 @@ const CONNECT_GRACE: Duration = Duration::from_secs(10);
 const ADOPT_GRACE: Duration = Duration::from_secs(3);
 const RESTART_MIN: Duration = Duration::from_millis(500);
 const RESTART_MAX: Duration = Duration::from_secs(30);
+/// Scrapes the agent answers per second at most: each reads every counter from the maps,
+/// and a proxy that asks without end must not keep the worker from reloads.
+const METRICS_PER_SEC: u32 = 20;
 
 /// Who the proxy runs as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +87,10 @@ pub enum Ask {
     Init(tokio::sync::oneshot::Sender<Init>),
     Failures(Vec<crate::ipc::Failure>),
     Detected(Vec<crate::ipc::Detected>),
+    /// The packet layer's part of a scrape, answered to the proxy as `ToProxy::Metrics`.
+    Metrics(u64),
+    /// Sightings for the fleet.
+    Seen(Vec<crate::ipc::Seen>),
 }
 
 /// The worker's handle on the proxy.
@@ -117,6 +124,8 @@ pub struct Settings {
     pub user: ProxyUser,
     pub listen: Vec<SocketAddr>,
     pub audit_log: Option<PathBuf>,
+    /// `[metrics] listen`: bound here, served by the proxy.
+    pub metrics: Option<SocketAddr>,
     pub threads: usize,
     /// Start the proxy ourselves (rather than wait for one started elsewhere).
     pub spawn: bool,
@@ -132,6 +141,7 @@ impl Settings {
             user: ProxyUser::lookup(&p.user)?,
             listen: p.listen.clone(),
             audit_log: config.ops.audit.file().map(Into::into),
+            metrics: config.metrics.as_ref().map(|m| m.listen),
             threads: p.threads,
             spawn: p.spawn,
         }))
@@ -197,10 +207,13 @@ pub type Asks = Arc<dyn Fn(Ask) -> bool + Send + Sync>;
 struct Supervisor {
     settings: Settings,
     listeners: Option<Vec<OwnedFd>>,
+    metrics: Option<OwnedFd>,
     audit: Option<File>,
     child: Option<Child>,
     asks: Asks,
     restart_after: Duration,
+    /// The current second's scrape questions: when it began, how many.
+    metrics_asked: (Instant, u32),
 }
 
 /// Runs for the agent's life.
@@ -209,15 +222,28 @@ struct Supervisor {
 pub struct Opened {
     pub listeners: Option<Vec<OwnedFd>>,
     pub audit: Option<File>,
+    /// The `[metrics]` socket (`None` when not configured or held by a surviving proxy).
+    pub metrics: Option<OwnedFd>,
 }
 
 impl Opened {
     pub fn open(settings: &Settings) -> anyhow::Result<Opened> {
+        let listeners = bind_listeners(&settings.listen)?;
         Ok(Opened {
-            listeners: bind_listeners(&settings.listen)?,
+            metrics: match listeners {
+                Some(_) => bind_metrics(settings.metrics)?,
+                None => None,
+            },
+            listeners,
             audit: settings.audit_log.as_deref().map(open_audit).transpose()?,
         })
     }
+}
+
+/// Binds the `[metrics]` socket; `None` when there is none to bind or a proxy that
+/// outlived the last agent holds it.
+fn bind_metrics(addr: Option<SocketAddr>) -> anyhow::Result<Option<OwnedFd>> {
+    Ok(bind_listeners(addr.as_slice())?.and_then(|mut fds| fds.pop()))
 }
 
 pub async fn run(
@@ -227,14 +253,20 @@ pub async fn run(
     mut outs: mpsc::UnboundedReceiver<Out>,
     asks: Asks,
 ) {
-    let Opened { listeners, audit } = opened;
+    let Opened {
+        listeners,
+        audit,
+        metrics,
+    } = opened;
     let mut sup = Supervisor {
         settings,
         listeners,
+        metrics,
         audit,
         child: None,
         asks,
         restart_after: RESTART_MIN,
+        metrics_asked: (Instant::now(), 0),
     };
     if sup.listeners.is_none() {
         info!("the listening sockets are held: waiting for the proxy that holds them");
@@ -288,7 +320,13 @@ impl Supervisor {
         }
         if self.listeners.is_none() {
             match bind_listeners(&self.settings.listen) {
-                Ok(Some(l)) => self.listeners = Some(l),
+                Ok(Some(l)) => {
+                    self.listeners = Some(l);
+                    self.metrics = bind_metrics(self.settings.metrics).unwrap_or_else(|e| {
+                        error!(error = %format!("{e:#}"), "binding the metrics socket");
+                        None
+                    });
+                }
                 Ok(None) => {
                     warn!("the proxy's addresses are in use by another process");
                     return;
@@ -370,6 +408,7 @@ impl Supervisor {
             info!(pid, "adopted a running proxy");
             // It holds the sockets; ours (if any) would only keep the ports busy.
             self.listeners = None;
+            self.metrics = None;
         }
         info!(pid, "proxy session open");
         self.serve(&stream, socket, &writer, &mut rx, outs, pid)
@@ -454,6 +493,11 @@ impl Supervisor {
         if let Some(f) = &self.audit {
             fds.push(f.as_fd());
         }
+        init.metrics = None;
+        if let (true, Some(fd), Some(addr)) = (sockets, &self.metrics, self.settings.metrics) {
+            init.metrics = Some(addr);
+            fds.push(fd.as_fd());
+        }
         writer.send(&ToProxy::Init(Box::new(init)), &fds).await
     }
 
@@ -528,6 +572,24 @@ impl Supervisor {
                 (self.asks)(Ask::Detected(items));
                 Ok(())
             }
+            ToAgent::Metrics { id } => {
+                // Past the budget the question goes unanswered: that scrape shows the agent
+                // as down, which is what a flood of them should look like.
+                if self.metrics_budget() {
+                    (self.asks)(Ask::Metrics(id));
+                }
+                Ok(())
+            }
+            ToAgent::Seen { items } => {
+                if items.len() > 1000 {
+                    return Err(format!("{} sightings in one message", items.len()));
+                }
+                for s in &items {
+                    s.check()?;
+                }
+                (self.asks)(Ask::Seen(items));
+                Ok(())
+            }
             ToAgent::Prepared { id } | ToAgent::Refused { id, .. }
                 if waiting.as_ref().is_some_and(|(w, _)| *w == id) =>
             {
@@ -542,6 +604,16 @@ impl Supervisor {
             }
             other => Err(format!("unexpected {other:?}")),
         }
+    }
+
+    fn metrics_budget(&mut self) -> bool {
+        let (since, asked) = &mut self.metrics_asked;
+        if since.elapsed() >= Duration::from_secs(1) {
+            *since = Instant::now();
+            *asked = 0;
+        }
+        *asked += 1;
+        *asked <= METRICS_PER_SEC
     }
 
     async fn tell(

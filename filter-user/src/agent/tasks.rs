@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{claims, crowdsec, feeds};
+use super::{claims, crowdsec, feeds, fleet};
 use crate::model::{
     agent::{CrowdSecSettings, FeedSettings},
+    fleet::{FailCount, FleetSettings, Revision},
     Config,
 };
 
@@ -19,6 +20,21 @@ pub enum Ask {
     Feed(feeds::Update, oneshot::Sender<Result<String, String>>),
     /// Apply a source's block claims.
     Claims(claims::Batch, oneshot::Sender<claims::Outcome>),
+    /// The fleet's dynamic allows; `full`: `set` is all of them.
+    FleetAllows {
+        full: bool,
+        set: Vec<(ipnet::IpNet, Option<std::time::Duration>)>,
+        release: Vec<ipnet::IpNet>,
+    },
+    /// Other gates' failure counts (`None`: gone); `full`: all of them.
+    RemoteFailures {
+        full: bool,
+        counts: Vec<(std::net::IpAddr, String, Option<FailCount>)>,
+    },
+    /// Other gates' sightings, for the proxy's detections.
+    RemoteSeen(Vec<crate::ipc::Seen>),
+    /// A fleet config revision to validate and apply whole, or refuse.
+    FleetConfig(Box<Revision>, i64, oneshot::Sender<Result<String, String>>),
 }
 
 /// Hands an `Ask` to the worker; false when the worker has stopped.
@@ -29,6 +45,7 @@ pub type Sink = Arc<dyn Fn(Ask) -> bool + Send + Sync>;
 pub struct View {
     pub feeds: FeedSettings,
     pub crowdsec: Option<CrowdSecSettings>,
+    pub fleet: Option<FleetSettings>,
 }
 
 impl View {
@@ -36,6 +53,7 @@ impl View {
         View {
             feeds: config.feeds.clone(),
             crowdsec: config.crowdsec.clone(),
+            fleet: config.fleet.clone(),
         }
     }
 }
@@ -46,6 +64,8 @@ pub struct Agent {
     refresh: mpsc::Sender<feeds::RefreshRequest>,
     feeds: Arc<Mutex<Vec<feeds::FeedStatus>>>,
     crowdsec: Arc<Mutex<Option<crowdsec::CrowdSecStatus>>>,
+    /// The fleet task (idle without `[fleet]`).
+    pub fleet: fleet::Fleet,
 }
 
 impl Agent {
@@ -61,8 +81,10 @@ impl Agent {
             feeds.clone(),
             sink.clone(),
         ));
+        let fleet = fleet::Fleet::start(watched.clone(), sink.clone(), runtime);
         runtime.spawn(crowdsec::run(watched, crowdsec.clone(), sink));
         Agent {
+            fleet,
             view,
             refresh,
             feeds,

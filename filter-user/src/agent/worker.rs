@@ -24,12 +24,17 @@ use crate::{
         control::{Listed, Request, Response, Status},
         feedback::{Action, Feedback},
         feeds::Update,
+        fleet::Local,
         supervisor::{Ask, ProxyLink},
         tasks::{self, Agent},
     },
     config::{self, copy_bytes, copy_path, save_copy, Bundle},
     ipc::{Detected, EntryChange, Failure, Init, PolicyState, ToProxy},
-    model::{packet::Protected, Config},
+    model::{
+        fleet::{Revision, Set},
+        packet::Protected,
+        Config,
+    },
     packet::{
         maps::{List, Maps},
         xdp::Gate,
@@ -58,6 +63,8 @@ pub struct Worker {
     notes: BTreeMap<(List, IpNet), String>,
     notes_path: PathBuf,
     last_reload: String,
+    /// Reload counts and the last one's duration and result, for `/metrics`.
+    reloads: crate::agent::metrics::ReloadStats,
     proxy: Option<ProxyLink>,
     feedback: Feedback,
     /// Identities refused at the request layer: until, reason.
@@ -68,6 +75,11 @@ pub struct Worker {
     /// The feed and CrowdSec tasks.
     agent: Agent,
     runtime: tokio::runtime::Handle,
+    /// The last sighting published per user: a user's place goes to the fleet when it
+    /// changes, or once a minute, not on every request.
+    seen_sent: std::collections::HashMap<String, (Option<std::net::IpAddr>, Option<String>, u64)>,
+    /// Dynamic allows the fleet holds here (so a full list can drop the rest).
+    fleet_allows: std::collections::BTreeSet<IpNet>,
 }
 
 impl Worker {
@@ -91,12 +103,15 @@ impl Worker {
             ledger_path,
             agent,
             runtime,
+            fleet_allows: Default::default(),
+            seen_sent: Default::default(),
             feedback: Feedback::new(&config),
             gate,
             config,
             bundle,
             policy_id: 1,
             last_reload: "at start: ok".into(),
+            reloads: Default::default(),
             proxy,
             refused: BTreeMap::new(),
         }
@@ -124,6 +139,11 @@ impl Worker {
             }
             Command::Proxy(Ask::Failures(items)) => self.failures(&items),
             Command::Proxy(Ask::Detected(items)) => self.detected(items),
+            Command::Proxy(Ask::Metrics(id)) => self.metrics(id),
+            Command::Proxy(Ask::Seen(items)) => self.seen(items),
+            Command::Agent(tasks::Ask::RemoteSeen(items)) => {
+                self.send(ToProxy::Seen { items });
+            }
             Command::Agent(tasks::Ask::Feed(update, reply)) => {
                 let _ = reply.send(self.feed(update));
             }
@@ -135,6 +155,20 @@ impl Worker {
                 self.save_notes();
                 self.save_ledger();
                 let _ = reply.send(outcome);
+            }
+            Command::Agent(tasks::Ask::FleetAllows { full, set, release }) => {
+                self.fleet_allows_changed(full, set, release)
+            }
+            Command::Agent(tasks::Ask::RemoteFailures { full, counts }) => {
+                if full {
+                    self.feedback.clear_remote();
+                }
+                for (source, gate, count) in counts {
+                    self.feedback.set_remote(source, gate, count);
+                }
+            }
+            Command::Agent(tasks::Ask::FleetConfig(revision, rev, reply)) => {
+                let _ = reply.send(self.fleet_config(*revision, rev));
             }
             Command::Request(Request::FeedRefresh { group }, reply) => self.refresh(group, reply),
             Command::ReopenAudit => self.reopen_audit(),
@@ -245,6 +279,18 @@ impl Worker {
         self.push(changes);
         self.save_notes();
         self.save_ledger();
+        if out.failed.is_empty() {
+            self.agent.fleet.tell(Local::Put {
+                set: Set::Block,
+                net,
+                until_ms: ttl.map(|t| fleet_until(Duration::from_secs(t))),
+                reason: self
+                    .notes
+                    .get(&(List::Block, net))
+                    .cloned()
+                    .unwrap_or_default(),
+            });
+        }
         match out.failed.first() {
             Some(f) => anyhow::bail!("{f}"),
             None => Ok(()),
@@ -263,6 +309,10 @@ impl Worker {
         if self.ledger.sweep(monotonic_ns()) > 0 {
             self.save_ledger();
         }
+        self.agent.fleet.tell(Local::Counts {
+            blocks: self.gate.maps.list(List::Block).len(),
+            allows: self.gate.maps.list(List::Allow).len(),
+        });
         match self.gate.maps.sweep() {
             Ok(0) => {}
             Ok(_) => {
@@ -322,12 +372,22 @@ impl Worker {
                 generation: self.generation(),
             },
             entries: self.entries(),
+            metrics: None,
             refused: self
                 .refused
                 .iter()
                 .filter(|(_, (until, _))| *until > now)
                 .map(|(k, (until, why))| (k.clone(), (*until - now).as_secs().max(1), why.clone()))
                 .collect(),
+        }
+    }
+
+    /// Answers a scrape with the packet layer's part (an error is logged and answered with
+    /// nothing, so the scrape shows the agent as down rather than wrong numbers).
+    fn metrics(&self, id: u64) {
+        match crate::agent::metrics::render(&self.gate.maps, &self.config, &self.reloads) {
+            Ok(text) => self.send(ToProxy::Metrics { id, text }),
+            Err(e) => warn!(error = %e, "reading the maps for /metrics"),
         }
     }
 
@@ -342,6 +402,14 @@ impl Worker {
         for f in items {
             for action in self.feedback.record(f, now) {
                 self.act(action);
+            }
+            if f.class != crate::model::outcome::FailureClass::Policy {
+                // This gate's count, for the fleet-wide threshold at the other gates.
+                self.agent.fleet.tell(Local::Failures {
+                    source: f.source,
+                    count: self.feedback.count(f.source, now),
+                    until_ms: now + self.config.feedback.window.as_millis() as u64,
+                });
             }
         }
     }
@@ -438,6 +506,7 @@ impl Worker {
             .map_err(|e| e.to_string())
             .and_then(|(new, bundle)| self.apply(new, bundle).map_err(|e| format!("{e:#}")));
         let took = started.elapsed();
+        self.reloads.record(result.is_ok(), took);
         self.last_reload = match &result {
             Ok(()) => {
                 info!(
@@ -602,6 +671,12 @@ impl Worker {
             }],
             reset: false,
         });
+        self.agent.fleet.tell(Local::Put {
+            set: Set::Allow,
+            net,
+            until_ms: ttl.map(|t| fleet_until(Duration::from_secs(t))),
+            reason: reason.clone().unwrap_or_else(|| "manual".into()),
+        });
         match reason {
             Some(r) => self.notes.insert((list, net), r),
             None => self.notes.remove(&(list, net)),
@@ -619,6 +694,15 @@ impl Worker {
         };
         if !holders.is_empty() {
             self.save_ledger();
+        }
+        // Lifted for the whole fleet, also when this gate held no entry for it.
+        let set = match list {
+            List::Block => Set::Block,
+            List::Allow => Set::Allow,
+        };
+        self.agent.fleet.tell(Local::Delete { set, net });
+        if list == List::Allow {
+            self.fleet_allows.remove(&net);
         }
         if !self.gate.maps.remove(list, net)? {
             anyhow::bail!("{net} is not in the {} list", name(list));
@@ -703,6 +787,7 @@ impl Worker {
             refused_identities: self.refused.len(),
             feeds: self.agent.feeds_status(),
             crowdsec: self.agent.crowdsec_status(),
+            fleet: self.agent.fleet.status(),
         })))
     }
 
@@ -716,6 +801,149 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// The proxy's sightings, for the fleet (only with `[fleet]`).
+    fn seen(&mut self, items: Vec<crate::ipc::Seen>) {
+        if self.config.fleet.is_none() {
+            return;
+        }
+        if self.seen_sent.len() > 100_000 {
+            self.seen_sent.clear();
+        }
+        for s in items {
+            let place = (s.source, s.group.clone());
+            let fresh = match self.seen_sent.get(&s.user) {
+                Some((src, grp, at)) => {
+                    (src, grp) != (&place.0, &place.1) || s.time_ms.saturating_sub(*at) >= 60_000
+                }
+                None => true,
+            };
+            if fresh {
+                self.seen_sent
+                    .insert(s.user.clone(), (place.0, place.1, s.time_ms));
+                self.agent.fleet.tell(Local::Seen(s));
+            }
+        }
+    }
+
+    /// The fleet's allows: written into the allow set, lapsing on their own expiry.
+    fn fleet_allows_changed(
+        &mut self,
+        full: bool,
+        set: Vec<(IpNet, Option<Duration>)>,
+        release: Vec<IpNet>,
+    ) {
+        let now = monotonic_ns();
+        let mut changes = Vec::new();
+        let keep: std::collections::BTreeSet<IpNet> = set.iter().map(|(n, _)| *n).collect();
+        let mut gone = release;
+        if full {
+            gone.extend(self.fleet_allows.iter().filter(|n| !keep.contains(n)));
+        }
+        for net in gone {
+            if self.fleet_allows.remove(&net) {
+                if let Err(e) = self.gate.maps.remove(List::Allow, net) {
+                    warn!(%net, error = %e, "fleet: removing an allow");
+                }
+                changes.push(EntryChange {
+                    list: List::Allow,
+                    net,
+                    expires_ns: 0,
+                    add: false,
+                });
+            }
+        }
+        for (net, ttl) in set {
+            match self.gate.maps.add(List::Allow, net, ttl) {
+                Ok(()) => {
+                    self.fleet_allows.insert(net);
+                    changes.push(EntryChange {
+                        list: List::Allow,
+                        net,
+                        expires_ns: ttl.map_or(0, |t| now + t.as_nanos() as u64),
+                        add: true,
+                    });
+                }
+                Err(e) => warn!(%net, error = %e, "fleet: writing an allow"),
+            }
+        }
+        self.push(changes);
+    }
+
+    /// A fleet config revision: this gate's own `[xdp]` and `[fleet]` joined to it, checked
+    /// and applied through the same all-or-nothing path as a reload.
+    fn fleet_config(&mut self, revision: Revision, rev: i64) -> Result<String, String> {
+        let started = Instant::now();
+        let bundle = compose(&self.bundle, &self.config, revision)?;
+        // Its path is the local file's: a local reload (SIGHUP) reads that file again.
+        let new = Config::from_bundle(&bundle).map_err(|e| e.to_string())?;
+        let result = self.apply(new, bundle).map_err(|e| format!("{e:#}"));
+        self.last_reload = match &result {
+            Ok(()) => format!(
+                "fleet revision {rev}: ok in {:.3} s",
+                started.elapsed().as_secs_f64()
+            ),
+            Err(e) => format!("fleet revision {rev}: refused: {e}"),
+        };
+        result.map(|()| format!("revision {rev} in force"))
+    }
+}
+
+/// A fleet revision with this gate's `[xdp]` and `[fleet]` appended (the revision carries
+/// neither), read as if it were this gate's config file: relative names resolve against
+/// this gate's config directory.
+fn compose(current: &Bundle, config: &Config, r: Revision) -> Result<Bundle, String> {
+    let local: toml::Table = toml::from_str(&current.text)
+        .map_err(|e| format!("the running config does not parse again: {e}"))?;
+    let mut own = toml::Table::new();
+    for key in ["xdp", "fleet"] {
+        if let Some(v) = local.get(key) {
+            own.insert(key.into(), v.clone());
+        }
+    }
+    // Relative names resolve against this gate's config directory (an audit log, a state
+    // directory), so the files the revision carries move there with them.
+    let (from, to) = (
+        r.path.parent().unwrap_or(std::path::Path::new("/")),
+        config.path.parent().unwrap_or(std::path::Path::new("/")),
+    );
+    let mut files: BTreeMap<PathBuf, Vec<u8>> = r
+        .files
+        .into_iter()
+        .map(|(p, bytes)| match p.strip_prefix(from) {
+            Ok(rel) => (to.join(rel), bytes),
+            Err(_) => (p, bytes),
+        })
+        .collect();
+    if let (Some(toml::Value::Table(f)), Some(tls)) = (
+        own.get_mut("fleet"),
+        config.fleet.as_ref().and_then(|f| f.tls.as_ref()),
+    ) {
+        for (key, path) in [
+            ("ca", &tls.ca),
+            ("certificate", &tls.certificate),
+            ("private_key", &tls.private_key),
+        ] {
+            f.insert(key.into(), path.display().to_string().into());
+            if let Some(bytes) = current.files.get(path) {
+                files.insert(path.clone(), bytes.clone());
+            }
+        }
+    }
+    let own = toml::to_string(&own).map_err(|e| format!("writing [xdp] and [fleet]: {e}"))?;
+    Ok(Bundle {
+        path: config.path.clone(),
+        text: format!("{}\n\n{own}", r.text.trim_end()),
+        files,
+    })
+}
+
+/// Unix ms `left` from now: the fleet's clock for expiries (each gate turns it back into
+/// its own monotonic clock).
+fn fleet_until(left: Duration) -> u64 {
+    crate::agent::fleet::unix_ms().saturating_add(left.as_millis() as u64)
+}
+
 /// What a reload cannot change while the agent runs.
 fn restart_only(old: &Config, new: &Config) -> anyhow::Result<()> {
     if new.xdp.pin_dir != old.xdp.pin_dir || new.xdp.control_socket != old.xdp.control_socket {
@@ -723,6 +951,9 @@ fn restart_only(old: &Config, new: &Config) -> anyhow::Result<()> {
     }
     match (&old.proxy, &new.proxy) {
         (None, None) => Ok(()),
+        _ if old.metrics != new.metrics => {
+            anyhow::bail!("[metrics] changes only with a restart")
+        }
         (Some(a), Some(b))
             if a.listen == b.listen && a.user == b.user && a.threads == b.threads =>
         {

@@ -29,6 +29,8 @@ pub use crate::model::Config;
 mod bundle;
 mod crowdsec;
 mod feed;
+mod metrics;
+mod fleet;
 pub mod ops;
 mod request;
 
@@ -150,7 +152,15 @@ impl Config {
             &names,
             proxy.as_ref(),
         )?;
+        let metrics = raw
+            .metrics
+            .map(|m| {
+                let at = m.span().start;
+                m.into_inner().validate(&here, at, proxy.as_ref())
+            })
+            .transpose()?;
         Ok(Config {
+            metrics,
             path: path.to_path_buf(),
             xdp: raw.xdp.validate(&here)?,
             protect: validate_protect(&here, raw.protect)?,
@@ -161,6 +171,7 @@ impl Config {
             rules: request::validate_rules(&here, raw.rule, &names)?,
             ops,
             crowdsec: raw.crowdsec.map(|c| c.validate(&here, base)).transpose()?,
+            fleet: raw.fleet.map(|f| f.validate(&here, base)).transpose()?,
             feeds,
             groups,
         })
@@ -234,6 +245,8 @@ struct RawConfig {
     audit: Option<ops::RawAudit>,
     feeds: Option<feed::RawFeeds>,
     crowdsec: Option<crowdsec::RawCrowdSec>,
+    metrics: Option<Spanned<metrics::RawMetrics>>,
+    fleet: Option<fleet::RawFleet>,
 }
 
 #[derive(Deserialize, Default)]
@@ -571,6 +584,32 @@ mod tests {
             paths_of(&path).unwrap().control_socket,
             PathBuf::from(DEFAULT_CONTROL_SOCKET)
         );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_https_upstreams_ca_travels_in_the_bundle() {
+        // The proxy reads files only from the bundle: a CA read beside it would leave the
+        // proxy unable to start while `check` passes.
+        let dir = std::env::temp_dir().join(format!("ewsgate-upca-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        for f in ["cert.pem", "key.pem", "ca.pem"] {
+            fs::write(dir.join(f), f).unwrap();
+        }
+        let path = dir.join("c.toml");
+        let text = |ca: &str| {
+            format!(
+                "[proxy]\nlisten = [\"192.0.2.10:443\"]\ncertificate = \"cert.pem\"\n\
+                 private_key = \"key.pem\"\nupstream = \"https://mail.example.org\"\n\
+                 upstream_ca = \"{ca}\"\n"
+            )
+        };
+        fs::write(&path, text("ca.pem")).unwrap();
+        let (_, bundle) = load_bundle(&path).unwrap();
+        assert_eq!(bundle.file(&dir.join("ca.pem")).unwrap(), b"ca.pem");
+        fs::write(&path, text("missing.pem")).unwrap();
+        let e = load_bundle(&path).unwrap_err().to_string();
+        assert!(e.contains(":6:") && e.contains("missing.pem"), "{e}");
         fs::remove_dir_all(&dir).unwrap();
     }
 

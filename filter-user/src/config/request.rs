@@ -192,7 +192,13 @@ impl RawProxy {
         }
         let upstream = parse_upstream(&self.upstream, self.upstream_server_name)
             .map_err(|m| here.at(&self.upstream, m))?;
-        let ca = self.upstream_ca.as_ref().map(|c| base.join(c.get_ref()));
+        // Read through the locator, so the CA is in the bundle the proxy gets (it has no
+        // filesystem) and a missing file is an error at its line.
+        let ca = self
+            .upstream_ca
+            .as_ref()
+            .map(|c| existing(here, base, c))
+            .transpose()?;
         if upstream.tls && ca.is_none() {
             return Err(here.at(&self.upstream, "an https upstream needs upstream_ca"));
         }

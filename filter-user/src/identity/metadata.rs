@@ -241,14 +241,18 @@ impl KeySource {
         }
         match self.fetch_ring(&slot.url).await {
             Ok(ring) => {
+                super::stats::count(&super::stats::KEY_FETCHES_OK);
                 tracing::info!(url = slot.url, keys = ring.len(), "signing keys loaded");
                 slot.ring.store(Arc::new(ring));
             }
-            Err(e) => tracing::warn!(
-                error = %e,
-                kept = slot.ring.load().len(),
-                "signing key fetch failed; the last good keys stay"
-            ),
+            Err(e) => {
+                super::stats::count(&super::stats::KEY_FETCHES_FAILED);
+                tracing::warn!(
+                    error = %e,
+                    kept = slot.ring.load().len(),
+                    "signing key fetch failed; the last good keys stay"
+                )
+            }
         }
     }
 

@@ -7,5 +7,6 @@ pub mod entra;
 pub mod jwt;
 pub mod metadata;
 pub mod spnego;
+pub mod stats;
 pub mod token_cache;
 pub mod tokens;

@@ -31,6 +31,7 @@ use crate::{
         entra::EntraValidator,
         jwt::{unverified_json, KeyError, KeyRing, TokenError, Verified, MAX_TOKEN_BYTES},
         metadata::{Documents, KeySource},
+        stats,
         tokens::Validator,
     },
     model::settings::{EntraKeys, EntraSettings, FetchSettings, TokenSettings},
@@ -214,6 +215,7 @@ impl TokenCache {
         let key = hash(token);
         if let Some(e) = self.verified.get(&key) {
             if now <= e.until {
+                stats::count(&stats::TOKEN_CACHE_HITS);
                 return Ok(e.value.clone());
             }
             // Fall through: the validator names the expiry as the reason.
@@ -221,10 +223,12 @@ impl TokenCache {
         }
         if let Some(e) = self.refused.get(&key) {
             if now < e.until {
+                stats::count(&stats::TOKEN_CACHE_HITS);
                 return Err(e.value.clone());
             }
             self.refused.remove(&key);
         }
+        stats::count(&stats::TOKEN_CACHE_MISSES);
         let result = self.verify_uncached(token, now);
         match &result {
             Ok(v) => {

@@ -54,8 +54,17 @@ pub enum ToProxy {
     },
     /// A reopened audit file (descriptor attached), after rotation.
     AuditFile,
+    /// Other gates of the fleet saw these users (for `two-places`).
+    Seen {
+        items: Vec<Seen>,
+    },
     /// Stop serving: finish what is in flight and exit.
     Shutdown,
+    /// The packet layer's part of scrape `id`: OpenMetrics text without `# EOF`.
+    Metrics {
+        id: u64,
+        text: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,6 +79,9 @@ pub struct Init {
     pub entries: Vec<EntryChange>,
     /// Identities refused at the request layer, with seconds left.
     pub refused: Vec<(String, u64, String)>,
+    /// `[metrics] listen`, when its socket comes with this message (after the audit file).
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -116,6 +128,40 @@ pub enum ToAgent {
     Detected {
         items: Vec<Detected>,
     },
+    /// A scrape of `/metrics` asks for the packet layer's part, answered as
+    /// `ToProxy::Metrics` with the same id.
+    Metrics {
+        id: u64,
+    },
+    /// Verified users' places, for the fleet's `two-places`.
+    Seen {
+        items: Vec<Seen>,
+    },
+}
+
+/// A verified user seen at a gate: the wire form of `ops::detections::Sighting`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Seen {
+    pub site: String,
+    pub user: String,
+    pub group: Option<String>,
+    pub source: Option<IpAddr>,
+    pub time_ms: u64,
+}
+
+impl Seen {
+    /// Bounds a sighting before it is stored or compared.
+    pub fn check(&self) -> Result<(), String> {
+        if self.site.len() > 128
+            || self.user.is_empty()
+            || self.user.len() > 512
+            || self.group.as_ref().is_some_and(|g| g.len() > 128)
+        {
+            return Err("a sighting field is empty or too long".into());
+        }
+        Ok(())
+    }
 }
 
 /// What a detection asks of the agent.
@@ -209,6 +255,14 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<ToAgent>(bad).is_err(), "{bad}");
         }
+        // A scrape's question carries its id and nothing else.
+        assert!(matches!(
+            serde_json::from_str::<ToAgent>(r#"{"type":"metrics","id":3}"#),
+            Ok(ToAgent::Metrics { id: 3 })
+        ));
+        assert!(
+            serde_json::from_str::<ToAgent>(r#"{"type":"metrics","id":3,"text":"x"}"#).is_err()
+        );
         let long = Failure {
             source: "198.51.100.9".parse().unwrap(),
             group: None,

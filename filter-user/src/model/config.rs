@@ -6,6 +6,7 @@ use ipnet::IpNet;
 
 use super::{
     agent::{Copy, CopyMeta, CrowdSecSettings, FeedSettings, Held, LiveFeed},
+    metrics::MetricsSettings,
     ops::OpsSettings,
     packet::{Protected, SourceGroup, XdpSettings},
     rules::Rule,
@@ -32,6 +33,10 @@ pub struct Config {
     pub crowdsec: Option<CrowdSecSettings>,
     /// `[detections]` and `[audit]`.
     pub ops: OpsSettings,
+    /// `[metrics]`: where `GET /metrics` is served.
+    pub metrics: Option<MetricsSettings>,
+    /// The etcd fleet this gate belongs to; `None`: a standalone gate.
+    pub fleet: Option<super::fleet::FleetSettings>,
 }
 
 impl Config {

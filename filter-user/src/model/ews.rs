@@ -15,7 +15,7 @@ impl DataSet {
     pub const TASKS: DataSet = DataSet(8);
     pub const NOTES: DataSet = DataSet(16);
     pub const ALL: DataSet = DataSet(31);
-    const NAMES: [(&'static str, DataSet); 5] = [
+    pub const NAMES: [(&'static str, DataSet); 5] = [
         ("email", DataSet::EMAIL),
         ("calendar", DataSet::CALENDAR),
         ("contacts", DataSet::CONTACTS),

@@ -5,6 +5,8 @@ pub mod agent;
 pub mod auth;
 pub mod config;
 pub mod ews;
+pub mod metrics;
+pub mod fleet;
 pub mod ops;
 pub mod outcome;
 pub mod packet;

@@ -70,6 +70,19 @@ impl Pipeline {
         }
     }
 
+    /// What this gate publishes to the fleet about a decision: a verified user's place.
+    pub fn sighting(&self, o: &Observation) -> Option<detections::Sighting> {
+        self.engine.lock().ok()?.sighting(o)
+    }
+
+    /// Another gate's sighting, compared with what this gate saw (`two-places`).
+    pub fn observe_remote(&self, s: &detections::Sighting) -> Vec<Detection> {
+        match self.engine.lock() {
+            Ok(mut e) => e.observe_remote(s),
+            Err(_) => Vec::new(),
+        }
+    }
+
     /// The worst sink's lag, when there are sinks.
     pub fn lag(&self) -> Option<Lag> {
         self.sinks.as_ref().map(Sinks::lag)

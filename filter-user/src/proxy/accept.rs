@@ -90,6 +90,7 @@ async fn connection(
     slot: Slot,
 ) {
     let _slot = slot;
+    let _open = shared.metrics.connection();
     let _ = tcp.set_nodelay(true);
     let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
     if let Some(conn) = handshake::run(&shared, &state, tcp, peer, group, id).await {

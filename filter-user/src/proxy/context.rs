@@ -116,6 +116,9 @@ pub struct Ctx {
     pub withheld: Option<usize>,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Bytes the content policy read: the request body, an answer read whole.
+    pub inspected_request: u64,
+    pub inspected_response: u64,
     // outcome
     pub status: u16,
     pub decision: Decision,
@@ -153,6 +156,8 @@ impl Ctx {
             withheld: None,
             bytes_in: 0,
             bytes_out: 0,
+            inspected_request: 0,
+            inspected_response: 0,
             status: 0,
             decision: Decision::Deny,
             reason: Cow::Borrowed(""),

@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 use crate::{
     ipc::{
         wire::{Receiver, Writer},
-        Detected, Failure, Init, PolicyState, ToAgent, ToProxy, MAX_TO_PROXY,
+        Detected, Failure, Init, PolicyState, Seen, ToAgent, ToProxy, MAX_TO_PROXY,
     },
     proxy::{state::State, Shared},
 };
@@ -37,9 +37,13 @@ const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 pub struct Link {
     pending: Mutex<Vec<Failure>>,
     detected: Mutex<Vec<Detected>>,
+    /// Verified users' places for the fleet: one per user until sent.
+    seen: Mutex<std::collections::HashMap<String, Seen>>,
     /// Failures dropped because the agent was away too long.
     pub dropped: AtomicU64,
     wake: Notify,
+    /// The open session's writer, for scrapes that ask the agent.
+    writer: Mutex<Option<Arc<Writer>>>,
 }
 
 impl Link {
@@ -71,12 +75,43 @@ impl Link {
         self.wake.notify_one();
     }
 
+    /// The open session's writer; `None` while the agent is away.
+    pub fn writer(&self) -> Option<Arc<Writer>> {
+        self.writer.lock().ok()?.clone()
+    }
+
+    fn set_writer(&self, writer: Option<Arc<Writer>>) {
+        if let Ok(mut w) = self.writer.lock() {
+            *w = writer;
+        }
+    }
+
     fn take_detected(&self) -> Vec<Detected> {
         let Ok(mut pending) = self.detected.lock() else {
             return Vec::new();
         };
         let n = pending.len().min(BATCH);
         pending.drain(..n).collect()
+    }
+
+    /// Queues a sighting for the fleet; a newer one for the same user replaces it.
+    pub fn seen(&self, s: Seen) {
+        let Ok(mut pending) = self.seen.lock() else {
+            return;
+        };
+        if pending.len() >= MAX_PENDING && !pending.contains_key(&s.user) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        pending.insert(s.user.clone(), s);
+    }
+
+    fn take_seen(&self) -> Vec<Seen> {
+        let Ok(mut pending) = self.seen.lock() else {
+            return Vec::new();
+        };
+        let keys: Vec<String> = pending.keys().take(BATCH).cloned().collect();
+        keys.iter().filter_map(|k| pending.remove(k)).collect()
     }
 
     fn take(&self) -> Vec<Failure> {
@@ -162,6 +197,9 @@ fn adopt(shared: &Shared, init: Init, fds: Vec<OwnedFd>) -> anyhow::Result<()> {
             shared.audit.reopen(File::from(fd));
         }
     }
+    // A metrics socket sent again (never, as the agent sends it only with the listeners)
+    // is closed: this proxy serves the one it started with.
+    drop(fds);
     shared.dynamic.reset(&init.entries);
     for (identity, secs, why) in init.refused {
         shared.refused.add(identity, secs, why);
@@ -170,6 +208,7 @@ fn adopt(shared: &Shared, init: Init, fds: Vec<OwnedFd>) -> anyhow::Result<()> {
     if current.id != init.policy.id {
         let state = build(&init.policy, Some(&current))?;
         state.start();
+        shared.metrics.prime(&state.config);
         shared.state.store(Arc::new(state));
     }
     Ok(())
@@ -181,6 +220,7 @@ pub fn build(policy: &PolicyState, previous: Option<&State>) -> anyhow::Result<S
 
 async fn serve_session(shared: &Arc<Shared>, mut s: Session) {
     let flusher = tokio::spawn(flush_failures(shared.clone(), s.writer.clone()));
+    shared.link.set_writer(Some(s.writer.clone()));
     loop {
         let (msg, fds) = match s.receiver.recv(&s.stream).await {
             Ok(m) => m,
@@ -196,6 +236,7 @@ async fn serve_session(shared: &Arc<Shared>, mut s: Session) {
         }
     }
     flusher.abort();
+    shared.link.set_writer(None);
 }
 
 fn handle(shared: &Shared, msg: ToProxy, fds: Vec<OwnedFd>) -> Option<ToAgent> {
@@ -229,6 +270,20 @@ fn handle(shared: &Shared, msg: ToProxy, fds: Vec<OwnedFd>) -> Option<ToAgent> {
             shared.refused.add(identity, secs, reason);
             None
         }
+        ToProxy::Seen { items } => {
+            for s in items {
+                let sighting = crate::ops::detections::Sighting {
+                    site: s.site,
+                    user: s.user,
+                    group: s.group,
+                    source: s.source,
+                    time_ms: s.time_ms,
+                };
+                let fired = shared.ops.observe_remote(&sighting);
+                crate::proxy::phases::logging::fire(shared, fired);
+            }
+            None
+        }
         ToProxy::AuditFile => {
             if let Some(fd) = fds.into_iter().next() {
                 shared.audit.reopen(File::from(fd));
@@ -240,6 +295,10 @@ fn handle(shared: &Shared, msg: ToProxy, fds: Vec<OwnedFd>) -> Option<ToAgent> {
             if let Err(e) = adopt(shared, *init, fds) {
                 error!(error = %e, "the agent's policy was refused; keeping the last one");
             }
+            None
+        }
+        ToProxy::Metrics { id, text } => {
+            shared.metrics.agent_answered(id, text);
             None
         }
         ToProxy::Shutdown => {
@@ -282,6 +341,7 @@ fn commit(shared: &Shared, id: u64, generation: u32) {
             state.generation = generation;
             state.start();
             shared.ops.set_detections(&state.config.ops.detections);
+            shared.metrics.prime(&state.config);
             shared.state.store(Arc::new(state));
         }
         _ => warn!(policy = id, "commit of a policy that was not prepared"),
@@ -293,6 +353,13 @@ async fn flush_failures(shared: Arc<Shared>, writer: Arc<Writer>) {
         let detected = shared.link.take_detected();
         if !detected.is_empty() {
             let msg = ToAgent::Detected { items: detected };
+            if writer.send(&msg, &[]).await.is_err() {
+                return;
+            }
+        }
+        let seen = shared.link.take_seen();
+        if !seen.is_empty() {
+            let msg = ToAgent::Seen { items: seen };
             if writer.send(&msg, &[]).await.is_err() {
                 return;
             }

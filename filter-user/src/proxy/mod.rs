@@ -12,6 +12,7 @@ pub mod context;
 pub mod h1;
 pub mod handshake;
 pub mod link;
+pub mod metrics;
 pub mod phases;
 pub mod refused;
 mod respond;
@@ -56,6 +57,8 @@ pub struct Shared {
     pub next_connection: AtomicU64,
     /// Bytes (in KiB) that responses held for inspection may take at once.
     pub inspect: Semaphore,
+    /// The request layer's metrics (`/metrics`).
+    pub metrics: Arc<metrics::ProxyMetrics>,
 }
 
 /// `ewsgate proxy`: connects to the agent, takes its sockets and policy, and serves.
@@ -84,6 +87,16 @@ pub fn serve(agent: PathBuf, threads: usize) -> anyhow::Result<()> {
             true => Some(File::from(fds.next().context("no audit file descriptor")?)),
             false => None,
         };
+        let metrics_listener = match init.metrics {
+            Some(_) => {
+                let std = StdListener::from(fds.next().context("no metrics socket")?);
+                std.set_nonblocking(true)?;
+                Some(TcpListener::from_std(std)?)
+            }
+            None => None,
+        };
+        let metrics = Arc::new(metrics::ProxyMetrics::new());
+        metrics.prime(&state.config);
         let shared = Arc::new(Shared {
             pending: Mutex::new(None),
             audit: Audit::new(audit_file).context("the audit log")?,
@@ -95,6 +108,7 @@ pub fn serve(agent: PathBuf, threads: usize) -> anyhow::Result<()> {
             per_source: Default::default(),
             next_connection: AtomicU64::new(1),
             inspect: Semaphore::new(budget_units(state.settings.limits.inspect_budget)),
+            metrics,
             state: ArcSwap::from_pointee(state),
         });
         shared.dynamic.reset(&init.entries);
@@ -104,6 +118,9 @@ pub fn serve(agent: PathBuf, threads: usize) -> anyhow::Result<()> {
         for (addr, listener) in listeners {
             tokio::spawn(accept::accept_loop(listener, shared.clone()));
             info!(%addr, "proxy listening");
+        }
+        if let Some(listener) = metrics_listener {
+            tokio::spawn(metrics::serve(listener, shared.clone()));
         }
         link::run(shared, agent, session).await;
         Ok(())

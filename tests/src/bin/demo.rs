@@ -2,8 +2,8 @@
 //! stand-in Exchange mailbox), runs ewsgate on it with the example config, and shows the
 //! packet layer (what XDP drops), the content policy (an office phone reads the calendar
 //! and is refused the inbox; a Salesforce token is refused an item it was not issued for),
-//! the audit lines, `ewsgate explain` of a refused request, a detection firing, the block
-//! list, and a restart that keeps filtering. Then removes it all and writes the HTML report
+//! the audit lines, `ewsgate explain` of a refused request, a detection firing, a scrape of
+//! `/metrics`, the block list, and a restart that keeps filtering. Then removes it all and writes the HTML report
 //! of the demo's audit log.
 
 use std::{
@@ -22,6 +22,9 @@ use tests::{
 };
 
 fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("fleet") {
+        return tests::fleet::demo();
+    }
     let fs_guard = BpfFs::new()?;
     let mut lab = Lab::new(&[OFFICE, SALESFORCE, INTERNET])?;
     lab.serve(8080)?; // another service on the same host, not protected
@@ -48,6 +51,7 @@ fn main() -> anyhow::Result<()> {
     content(&lab, &pki, &audit)?;
     explain_refused(&daemon)?;
     detection(&lab, &pki, &audit)?;
+    scrape(&lab)?;
 
     println!("\n== ewsgate block add 198.51.100.10 --ttl 5m --reason demo");
     daemon.cli(&[
@@ -212,6 +216,36 @@ fn detection(lab: &Lab, pki: &Pki, audit: &Path) -> anyhow::Result<()> {
             v["evidence"]
         ),
         None => println!("(no detection line in the audit log)"),
+    }
+    Ok(())
+}
+
+/// A few lines of `GET /metrics` (the example config's `[metrics] listen`), as Prometheus
+/// would scrape them on the gate.
+fn scrape(lab: &Lab) -> anyhow::Result<()> {
+    println!("\n== curl http://127.0.0.1:9464/metrics (a few lines)");
+    let text = lab.gate.run(|| -> std::io::Result<String> {
+        use std::io::{Read, Write};
+        let mut s = TcpStream::connect("127.0.0.1:9464")?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })?;
+    let shown = [
+        "ewsgate_requests_total{",
+        "ewsgate_refusals_total{",
+        "ewsgate_detections_total{",
+        "ewsgate_packets_total{verdict=\"drop\"",
+        "ewsgate_group_packets_total{",
+        "ewsgate_agent_up",
+    ];
+    for line in text
+        .lines()
+        .filter(|l| shown.iter().any(|s| l.starts_with(s)) && !l.ends_with(" 0"))
+    {
+        println!("{line}");
     }
     Ok(())
 }

@@ -113,6 +113,7 @@ fn judge(
     ctx: &mut Ctx,
 ) -> Result<(Judged, Option<Tail>), Refusal> {
     let settings = &state.content;
+    ctx.inspected_request = head.len() as u64;
     let mut request = soap::parse_request(head, ended, settings.limits)
         .map_err(|e| Refusal::protocol(400, format!("{}: {e}", e.reason())))?;
     let tail = request.tail.take();

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use crate::{
-    ipc::{Detected, Failure},
+    ipc::{Detected, Failure, Seen},
     model::outcome::{Decision, FailureClass},
     ops::{
         audit::{Record, Shadow},
@@ -22,7 +22,23 @@ fn now_ms() -> u64 {
 /// Runs a decision through the detections; each firing is an audit event of its own, and
 /// its action goes to the agent (an identity refusal also applies here at once).
 fn detections(shared: &Shared, o: &Observation) {
-    for d in shared.ops.observe(o) {
+    fire(shared, shared.ops.observe(o));
+    if let Some(s) = shared.ops.sighting(o) {
+        shared.link.seen(Seen {
+            site: s.site,
+            user: s.user,
+            group: s.group,
+            source: s.source,
+            time_ms: s.time_ms,
+        });
+    }
+}
+
+/// Detections that fired (here, or on another gate's sighting): each an audit event, its
+/// action sent to the agent.
+pub fn fire(shared: &Shared, fired: Vec<crate::ops::detections::Detection>) {
+    for d in fired {
+        shared.metrics.detection(d.name());
         tracing::warn!(detection = d.name(), subject = %d.subject, action = d.action.name(), "detection fired");
         let event = d.event();
         shared.audit.log(&event);
@@ -92,6 +108,7 @@ pub fn run(shared: &Shared, ctx: &Ctx) {
     };
     shared.audit.log_record(&record);
     shared.ops.record(&record);
+    shared.metrics.record(ctx);
     let observation = Observation {
         group: ctx.conn.group.as_deref(),
         user: ctx.user.as_deref(),
@@ -143,6 +160,9 @@ pub fn connection(
     };
     shared.audit.log_record(&record);
     shared.ops.record(&record);
+    if decision == Decision::Deny {
+        shared.metrics.refusal(reason, failure);
+    }
     detections(
         shared,
         &Observation {

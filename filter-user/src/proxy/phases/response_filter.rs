@@ -309,6 +309,7 @@ fn judge(
         return Ok(None);
     };
     let settings = &state.content;
+    ctx.inspected_response = bytes.len() as u64;
     let response = soap::parse_response(bytes, settings.limits)
         .map_err(|e| Refusal::service(502, format!("response: {e}")))?;
     let mut cache = shared

@@ -46,6 +46,7 @@ const FLOOD_ROUNDS: usize = 6;
 const TEST_RUN_ROUNDS: usize = 3;
 
 mod cost;
+mod fleet;
 mod proxy;
 mod tokens;
 
@@ -56,10 +57,11 @@ fn main() -> anyhow::Result<()> {
         "proxy" => proxy::run(),
         "tokens" => tokens::run_suite(),
         "cost" => cost::run(),
+        "fleet" => fleet::run(),
         "all" => xdp_suite()
             .and_then(|()| proxy::run())
             .and_then(|()| tokens::run_suite()),
-        _ => bail!("unknown bench suite '{suite}' (known: xdp, proxy, tokens, cost, all)"),
+        _ => bail!("unknown bench suite '{suite}' (known: xdp, proxy, tokens, cost, fleet, all)"),
     }
 }
 
