@@ -7,15 +7,12 @@
 //! `m:Data`): the rest of the stream is checked by [`Tail`], which admits only base64 and
 //! the closing tags of what is open, so nothing the policy has not read can follow.
 
-use quick_xml::{
-    events::{BytesStart, Event},
-    name::ResolveResult,
-    NsReader,
-};
+use quick_xml::events::{BytesStart, Event};
 use thiserror::Error;
 
 use crate::model::settings::SoapLimits as Limits;
 
+mod names;
 mod response;
 mod schema;
 pub use response::{
@@ -158,7 +155,9 @@ fn is_bulk(ns: Ns, local: &str) -> bool {
     )
 }
 
-pub(crate) fn namespace(r: &ResolveResult) -> Ns {
+#[cfg(test)]
+pub(crate) fn namespace(r: &quick_xml::name::ResolveResult) -> Ns {
+    use quick_xml::name::ResolveResult;
     match r {
         ResolveResult::Bound(n) if n.as_ref() == SOAP_NS => Ns::Soap,
         ResolveResult::Bound(n) if n.as_ref() == MESSAGES_NS => Ns::Messages,
@@ -212,7 +211,8 @@ pub fn parse_request(bytes: &[u8], complete: bool, limits: Limits) -> Result<Req
     let bytes = &bytes[bom_len(bytes)..];
     let mut p = RequestParser {
         out: Request::default(),
-        stack: Vec::new(),
+        // EWS requests nest about eight deep: one allocation rather than four.
+        stack: Vec::with_capacity(limits.depth.min(16)),
         target: None,
         text: String::new(),
         elements: 0,
@@ -220,8 +220,7 @@ pub fn parse_request(bytes: &[u8], complete: bool, limits: Limits) -> Result<Req
         seen_body: false,
         limits,
     };
-    let mut reader = NsReader::from_reader(bytes);
-    reader.config_mut().check_end_names = true;
+    let mut reader = names::NsReader::new(bytes);
     loop {
         let before = reader.buffer_position() as usize;
         let (ns, event) = match reader.read_resolved_event() {
@@ -231,11 +230,13 @@ pub fn parse_request(bytes: &[u8], complete: bool, limits: Limits) -> Result<Req
             Err(e) if !complete && cut_in_markup(&e) => return Err(SoapError::TooLarge),
             Err(e) => return Err(SoapError::Xml(e.to_string())),
         };
-        let ns = namespace(&ns);
         match event {
             Event::Start(e) => p.start(ns, &e, tag_name(&bytes[before..]), false)?,
             Event::Empty(e) => p.start(ns, &e, tag_name(&bytes[before..]), true)?,
             Event::End(_) => p.end()?,
+            // Blank text is skipped before its line ends are normalised: mostly it is
+            // indentation, and it stays blank either way.
+            Event::Text(t) if is_blank(t.as_bytes()) => {}
             Event::Text(t) => p.text(&t.xml10_content())?,
             Event::CData(t) => p.text(&t)?,
             Event::GeneralRef(r) => p.reference(&r)?,
@@ -260,6 +261,21 @@ pub(crate) fn tag_name(at: &[u8]) -> (&[u8], &str) {
     let local = name.rsplit(|b| *b == b':').next().unwrap_or_default();
     (name, std::str::from_utf8(local).unwrap_or(""))
 }
+
+/// Text of XML white space alone (these four bytes; much cheaper than trimming Unicode
+/// white space). Runs of spaces, most of a pretty-printed or padded request's text, are
+/// compared eight bytes at a time.
+pub(crate) fn is_blank(t: &[u8]) -> bool {
+    let blank = |b: &u8| matches!(b, b' ' | b'\t' | b'\r' | b'\n');
+    let (words, rest) = t.as_chunks::<8>();
+    words
+        .iter()
+        .all(|w| u64::from_ne_bytes(*w) == SPACES || w.iter().all(blank))
+        && rest.iter().all(blank)
+}
+
+/// Eight spaces as one word: padding and indentation are checked a word at a time.
+const SPACES: u64 = u64::from_ne_bytes([b' '; 8]);
 
 /// What a mailbox element that gives no address is recorded as.
 pub const UNNAMED: &str = "(mailbox without an address)";
@@ -496,9 +512,7 @@ impl<'i> RequestParser<'i> {
     }
 
     fn text(&mut self, t: &str) -> Result<(), SoapError> {
-        // XML's whitespace is these four bytes; byte by byte is much cheaper than trimming
-        // Unicode whitespace, and indentation is most of a pretty-printed request's text.
-        if t.bytes().all(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n')) {
+        if is_blank(t.as_bytes()) {
             return Ok(());
         }
         // Only elements inside the operation or a header may hold text.
@@ -512,8 +526,7 @@ impl<'i> RequestParser<'i> {
     }
 
     fn reference(&mut self, r: &quick_xml::events::BytesRef) -> Result<(), SoapError> {
-        let name = r.to_string();
-        let c = match name.as_str() {
+        let c = match r.as_ref() {
             "lt" => '<',
             "gt" => '>',
             "amp" => '&',
@@ -521,10 +534,10 @@ impl<'i> RequestParser<'i> {
             "quot" => '"',
             _ => match r.resolve_char_ref() {
                 Ok(Some(c)) => c,
-                _ => return Err(SoapError::Entity(name)),
+                _ => return Err(SoapError::Entity(r.to_string())),
             },
         };
-        self.text(&c.to_string())
+        self.text(c.encode_utf8(&mut [0; 4]))
     }
 
     fn finish(mut self) -> Result<Request, SoapError> {

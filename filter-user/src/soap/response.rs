@@ -11,13 +11,11 @@
 
 use std::ops::Range;
 
-use quick_xml::{
-    events::{BytesRef, BytesStart, Event},
-    NsReader,
-};
+use quick_xml::events::{BytesRef, BytesStart, Event};
 
 use super::{
-    attr, bom_len, namespace,
+    attr, bom_len,
+    names::NsReader,
     schema::{self, known},
     tag_name, Ns, SoapError, MESSAGES_NS, TYPES_NS,
 };
@@ -261,15 +259,13 @@ pub fn parse_response(bytes: &[u8], limits: Limits) -> Result<Response, SoapErro
 }
 
 fn parse_document(bytes: &[u8], limits: Limits) -> Result<Response, SoapError> {
-    let mut reader = NsReader::from_reader(bytes);
-    reader.config_mut().check_end_names = true;
+    let mut reader = NsReader::new(bytes);
     let mut w = Walk::default();
     loop {
         let before = reader.buffer_position() as usize;
         let (ns, event) = reader
             .read_resolved_event()
             .map_err(|e| SoapError::Xml(e.to_string()))?;
-        let ns = namespace(&ns);
         match event {
             Event::Start(e) | Event::Empty(e) if w.stack.len() >= limits.depth => {
                 let _ = e;

@@ -515,3 +515,18 @@ fn only_the_end_of_the_buffer_is_a_cut_in_bulk_content() {
         Err(SoapError::TooLarge)
     );
 }
+
+#[test]
+fn blank_text_is_found_wherever_a_non_blank_byte_sits() {
+    for len in 0..40 {
+        let blank: Vec<u8> = (0..len).map(|i| b" \t\r\n"[i % 4]).collect();
+        assert!(super::is_blank(&blank), "{len}");
+        for at in 0..len {
+            for odd in [b'x', 0x0b, 0x0c, 0xa0, 0] {
+                let mut t = blank.clone();
+                t[at] = odd;
+                assert!(!super::is_blank(&t), "{len} {at} {odd}");
+            }
+        }
+    }
+}

@@ -118,8 +118,10 @@ fn measure(requests: u64, handshakes: u64) -> anyhow::Result<u64> {
     for _ in 0..handshakes {
         client.connect()?.get_item()?;
     }
-    // A clean stop: the agent tells the proxy to exit, and callgrind writes its counts.
+    // The agent leaves a proxy it did not spawn running when it stops, so the proxy is
+    // stopped by its own PID too; callgrind writes its counts either way.
     drop(agent);
+    proxy.stop();
     let total = proxy.total()?;
     drop(backend);
     // Kept for `callgrind_annotate`: where the instructions go.
@@ -185,6 +187,11 @@ impl Callgrind {
             .spawn()
             .context("valgrind (cargo xtask setup installs it)")?;
         Ok(Callgrind { child, out })
+    }
+
+    fn stop(&self) {
+        // SAFETY: signalling our own child by its PID.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
     }
 
     /// Waits for the proxy to exit and reads the total callgrind wrote.
