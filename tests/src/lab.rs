@@ -62,6 +62,35 @@ impl Drop for BpfFs {
     }
 }
 
+/// Sysctls as they were when it was made, written back on drop: for tools that raise them
+/// (trafgen raises `net.core.rmem_max` and `wmem_max` to 4 MiB and leaves them there).
+pub struct SysctlGuard {
+    saved: Vec<(PathBuf, String)>,
+}
+
+impl SysctlGuard {
+    /// Remembers each named sysctl (`net.core.rmem_max`).
+    pub fn save(names: &[&str]) -> anyhow::Result<SysctlGuard> {
+        let mut saved = Vec::new();
+        for name in names {
+            let path = Path::new("/proc/sys").join(name.replace('.', "/"));
+            let value = fs::read_to_string(&path)?;
+            saved.push((path, value.trim().to_string()));
+        }
+        Ok(SysctlGuard { saved })
+    }
+}
+
+impl Drop for SysctlGuard {
+    fn drop(&mut self) {
+        for (path, value) in &self.saved {
+            if fs::read_to_string(path).is_ok_and(|now| now.trim() != value) {
+                let _ = fs::write(path, value);
+            }
+        }
+    }
+}
+
 /// A host of the lab: one namespace.
 pub struct Netns {
     pub name: String,

@@ -31,7 +31,7 @@ use aya::{
 use ewsgate::{config::Config, packet::xdp::Gate};
 use serde_json::{json, Value};
 use tests::{
-    lab::{sh, tag, BpfFs, Daemon, Netns},
+    lab::{sh, tag, BpfFs, Daemon, Netns, SysctlGuard},
     packet::{frame, Ext, TCP},
 };
 
@@ -420,10 +420,13 @@ struct FloodLab {
     sender: Netns,
     target: Netns,
     cfg: PathBuf,
+    /// trafgen raises the socket buffer limits; they are put back when the lab goes.
+    _sysctls: SysctlGuard,
 }
 
 impl FloodLab {
     fn new(dir: &Path) -> anyhow::Result<FloodLab> {
+        let sysctls = SysctlGuard::save(&["net.core.rmem_max", "net.core.wmem_max"])?;
         let sender = Netns::new("fs")?;
         let target = Netns::new("ft")?;
         sender.ip(&format!(
@@ -448,6 +451,7 @@ impl FloodLab {
             sender,
             target,
             cfg,
+            _sysctls: sysctls,
         })
     }
 
