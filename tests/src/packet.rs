@@ -289,3 +289,69 @@ pub fn vxlan_payload(port: u16, frame: &[u8]) -> Vec<u8> {
     p.extend(frame);
     p
 }
+
+/// The XDP program loaded (not attached) from a config on a fresh bpffs, driven with
+/// BPF_PROG_TEST_RUN: what the packet tests share.
+pub struct ProgramBench {
+    pub gate: ewsgate::packet::xdp::Gate,
+    _fs: crate::lab::BpfFs,
+}
+
+impl ProgramBench {
+    /// Loads the program from the config `config` makes for a pin directory.
+    pub fn open(config: impl FnOnce(&std::path::Path) -> ewsgate::config::Config) -> Self {
+        let fs = crate::lab::BpfFs::new().expect("bpffs");
+        let gate = ewsgate::packet::xdp::Gate::open(&config(&fs.dir.join("ewsgate")));
+        ProgramBench {
+            gate: gate.expect("load"),
+            _fs: fs,
+        }
+    }
+
+    /// Where the program and its maps are pinned.
+    pub fn pin_dir(&self) -> std::path::PathBuf {
+        self._fs.dir.join("ewsgate")
+    }
+
+    /// The program's action for one frame.
+    pub fn run(&mut self, frame: &[u8]) -> u32 {
+        use aya::programs::{TestRun, TestRunOptions};
+        let prog = self.gate.program().expect("program");
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ..Default::default()
+        };
+        prog.test_run(opts).expect("test_run").return_value
+    }
+
+    /// The per-reason counters, summed over CPUs.
+    pub fn counters(&self) -> std::collections::HashMap<&'static str, u64> {
+        let c = self.gate.maps.counters().expect("counters");
+        c.into_iter().map(|(r, n)| (r.name(), n)).collect()
+    }
+
+    /// Runs a frame and checks its action and the reason counter it bumped; returns how
+    /// much each counter moved, for the checks a caller adds.
+    pub fn expect(
+        &mut self,
+        what: &str,
+        frame: &[u8],
+        action: u32,
+        reason: filter_common::Reason,
+    ) -> std::collections::HashMap<&'static str, u64> {
+        let before = self.counters();
+        let got = self.run(frame);
+        let after = self.counters();
+        assert_eq!(got, action, "{what}: action");
+        assert_eq!(
+            after[reason.name()],
+            before[reason.name()] + 1,
+            "{what}: counter {}",
+            reason.name()
+        );
+        after
+            .iter()
+            .map(|(k, v)| (*k, v - before.get(k).copied().unwrap_or(0)))
+            .collect()
+    }
+}

@@ -5,7 +5,6 @@
 //! through it from outside the groups.
 
 use std::{
-    collections::HashMap,
     fs,
     net::{SocketAddr, TcpStream},
     os::unix::net::UnixStream,
@@ -14,14 +13,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::{TestRun, TestRunOptions};
-use ewsgate::{config::Config, packet::xdp::Gate};
+use ewsgate::config::Config;
 use filter_common::Reason;
 use tests::{
     ews::{wait_audit, Https},
     gate::{gate4, Gate as LabGate},
-    lab::{BpfFs, GATE_V4},
-    packet::{frame, gre, ip_in_ip, vxlan, Frame, GRE_CSUM, GRE_KEY, GRE_SEQ, ICMP, TCP, UDP},
+    lab::GATE_V4,
+    packet::{
+        frame, gre, ip_in_ip, vxlan, Frame, ProgramBench, GRE_CSUM, GRE_KEY, GRE_SEQ, ICMP, TCP,
+        UDP,
+    },
 };
 
 const PASS: u32 = 2;
@@ -59,47 +60,19 @@ address = "{WHOLE}"
     Config::parse(Path::new("paths.toml"), &text).expect("test config")
 }
 
-struct Bench {
-    gate: Gate,
-    _fs: BpfFs,
-}
+/// The program on a fresh bpffs, with the checks these tests make.
+struct Bench(ProgramBench);
 
 impl Bench {
     fn new() -> Bench {
-        let fs = BpfFs::new().expect("bpffs");
-        let gate = Gate::open(&config(&fs.dir.join("ewsgate"))).expect("load");
-        Bench { gate, _fs: fs }
-    }
-
-    fn counters(&self) -> HashMap<&'static str, u64> {
-        let c = self.gate.maps.counters().expect("counters");
-        c.into_iter().map(|(r, n)| (r.name(), n)).collect()
+        Bench(ProgramBench::open(config))
     }
 
     /// Runs a frame; checks its action, the reason counter it bumped, and whether the
     /// program opened a tunnel for it.
     fn check(&mut self, what: &str, f: Frame, action: u32, reason: Reason, opened: bool) {
-        let bytes = f.build();
-        let before = self.counters();
-        let prog = self.gate.program().expect("program");
-        let opts = TestRunOptions {
-            data_in: Some(&bytes),
-            ..Default::default()
-        };
-        let got = prog.test_run(opts).expect("test_run").return_value;
-        let after = self.counters();
-        assert_eq!(got, action, "{what}: action");
-        assert_eq!(
-            after[reason.name()],
-            before[reason.name()] + 1,
-            "{what}: counter {}",
-            reason.name()
-        );
-        assert_eq!(
-            after["tunnel"] - before["tunnel"],
-            opened as u64,
-            "{what}: tunnel opened"
-        );
+        let moved = self.0.expect(what, &f.build(), action, reason);
+        assert_eq!(moved["tunnel"], opened as u64, "{what}: tunnel opened");
     }
 }
 
@@ -319,19 +292,7 @@ fn the_outer_header_binds_first() {
 }
 
 fn run_bytes(b: &mut Bench, what: &str, bytes: &[u8], action: u32, reason: Reason) {
-    let before = b.counters();
-    let prog = b.gate.program().expect("program");
-    let opts = TestRunOptions {
-        data_in: Some(bytes),
-        ..Default::default()
-    };
-    let got = prog.test_run(opts).expect("test_run").return_value;
-    assert_eq!(got, action, "{what}: action");
-    assert_eq!(
-        b.counters()[reason.name()],
-        before[reason.name()] + 1,
-        "{what}: counter"
-    );
+    b.0.expect(what, bytes, action, reason);
 }
 
 const RULES: &str = r#"

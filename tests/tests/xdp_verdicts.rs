@@ -2,9 +2,8 @@
 //! reason, VLAN/QinQ, IPv4 options, IPv6 extension chains, both fragment kinds, truncation at
 //! each header boundary, dynamic entries and their expiry, monitor mode and reloads.
 
-use std::{collections::HashMap, path::Path, thread, time::Duration};
+use std::{path::Path, thread, time::Duration};
 
-use aya::programs::{TestRun, TestRunOptions};
 use ewsgate::{
     config::Config,
     packet::{maps::List, xdp::Gate},
@@ -12,7 +11,9 @@ use ewsgate::{
 use filter_common::Reason;
 use tests::{
     lab::BpfFs,
-    packet::{arp, frame, Ext, Frame, ICMP, ICMPV6, TCP, TPID_8021AD, TPID_8021Q, UDP},
+    packet::{
+        arp, frame, Ext, Frame, ProgramBench, ICMP, ICMPV6, TCP, TPID_8021AD, TPID_8021Q, UDP,
+    },
 };
 
 const PASS: u32 = 2;
@@ -56,53 +57,29 @@ address = "{WHOLE}"
     Config::parse(Path::new("test.toml"), &text).expect("test config")
 }
 
-struct Bench {
-    gate: Gate,
-    _fs: BpfFs,
+/// The program on a fresh bpffs, with the checks these tests make.
+struct Bench(ProgramBench);
+
+impl std::ops::Deref for Bench {
+    type Target = ProgramBench;
+    fn deref(&self) -> &ProgramBench {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Bench {
+    fn deref_mut(&mut self) -> &mut ProgramBench {
+        &mut self.0
+    }
 }
 
 impl Bench {
     fn new() -> Bench {
-        let fs = BpfFs::new().expect("bpffs");
-        let gate = Gate::open(&config(&fs.dir.join("ewsgate"), "")).expect("load");
-        Bench { gate, _fs: fs }
-    }
-
-    fn run(&mut self, frame: &[u8]) -> u32 {
-        let prog = self.gate.program().expect("program");
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            ..Default::default()
-        };
-        prog.test_run(opts).expect("test_run").return_value
-    }
-
-    fn counters(&self) -> HashMap<&'static str, u64> {
-        self.gate
-            .maps
-            .counters()
-            .unwrap()
-            .into_iter()
-            .map(|(r, n)| (r.name(), n))
-            .collect()
-    }
-
-    /// Runs a frame and checks its action and the reason counter it bumped.
-    fn expect(&mut self, what: &str, f: &[u8], action: u32, reason: Reason) {
-        let before = self.counters();
-        let got = self.run(f);
-        let after = self.counters();
-        assert_eq!(got, action, "{what}: action");
-        assert_eq!(
-            after[reason.name()],
-            before[reason.name()] + 1,
-            "{what}: counter {}",
-            reason.name()
-        );
+        Bench(ProgramBench::open(|pins| config(pins, "")))
     }
 
     fn check(&mut self, what: &str, f: Frame, action: u32, reason: Reason) {
-        self.expect(what, &f.build(), action, reason);
+        self.0.expect(what, &f.build(), action, reason);
     }
 }
 
@@ -671,7 +648,7 @@ fn monitor_mode_counts_and_drops_nothing() {
 #[test]
 fn reload_swaps_the_whole_set() {
     let mut b = Bench::new();
-    let dir = b._fs.dir.join("ewsgate");
+    let dir = b.pin_dir();
     b.check(
         "salesforce before",
         frame(SF, GATE),
@@ -756,13 +733,11 @@ fn incompatible_pinned_maps_are_refused_not_reused() {
 
 #[test]
 fn ipv6_table_across_prefix_lengths() {
-    let fs = BpfFs::new().expect("bpffs");
     let extra = r#"
 [sources.hosts6]
 cidrs = ["2001:db8:300::2", "2001:db8:300::4", "2001:db8:400::/48", "2001:db8:400:7::/64"]
 "#;
-    let gate = Gate::open(&config(&fs.dir.join("ewsgate"), extra)).expect("load");
-    let mut b = Bench { gate, _fs: fs };
+    let mut b = Bench(ProgramBench::open(|pins| config(pins, extra)));
     b.check(
         "/128 host",
         frame("2001:db8:300::2", GATE6),
