@@ -21,7 +21,13 @@ mod window;
 
 pub use detections::{Decision, Failure};
 
-use std::{io, sync::Mutex};
+use std::{
+    io,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex,
+    },
+};
 
 use serde::Serialize;
 
@@ -35,6 +41,8 @@ pub struct Pipeline {
     audit: AuditSettings,
     sinks: Option<Sinks>,
     engine: Mutex<Engine>,
+    /// In a fleet: only then are sightings worth making, on every verified request.
+    fleet: AtomicBool,
 }
 
 impl Pipeline {
@@ -51,6 +59,7 @@ impl Pipeline {
             audit: ops.audit.clone(),
             sinks,
             engine: Mutex::new(Engine::new(ops.detections.clone())),
+            fleet: AtomicBool::new(false),
         })
     }
 
@@ -72,6 +81,9 @@ impl Pipeline {
 
     /// What this gate publishes to the fleet about a decision: a verified user's place.
     pub fn sighting(&self, o: &Observation) -> Option<detections::Sighting> {
+        if !self.fleet.load(Ordering::Relaxed) {
+            return None;
+        }
         self.engine.lock().ok()?.sighting(o)
     }
 
@@ -94,6 +106,11 @@ impl Pipeline {
             true => Ok(()),
             false => Err("[audit] sinks change only with a restart".into()),
         }
+    }
+
+    /// Whether the gate is in a fleet, so that its sightings go anywhere.
+    pub fn set_fleet(&self, on: bool) {
+        self.fleet.store(on, Ordering::Relaxed);
     }
 
     /// New detection settings: the engine starts afresh when they changed.

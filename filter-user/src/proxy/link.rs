@@ -208,6 +208,8 @@ fn adopt(shared: &Shared, init: Init, fds: Vec<OwnedFd>) -> anyhow::Result<()> {
     if current.id != init.policy.id {
         let state = build(&init.policy, Some(&current))?;
         state.start();
+        shared.ops.set_detections(&state.config.ops.detections);
+        shared.ops.set_fleet(state.config.fleet.is_some());
         shared.metrics.prime(&state.config);
         shared.state.store(Arc::new(state));
     }
@@ -341,6 +343,7 @@ fn commit(shared: &Shared, id: u64, generation: u32) {
             state.generation = generation;
             state.start();
             shared.ops.set_detections(&state.config.ops.detections);
+            shared.ops.set_fleet(state.config.fleet.is_some());
             shared.metrics.prime(&state.config);
             shared.state.store(Arc::new(state));
         }

@@ -97,10 +97,12 @@ pub fn serve(agent: PathBuf, threads: usize) -> anyhow::Result<()> {
         };
         let metrics = Arc::new(metrics::ProxyMetrics::new());
         metrics.prime(&state.config);
+        let ops = crate::ops::Pipeline::open(&state.config.ops).context("the audit sinks")?;
+        ops.set_fleet(state.config.fleet.is_some());
         let shared = Arc::new(Shared {
             pending: Mutex::new(None),
             audit: Audit::new(audit_file).context("the audit log")?,
-            ops: crate::ops::Pipeline::open(&state.config.ops).context("the audit sinks")?,
+            ops,
             ids: Mutex::new(IdCache::new(state.content.cache_entries)),
             dynamic: Dynamic::default(),
             refused: Refused::default(),
