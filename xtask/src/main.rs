@@ -39,8 +39,10 @@ const APT_PACKAGES: &[&str] = &[
     // ewsgate as a CrowdSec bouncer, CrowdSec and fail2ban reading the audit log.
     "crowdsec",
     "fail2ban",
-    // The fleet: protoc builds etcd-client's protos; the tests run real etcd 3.4 members.
+    // The fleet: protoc builds etcd-client's protos (they import protobuf's own
+    // descriptor.proto, which is in libprotobuf-dev); the tests run real etcd 3.4 members.
     "protobuf-compiler",
+    "libprotobuf-dev",
     "etcd-server",
     "etcd-client",
     // The audit report rendered in a real browser; file sinks under a real logrotate;
