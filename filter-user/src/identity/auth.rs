@@ -69,14 +69,19 @@ pub fn classify(value: Option<&[u8]>) -> Credential {
         return Credential::Invalid("authorization_not_text");
     };
     let (scheme, rest) = split_scheme(text);
-    match scheme.to_ascii_lowercase().as_str() {
-        "basic" => basic(rest),
-        "ntlm" => ntlm(rest),
-        "negotiate" => negotiate(rest),
-        "bearer" if !rest.is_empty() && !rest.contains(' ') => Credential::Bearer {
+    let is = |name: &str| scheme.eq_ignore_ascii_case(name);
+    if is("bearer") && !rest.is_empty() && !rest.contains(' ') {
+        Credential::Bearer {
             token: rest.to_string(),
-        },
-        _ => Credential::Invalid("authorization_scheme"),
+        }
+    } else if is("basic") {
+        basic(rest)
+    } else if is("ntlm") {
+        ntlm(rest)
+    } else if is("negotiate") {
+        negotiate(rest)
+    } else {
+        Credential::Invalid("authorization_scheme")
     }
 }
 

@@ -383,7 +383,9 @@ pub async fn read_head<R: AsyncRead + Unpin>(
 }
 
 fn find_blank_line(b: &[u8]) -> Option<usize> {
-    b.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+    // memchr's vectorised search: a head with a JSON Web Token is a kilobyte, and a
+    // byte-at-a-time window cost more than parsing it.
+    memchr::memmem::find(b, b"\r\n\r\n").map(|i| i + 4)
 }
 
 /// One read into the spare capacity of `buf`.
