@@ -74,7 +74,7 @@ async fn bearer(state: &State, conn: &mut Conn, token: &str, ctx: &mut Ctx) -> R
         // The same token under the same policy, still within its life: as the cache would
         // answer, without hashing it again. A new policy (new keys, say) verifies anew.
         if *policy == state.id && **last == *token && now <= v.expires.saturating_add(leeway) {
-            accept(v.clone(), ctx);
+            accept(v, ctx);
             return Ok(());
         }
     }
@@ -83,8 +83,8 @@ async fn bearer(state: &State, conn: &mut Conn, token: &str, ctx: &mut Ctx) -> R
     let verified = cache.verify_for_ews_fresh(token, now).await;
     match verified {
         Ok(v) => {
-            conn.last_token = Some((state.id, token.into(), v.clone()));
-            accept(v, ctx);
+            accept(&v, ctx);
+            conn.last_token = Some((state.id, token.into(), v));
             Ok(())
         }
         Err(e) => {
@@ -97,13 +97,13 @@ async fn bearer(state: &State, conn: &mut Conn, token: &str, ctx: &mut Ctx) -> R
     }
 }
 
-fn accept(v: Verified, ctx: &mut Ctx) {
+fn accept(v: &Verified, ctx: &mut Ctx) {
     ctx.token = Some(match v.family {
         Family::Entra => TokenKind::Entra,
         _ => TokenKind::Callback,
     });
-    ctx.token_item = v.item;
-    ctx.user = v.user;
+    ctx.token_item.clone_from(&v.item);
+    ctx.user.clone_from(&v.user);
 }
 
 /// A short, stable tag of a token that failed: the first 16 hex digits of its SHA-256.

@@ -195,6 +195,10 @@ fn measure(
     let mut best: Option<Wrk> = None;
     for _ in 0..KEEPALIVE_ROUNDS {
         let w = wrk(subject.port, &pki.token(|c| c), false, dir)?;
+        eprintln!(
+            "{name}: keep-alive round: {:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms",
+            w.rps, w.p50_ms, w.p99_ms
+        );
         if best.as_ref().is_none_or(|b| w.rps > b.rps) {
             best = Some(w);
         }
