@@ -453,8 +453,8 @@ impl Engine {
         let ctx = Context {
             time_ms: s.time_ms,
             source: s.source,
-            group: s.group.clone(),
-            user: Some(s.user.clone()),
+            group: s.group.as_deref(),
+            user: Some(&s.user),
             token_item: None,
         };
         let key = self.key(&s.user);
@@ -481,9 +481,9 @@ impl Engine {
         let ctx = Context {
             time_ms: o.time_ms,
             source: Some(o.source),
-            group: o.group.map(str::to_string),
-            user: o.user.map(str::to_string),
-            token_item: o.token_item.map(str::to_string),
+            group: o.group,
+            user: o.user,
+            token_item: o.token_item,
         };
         let mut pending = Vec::new();
         if let Some(user) = o.user {
@@ -508,7 +508,13 @@ impl Engine {
         (rule.enabled && !ignored(rule, group)).then_some(rule)
     }
 
-    fn per_user(&mut self, o: &Observation, user: &str, ctx: &Context, out: &mut Vec<Detection>) {
+    fn per_user(
+        &mut self,
+        o: &Observation,
+        user: &str,
+        ctx: &Context<'_>,
+        out: &mut Vec<Detection>,
+    ) {
         let key = self.key(user);
         let secs = secs_of(o.time_ms);
         // A refused credential proves nothing about where the user is.
@@ -575,7 +581,7 @@ impl Engine {
         &mut self,
         key: u64,
         here: Place,
-        ctx: &Context,
+        ctx: &Context<'_>,
         out: &mut Vec<Detection>,
         remote: bool,
     ) {
@@ -633,7 +639,13 @@ impl Engine {
         out.push(self.detection(&rule, ctx, evidence));
     }
 
-    fn first_seen(&mut self, key: u64, o: &Observation, ctx: &Context, out: &mut Vec<Detection>) {
+    fn first_seen(
+        &mut self,
+        key: u64,
+        o: &Observation,
+        ctx: &Context<'_>,
+        out: &mut Vec<Detection>,
+    ) {
         let Some(rule) = self.active(DetectionKind::FirstSeenSource, o.group) else {
             return;
         };
@@ -675,7 +687,13 @@ impl Engine {
         }
     }
 
-    fn off_hours(&mut self, key: u64, o: &Observation, ctx: &Context, out: &mut Vec<Detection>) {
+    fn off_hours(
+        &mut self,
+        key: u64,
+        o: &Observation,
+        ctx: &Context<'_>,
+        out: &mut Vec<Detection>,
+    ) {
         let Some(rule) = self.active(DetectionKind::OffHours, o.group) else {
             return;
         };
@@ -703,7 +721,13 @@ impl Engine {
         out.push(self.detection(&rule, ctx, evidence));
     }
 
-    fn items_read(&mut self, key: u64, o: &Observation, ctx: &Context, out: &mut Vec<Detection>) {
+    fn items_read(
+        &mut self,
+        key: u64,
+        o: &Observation,
+        ctx: &Context<'_>,
+        out: &mut Vec<Detection>,
+    ) {
         if o.op_class != Some(OpClass::Read) || o.items == 0 {
             return;
         }
@@ -728,7 +752,7 @@ impl Engine {
         }
     }
 
-    fn paging(&mut self, o: &Observation, user: &str, ctx: &Context, out: &mut Vec<Detection>) {
+    fn paging(&mut self, o: &Observation, user: &str, ctx: &Context<'_>, out: &mut Vec<Detection>) {
         if o.operation != Some("FindItem") {
             return;
         }
@@ -761,7 +785,7 @@ impl Engine {
         }
     }
 
-    fn per_source(&mut self, o: &Observation, ctx: &Context, out: &mut Vec<Detection>) {
+    fn per_source(&mut self, o: &Observation, ctx: &Context<'_>, out: &mut Vec<Detection>) {
         let secs = secs_of(o.time_ms);
         let quiet = self.settings.quiet_secs;
         if let Some(rule) = self.active(DetectionKind::FailureBurstSource, o.group) {
@@ -821,7 +845,13 @@ impl Engine {
         }
     }
 
-    fn per_token(&mut self, o: &Observation, item: &str, ctx: &Context, out: &mut Vec<Detection>) {
+    fn per_token(
+        &mut self,
+        o: &Observation,
+        item: &str,
+        ctx: &Context<'_>,
+        out: &mut Vec<Detection>,
+    ) {
         let Some(rule) = self.active(DetectionKind::TokenReuse, o.group) else {
             return;
         };
@@ -862,22 +892,22 @@ impl Engine {
         }
     }
 
-    fn detection(&self, rule: &DetectionRule, ctx: &Context, mut evidence: Value) -> Detection {
+    fn detection(&self, rule: &DetectionRule, ctx: &Context<'_>, mut evidence: Value) -> Detection {
         let kind = rule.kind;
         let subject = match kind.subject() {
-            SubjectKind::User => format!("user {}", ctx.user.as_deref().unwrap_or("-")),
+            SubjectKind::User => format!("user {}", ctx.user.unwrap_or("-")),
             SubjectKind::Source => match ctx.source {
                 Some(s) => format!("source {s}"),
                 None => "source -".into(),
             },
-            SubjectKind::Token => format!("token {}", ctx.token_item.as_deref().unwrap_or("-")),
+            SubjectKind::Token => format!("token {}", ctx.token_item.unwrap_or("-")),
         };
         let action = match rule.action {
             ActionSpec::Alert => Action::Alert,
             ActionSpec::RefuseIdentity { secs } => {
-                let identity = match (kind.subject(), &ctx.token_item, &ctx.user) {
-                    (SubjectKind::Token, Some(t), _) => Some(Identity::TokenItem(t.clone())),
-                    (_, _, Some(u)) => Some(Identity::User(u.clone())),
+                let identity = match (kind.subject(), ctx.token_item, ctx.user) {
+                    (SubjectKind::Token, Some(t), _) => Some(Identity::TokenItem(t.into())),
+                    (_, _, Some(u)) => Some(Identity::User(u.into())),
                     _ => None,
                 };
                 identity.map_or(Action::Alert, |identity| Action::RefuseIdentity {
@@ -886,14 +916,14 @@ impl Engine {
                 })
             }
             ActionSpec::BlockSource { secs } => match ctx.source {
-                Some(source) if (self.block_policy)(ctx.group.as_deref()) => {
+                Some(source) if (self.block_policy)(ctx.group) => {
                     Action::BlockSource { source, secs }
                 }
                 _ => {
                     if let Value::Object(m) = &mut evidence {
                         m.insert(
                             "block_refused".into(),
-                            json!(match &ctx.group {
+                            json!(match ctx.group {
                                 Some(g) => format!("source group {g} does not allow blocks"),
                                 None => "no source address".to_string(),
                             }),
@@ -911,20 +941,22 @@ impl Engine {
             action,
             time_ms: ctx.time_ms,
             source: ctx.source,
-            group: ctx.group.clone(),
-            user: ctx.user.clone(),
-            token_item: ctx.token_item.clone(),
+            group: ctx.group.map(str::to_string),
+            user: ctx.user.map(str::to_string),
+            token_item: ctx.token_item.map(str::to_string),
         }
     }
 }
 
 /// The fields of the decision (or sighting) a detection reports.
-struct Context {
+/// What a detection that fires says about its request: borrowed from the observation, and
+/// copied only into a detection that fires.
+struct Context<'a> {
     time_ms: u64,
     source: Option<IpAddr>,
-    group: Option<String>,
-    user: Option<String>,
-    token_item: Option<String>,
+    group: Option<&'a str>,
+    user: Option<&'a str>,
+    token_item: Option<&'a str>,
 }
 
 /// Seconds since the epoch, as the state keeps them (enough until 2106).
