@@ -236,6 +236,12 @@ impl IdCache {
         if id.is_empty() || id.len() > MAX_ID {
             return;
         }
+        // Every answer names the IDs it names again: an entry known already is updated in
+        // place, without copying its key.
+        if let Some(mut entry) = self.map.get_mut(&KeyRef { kind, mailbox, id }) {
+            *entry = known;
+            return;
+        }
         let key = Key {
             kind,
             mailbox: mailbox.to_string(),

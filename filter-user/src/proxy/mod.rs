@@ -31,7 +31,7 @@ use std::{
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use tokio::{net::TcpListener, sync::Semaphore};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     ipc::ToAgent,
@@ -117,6 +117,7 @@ pub fn serve(agent: PathBuf, threads: usize) -> anyhow::Result<()> {
         for (identity, secs, why) in init.refused {
             shared.refused.add(identity, secs, why);
         }
+        seed_random();
         for (addr, listener) in listeners {
             tokio::spawn(accept::accept_loop(listener, shared.clone()));
             info!(%addr, "proxy listening");
@@ -167,4 +168,13 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
         }
     };
     Ok(builder.thread_name("ewsgate-proxy").enable_all().build()?)
+}
+
+/// aws-lc seeds its random generator from CPU jitter the first time it is asked, a tenth
+/// of a second or more of work: done before the first client's handshake, not inside it.
+fn seed_random() {
+    let mut sample = [0u8; 16];
+    if aws_lc_rs::rand::fill(&mut sample).is_err() {
+        warn!("the random generator could not be seeded at start");
+    }
 }

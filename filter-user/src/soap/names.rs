@@ -60,8 +60,9 @@ impl<'i> NsReader<'i> {
         reader.config_mut().check_end_names = true;
         NsReader {
             reader,
-            bindings: Vec::new(),
-            prefixes: String::new(),
+            // An EWS document declares three or four prefixes, on its first elements.
+            bindings: Vec::with_capacity(8),
+            prefixes: String::with_capacity(32),
             level: 0,
             pending_pop: false,
         }

@@ -260,7 +260,12 @@ pub fn parse_response(bytes: &[u8], limits: Limits) -> Result<Response, SoapErro
 
 fn parse_document(bytes: &[u8], limits: Limits) -> Result<Response, SoapError> {
     let mut reader = NsReader::new(bytes);
-    let mut w = Walk::default();
+    // Sized for a usual answer, so that a walk does not grow its stacks element by element.
+    let mut w = Walk {
+        stack: Vec::with_capacity(16),
+        owners: Vec::with_capacity(4),
+        ..Walk::default()
+    };
     loop {
         let before = reader.buffer_position() as usize;
         let (ns, event) = reader

@@ -5,7 +5,7 @@
 
 use std::{io::IoSlice, time::Duration};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::{io::AsyncWriteExt, sync::SemaphorePermit};
 
 use crate::{
@@ -248,25 +248,37 @@ async fn read_whole<'a>(
     shared: &'a Shared,
     state: &State,
     answer: &mut Answer,
-) -> Result<(Vec<u8>, Vec<SemaphorePermit<'a>>), Refusal> {
+) -> Result<(Bytes, Vec<SemaphorePermit<'a>>), Refusal> {
     let max = state.content.response_bytes;
     let idle = state.settings.limits.idle_timeout;
     let mut decoder = BodyDecoder::new(answer.framing);
+    // An answer that arrived in one piece (the usual small one) is used where it lies;
+    // only a second piece makes a copy.
+    let mut first: Option<Bytes> = None;
     let mut body = Vec::new();
+    let mut len = 0usize;
     let mut permits = Vec::new();
     let mut held = 0usize;
     loop {
         match decoder.decode(&mut answer.up.buf) {
             Ok(Some(piece)) => {
-                if body.len() + piece.len() > max {
+                if len + piece.len() > max {
                     return Err(Refusal::service(502, "response_too_large_to_inspect"));
                 }
-                let need = (body.len() + piece.len()).div_ceil(BUDGET_UNIT);
+                len += piece.len();
+                let need = len.div_ceil(BUDGET_UNIT);
                 if need > held {
                     permits.push(budget(shared, need - held).await?);
                     held = need;
                 }
-                body.extend_from_slice(&piece);
+                if len == piece.len() {
+                    first = Some(piece);
+                } else {
+                    if let Some(f) = first.take() {
+                        body.extend_from_slice(&f);
+                    }
+                    body.extend_from_slice(&piece);
+                }
             }
             Ok(None) if decoder.is_done() => break,
             Ok(None) => {
@@ -285,6 +297,7 @@ async fn read_whole<'a>(
     if answer.up.buf.capacity() > 64 * 1024 {
         answer.up.buf = BytesMut::new();
     }
+    let body = first.unwrap_or_else(|| Bytes::from(body));
     Ok((body, permits))
 }
 

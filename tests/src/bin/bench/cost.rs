@@ -39,21 +39,29 @@ const BACKEND: u16 = 19080;
 pub fn run() -> anyhow::Result<()> {
     raise_fd_limit();
     // Three runs of the same set-up: the difference between them is what the requests cost.
-    let base = measure(0, 0)?;
-    let keepalive = measure(KEEPALIVE_REQUESTS, 0)?;
-    let handshakes = measure(0, HANDSHAKES)?;
-    let per = |total: u64, n: u64| total.saturating_sub(base) as f64 / n as f64;
+    let base = measure(Subject::Plain, 0, 0)?;
+    let keepalive = measure(Subject::Plain, KEEPALIVE_REQUESTS, 0)?;
+    let handshakes = measure(Subject::Plain, 0, HANDSHAKES)?;
+    let content_base = measure(Subject::Content, 0, 0)?;
+    let content = measure(Subject::Content, KEEPALIVE_REQUESTS, 0)?;
+    let per = |total: u64, base: u64, n: u64| total.saturating_sub(base) as f64 / n as f64;
     let rows = vec![
         row(
             "instructions_per_request",
             "ewsgate",
-            per(keepalive, KEEPALIVE_REQUESTS),
+            per(keepalive, base, KEEPALIVE_REQUESTS),
             "instructions",
         ),
         row(
             "instructions_per_connection",
             "ewsgate",
-            per(handshakes, HANDSHAKES),
+            per(handshakes, base, HANDSHAKES),
+            "instructions",
+        ),
+        row(
+            "instructions_per_request",
+            "ewsgate-content",
+            per(content, content_base, KEEPALIVE_REQUESTS),
             "instructions",
         ),
     ];
@@ -64,12 +72,31 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Which of `bench proxy`'s ewsgate configurations runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Subject {
+    /// The bench's rule: source group, bearer, callback token.
+    Plain,
+    /// The same under a rule that limits data types: every response read and judged.
+    Content,
+}
+
+impl Subject {
+    fn config(self) -> (&'static str, u16) {
+        match self {
+            Subject::Plain => ("ewsgate", 18443),
+            Subject::Content => ("ewsgate-content", 18447),
+        }
+    }
+}
+
 /// Starts the agent and the proxy under callgrind, sends a warm-up, then `requests` on one
 /// kept-alive connection and `handshakes` connections of one request each, stops both, and
 /// returns the instructions the proxy ran in all.
-fn measure(requests: u64, handshakes: u64) -> anyhow::Result<u64> {
+fn measure(subject: Subject, requests: u64, handshakes: u64) -> anyhow::Result<u64> {
+    let (name, port) = subject.config();
     let dir = std::env::temp_dir().join(format!(
-        "ewsgate-bench-cost-{}-{requests}-{handshakes}",
+        "ewsgate-bench-cost-{}-{name}-{requests}-{handshakes}",
         std::process::id()
     ));
     let _ = fs::remove_dir_all(&dir);
@@ -78,13 +105,13 @@ fn measure(requests: u64, handshakes: u64) -> anyhow::Result<u64> {
     let public = rcgen::KeyPair::from_pem(&pki.signer.pem_key)?.public_key_pem();
     fs::write(dir.join("exchange-auth.pub.pem"), public)?;
     write_configs(&dir, &bpffs.dir)?;
-    let config = dir.join("ewsgate.toml");
+    let config = dir.join(format!("{name}.toml"));
     let ports = |t: String| {
         t.replace(
             &format!("127.0.0.1:{BACKEND_PORT}"),
             &format!("127.0.0.1:{BACKEND}"),
         )
-        .replace("127.0.0.1:18443", &format!("127.0.0.1:{PORT}"))
+        .replace(&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{PORT}"))
     };
     let text = ports(fs::read_to_string(&config)?)
         .replace("threads = 1\n", "threads = 1\nspawn = false\n");
@@ -127,7 +154,10 @@ fn measure(requests: u64, handshakes: u64) -> anyhow::Result<u64> {
     // Kept for `callgrind_annotate`: where the instructions go.
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     fs::create_dir_all(&out)?;
-    let kept = out.join(format!("cost-{requests}-{handshakes}.callgrind"));
+    let kept = match subject {
+        Subject::Plain => out.join(format!("cost-{requests}-{handshakes}.callgrind")),
+        Subject::Content => out.join(format!("cost-content-{requests}.callgrind")),
+    };
     fs::copy(&proxy.out, &kept)?;
     let _ = fs::remove_dir_all(&dir);
     Ok(total)
@@ -137,8 +167,9 @@ fn print(rows: &[Value]) {
     println!("\nThe proxy's cost, counted by callgrind (1 KB SOAP POST, callback token)");
     for r in rows {
         println!(
-            "{:<30} {:>14.0} {}",
+            "{:<30} {:<16} {:>10.0} {}",
             r["measure"].as_str().unwrap_or(""),
+            r["subject"].as_str().unwrap_or(""),
             r["value"].as_f64().unwrap_or(f64::NAN),
             r["unit"].as_str().unwrap_or("")
         );

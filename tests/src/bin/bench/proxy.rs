@@ -196,8 +196,8 @@ fn measure(
     for _ in 0..KEEPALIVE_ROUNDS {
         let w = wrk(subject.port, &pki.token(|c| c), false, dir)?;
         eprintln!(
-            "{name}: keep-alive round: {:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms",
-            w.rps, w.p50_ms, w.p99_ms
+            "{name}: keep-alive round: {:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms, idle CPU 0 {:.0}%, CPU 1 {:.0}%",
+            w.rps, w.p50_ms, w.p99_ms, w.idle_pct[0], w.idle_pct[1]
         );
         if best.as_ref().is_none_or(|b| w.rps > b.rps) {
             best = Some(w);
@@ -207,6 +207,8 @@ fn measure(
     rows.push(row("keepalive_rps", name, best.rps, "requests/s"));
     rows.push(row("keepalive_p50_ms", name, best.p50_ms, "ms"));
     rows.push(row("keepalive_p99_ms", name, best.p99_ms, "ms"));
+    rows.push(row("keepalive_cpu0_idle_pct", name, best.idle_pct[0], "%"));
+    rows.push(row("keepalive_cpu1_idle_pct", name, best.idle_pct[1], "%"));
     if name == "ewsgate-content" {
         // Only the content policy's cost is measured here; the rest is ewsgate's row.
         return Ok(());
@@ -246,6 +248,38 @@ struct Wrk {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// Idle share of each CPU over the round, in percent: CPU 0 runs the subject, CPU 1
+    /// wrk and the backend. A CPU 1 with no idle time left caps the subject's rate.
+    idle_pct: [f64; 2],
+}
+
+/// Idle and total jiffies of CPU 0 and CPU 1, from /proc/stat.
+fn cpu_times() -> anyhow::Result<[(u64, u64); 2]> {
+    let stat = fs::read_to_string("/proc/stat")?;
+    let mut out = [(0, 0); 2];
+    for (i, slot) in out.iter_mut().enumerate() {
+        let line = stat
+            .lines()
+            .find(|l| l.starts_with(&format!("cpu{i} ")))
+            .with_context(|| format!("no cpu{i} in /proc/stat"))?;
+        let n: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal
+        let idle = n.get(3).copied().unwrap_or(0) + n.get(4).copied().unwrap_or(0);
+        *slot = (idle, n.iter().take(8).sum());
+    }
+    Ok(out)
+}
+
+fn idle_between(a: [(u64, u64); 2], b: [(u64, u64); 2]) -> [f64; 2] {
+    let pct = |i: usize| {
+        let total = b[i].1.saturating_sub(a[i].1).max(1);
+        100.0 * b[i].0.saturating_sub(a[i].0) as f64 / total as f64
+    };
+    [pct(0), pct(1)]
 }
 
 fn wrk(port: u16, token: &str, close: bool, dir: &Path) -> anyhow::Result<Wrk> {
@@ -258,6 +292,7 @@ fn wrk(port: u16, token: &str, close: bool, dir: &Path) -> anyhow::Result<Wrk> {
         lua.push_str("wrk.headers[\"Connection\"] = \"close\"\n");
     }
     fs::write(&script, lua)?;
+    let before = cpu_times()?;
     let out = Command::new("taskset")
         .args(["-c", "1", "wrk", "-t1"])
         .arg(format!("-c{CONNECTIONS}"))
@@ -267,6 +302,7 @@ fn wrk(port: u16, token: &str, close: bool, dir: &Path) -> anyhow::Result<Wrk> {
         .arg(format!("https://127.0.0.1:{port}/EWS/Exchange.asmx"))
         .output()
         .context("running wrk")?;
+    let idle_pct = idle_between(before, cpu_times()?);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
@@ -284,6 +320,7 @@ fn wrk(port: u16, token: &str, close: bool, dir: &Path) -> anyhow::Result<Wrk> {
         rps,
         p50_ms: percentile(&text, "50%")?,
         p99_ms: percentile(&text, "99%")?,
+        idle_pct,
     })
 }
 
@@ -584,24 +621,27 @@ fn print_table(rows: &[Value]) {
     };
     println!("\nTLS proxy, 1 KB SOAP POST with a callback token; proxy on CPU 0, wrk (1 thread, {CONNECTIONS} connections) and backend on CPU 1");
     println!(
-        "{:<16} {:>12} {:>9} {:>9} {:>14} {:>14} {:>14}",
+        "{:<16} {:>12} {:>9} {:>9} {:>14} {:>14} {:>14} {:>12}",
         "subject",
         "keepalive/s",
         "p50 ms",
         "p99 ms",
         "handshakes/s",
         "RSS 1000 idle",
-        "anon 1000 idle"
+        "anon 1000 idle",
+        "idle CPU0/1"
     );
     for s in SUBJECTS.iter().map(|s| s.name) {
         println!(
-            "{s:<16} {:>12.0} {:>9.2} {:>9.2} {:>14.0} {:>11.1} MB {:>11.1} MB",
+            "{s:<16} {:>12.0} {:>9.2} {:>9.2} {:>14.0} {:>11.1} MB {:>11.1} MB {:>5.0}%/{:.0}%",
             get("keepalive_rps", s),
             get("keepalive_p50_ms", s),
             get("keepalive_p99_ms", s),
             get("full_handshakes_per_s", s),
             get("rss_mb_1000_idle", s),
-            get("anon_mb_1000_idle", s)
+            get("anon_mb_1000_idle", s),
+            get("keepalive_cpu0_idle_pct", s),
+            get("keepalive_cpu1_idle_pct", s)
         );
     }
     let e = get("keepalive_rps", "ewsgate");
