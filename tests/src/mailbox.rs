@@ -68,8 +68,36 @@ fn item(
     }
 }
 
+/// A calendar item whose answer is far larger than one read of the gate's (16 KB): its
+/// text body, 128 KiB of it, ends with `LONG_END`.
+pub const LONG_ITEM: &str = "C-long-1";
+pub const LONG_END: &str = "end of the long agenda";
+
+fn long_body() -> &'static str {
+    static BODY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BODY.get_or_init(|| {
+        let line = "Agenda point, with a note about it that goes on for a while.\n";
+        format!(
+            "<t:Body BodyType=\"Text\">{}{LONG_END}</t:Body>",
+            line.repeat(128 * 1024 / line.len())
+        )
+    })
+}
+
 pub fn items() -> Vec<Item> {
     vec![
+        // In a folder of its own, so that no listing of a known folder carries it.
+        Item {
+            extra: long_body(),
+            ..item(
+                LONG_ITEM,
+                "F-long",
+                "CalendarItem",
+                "IPM.Appointment",
+                "Long agenda",
+                vec![],
+            )
+        },
         item(
             TOKEN_ITEM,
             "F-inbox",

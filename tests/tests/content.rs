@@ -7,7 +7,7 @@ use ewsgate::identity::{auth::ntlm_messages, tokens::testkit};
 use tests::{
     ews::{now, wait_audit, Https, Reply},
     gate::Gate,
-    mailbox::{requests, TOKEN_ITEM},
+    mailbox::{requests, LONG_END, LONG_ITEM, TOKEN_ITEM},
 };
 
 /// The audit line of a forwarded request with `op` whose answer lost something, for the
@@ -573,4 +573,25 @@ fn convert_id_naming_another_mailbox_is_delegate_access() {
     })
     .expect("audit of the delegate");
     assert_eq!(line["mailbox"], "ceo@example.org");
+}
+
+#[test]
+fn an_answer_larger_than_one_read_is_judged_whole_and_passed_whole() {
+    let g = Gate::start(0, RULES);
+    let mut phone = g.https_with_cert("office", "phone-0042");
+    // A calendar item of 128 KiB: read in many pieces, judged, and sent on byte for byte.
+    let r = post(&mut phone, &requests::get_item(&[LONG_ITEM]));
+    assert_eq!(r.status, 200, "{}", r.body.len());
+    assert!(r.body.len() > 128 * 1024, "{}", r.body.len());
+    assert!(r.body.contains(LONG_END), "the answer was cut");
+    assert!(!r.body.contains("ErrorAccessDenied"));
+    // Beside an e-mail: the e-mail's message is replaced, the long item stays whole.
+    let r = post(&mut phone, &requests::get_item(&[LONG_ITEM, "M-mail-2"]));
+    assert_eq!(r.status, 200, "{}", r.body.len());
+    assert!(r.body.contains(LONG_END), "the answer was cut");
+    assert!(!r.body.contains("Board minutes"));
+    assert!(r.body.contains("ErrorAccessDenied"));
+    let line = withheld_line(&g, "GetItem", "email");
+    assert_eq!(line["items"], 2);
+    assert!(line["bytes_out"].as_u64().is_some_and(|n| n > 128 * 1024));
 }

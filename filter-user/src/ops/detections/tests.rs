@@ -591,3 +591,28 @@ fn default_caps_cost_is_stated() {
     // The README states this figure; keep them in step.
     assert!((25.0..35.0).contains(&mib), "{mib:.1} MiB");
 }
+
+#[test]
+fn off_hours_fires_once_per_quiet_time_with_its_evidence() {
+    let mut e = engine(|s| {
+        only(s, DetectionKind::OffHours);
+        s.hours = (7 * 60, 20 * 60);
+        s.utc_offset_minutes = 0;
+        s.quiet_secs = 600;
+    });
+    let minute = 60_000;
+    let night = NOON + 10 * 60 * minute;
+    let d = e.observe(&obs(night, "198.51.100.10", "a"));
+    assert_eq!(names(&d), ["off-hours"]);
+    assert_eq!(d[0].evidence["local_time"], "22:00");
+    assert_eq!(d[0].evidence["hours"], "07:00-20:00");
+    // Every request of the night is off hours; within the quiet time none fires again.
+    for m in 1..10 {
+        assert!(e
+            .observe(&obs(night + m * minute, "198.51.100.10", "a"))
+            .is_empty());
+    }
+    let d = e.observe(&obs(night + 10 * minute, "198.51.100.10", "a"));
+    assert_eq!(names(&d), ["off-hours"]);
+    assert_eq!(d[0].evidence["local_time"], "22:10");
+}
