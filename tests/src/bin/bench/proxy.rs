@@ -209,19 +209,37 @@ fn measure(
     rows.push(row("keepalive_p99_ms", name, best.p99_ms, "ms"));
     rows.push(row("keepalive_cpu0_idle_pct", name, best.idle_pct[0], "%"));
     rows.push(row("keepalive_cpu1_idle_pct", name, best.idle_pct[1], "%"));
+    rows.push(row(
+        "cpu0_us_per_request",
+        name,
+        busy_us_per(best.idle_pct[0], best.rps),
+        "µs",
+    ));
     if name == "ewsgate-content" {
         // Only the content policy's cost is measured here; the rest is ewsgate's row.
         return Ok(());
     }
-    let mut handshakes: f64 = 0.0;
+    let mut best: Option<Wrk> = None;
     for _ in 0..HANDSHAKE_ROUNDS {
-        handshakes = handshakes.max(wrk(subject.port, &pki.token(|c| c), true, dir)?.rps);
+        let w = wrk(subject.port, &pki.token(|c| c), true, dir)?;
+        eprintln!(
+            "{name}: handshake round: {:.0} handshakes/s, idle CPU 0 {:.0}%, CPU 1 {:.0}%",
+            w.rps, w.idle_pct[0], w.idle_pct[1]
+        );
+        if best.as_ref().is_none_or(|b| w.rps > b.rps) {
+            best = Some(w);
+        }
     }
+    let best = best.context("no handshake round")?;
+    rows.push(row("full_handshakes_per_s", name, best.rps, "handshakes/s"));
+    // A CPU 0 left idle means wrk's side of the handshakes, not the subject, set the rate.
+    rows.push(row("handshake_cpu0_idle_pct", name, best.idle_pct[0], "%"));
+    rows.push(row("handshake_cpu1_idle_pct", name, best.idle_pct[1], "%"));
     rows.push(row(
-        "full_handshakes_per_s",
+        "cpu0_us_per_handshake",
         name,
-        handshakes,
-        "handshakes/s",
+        busy_us_per(best.idle_pct[0], best.rps),
+        "µs",
     ));
     let (rss, anon) = idle_rss(subject.port, server.pid(), pki)?;
     rows.push(row("rss_mb_1000_idle", name, rss, "MB"));
@@ -272,6 +290,11 @@ fn cpu_times() -> anyhow::Result<[(u64, u64); 2]> {
         *slot = (idle, n.iter().take(8).sum());
     }
     Ok(out)
+}
+
+/// CPU 0's busy time per unit of work: what the subject costs, whichever side set the rate.
+fn busy_us_per(idle_pct: f64, rate: f64) -> f64 {
+    (100.0 - idle_pct) / 100.0 * 1e6 / rate.max(1.0)
 }
 
 fn idle_between(a: [(u64, u64); 2], b: [(u64, u64); 2]) -> [f64; 2] {
@@ -656,4 +679,16 @@ fn print_table(rows: &[Value]) {
         "content policy: ewsgate-content / ewsgate = {:.2} (the response of every request read and judged)",
         get("keepalive_rps", "ewsgate-content") / e,
     );
+    println!(
+        "\nCPU 0 busy time per unit of work (what the subject costs, whichever CPU set the rate):"
+    );
+    for s in SUBJECTS.iter().map(|s| s.name) {
+        println!(
+            "{s:<16} {:>7.1} µs per keep-alive request {:>8.1} µs per handshake (idle CPU 0/1 while handshaking: {:.0}%/{:.0}%)",
+            get("cpu0_us_per_request", s),
+            get("cpu0_us_per_handshake", s),
+            get("handshake_cpu0_idle_pct", s),
+            get("handshake_cpu1_idle_pct", s),
+        );
+    }
 }
