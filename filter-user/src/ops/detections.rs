@@ -465,15 +465,7 @@ impl Engine {
     fn key(&self, text: &str) -> u64 {
         // Case-insensitive: ALICE@example.org is alice@example.org.
         let mut h = self.hasher.build_hasher();
-        // Lowered a block at a time: SipHash costs per call, not per byte.
-        let mut block = [0u8; 64];
-        for chunk in text.as_bytes().chunks(block.len()) {
-            let lowered = &mut block[..chunk.len()];
-            lowered.copy_from_slice(chunk);
-            lowered.make_ascii_lowercase();
-            h.write(lowered);
-        }
-        h.write_u8(0xff);
+        write_lowered(&mut h, text);
         h.finish()
     }
 
@@ -763,10 +755,7 @@ impl Engine {
         let key = {
             let mut h = self.hasher.build_hasher();
             for part in [user, o.mailbox.unwrap_or(user), o.folder.unwrap_or("")] {
-                for b in part.bytes() {
-                    h.write_u8(b.to_ascii_lowercase());
-                }
-                h.write_u8(0xff);
+                write_lowered(&mut h, part);
             }
             h.finish()
         };
@@ -948,8 +937,7 @@ impl Engine {
     }
 }
 
-/// The fields of the decision (or sighting) a detection reports.
-/// What a detection that fires says about its request: borrowed from the observation, and
+/// The fields of the decision (or sighting) a detection reports: borrowed from it, and
 /// copied only into a detection that fires.
 struct Context<'a> {
     time_ms: u64,
@@ -957,6 +945,20 @@ struct Context<'a> {
     group: Option<&'a str>,
     user: Option<&'a str>,
     token_item: Option<&'a str>,
+}
+
+/// Hashes text as its ASCII lower case, then an end mark (0xff, never in UTF-8), so that
+/// parts hashed one after another cannot run into each other. Lowered a block at a time:
+/// SipHash costs per call, not per byte.
+fn write_lowered(h: &mut impl Hasher, text: &str) {
+    let mut block = [0u8; 64];
+    for chunk in text.as_bytes().chunks(block.len()) {
+        let lowered = &mut block[..chunk.len()];
+        lowered.copy_from_slice(chunk);
+        lowered.make_ascii_lowercase();
+        h.write(lowered);
+    }
+    h.write_u8(0xff);
 }
 
 /// Seconds since the epoch, as the state keeps them (enough until 2106).

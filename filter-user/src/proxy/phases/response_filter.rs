@@ -271,7 +271,7 @@ async fn read_whole<'a>(
                     permits.push(budget(shared, need - held).await?);
                     held = need;
                 }
-                if len == piece.len() {
+                if first.is_none() && body.is_empty() {
                     first = Some(piece);
                 } else {
                     if let Some(f) = first.take() {

@@ -28,6 +28,7 @@ use tests::{ews::Pki, lab::BpfFs};
 
 use crate::proxy::{
     raise_fd_limit, row, soap_body, start_nginx, wait_port, write_configs, Server, BACKEND_PORT,
+    SUBJECTS,
 };
 
 const KEEPALIVE_REQUESTS: u64 = 2000;
@@ -39,11 +40,13 @@ const BACKEND: u16 = 19080;
 pub fn run() -> anyhow::Result<()> {
     raise_fd_limit();
     // Three runs of the same set-up: the difference between them is what the requests cost.
-    let base = measure(Subject::Plain, 0, 0)?;
-    let keepalive = measure(Subject::Plain, KEEPALIVE_REQUESTS, 0)?;
-    let handshakes = measure(Subject::Plain, 0, HANDSHAKES)?;
-    let content_base = measure(Subject::Content, 0, 0)?;
-    let content = measure(Subject::Content, KEEPALIVE_REQUESTS, 0)?;
+    // The bench's rule, and the same under a rule that limits data types (every response
+    // read and judged): `bench proxy`'s two ewsgate subjects.
+    let base = measure("ewsgate", 0, 0)?;
+    let keepalive = measure("ewsgate", KEEPALIVE_REQUESTS, 0)?;
+    let handshakes = measure("ewsgate", 0, HANDSHAKES)?;
+    let content_base = measure("ewsgate-content", 0, 0)?;
+    let content = measure("ewsgate-content", KEEPALIVE_REQUESTS, 0)?;
     let per = |total: u64, base: u64, n: u64| total.saturating_sub(base) as f64 / n as f64;
     let rows = vec![
         row(
@@ -72,29 +75,15 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Which of `bench proxy`'s ewsgate configurations runs.
-#[derive(Clone, Copy, PartialEq)]
-enum Subject {
-    /// The bench's rule: source group, bearer, callback token.
-    Plain,
-    /// The same under a rule that limits data types: every response read and judged.
-    Content,
-}
-
-impl Subject {
-    fn config(self) -> (&'static str, u16) {
-        match self {
-            Subject::Plain => ("ewsgate", 18443),
-            Subject::Content => ("ewsgate-content", 18447),
-        }
-    }
-}
-
 /// Starts the agent and the proxy under callgrind, sends a warm-up, then `requests` on one
 /// kept-alive connection and `handshakes` connections of one request each, stops both, and
 /// returns the instructions the proxy ran in all.
-fn measure(subject: Subject, requests: u64, handshakes: u64) -> anyhow::Result<u64> {
-    let (name, port) = subject.config();
+fn measure(name: &str, requests: u64, handshakes: u64) -> anyhow::Result<u64> {
+    let port = SUBJECTS
+        .iter()
+        .find(|s| s.name == name)
+        .map(|s| s.port)
+        .with_context(|| format!("no bench subject {name}"))?;
     let dir = std::env::temp_dir().join(format!(
         "ewsgate-bench-cost-{}-{name}-{requests}-{handshakes}",
         std::process::id()
@@ -154,9 +143,9 @@ fn measure(subject: Subject, requests: u64, handshakes: u64) -> anyhow::Result<u
     // Kept for `callgrind_annotate`: where the instructions go.
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     fs::create_dir_all(&out)?;
-    let kept = match subject {
-        Subject::Plain => out.join(format!("cost-{requests}-{handshakes}.callgrind")),
-        Subject::Content => out.join(format!("cost-content-{requests}.callgrind")),
+    let kept = match name {
+        "ewsgate" => out.join(format!("cost-{requests}-{handshakes}.callgrind")),
+        _ => out.join(format!("cost-{name}-{requests}-{handshakes}.callgrind")),
     };
     fs::copy(&proxy.out, &kept)?;
     let _ = fs::remove_dir_all(&dir);

@@ -30,12 +30,12 @@ const HANDSHAKE_ROUNDS: usize = 2;
 const CONNECTIONS: u32 = 64;
 const IDLE_CONNECTIONS: usize = 1000;
 
-struct Subject {
-    name: &'static str,
-    port: u16,
+pub(crate) struct Subject {
+    pub(crate) name: &'static str,
+    pub(crate) port: u16,
 }
 
-const SUBJECTS: [Subject; 5] = [
+pub(crate) const SUBJECTS: [Subject; 5] = [
     Subject {
         name: "ewsgate",
         port: 18443,
@@ -192,18 +192,7 @@ fn measure(
     rows: &mut Vec<Value>,
 ) -> anyhow::Result<()> {
     let name = subject.name;
-    let mut best: Option<Wrk> = None;
-    for _ in 0..KEEPALIVE_ROUNDS {
-        let w = wrk(subject.port, &pki.token(|c| c), false, dir)?;
-        eprintln!(
-            "{name}: keep-alive round: {:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms, idle CPU 0 {:.0}%, CPU 1 {:.0}%",
-            w.rps, w.p50_ms, w.p99_ms, w.idle_pct[0], w.idle_pct[1]
-        );
-        if best.as_ref().is_none_or(|b| w.rps > b.rps) {
-            best = Some(w);
-        }
-    }
-    let best = best.context("no keep-alive round")?;
+    let best = best_round(subject, pki, dir, false)?;
     rows.push(row("keepalive_rps", name, best.rps, "requests/s"));
     rows.push(row("keepalive_p50_ms", name, best.p50_ms, "ms"));
     rows.push(row("keepalive_p99_ms", name, best.p99_ms, "ms"));
@@ -219,18 +208,7 @@ fn measure(
         // Only the content policy's cost is measured here; the rest is ewsgate's row.
         return Ok(());
     }
-    let mut best: Option<Wrk> = None;
-    for _ in 0..HANDSHAKE_ROUNDS {
-        let w = wrk(subject.port, &pki.token(|c| c), true, dir)?;
-        eprintln!(
-            "{name}: handshake round: {:.0} handshakes/s, idle CPU 0 {:.0}%, CPU 1 {:.0}%",
-            w.rps, w.idle_pct[0], w.idle_pct[1]
-        );
-        if best.as_ref().is_none_or(|b| w.rps > b.rps) {
-            best = Some(w);
-        }
-    }
-    let best = best.context("no handshake round")?;
+    let best = best_round(subject, pki, dir, true)?;
     rows.push(row("full_handshakes_per_s", name, best.rps, "handshakes/s"));
     // A CPU 0 left idle means wrk's side of the handshakes, not the subject, set the rate.
     rows.push(row("handshake_cpu0_idle_pct", name, best.idle_pct[0], "%"));
@@ -245,6 +223,27 @@ fn measure(
     rows.push(row("rss_mb_1000_idle", name, rss, "MB"));
     rows.push(row("anon_mb_1000_idle", name, anon, "MB"));
     Ok(())
+}
+
+/// The fastest of a measure's rounds (keep-alive, or with `close` full handshakes); each
+/// round is printed to stderr as it ends.
+fn best_round(subject: &Subject, pki: &Pki, dir: &Path, close: bool) -> anyhow::Result<Wrk> {
+    let (rounds, what) = match close {
+        false => (KEEPALIVE_ROUNDS, "keep-alive"),
+        true => (HANDSHAKE_ROUNDS, "handshake"),
+    };
+    let mut best: Option<Wrk> = None;
+    for _ in 0..rounds {
+        let w = wrk(subject.port, &pki.token(|c| c), close, dir)?;
+        eprintln!(
+            "{}: {what} round: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, idle CPU 0 {:.0}%, CPU 1 {:.0}%",
+            subject.name, w.rps, w.p50_ms, w.p99_ms, w.idle_pct[0], w.idle_pct[1]
+        );
+        if best.as_ref().is_none_or(|b| w.rps > b.rps) {
+            best = Some(w);
+        }
+    }
+    best.with_context(|| format!("no {what} round"))
 }
 
 pub(crate) fn row(measure: &str, subject: &str, value: f64, unit: &str) -> Value {
