@@ -9,10 +9,14 @@
 //! Properties beyond "no panic": a whole parse never leaves a tail and always names an
 //! operation; a cut parse that passes always leaves one; and when the start and the tail
 //! both pass, the document as a whole is accepted and says exactly what the start said:
-//! nothing the policy has not read can follow the buffer.
+//! nothing the policy has not read can follow the buffer. The tokenizer under the parser
+//! reads the document event for event as quick-xml's reader does.
 #![no_main]
 
-use ewsgate::{model::settings::SoapLimits as Limits, soap::parse_request};
+use ewsgate::{
+    model::settings::SoapLimits as Limits,
+    soap::{agrees_with_quick_xml, parse_request},
+};
 use ewsgate_fuzz::{random_splits, Rng};
 use libfuzzer_sys::fuzz_target;
 
@@ -26,6 +30,9 @@ fuzz_target!(|data: &[u8]| {
     let Some((cut, doc)) = data.split_first_chunk::<2>() else {
         return;
     };
+    if let Err(e) = agrees_with_quick_xml(doc) {
+        panic!("the tokenizer parts from quick-xml: {e}");
+    }
     let whole = parse_request(doc, true, LIMITS);
     if let Ok(r) = &whole {
         assert!(r.tail.is_none() && !r.operation.is_empty(), "{r:?}");

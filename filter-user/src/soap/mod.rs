@@ -12,9 +12,12 @@ use thiserror::Error;
 
 use crate::model::settings::SoapLimits as Limits;
 
+mod lexer;
 mod names;
 mod response;
 mod schema;
+#[doc(hidden)]
+pub use lexer::agrees_with_quick_xml;
 pub use response::{
     fault, parse_response, rewrite, Attachment, FolderInfo, Item, Message, Response, Verdict,
 };
@@ -284,6 +287,10 @@ pub const UNNAMED: &str = "(mailbox without an address)";
 /// objects) sends unless `SaveOnly`; the meeting attributes send unless `SendToNone`. A value
 /// that is not one of the documented ones counts as sending: Exchange refuses it anyway.
 fn sends(e: &BytesStart) -> Result<(bool, bool), SoapError> {
+    // Most operations carry no attributes: four lookups would each set up an iterator.
+    if is_blank(e.attributes_raw().as_bytes()) {
+        return Ok((false, false));
+    }
     let sends_unless = |name: &str, quiet: &str| -> Result<bool, SoapError> {
         match e.try_get_attribute(name) {
             Ok(Some(a)) => Ok(a.value != quiet),
