@@ -178,7 +178,6 @@ fn judge(
         });
         (decision, shadow)
     };
-    let why = reason(decision.rule.as_deref());
     if let Some((d, shadow_why)) = shadow {
         note_shadow(
             ctx,
@@ -190,7 +189,9 @@ fn judge(
     }
     ctx.rule = decision.rule.as_deref().map(Arc::from);
     ctx.inspect = decision.inspect.clone();
+    // The reason is written only for a refusal: most requests pass.
     if decision.action == Action::Deny {
+        let why = reason(decision.rule.as_deref());
         enforce(state, ctx, Refusal::policy(500, why))?;
     }
     if content::changes_ids(&request, info.as_ref()) {
