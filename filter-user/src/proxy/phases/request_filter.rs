@@ -2,6 +2,8 @@
 //! as IIS reads it, the query string, and the `Authorization` header's scheme. Nothing here
 //! waits on anything: a request that fails here is refused before any other phase.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 
 use crate::{
@@ -26,7 +28,7 @@ pub struct Req {
 pub fn run(state: &State, raw: Bytes, ctx: &mut Ctx) -> Result<Req, Refusal> {
     let limits = &state.settings.limits;
     let head = RequestHead::parse(raw, limits.header_count).map_err(protocol)?;
-    ctx.method.push_str(head.method());
+    ctx.method = method_text(head.method());
     ctx.user_agent = head
         .fields
         .text("user-agent")
@@ -54,6 +56,16 @@ pub fn run(state: &State, raw: Bytes, ctx: &mut Ctx) -> Result<Req, Refusal> {
         credential,
         close,
     })
+}
+
+/// The method as the audit line and Exchange see it. The common ones are constants, so
+/// that a request's method costs no allocation.
+fn method_text(method: &str) -> Cow<'static, str> {
+    const KNOWN: [&str; 7] = ["POST", "GET", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"];
+    match KNOWN.iter().find(|k| **k == method) {
+        Some(k) => Cow::Borrowed(k),
+        None => Cow::Owned(method.to_string()),
+    }
 }
 
 fn protocol(e: HeadError) -> Refusal {
@@ -165,19 +177,22 @@ fn split_port(authority: &str) -> (&str, Option<&str>) {
 
 /// What Exchange is sent as the request-target: the EWS endpoint in its canonical
 /// spelling, other paths as normalised; the query only where it is allowed.
-fn forwarded(ctx: &Ctx, query: Option<&str>, state: &State) -> Result<String, Refusal> {
+fn forwarded(ctx: &Ctx, query: Option<&str>, state: &State) -> Result<Cow<'static, str>, Refusal> {
     let path = if ctx.ews {
         paths::EWS_CANONICAL
     } else {
         ctx.path.as_str()
     };
     let Some(q) = query else {
-        return Ok(path.to_string());
+        return Ok(match ctx.ews {
+            true => Cow::Borrowed(paths::EWS_CANONICAL),
+            false => Cow::Owned(path.to_string()),
+        });
     };
     if ctx.ews && !state.settings.ews_query {
         return Err(Refusal::protocol(400, "ews_query_string"));
     }
-    Ok(format!("{path}?{q}"))
+    Ok(Cow::Owned(format!("{path}?{q}")))
 }
 
 fn authorization(head: &RequestHead) -> Result<Credential, Refusal> {
@@ -216,5 +231,13 @@ mod tests {
         assert_eq!(split_port("[2001:db8::1]"), ("[2001:db8::1]", None));
         assert_eq!(scheme_rest("HTTPS://a/b"), Some("a/b"));
         assert_eq!(scheme_rest("/a"), None);
+    }
+
+    #[test]
+    fn methods_are_kept_as_sent() {
+        for m in ["POST", "GET", "HEAD", "PROPFIND", "post", ""] {
+            assert_eq!(method_text(m), m);
+        }
+        assert!(matches!(method_text("POST"), Cow::Borrowed(_)));
     }
 }
