@@ -4,10 +4,7 @@
 //! and `X-Forwarded-Proto`. A request whose body ewsgate holds whole is sent again once on a
 //! fresh connection when a pooled one turns out to have been closed under it.
 
-use std::{
-    io::{IoSlice, Write},
-    time::Instant,
-};
+use std::{io::IoSlice, time::Instant};
 
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
@@ -250,7 +247,7 @@ fn request_head(req: &Req, ctx: &Ctx, body: &BodyOut) -> Vec<u8> {
         put_header(&mut out, name, value);
     }
     out.extend_from_slice(b"X-Forwarded-For: ");
-    let _ = write!(out, "{}", ctx.conn.peer.ip());
+    h1::put_ip(&mut out, ctx.conn.peer.ip());
     out.extend_from_slice(b"\r\nX-Forwarded-Proto: https\r\n");
     match body {
         BodyOut::Whole(b) if b.is_empty() && req.framing == Framing::Empty => {}
