@@ -174,7 +174,6 @@ fn judge(
         });
         (decision, shadow)
     };
-    let why = reason(decision.rule.as_deref());
     if let Some((d, shadow_why)) = shadow {
         note_shadow(
             ctx,
@@ -187,6 +186,8 @@ fn judge(
     ctx.rule = decision.rule.as_deref().map(Arc::from);
     ctx.inspect = decision.inspect.clone();
     if decision.action == Action::Deny {
+        // Written only for a refusal: an allowed request has no use for the text.
+        let why = reason(decision.rule.as_deref());
         enforce(state, ctx, Refusal::policy(500, why))?;
     }
     if content::changes_ids(&request, info.as_ref()) {
