@@ -70,7 +70,7 @@ pub fn classify(value: Option<&[u8]>) -> Credential {
     };
     let (scheme, rest) = split_scheme(text);
     let is = |name: &str| scheme.eq_ignore_ascii_case(name);
-    if is("bearer") && !rest.is_empty() && !rest.contains(' ') {
+    if is("bearer") && one_token(rest) {
         Credential::Bearer {
             token: rest.to_string(),
         }
@@ -98,8 +98,14 @@ pub fn bearer_token(value: &[u8]) -> Option<&str> {
         return None;
     }
     let (scheme, token) = split_scheme(std::str::from_utf8(value).ok()?);
-    let ok = scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && !token.contains(' ');
+    let ok = scheme.eq_ignore_ascii_case("bearer") && one_token(token);
     ok.then_some(token)
+}
+
+/// A Bearer parameter is one token: not empty, no space. A token runs to a kilobyte or
+/// more; `memchr` scans it a vector at a time where `str::contains(char)` goes slower.
+fn one_token(token: &str) -> bool {
+    !token.is_empty() && memchr::memchr(b' ', token.as_bytes()).is_none()
 }
 
 fn basic(b64: &str) -> Credential {

@@ -8,6 +8,7 @@
 //! drains, rather than deciding without a record.
 
 use std::{
+    cell::Cell,
     fs::File,
     io::{self, Write},
     net::IpAddr,
@@ -23,6 +24,8 @@ use serde::{Serialize, Serializer};
 
 /// How often the writer wakes when nobody signals it. Lines reach the file within this.
 const FLUSH_EVERY: Duration = Duration::from_millis(50);
+/// The largest written-out buffer kept for reuse; a bigger one (after a stall) is freed.
+const SPARE_MAX: usize = 1 << 20;
 
 /// One decision, borrowed from whatever made it.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -74,136 +77,150 @@ pub struct Shadow<'a> {
     pub reason: &'a str,
 }
 
+/// A member's name with what goes before and after it (`,"name":`), as one constant: a
+/// line has some twenty members, and copying each name as one fixed-size slice costs a
+/// few moves where pushing separator, quotes and name one by one cost a call each.
+macro_rules! key {
+    (first $name:literal) => {
+        concat!("\"", $name, "\":").as_bytes()
+    };
+    ($name:literal) => {
+        concat!(",\"", $name, "\":").as_bytes()
+    };
+}
+
 impl Record<'_> {
     /// The record as one JSON object, fields in declaration order, as serde writes it.
     pub fn write_json(&self, out: &mut Vec<u8>) {
         let mut w = JsonObject::new(out);
-        w.str("time", Some(rfc3339_now_stamp().as_str()));
-        w.str("kind", Some(self.kind));
+        w.stamp(key!(first "time"), &rfc3339_now_stamp());
+        w.str(key!("kind"), Some(self.kind));
         match self.source {
-            Some(ip) => w.ip("source", ip),
-            None => w.null("source"),
+            Some(ip) => w.ip(key!("source"), ip),
+            None => w.null(key!("source")),
         }
-        w.num("source_port", Some(u64::from(self.source_port)));
-        w.str("source_group", self.source_group);
-        w.str("user", self.user);
-        w.str("auth", Some(self.auth));
-        w.str("token_family", self.token_family);
-        w.str("token_item", self.token_item);
-        w.str("method", Some(self.method));
-        w.str("path", Some(self.path));
-        w.str("operation", self.operation);
-        w.str("data", self.data);
-        w.str("mailbox", self.mailbox);
-        w.num("items", self.items.map(|n| n as u64));
-        w.num("withheld", self.withheld.map(|n| n as u64));
-        w.str("rule", self.rule);
-        w.str("decision", Some(self.decision));
-        w.str("reason", Some(self.reason));
-        w.str("failure", self.failure);
+        w.num(key!("source_port"), Some(u64::from(self.source_port)));
+        w.str(key!("source_group"), self.source_group);
+        w.str(key!("user"), self.user);
+        w.str(key!("auth"), Some(self.auth));
+        w.str(key!("token_family"), self.token_family);
+        w.str(key!("token_item"), self.token_item);
+        w.str(key!("method"), Some(self.method));
+        w.str(key!("path"), Some(self.path));
+        w.str(key!("operation"), self.operation);
+        w.str(key!("data"), self.data);
+        w.str(key!("mailbox"), self.mailbox);
+        w.num(key!("items"), self.items.map(|n| n as u64));
+        w.num(key!("withheld"), self.withheld.map(|n| n as u64));
+        w.str(key!("rule"), self.rule);
+        w.str(key!("decision"), Some(self.decision));
+        w.str(key!("reason"), Some(self.reason));
+        w.str(key!("failure"), self.failure);
         if let Some(r) = &self.report {
-            w.key("report");
+            w.raw(key!("report"));
             let mut inner = JsonObject::new(w.out);
-            inner.str("decision", Some(r.decision));
-            inner.str("rule", r.rule);
-            inner.str("reason", Some(r.reason));
+            inner.str(key!(first "decision"), Some(r.decision));
+            inner.str(key!("rule"), r.rule);
+            inner.str(key!("reason"), Some(r.reason));
             inner.end();
         }
-        w.num("status", Some(u64::from(self.status)));
-        w.num("upstream_status", self.upstream_status.map(u64::from));
-        w.num("bytes_in", Some(self.bytes_in));
-        w.num("bytes_out", Some(self.bytes_out));
-        w.float("duration_ms", Some(self.duration_ms));
-        w.float("upstream_ms", self.upstream_ms);
-        w.str("user_agent", self.user_agent);
-        w.num("connection", Some(self.connection));
+        w.num(key!("status"), Some(u64::from(self.status)));
+        w.num(key!("upstream_status"), self.upstream_status.map(u64::from));
+        w.num(key!("bytes_in"), Some(self.bytes_in));
+        w.num(key!("bytes_out"), Some(self.bytes_out));
+        w.float(key!("duration_ms"), Some(self.duration_ms));
+        w.float(key!("upstream_ms"), self.upstream_ms);
+        w.str(key!("user_agent"), self.user_agent);
+        w.num(key!("connection"), Some(self.connection));
         w.end();
     }
 }
 
-/// Writes one JSON object's members into a buffer.
+/// Writes one JSON object's members into a buffer. Each member is given its key as
+/// written by `key!`, separator included; the first one by `key!(first ...)`.
 struct JsonObject<'o> {
     out: &'o mut Vec<u8>,
-    first: bool,
 }
 
 impl<'o> JsonObject<'o> {
     fn new(out: &'o mut Vec<u8>) -> JsonObject<'o> {
         out.push(b'{');
-        JsonObject { out, first: true }
+        JsonObject { out }
     }
 
-    fn key(&mut self, key: &str) {
-        if !self.first {
-            self.out.push(b',');
+    /// Inlined so that each key, a constant at its call, is copied at a known length.
+    #[inline(always)]
+    fn raw(&mut self, bytes: &[u8]) {
+        self.out.extend_from_slice(bytes);
+    }
+
+    #[inline(always)]
+    fn null(&mut self, key: &[u8]) {
+        self.raw(key);
+        self.raw(b"null");
+    }
+
+    #[inline(always)]
+    fn str(&mut self, key: &[u8], value: Option<&str>) {
+        self.raw(key);
+        match value {
+            Some(v) => escape_into(self.out, v),
+            None => self.raw(b"null"),
         }
-        self.first = false;
+    }
+
+    #[inline(always)]
+    fn num(&mut self, key: &[u8], value: Option<u64>) {
+        self.raw(key);
+        match value {
+            Some(n) => decimal(self.out, n),
+            None => self.raw(b"null"),
+        }
+    }
+
+    /// The time as a string: its characters need no escaping.
+    #[inline(always)]
+    fn stamp(&mut self, key: &[u8], stamp: &Stamp) {
+        self.raw(key);
         self.out.push(b'"');
-        self.out.extend_from_slice(key.as_bytes());
-        self.out.extend_from_slice(b"\":");
-    }
-
-    fn null(&mut self, key: &str) {
-        self.key(key);
-        self.out.extend_from_slice(b"null");
-    }
-
-    fn str(&mut self, key: &str, value: Option<&str>) {
-        let Some(v) = value else {
-            return self.null(key);
-        };
-        self.key(key);
-        escape_into(self.out, v);
-    }
-
-    fn num(&mut self, key: &str, value: Option<u64>) {
-        let Some(n) = value else {
-            return self.null(key);
-        };
-        self.key(key);
-        decimal(self.out, n);
+        self.raw(&stamp.bytes);
+        self.out.push(b'"');
     }
 
     /// An IPv4 address written by hand (formatting one costs as much as the rest of
     /// the line); IPv6, rarer, as `Display` writes it.
-    fn ip(&mut self, key: &str, ip: IpAddr) {
-        let IpAddr::V4(v4) = ip else {
-            return self.display(key, ip);
-        };
-        self.key(key);
+    fn ip(&mut self, key: &[u8], ip: IpAddr) {
+        self.raw(key);
         self.out.push(b'"');
-        for (i, octet) in v4.octets().into_iter().enumerate() {
-            if i > 0 {
-                self.out.push(b'.');
+        match ip {
+            IpAddr::V4(v4) => {
+                let [a, b, c, d] = v4.octets();
+                decimal(self.out, u64::from(a));
+                for octet in [b, c, d] {
+                    self.out.push(b'.');
+                    decimal(self.out, u64::from(octet));
+                }
             }
-            decimal(self.out, u64::from(octet));
+            IpAddr::V6(v6) => {
+                let _ = write!(self.out, "{v6}");
+            }
         }
         self.out.push(b'"');
     }
 
     /// Milliseconds to the microsecond (three decimals), written without float formatting.
-    fn float(&mut self, key: &str, value: Option<f64>) {
+    fn float(&mut self, key: &[u8], value: Option<f64>) {
         match value {
             Some(f) if f.is_finite() && (0.0..1e12).contains(&f) => {
                 let micros = (f * 1000.0).round() as u64;
                 self.num(key, Some(micros / 1000));
-                let frac = micros % 1000;
-                self.out.extend_from_slice(&[
-                    b'.',
-                    b'0' + (frac / 100) as u8,
-                    b'0' + (frac / 10 % 10) as u8,
-                    b'0' + (frac % 10) as u8,
-                ]);
+                let frac = (micros % 1000) as usize;
+                self.out.push(b'.');
+                self.out.push(b'0' + (frac / 100) as u8);
+                self.raw(&PAIRS[frac % 100]);
             }
             _ => self.null(key),
         }
-    }
-
-    fn display(&mut self, key: &str, value: impl std::fmt::Display) {
-        self.key(key);
-        self.out.push(b'"');
-        let _ = write!(self.out, "{value}");
-        self.out.push(b'"');
     }
 
     fn end(self) {
@@ -211,16 +228,43 @@ impl<'o> JsonObject<'o> {
     }
 }
 
-fn decimal(out: &mut Vec<u8>, mut n: u64) {
+/// The two digits of every number below 100, for writing numbers two digits at a time.
+const PAIRS: [[u8; 2]; 100] = {
+    let mut pairs = [[0; 2]; 100];
+    let mut i = 0;
+    while i < 100 {
+        pairs[i] = [b'0' + (i / 10) as u8, b'0' + (i % 10) as u8];
+        i += 1;
+    }
+    pairs
+};
+
+/// A number in decimal. Most numbers of a line are short (ports, statuses, octets), and
+/// those are written without a loop.
+fn decimal(out: &mut Vec<u8>, n: u64) {
+    if n < 10 {
+        out.push(b'0' + n as u8);
+    } else if n < 100 {
+        out.extend_from_slice(&PAIRS[n as usize]);
+    } else {
+        long_decimal(out, n);
+    }
+}
+
+fn long_decimal(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
-    loop {
+    while n >= 100 {
+        i -= 2;
+        digits[i..i + 2].copy_from_slice(&PAIRS[(n % 100) as usize]);
+        n /= 100;
+    }
+    if n >= 10 {
+        i -= 2;
+        digits[i..i + 2].copy_from_slice(&PAIRS[n as usize]);
+    } else {
         i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+        digits[i] = b'0' + n as u8;
     }
     out.extend_from_slice(&digits[i..]);
 }
@@ -239,14 +283,40 @@ const fn any_is(w: u64, b: u8) -> bool {
     any_below(w ^ (ONES * b as u64), 1)
 }
 
+/// Whether none of a word's eight bytes needs escaping.
+const fn plain_word(w: u64) -> bool {
+    !(any_below(w, 0x20) || any_is(w, b'"') || any_is(w, b'\\'))
+}
+
+const fn plain_byte(b: u8) -> bool {
+    !(b < 0x20 || b == b'"' || b == b'\\')
+}
+
+/// Four to eight bytes as one word: the first four and the last four, which overlap
+/// when there are fewer than eight. Whether a byte needs escaping does not depend on
+/// where it sits in the word.
+fn short_word(bytes: &[u8]) -> Option<u64> {
+    let first = u32::from_ne_bytes(*bytes.first_chunk::<4>()?);
+    let last = u32::from_ne_bytes(*bytes.last_chunk::<4>()?);
+    Some(u64::from(first) | u64::from(last) << 32)
+}
+
 /// Whether a value needs no escaping: no control character, quote or backslash. Eight
-/// bytes at a time; the values of a line are short, but there are twenty of them.
+/// bytes at a time; the bytes after the last whole word are read again as the last eight
+/// bytes (overlapping the word before), so that no value ends in a byte-by-byte loop.
 fn plain(bytes: &[u8]) -> bool {
     let (words, rest) = bytes.as_chunks::<8>();
-    words.iter().all(|w| {
-        let w = u64::from_ne_bytes(*w);
-        !(any_below(w, 0x20) || any_is(w, b'"') || any_is(w, b'\\'))
-    }) && !rest.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+    if !words.iter().all(|w| plain_word(u64::from_ne_bytes(*w))) {
+        return false;
+    }
+    match bytes.last_chunk::<8>() {
+        Some(last) if !rest.is_empty() => plain_word(u64::from_ne_bytes(*last)),
+        Some(_) => true,
+        None => match short_word(bytes) {
+            Some(w) => plain_word(w),
+            None => bytes.iter().all(|&b| plain_byte(b)),
+        },
+    }
 }
 
 /// A JSON string, escaped as serde_json escapes it: quotes, backslashes and control
@@ -260,6 +330,12 @@ fn escape_into(out: &mut Vec<u8>, s: &str) {
         out.push(b'"');
         return;
     }
+    escape_slowly(out, bytes);
+    out.push(b'"');
+}
+
+/// Copies runs of plain bytes whole and escapes the bytes between them.
+fn escape_slowly(out: &mut Vec<u8>, bytes: &[u8]) {
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let short: &[u8] = match b {
@@ -285,14 +361,34 @@ fn escape_into(out: &mut Vec<u8>, s: &str) {
         start = i + 1;
     }
     out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
 }
 
 fn rfc3339_now_stamp() -> Stamp {
     let d = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    rfc3339(d.as_secs() as i64, d.subsec_millis())
+    same_second_stamp(d.as_secs() as i64, d.subsec_millis())
+}
+
+thread_local! {
+    /// The second last stamped on this thread and its stamp: requests within one second
+    /// differ only in their milliseconds, so the calendar is worked out once a second.
+    static LAST_SECOND: Cell<(i64, [u8; 24])> = const { Cell::new((i64::MIN, [0; 24])) };
+}
+
+/// `rfc3339`, with the date and time of day reused from the last call in the same second.
+fn same_second_stamp(secs: i64, millis: u32) -> Stamp {
+    let (last, bytes) = LAST_SECOND.get();
+    if last != secs {
+        let stamp = rfc3339(secs, millis);
+        LAST_SECOND.set((secs, stamp.bytes));
+        return stamp;
+    }
+    let mut bytes = bytes;
+    let millis = (millis % 1000) as usize;
+    bytes[20] = b'0' + (millis / 100) as u8;
+    bytes[21..23].copy_from_slice(&PAIRS[millis % 100]);
+    Stamp { bytes }
 }
 
 /// The time a record is written, as RFC 3339 UTC with milliseconds.
@@ -311,6 +407,10 @@ impl Serialize for Time {
 
 struct Buffer {
     lines: Mutex<Vec<u8>>,
+    /// The buffer last written out, emptied: it takes the lines' place at the next flush,
+    /// so that requests write into memory already grown rather than growing a new buffer
+    /// from nothing (a few reallocations, and their copies, every flush).
+    spare: Mutex<Vec<u8>>,
     /// Bytes waiting for the writer.
     backlog: AtomicUsize,
     wake: Condvar,
@@ -333,6 +433,7 @@ impl Audit {
         };
         let shared = Arc::new(Buffer {
             lines: Mutex::new(Vec::new()),
+            spare: Mutex::new(Vec::new()),
             backlog: AtomicUsize::new(0),
             wake: Condvar::new(),
             out: Mutex::new(out),
@@ -409,8 +510,8 @@ impl Buffer {
     /// Writes out what is buffered. The backlog falls only once the bytes are written, so
     /// a stalled writer shows as a growing backlog.
     fn flush(&self) {
-        let pending = match self.lines.lock() {
-            Ok(mut l) if !l.is_empty() => std::mem::take(&mut *l),
+        let mut pending = match self.lines.lock() {
+            Ok(mut l) if !l.is_empty() => std::mem::replace(&mut *l, self.take_spare()),
             _ => return,
         };
         let Ok(mut out) = self.out.lock() else {
@@ -433,6 +534,20 @@ impl Buffer {
             }
         }
         let _ = out.flush();
+        drop(out);
+        pending.clear();
+        if pending.capacity() <= SPARE_MAX {
+            if let Ok(mut spare) = self.spare.lock() {
+                *spare = pending;
+            }
+        }
+    }
+
+    fn take_spare(&self) -> Vec<u8> {
+        self.spare
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default()
     }
 }
 
@@ -579,11 +694,23 @@ mod tests {
         ] {
             let ip: IpAddr = ip.parse().unwrap();
             let mut out = Vec::new();
-            JsonObject::new(&mut out).ip("source", ip);
+            JsonObject::new(&mut out).ip(key!(first "source"), ip);
             assert_eq!(
                 String::from_utf8(out).unwrap(),
                 format!("{{\"source\":\"{ip}\"")
             );
+        }
+    }
+
+    #[test]
+    fn stamps_within_a_second_are_the_second_s_stamp_with_their_milliseconds() {
+        for secs in [0, 951_782_399, 951_782_400, 1_795_435_200] {
+            for millis in [0, 5, 99, 100, 999, 7, 420] {
+                assert_eq!(
+                    same_second_stamp(secs, millis).as_str(),
+                    rfc3339(secs, millis).as_str()
+                );
+            }
         }
     }
 

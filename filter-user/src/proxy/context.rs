@@ -78,11 +78,13 @@ pub struct Ctx {
     pub started: Instant,
     pub conn: Arc<ConnInfo>,
     // request filter
-    pub method: String,
+    /// The common methods are constants (`Cow::Borrowed`): no allocation for them.
+    pub method: Cow<'static, str>,
     /// The normalised path, or the raw target when it could not be normalised.
     pub path: String,
     /// What goes to Exchange as the request-target (and what the audit line records).
-    pub forwarded: Option<String>,
+    /// The EWS endpoint's canonical spelling is a constant.
+    pub forwarded: Option<Cow<'static, str>>,
     /// `POST /EWS/Exchange.asmx`: refusals are SOAP faults, the body is judged.
     pub ews: bool,
     pub user_agent: Option<String>,
@@ -106,8 +108,8 @@ pub struct Ctx {
     // body filter
     pub operation: Option<String>,
     pub op_class: Option<OpClass>,
-    /// Data types touched, or "unresolved".
-    pub data: Option<String>,
+    /// Data types touched, or "unresolved"; a single type is its constant name.
+    pub data: Option<Cow<'static, str>>,
     pub mailbox: Option<String>,
     pub items: Option<usize>,
     // upstream and response
@@ -131,7 +133,7 @@ impl Ctx {
         Ctx {
             started,
             conn,
-            method: String::new(),
+            method: Cow::Borrowed(""),
             path: String::new(),
             forwarded: None,
             ews: false,

@@ -93,12 +93,14 @@ impl Fields {
             .map(|(_, v)| v)
     }
 
-    /// The header names `Connection` lists: hop-by-hop too, for this message.
+    /// The header names `Connection` lists: hop-by-hop too, for this message. Names that
+    /// are hop-by-hop whatever it says (`keep-alive`, `te`, ...) are left out: listing them
+    /// changes nothing, and the usual `Connection: keep-alive` then allocates no list.
     pub fn connection_named(&self) -> Vec<&[u8]> {
         self.all("connection")
             .flat_map(|v| v.split(|&b| b == b','))
             .map(<[u8]>::trim_ascii)
-            .filter(|t| !t.is_empty())
+            .filter(|t| !t.is_empty() && !always_hop_by_hop(t))
             .collect()
     }
 
@@ -559,13 +561,16 @@ pub const HOP_BY_HOP: [&str; 8] = [
     "content-length",
 ];
 
+fn always_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+}
+
 /// Whether a header must not be passed on: hop-by-hop, or named by `Connection` (`named`,
 /// from [`Fields::connection_named`]), which may never remove what the proxy relies on.
 pub fn is_hop_by_hop(name: &[u8], named: &[&[u8]]) -> bool {
-    if HOP_BY_HOP
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
-    {
+    if always_hop_by_hop(name) {
         return true;
     }
     let protected: [&[u8]; 3] = [b"host", b"authorization", b"content-length"];
@@ -597,6 +602,25 @@ pub fn put_number(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(&digits[i..]);
 }
 
+/// Appends an address as `Display` writes it. IPv4, by far the usual client, is written
+/// octet by octet: the formatting machinery costs a thousand instructions a request.
+pub fn put_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+    use std::io::Write as _;
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let [a, b, c, d] = v4.octets();
+            put_number(out, u64::from(a));
+            for octet in [b, c, d] {
+                out.push(b'.');
+                put_number(out, u64::from(octet));
+            }
+        }
+        std::net::IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
 /// Appends the header of one chunk of a chunked body.
 pub fn put_chunk_size(out: &mut Vec<u8>, len: usize) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -621,6 +645,42 @@ mod tests {
 
     fn parse(text: &[u8]) -> Result<RequestHead, HeadError> {
         RequestHead::parse(Bytes::copy_from_slice(text), 32)
+    }
+
+    #[test]
+    fn connection_lists_only_what_it_adds_to_the_hop_by_hop_headers() {
+        let h = parse(
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Secret ,TE\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let named = h.fields.connection_named();
+        assert_eq!(named, [&b"X-Secret"[..], b"close"]);
+        for (name, hop) in [
+            (&b"x-secret"[..], true),
+            (b"Keep-Alive", true),
+            (b"te", true),
+            (b"close", true),
+            (b"host", false),
+            (b"x-other", false),
+        ] {
+            assert_eq!(is_hop_by_hop(name, &named), hop, "{name:?}");
+        }
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "10.1.20.255",
+            "192.0.2.1",
+            "2001:db8::1",
+            "::ffff:1.2.3.4",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            let mut out = Vec::new();
+            put_ip(&mut out, ip);
+            assert_eq!(String::from_utf8(out).unwrap(), ip.to_string());
+        }
     }
 
     #[test]

@@ -17,9 +17,10 @@ use std::{
     collections::HashMap,
     convert::Infallible,
     fmt::Write as _,
+    hash::{BuildHasherDefault, Hasher},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex, RwLock,
+        Arc, Mutex, OnceLock, RwLock,
     },
     time::Duration,
 };
@@ -104,10 +105,77 @@ struct ResultLabel {
     result: &'static str,
 }
 
+/// Hashes a word at a time by add-and-multiply (FxHash's step, as rustc-hash 2 does it):
+/// a few instructions a word where the standard SipHash spends tens. Only for keys the
+/// process bounds itself (label values, their addresses), never for what a client sends.
+#[derive(Default, Clone, Copy)]
+struct WordHasher(u64);
+
+impl WordHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = self
+            .0
+            .wrapping_add(word)
+            .wrapping_mul(0xf135_7aea_2e62_a9c5);
+    }
+}
+
+impl Hasher for WordHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let (words, rest) = bytes.as_chunks::<8>();
+        for w in words {
+            self.add(u64::from_ne_bytes(*w));
+        }
+        let mut last = [0u8; 8];
+        for (to, from) in last.iter_mut().zip(rest) {
+            *to = *from;
+        }
+        // The length too, so that trailing zero bytes still count.
+        self.add(u64::from_ne_bytes(last) ^ (rest.len() as u64) << 59);
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.add(u64::from(n));
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        // The multiply leaves the low bits, which pick the bucket, the weakest.
+        self.0.rotate_left(26)
+    }
+}
+
+type Fast = BuildHasherDefault<WordHasher>;
+
+/// A label value's address and length. Every label value is a `&'static str`, interned or
+/// a literal, never freed or changed: the same address and length are the same text.
+fn addr(s: &'static str) -> (usize, usize) {
+    (s.as_ptr() as usize, s.len())
+}
+
+/// A request's label values by address.
+type RequestKey = [(usize, usize); 6];
+
+impl RequestLabels {
+    fn key(&self) -> RequestKey {
+        [
+            addr(self.rule),
+            addr(self.group),
+            addr(self.auth),
+            addr(self.op_class),
+            addr(self.data),
+            addr(self.verdict),
+        ]
+    }
+}
+
 /// Label values seen so far, each leaked once as a `&'static str` (at most `MAX_NAMES`).
 #[derive(Default)]
 struct Names {
-    known: RwLock<HashMap<Box<str>, &'static str>>,
+    known: RwLock<HashMap<Box<str>, &'static str, Fast>>,
 }
 
 impl Names {
@@ -140,6 +208,15 @@ pub struct ProxyMetrics {
     inspected: Family<DirectionLabel, Counter>,
     detections: Family<DetectionLabel, Counter>,
     connections: Gauge,
+    /// `requests`' counters by their labels' addresses (at most `MAX_NAMES`): a request
+    /// labelled like an earlier one finds its counter without the family hashing six
+    /// label texts with SipHash, which was half of recording a request.
+    request_counters: RwLock<HashMap<RequestKey, Counter, Fast>>,
+    /// `request_seconds`' histogram for each verdict (`verdict_index`), once it has one.
+    seconds_by_verdict: [OnceLock<Histogram>; 3],
+    /// `inspected`'s counters for `request` and `response`, once they have one.
+    inspected_request: OnceLock<Counter>,
+    inspected_response: OnceLock<Counter>,
     names: Names,
     /// Scrapes waiting for the agent's part, by id.
     waiting: Mutex<HashMap<u64, oneshot::Sender<String>>>,
@@ -213,6 +290,10 @@ impl ProxyMetrics {
             inspected,
             detections,
             connections,
+            request_counters: RwLock::default(),
+            seconds_by_verdict: Default::default(),
+            inspected_request: OnceLock::new(),
+            inspected_response: OnceLock::new(),
             names: Names::default(),
             waiting: Mutex::new(HashMap::new()),
             next_scrape: AtomicU64::new(1),
@@ -291,30 +372,61 @@ impl ProxyMetrics {
     /// Records one request, from the logging phase.
     pub fn record(&self, ctx: &Ctx) {
         let labels = self.request_labels(ctx);
-        self.requests.get_or_create(&labels).inc();
-        self.request_seconds
-            .get_or_create(&VerdictLabel {
-                verdict: labels.verdict,
-            })
+        self.count_request(&labels);
+        self.request_seconds(ctx.decision)
             .observe(ctx.started.elapsed().as_secs_f64());
         if let Some(ms) = ctx.upstream_ms {
             self.upstream_seconds.observe(ms / 1000.0);
         }
         if ctx.inspected_request > 0 {
-            self.inspected("request", ctx.inspected_request);
+            self.inspected(&self.inspected_request, "request")
+                .inc_by(ctx.inspected_request);
         }
         if ctx.inspected_response > 0 {
-            self.inspected("response", ctx.inspected_response);
+            self.inspected(&self.inspected_response, "response")
+                .inc_by(ctx.inspected_response);
         }
         if ctx.decision == Decision::Deny {
             self.refusal(&ctx.reason, ctx.failure);
         }
     }
 
-    fn inspected(&self, direction: &'static str, bytes: u64) {
-        self.inspected
-            .get_or_create(&DirectionLabel { direction })
-            .inc_by(bytes);
+    /// Counts a request in `ewsgate_requests`: from the counter kept for its labels'
+    /// addresses, or from the family (which keeps every series) the first time.
+    fn count_request(&self, labels: &RequestLabels) {
+        let key = labels.key();
+        let counted = match self.request_counters.read() {
+            Ok(known) => known.get(&key).map(Counter::inc).is_some(),
+            Err(_) => false,
+        };
+        if counted {
+            return;
+        }
+        let counter = self.requests.get_or_create_owned(labels);
+        counter.inc();
+        if let Ok(mut known) = self.request_counters.write() {
+            if known.len() < MAX_NAMES {
+                known.insert(key, counter);
+            }
+        }
+    }
+
+    /// The verdict's histogram, made in the family the first time a request has it, so
+    /// that the exposition shows only verdicts seen (as the family alone did).
+    fn request_seconds(&self, decision: Decision) -> &Histogram {
+        let slot = &self.seconds_by_verdict[verdict_index(decision)];
+        slot.get_or_init(|| {
+            self.request_seconds.get_or_create_owned(&VerdictLabel {
+                verdict: decision.name(),
+            })
+        })
+    }
+
+    fn inspected<'a>(&self, slot: &'a OnceLock<Counter>, direction: &'static str) -> &'a Counter {
+        slot.get_or_init(|| {
+            self.inspected
+                .get_or_create_owned(&DirectionLabel { direction })
+        })
     }
 
     /// A refusal, of a request or of a connection before any request.
@@ -448,6 +560,14 @@ pub struct ConnectionGuard(Arc<ProxyMetrics>);
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.connections.dec();
+    }
+}
+
+fn verdict_index(decision: Decision) -> usize {
+    match decision {
+        Decision::Allow => 0,
+        Decision::Deny => 1,
+        Decision::WouldDeny => 2,
     }
 }
 

@@ -3,7 +3,7 @@
 //! policy phase's candidates are judged against it. A body longer than the buffer goes on
 //! only as bulk content (checked as it streams); anything else cuts it off.
 
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 
 use bytes::Bytes;
 
@@ -149,11 +149,7 @@ fn judge(
             .collect();
         (touch, roots)
     };
-    ctx.data = Some(if touch.unresolved {
-        "unresolved".into()
-    } else {
-        touch.data.to_string()
-    });
+    ctx.data = Some(data_text(&touch));
     let token_item = ctx.token_item.clone();
     let c = Content {
         request: &request,
@@ -202,6 +198,18 @@ fn judge(
     Ok((Judged { mailbox }, tail))
 }
 
+/// The data types as the audit line and the metrics name them. One type, the usual case,
+/// is its constant name (what `DataSet`'s `Display` writes for it): nothing to allocate.
+fn data_text(touch: &Touch) -> Cow<'static, str> {
+    if touch.unresolved {
+        return Cow::Borrowed("unresolved");
+    }
+    match DataSet::NAMES.iter().find(|(_, d)| *d == touch.data) {
+        Some((name, _)) => Cow::Borrowed(name),
+        None => Cow::Owned(touch.data.to_string()),
+    }
+}
+
 /// The operation, with one that sends mail (`MessageDisposition`, a meeting attribute)
 /// counted as a send.
 fn operation(request: &soap::Request) -> Option<OpInfo> {
@@ -211,4 +219,30 @@ fn operation(request: &soap::Request) -> Option<OpInfo> {
         }
         i
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_is_named_as_the_set_writes_itself() {
+        for bits in 0..32u8 {
+            let data = DataSet::NAMES
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| bits & (1 << i) != 0)
+                .fold(DataSet::NONE, |set, (_, (_, d))| set.union(*d));
+            let touch = Touch {
+                data,
+                unresolved: false,
+            };
+            assert_eq!(data_text(&touch), data.to_string());
+        }
+        let unresolved = Touch {
+            data: DataSet::ALL,
+            unresolved: true,
+        };
+        assert_eq!(data_text(&unresolved), "unresolved");
+    }
 }

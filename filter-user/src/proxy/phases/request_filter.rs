@@ -2,6 +2,8 @@
 //! as IIS reads it, the query string, and the `Authorization` header's scheme. Nothing here
 //! waits on anything: a request that fails here is refused before any other phase.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 
 use crate::{
@@ -26,11 +28,8 @@ pub struct Req {
 pub fn run(state: &State, raw: Bytes, ctx: &mut Ctx) -> Result<Req, Refusal> {
     let limits = &state.settings.limits;
     let head = RequestHead::parse(raw, limits.header_count).map_err(protocol)?;
-    ctx.method.push_str(head.method());
-    ctx.user_agent = head
-        .fields
-        .text("user-agent")
-        .map(|s| s.chars().take(256).collect());
+    ctx.method = method_text(head.method());
+    ctx.user_agent = head.fields.text("user-agent").map(|s| first_chars(s, 256));
     check_method_and_upgrade(&head)?;
     let target = Target::read(head.target()).inspect_err(|_| {
         ctx.path = head.target().chars().take(512).collect();
@@ -54,6 +53,25 @@ pub fn run(state: &State, raw: Bytes, ctx: &mut Ctx) -> Result<Req, Refusal> {
         credential,
         close,
     })
+}
+
+/// The first `n` characters of a text. One of at most `n` bytes has at most `n`
+/// characters: it is copied whole, without walking its characters one by one.
+fn first_chars(text: &str, n: usize) -> String {
+    match text.len() <= n {
+        true => text.to_string(),
+        false => text.chars().take(n).collect(),
+    }
+}
+
+/// The method as the audit line and Exchange see it. The common ones are constants, so
+/// that a request's method costs no allocation.
+fn method_text(method: &str) -> Cow<'static, str> {
+    const KNOWN: [&str; 7] = ["POST", "GET", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"];
+    match KNOWN.iter().find(|k| **k == method) {
+        Some(k) => Cow::Borrowed(k),
+        None => Cow::Owned(method.to_string()),
+    }
 }
 
 fn protocol(e: HeadError) -> Refusal {
@@ -116,14 +134,10 @@ fn check_method_and_upgrade(head: &RequestHead) -> Result<(), Refusal> {
 /// gate, so that a request meant for another site behind the same address is not judged
 /// here as if it were EWS.
 fn check_host(head: &RequestHead, authority: Option<&str>, state: &State) -> Result<(), Refusal> {
-    let hosts = head.fields.count("host");
-    if hosts == 0 {
+    let Some(host) = only(head, "host", "duplicate_host")? else {
         return Err(Refusal::protocol(400, "missing_host"));
-    }
-    if hosts > 1 {
-        return Err(Refusal::protocol(400, "duplicate_host"));
-    }
-    let host = head.fields.text("host").unwrap_or("");
+    };
+    let host = std::str::from_utf8(host).unwrap_or("");
     if !names_gate(host, state) {
         return Err(Refusal::protocol(400, "host_not_this_gate"));
     }
@@ -165,26 +179,41 @@ fn split_port(authority: &str) -> (&str, Option<&str>) {
 
 /// What Exchange is sent as the request-target: the EWS endpoint in its canonical
 /// spelling, other paths as normalised; the query only where it is allowed.
-fn forwarded(ctx: &Ctx, query: Option<&str>, state: &State) -> Result<String, Refusal> {
+fn forwarded(ctx: &Ctx, query: Option<&str>, state: &State) -> Result<Cow<'static, str>, Refusal> {
     let path = if ctx.ews {
         paths::EWS_CANONICAL
     } else {
         ctx.path.as_str()
     };
     let Some(q) = query else {
-        return Ok(path.to_string());
+        return Ok(match ctx.ews {
+            true => Cow::Borrowed(paths::EWS_CANONICAL),
+            false => Cow::Owned(path.to_string()),
+        });
     };
     if ctx.ews && !state.settings.ews_query {
         return Err(Refusal::protocol(400, "ews_query_string"));
     }
-    Ok(format!("{path}?{q}"))
+    Ok(Cow::Owned(format!("{path}?{q}")))
+}
+
+/// The value of a header that may appear at most once, found in one pass over the fields
+/// (it stops at a second one, which is refused with `duplicate`).
+fn only<'h>(
+    head: &'h RequestHead,
+    name: &'h str,
+    duplicate: &'static str,
+) -> Result<Option<&'h [u8]>, Refusal> {
+    let mut values = head.fields.all(name);
+    let first = values.next();
+    match values.next() {
+        Some(_) => Err(Refusal::protocol(400, duplicate)),
+        None => Ok(first),
+    }
 }
 
 fn authorization(head: &RequestHead) -> Result<Credential, Refusal> {
-    if head.fields.count("authorization") > 1 {
-        return Err(Refusal::protocol(400, "duplicate_authorization"));
-    }
-    match auth::classify(head.fields.get("authorization")) {
+    match auth::classify(only(head, "authorization", "duplicate_authorization")?) {
         Credential::Invalid(reason) => Err(Refusal::protocol(400, reason)),
         c => Ok(c),
     }
@@ -216,5 +245,25 @@ mod tests {
         assert_eq!(split_port("[2001:db8::1]"), ("[2001:db8::1]", None));
         assert_eq!(scheme_rest("HTTPS://a/b"), Some("a/b"));
         assert_eq!(scheme_rest("/a"), None);
+    }
+
+    #[test]
+    fn texts_are_cut_to_their_first_characters() {
+        let long = "é".repeat(300);
+        for (text, n) in [("", 3), ("abc", 3), ("abcd", 3), ("éé", 3), ("ééé", 2)] {
+            assert_eq!(
+                first_chars(text, n),
+                text.chars().take(n).collect::<String>()
+            );
+        }
+        assert_eq!(first_chars(&long, 256), "é".repeat(256));
+    }
+
+    #[test]
+    fn methods_are_kept_as_sent() {
+        for m in ["POST", "GET", "HEAD", "PROPFIND", "post", ""] {
+            assert_eq!(method_text(m), m);
+        }
+        assert!(matches!(method_text("POST"), Cow::Borrowed(_)));
     }
 }

@@ -4,10 +4,7 @@
 //! and `X-Forwarded-Proto`. A request whose body ewsgate holds whole is sent again once on a
 //! fresh connection when a pooled one turns out to have been closed under it.
 
-use std::{
-    io::{IoSlice, Write},
-    time::Instant,
-};
+use std::{cell::Cell, io::IoSlice, time::Instant};
 
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
@@ -39,6 +36,16 @@ const FORWARDING: [&str; 9] = [
     "x-rewrite-url",
 ];
 
+/// The largest head buffer kept for the next request.
+const SPARE_HEAD_MAX: usize = 64 * 1024;
+
+thread_local! {
+    /// The buffer the last request head on this thread was written into, emptied. A head
+    /// with a bearer token is over a kilobyte, past the allocator's per-thread cache, so a
+    /// fresh buffer per request cost about a thousand instructions to allocate and free.
+    static SPARE_HEAD: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
 /// Exchange's answer, with the connection it came on.
 pub struct Answer {
     pub head: ResponseHead,
@@ -54,7 +61,8 @@ pub async fn run(
     ctx: &mut Ctx,
 ) -> Result<Answer, Refusal> {
     let started = Instant::now();
-    let head = request_head(req, ctx, &body);
+    let mut head = SPARE_HEAD.take();
+    request_head(&mut head, req, ctx, &body);
     let bound = connection_bound(conn, ctx);
     let result = match body {
         BodyOut::Whole(bytes) => send_whole(state, conn, bound, &head, &bytes, ctx).await,
@@ -74,6 +82,10 @@ pub async fn run(
         }
     };
     ctx.upstream_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+    if head.capacity() <= SPARE_HEAD_MAX {
+        head.clear();
+        SPARE_HEAD.set(head);
+    }
     result
 }
 
@@ -228,10 +240,10 @@ async fn stream(
     up.io.flush().await.map_err(io_err)
 }
 
-/// The request head as Exchange receives it.
-fn request_head(req: &Req, ctx: &Ctx, body: &BodyOut) -> Vec<u8> {
+/// Writes the request head as Exchange receives it into `out` (empty).
+fn request_head(out: &mut Vec<u8>, req: &Req, ctx: &Ctx, body: &BodyOut) {
     let fields = &req.head.fields;
-    let mut out = Vec::with_capacity(fields.head_bytes() + 128);
+    out.reserve(fields.head_bytes() + 128);
     out.extend_from_slice(ctx.method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(ctx.forwarded.as_deref().unwrap_or("/").as_bytes());
@@ -247,27 +259,26 @@ fn request_head(req: &Req, ctx: &Ctx, body: &BodyOut) -> Vec<u8> {
         {
             continue;
         }
-        put_header(&mut out, name, value);
+        put_header(out, name, value);
     }
     out.extend_from_slice(b"X-Forwarded-For: ");
-    let _ = write!(out, "{}", ctx.conn.peer.ip());
+    h1::put_ip(out, ctx.conn.peer.ip());
     out.extend_from_slice(b"\r\nX-Forwarded-Proto: https\r\n");
     match body {
         BodyOut::Whole(b) if b.is_empty() && req.framing == Framing::Empty => {}
         BodyOut::Whole(b) => {
             out.extend_from_slice(b"Content-Length: ");
-            put_number(&mut out, b.len() as u64);
+            put_number(out, b.len() as u64);
             out.extend_from_slice(b"\r\n");
         }
         BodyOut::Stream { .. } => match req.framing {
             Framing::Length(n) => {
                 out.extend_from_slice(b"Content-Length: ");
-                put_number(&mut out, n);
+                put_number(out, n);
                 out.extend_from_slice(b"\r\n");
             }
-            _ => put_header(&mut out, b"Transfer-Encoding", b"chunked"),
+            _ => put_header(out, b"Transfer-Encoding", b"chunked"),
         },
     }
     out.extend_from_slice(b"\r\n");
-    out
 }
