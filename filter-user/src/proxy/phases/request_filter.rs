@@ -29,10 +29,7 @@ pub fn run(state: &State, raw: Bytes, ctx: &mut Ctx) -> Result<Req, Refusal> {
     let limits = &state.settings.limits;
     let head = RequestHead::parse(raw, limits.header_count).map_err(protocol)?;
     ctx.method = method_text(head.method());
-    ctx.user_agent = head
-        .fields
-        .text("user-agent")
-        .map(|s| s.chars().take(256).collect());
+    ctx.user_agent = head.fields.text("user-agent").map(|s| first_chars(s, 256));
     check_method_and_upgrade(&head)?;
     let target = Target::read(head.target()).inspect_err(|_| {
         ctx.path = head.target().chars().take(512).collect();
@@ -56,6 +53,15 @@ pub fn run(state: &State, raw: Bytes, ctx: &mut Ctx) -> Result<Req, Refusal> {
         credential,
         close,
     })
+}
+
+/// The first `n` characters of a text. One of at most `n` bytes has at most `n`
+/// characters: it is copied whole, without walking its characters one by one.
+fn first_chars(text: &str, n: usize) -> String {
+    match text.len() <= n {
+        true => text.to_string(),
+        false => text.chars().take(n).collect(),
+    }
 }
 
 /// The method as the audit line and Exchange see it. The common ones are constants, so
@@ -128,14 +134,10 @@ fn check_method_and_upgrade(head: &RequestHead) -> Result<(), Refusal> {
 /// gate, so that a request meant for another site behind the same address is not judged
 /// here as if it were EWS.
 fn check_host(head: &RequestHead, authority: Option<&str>, state: &State) -> Result<(), Refusal> {
-    let hosts = head.fields.count("host");
-    if hosts == 0 {
+    let Some(host) = only(head, "host", "duplicate_host")? else {
         return Err(Refusal::protocol(400, "missing_host"));
-    }
-    if hosts > 1 {
-        return Err(Refusal::protocol(400, "duplicate_host"));
-    }
-    let host = head.fields.text("host").unwrap_or("");
+    };
+    let host = std::str::from_utf8(host).unwrap_or("");
     if !names_gate(host, state) {
         return Err(Refusal::protocol(400, "host_not_this_gate"));
     }
@@ -195,11 +197,23 @@ fn forwarded(ctx: &Ctx, query: Option<&str>, state: &State) -> Result<Cow<'stati
     Ok(Cow::Owned(format!("{path}?{q}")))
 }
 
-fn authorization(head: &RequestHead) -> Result<Credential, Refusal> {
-    if head.fields.count("authorization") > 1 {
-        return Err(Refusal::protocol(400, "duplicate_authorization"));
+/// The value of a header that may appear at most once, found in one pass over the fields
+/// (it stops at a second one, which is refused with `duplicate`).
+fn only<'h>(
+    head: &'h RequestHead,
+    name: &'h str,
+    duplicate: &'static str,
+) -> Result<Option<&'h [u8]>, Refusal> {
+    let mut values = head.fields.all(name);
+    let first = values.next();
+    match values.next() {
+        Some(_) => Err(Refusal::protocol(400, duplicate)),
+        None => Ok(first),
     }
-    match auth::classify(head.fields.get("authorization")) {
+}
+
+fn authorization(head: &RequestHead) -> Result<Credential, Refusal> {
+    match auth::classify(only(head, "authorization", "duplicate_authorization")?) {
         Credential::Invalid(reason) => Err(Refusal::protocol(400, reason)),
         c => Ok(c),
     }
@@ -231,6 +245,18 @@ mod tests {
         assert_eq!(split_port("[2001:db8::1]"), ("[2001:db8::1]", None));
         assert_eq!(scheme_rest("HTTPS://a/b"), Some("a/b"));
         assert_eq!(scheme_rest("/a"), None);
+    }
+
+    #[test]
+    fn texts_are_cut_to_their_first_characters() {
+        let long = "é".repeat(300);
+        for (text, n) in [("", 3), ("abc", 3), ("abcd", 3), ("éé", 3), ("ééé", 2)] {
+            assert_eq!(
+                first_chars(text, n),
+                text.chars().take(n).collect::<String>()
+            );
+        }
+        assert_eq!(first_chars(&long, 256), "é".repeat(256));
     }
 
     #[test]
