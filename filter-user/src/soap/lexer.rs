@@ -79,6 +79,12 @@ impl<'i> Lexer<'i> {
         self.pos
     }
 
+    /// The document as text, from where positions count, up to its first byte that is not
+    /// UTF-8: every element's tag lies inside it.
+    pub(crate) fn text(&self) -> &'i str {
+        self.text
+    }
+
     pub(crate) fn read_event(&mut self) -> Result<Event<'i>, Error> {
         match self.state {
             State::Done => Ok(Event::Eof),

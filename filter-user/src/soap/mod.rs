@@ -147,7 +147,7 @@ struct Open<'i> {
     ns: Ns,
     local: &'i str,
     /// The name as written, for the closing tags a [`Tail`] expects.
-    raw: &'i [u8],
+    raw: &'i str,
 }
 
 /// Elements whose text is bulk base64 and may run past the buffer.
@@ -211,7 +211,6 @@ fn cut_in_markup(e: &quick_xml::Error) -> bool {
 
 /// Parses a request. `complete` is false when `bytes` is only the start of a longer body.
 pub fn parse_request(bytes: &[u8], complete: bool, limits: Limits) -> Result<Request, SoapError> {
-    let bytes = &bytes[bom_len(bytes)..];
     let mut p = RequestParser {
         out: Request::default(),
         // EWS requests nest about eight deep: one allocation rather than four.
@@ -223,7 +222,9 @@ pub fn parse_request(bytes: &[u8], complete: bool, limits: Limits) -> Result<Req
         seen_body: false,
         limits,
     };
+    // The reader skips a byte-order mark; its text and positions start after it.
     let mut reader = names::NsReader::new(bytes);
+    let text = reader.text();
     loop {
         let before = reader.buffer_position() as usize;
         let (ns, event) = match reader.read_resolved_event() {
@@ -234,8 +235,8 @@ pub fn parse_request(bytes: &[u8], complete: bool, limits: Limits) -> Result<Req
             Err(e) => return Err(SoapError::Xml(e.to_string())),
         };
         match event {
-            Event::Start(e) => p.start(ns, &e, tag_name(&bytes[before..]), false)?,
-            Event::Empty(e) => p.start(ns, &e, tag_name(&bytes[before..]), true)?,
+            Event::Start(e) => p.start(ns, &e, tag_name(text.get(before..)), false)?,
+            Event::Empty(e) => p.start(ns, &e, tag_name(text.get(before..)), true)?,
             Event::End(_) => p.end()?,
             // Blank text is skipped before its line ends are normalised: mostly it is
             // indentation, and it stays blank either way.
@@ -254,15 +255,20 @@ pub fn parse_request(bytes: &[u8], complete: bool, limits: Limits) -> Result<Req
 
 /// The name of the tag that starts `at` (`<prefix:local ...`), as written and as its local
 /// part, borrowed from the document.
-pub(crate) fn tag_name(at: &[u8]) -> (&[u8], &str) {
-    let name = at
-        .get(1..)
-        .unwrap_or_default()
-        .split(|b| b.is_ascii_whitespace() || matches!(b, b'>' | b'/'))
-        .next()
-        .unwrap_or_default();
-    let local = name.rsplit(|b| *b == b':').next().unwrap_or_default();
-    (name, std::str::from_utf8(local).unwrap_or(""))
+pub(crate) fn tag_name(at: Option<&str>) -> (&str, &str) {
+    let tag = at.and_then(|t| t.get(1..)).unwrap_or_default();
+    let end = tag
+        .bytes()
+        .position(|b| b.is_ascii_whitespace() || matches!(b, b'>' | b'/'))
+        .unwrap_or(tag.len());
+    // Cut at an ASCII byte: a character boundary.
+    let name = tag.get(..end).unwrap_or_default();
+    // A byte loop: names are short, and a `char` search from the end sets up more.
+    let local = match name.bytes().rposition(|b| b == b':') {
+        Some(colon) => name.get(colon + 1..).unwrap_or_default(),
+        None => name,
+    };
+    (name, local)
 }
 
 /// Text of XML white space alone (these four bytes; much cheaper than trimming Unicode
@@ -343,7 +349,7 @@ impl<'i> RequestParser<'i> {
         &mut self,
         ns: Ns,
         e: &BytesStart,
-        (raw, local): (&'i [u8], &'i str),
+        (raw, local): (&'i str, &'i str),
         empty: bool,
     ) -> Result<(), SoapError> {
         self.elements += 1;
@@ -571,7 +577,7 @@ impl<'i> RequestParser<'i> {
             .stack
             .iter()
             .rev()
-            .map(|o| [b"</".as_slice(), o.raw, b">"].concat())
+            .map(|o| [b"</".as_slice(), o.raw.as_bytes(), b">"].concat())
             .collect();
         self.out.tail = Some(Tail::new(closing));
         Ok(self.out)

@@ -70,6 +70,11 @@ impl<'i> NsReader<'i> {
         self.reader.position() as u64
     }
 
+    /// The document as text, indexed by positions (see [`Lexer::text`]).
+    pub(crate) fn text(&self) -> &'i str {
+        self.reader.text()
+    }
+
     /// The next event, and for an element's start or empty tag its namespace (`Ns::Other`
     /// for every other event).
     pub(crate) fn read_resolved_event(&mut self) -> quick_xml::Result<(Ns, Event<'i>)> {

@@ -250,8 +250,9 @@ struct Walk {
 
 /// Spans index `bytes` as given, a byte-order mark included.
 pub fn parse_response(bytes: &[u8], limits: Limits) -> Result<Response, SoapError> {
+    // The reader skips the mark: its positions count from after it.
     let bom = bom_len(bytes);
-    let mut w = parse_document(&bytes[bom..], limits)?;
+    let mut w = parse_document(bytes, limits)?;
     for m in &mut w.messages {
         m.span = m.span.start + bom..m.span.end + bom;
     }
@@ -260,6 +261,7 @@ pub fn parse_response(bytes: &[u8], limits: Limits) -> Result<Response, SoapErro
 
 fn parse_document(bytes: &[u8], limits: Limits) -> Result<Response, SoapError> {
     let mut reader = NsReader::new(bytes);
+    let text = reader.text();
     // Sized for a usual answer, so that a walk does not grow its stacks element by element.
     let mut w = Walk {
         stack: Vec::with_capacity(16),
@@ -276,9 +278,9 @@ fn parse_document(bytes: &[u8], limits: Limits) -> Result<Response, SoapError> {
                 let _ = e;
                 return Err(SoapError::TooDeep(limits.depth));
             }
-            Event::Start(e) => w.start(ns, &e, &bytes[before..], before, limits)?,
+            Event::Start(e) => w.start(ns, &e, tag_name(text.get(before..)), before, limits)?,
             Event::Empty(e) => {
-                w.start(ns, &e, &bytes[before..], before, limits)?;
+                w.start(ns, &e, tag_name(text.get(before..)), before, limits)?;
                 w.end(reader.buffer_position() as usize);
             }
             Event::End(_) => w.end(reader.buffer_position() as usize),
@@ -328,7 +330,7 @@ impl Walk {
         &mut self,
         ns: Ns,
         e: &BytesStart,
-        tag: &[u8],
+        (raw, local): (&str, &str),
         at: usize,
         limits: Limits,
     ) -> Result<(), SoapError> {
@@ -338,7 +340,7 @@ impl Walk {
         }
         let parent = match self.stack.last() {
             Some(o) => o.ctx,
-            None if ns == Ns::Soap && tag_name(tag).1 == "Envelope" => {
+            None if ns == Ns::Soap && local == "Envelope" => {
                 self.stack.push(Open {
                     ctx: Ctx::Envelope,
                     start: at,
@@ -355,7 +357,6 @@ impl Walk {
             });
             return Ok(());
         }
-        let (raw, local) = tag_name(tag);
         let ctx = match child(parent, ns, local) {
             Some(ctx) => ctx,
             None if self.message.is_some() => {
@@ -370,7 +371,7 @@ impl Walk {
         Ok(())
     }
 
-    fn unclassified(&mut self, raw: &[u8]) {
+    fn unclassified(&mut self, raw: &str) {
         if let Some(m) = self.message.as_mut() {
             m.unclassified.get_or_insert_with(|| shown(raw));
         }
@@ -518,8 +519,9 @@ impl Walk {
 }
 
 /// An element's name as written, for a reason a person reads.
-fn shown(raw: &[u8]) -> String {
-    let raw = &raw[..raw.len().min(100)];
+/// A name for a message: its first 100 bytes, a character cut there shown as U+FFFD.
+fn shown(raw: &str) -> String {
+    let raw = &raw.as_bytes()[..raw.len().min(100)];
     String::from_utf8_lossy(raw).into_owned()
 }
 

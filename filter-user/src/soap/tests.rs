@@ -208,10 +208,15 @@ fn a_byte_order_mark_and_a_missing_declaration_are_read_alike() {
         "<m:GetItem><m:ItemIds><t:ItemId Id=\"a\"/></m:ItemIds></m:GetItem>",
     );
     let bare = doc.split_once("?>").unwrap().1.trim_start().to_string();
-    for text in [format!("\u{feff}{bare}"), bare] {
+    for text in [format!("\u{feff}{bare}"), bare.clone()] {
         let r = parse(&text).unwrap();
         assert_eq!((r.operation.as_str(), r.items.len()), ("GetItem", 1));
     }
+    // A second mark is a character before the envelope, as .NET's reader sees it.
+    assert_eq!(
+        parse(&format!("\u{feff}\u{feff}{bare}")),
+        Err(SoapError::StrayText)
+    );
 }
 
 fn response(messages: &str) -> String {
@@ -460,6 +465,11 @@ fn positions_after_a_byte_order_mark_name_the_right_tags() {
     let response = format!(
         r#"{HEAD}<soap:Body><m:GetItemResponse><m:ResponseMessages><m:GetItemResponseMessage ResponseClass="Success"><m:ResponseCode>NoError</m:ResponseCode><m:Items><t:Message><t:ItemId Id="M1"/></t:Message></m:Items></m:GetItemResponseMessage></m:ResponseMessages></m:GetItemResponse></soap:Body></soap:Envelope>"#
     );
+    // Two marks: the second is text outside the envelope, and the spans still index the
+    // document as given.
+    let twice = format!("\u{feff}\u{feff}{response}");
+    let r = parse_response(twice.as_bytes(), Limits::default()).unwrap();
+    assert!(twice[r.messages[0].span.clone()].starts_with("<m:GetItemResponseMessage "));
     let with_bom = format!("\u{feff}{response}");
     let r = parse_response(with_bom.as_bytes(), Limits::default()).unwrap();
     let span = r.messages[0].span.clone();
