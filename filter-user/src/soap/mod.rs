@@ -637,5 +637,20 @@ impl Tail {
     }
 }
 
+/// The seeds of both SOAP fuzz targets, for the tests that hold a reader to quick-xml's.
+#[cfg(test)]
+pub(crate) fn fuzz_seeds() -> Vec<Vec<u8>> {
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+    let mut seeds = Vec::new();
+    for target in ["soap_request", "soap_response"] {
+        let Ok(dir) = std::fs::read_dir(corpus.join(target)) else {
+            continue;
+        };
+        seeds.extend(dir.flatten().filter_map(|e| std::fs::read(e.path()).ok()));
+    }
+    assert!(seeds.len() > 20, "only {} seeds found", seeds.len());
+    seeds
+}
+
 #[cfg(test)]
 mod tests;
