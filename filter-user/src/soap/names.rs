@@ -248,7 +248,6 @@ fn declares(attributes: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-
     use quick_xml::events::Event;
 
     use super::NsReader;
