@@ -8,7 +8,7 @@ use std::{
     io::{self, IoSlice},
     pin::Pin,
     sync::{Arc, Mutex},
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
     time::{Duration, Instant},
 };
 
@@ -16,7 +16,7 @@ use bytes::BytesMut;
 use rustix::net::RecvFlags;
 use rustls::pki_types::ServerName;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf},
     net::TcpStream,
 };
 use tokio_rustls::{client::TlsStream, TlsConnector};
@@ -120,19 +120,32 @@ pub struct Conn {
 impl Conn {
     /// Whether the peer is still there and has sent nothing unasked. A pooled connection
     /// with bytes waiting (a close, a stray response) is not reused.
+    ///
+    /// The runtime's record of the socket answers first, without a system call: it marks
+    /// the socket readable when the kernel reports bytes or a close, and clears the mark
+    /// when a read leaves the socket empty, as the last response's did. Only a socket
+    /// marked readable is asked, with a non-blocking peek. A close that arrived since the
+    /// runtime last polled the kernel is missed, as the peek misses one in flight; a
+    /// request whose body is held whole is then sent again on a fresh connection.
     fn alive(&self) -> bool {
         if !self.buf.is_empty() || self.idle_since.elapsed() > IDLE_FOR {
             return false;
         }
-        let mut probe = [0u8; 1];
-        matches!(
-            rustix::net::recv(
-                self.io.tcp(),
-                &mut probe,
-                RecvFlags::PEEK | RecvFlags::DONTWAIT
-            ),
-            Err(rustix::io::Errno::AGAIN)
-        )
+        let tcp = self.io.tcp();
+        let mut cx = Context::from_waker(Waker::noop());
+        match tcp.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                let peek = || {
+                    rustix::net::recv(tcp, &mut probe, RecvFlags::PEEK | RecvFlags::DONTWAIT)
+                        .map_err(io::Error::from)
+                };
+                // A peek that finds nothing clears the mark, so the next check is free.
+                matches!(tcp.try_io(Interest::READABLE, peek), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
     }
 
     /// Writes all of `bufs`, in as few writes as the stream takes.
@@ -252,5 +265,127 @@ impl Upstream {
         for mut c in idle {
             let _ = c.io.shutdown().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::{TcpListener, TcpStream},
+    };
+
+    use super::{Conn, Io};
+
+    /// A kept-alive connection to a stand-in for Exchange on loopback, and Exchange's end.
+    async fn pair() -> (Conn, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (theirs, _) = listener.accept().await.unwrap();
+        let conn = Conn {
+            io: Io::Plain(ours),
+            buf: Default::default(),
+            fresh: false,
+            bound: false,
+            idle_since: std::time::Instant::now(),
+        };
+        (conn, theirs)
+    }
+
+    /// Exchange answers; the answer is read as a response is, into a buffer larger than it.
+    async fn answered(conn: &mut Conn, exchange: &mut TcpStream) {
+        exchange
+            .write_all(b"HTTP/1.1 200 OK\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = conn.io.read(&mut buf).await.unwrap();
+        assert_eq!(n, 19);
+    }
+
+    /// Lets the runtime poll the kernel for what happened on its sockets meanwhile.
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_quiet_connection_after_its_answer_is_reused() {
+        runtime().block_on(async {
+            let (mut conn, mut exchange) = pair().await;
+            answered(&mut conn, &mut exchange).await;
+            settle().await;
+            assert!(conn.alive());
+            assert!(conn.alive(), "asking twice changes nothing");
+        });
+    }
+
+    #[test]
+    fn a_connection_exchange_closed_while_idle_is_not_reused() {
+        runtime().block_on(async {
+            let (mut conn, mut exchange) = pair().await;
+            answered(&mut conn, &mut exchange).await;
+            drop(exchange);
+            settle().await;
+            assert!(!conn.alive());
+        });
+    }
+
+    #[test]
+    fn a_connection_with_bytes_nobody_asked_for_is_not_reused() {
+        runtime().block_on(async {
+            let (mut conn, mut exchange) = pair().await;
+            answered(&mut conn, &mut exchange).await;
+            // A stray second response would be taken for the next request's answer.
+            exchange
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            settle().await;
+            assert!(!conn.alive());
+        });
+    }
+
+    #[test]
+    fn a_read_that_filled_its_buffer_is_checked_with_the_kernel() {
+        // A read that fills its buffer leaves the socket marked readable, whatever is left:
+        // the check asks the kernel, finds nothing, and reuses the connection.
+        runtime().block_on(async {
+            let (mut conn, mut exchange) = pair().await;
+            exchange
+                .write_all(b"HTTP/1.1 200 OK\r\n\r\n")
+                .await
+                .unwrap();
+            settle().await;
+            let mut exact = [0u8; 19];
+            conn.io.read_exact(&mut exact).await.unwrap();
+            assert!(conn.alive());
+            exchange.write_all(b"x").await.unwrap();
+            settle().await;
+            assert!(!conn.alive(), "a byte after the check is still seen");
+        });
+    }
+
+    #[test]
+    fn a_connection_idle_too_long_or_with_bytes_kept_is_not_reused() {
+        runtime().block_on(async {
+            let (mut conn, mut exchange) = pair().await;
+            answered(&mut conn, &mut exchange).await;
+            conn.buf.extend_from_slice(b"H");
+            assert!(!conn.alive());
+            conn.buf.clear();
+            conn.idle_since = std::time::Instant::now() - super::IDLE_FOR * 2;
+            assert!(!conn.alive());
+        });
     }
 }

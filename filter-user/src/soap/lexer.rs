@@ -109,6 +109,10 @@ impl<'i> Lexer<'i> {
     fn text_run(&mut self) -> Result<Event<'i>, Error> {
         let start = self.pos;
         let rest = self.bytes.get(start..).unwrap_or_default();
+        // Most tags follow one another with no text between: no search to set up.
+        if rest.first() == Some(&b'<') {
+            return self.markup();
+        }
         let Some(i) = memchr2(b'<', b'&', rest) else {
             self.state = State::Done;
             self.pos = self.bytes.len();

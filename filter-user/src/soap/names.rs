@@ -236,14 +236,11 @@ fn is_space(c: u8) -> bool {
     matches!(c, b' ' | b'\t' | b'\r' | b'\n')
 }
 
-/// Whether a tag's attributes may declare a namespace: `xmlns` appears in them. Byte by
-/// byte: most tags have few attributes or none, where a substring search costs more in
-/// setting up than in searching.
+/// Whether a tag's attributes may declare a namespace: `xmlns` appears in them. A search
+/// for `x` then a look at what follows: a substring search costs more in setting up than in
+/// searching, and a byte at a time cost 300 instructions on an item's 150-byte ID.
 fn declares(attributes: &[u8]) -> bool {
-    attributes
-        .iter()
-        .enumerate()
-        .any(|(i, &b)| b == b'x' && attributes[i..].starts_with(b"xmlns"))
+    memchr::memchr_iter(b'x', attributes).any(|i| attributes[i..].starts_with(b"xmlns"))
 }
 
 #[cfg(test)]
