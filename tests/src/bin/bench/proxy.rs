@@ -4,7 +4,8 @@
 //!
 //! The proxy under test is pinned to CPU 0; wrk and the backend share CPU 1. Everything
 //! listens on 127.0.0.1. Resumption is off in every subject, so a `Connection: close` run
-//! measures full handshakes.
+//! measures full handshakes. All the subjects run from the start and take turns, one round
+//! each per turn, so that a shared machine's slow spells fall on all of them alike.
 
 use std::{
     fs,
@@ -143,23 +144,29 @@ pub fn run() -> anyhow::Result<()> {
     write_configs(&dir, &fs_guard.dir)?;
     let mut backend = start_nginx(&dir, "backend", 1)?;
     wait_port(BACKEND_PORT, &mut backend.child, &dir.join("backend.log"))?;
-    let mut rows = Vec::new();
     // BENCH_SUBJECTS=ewsgate,nginx-tls narrows a run while working on one subject.
     let only = std::env::var("BENCH_SUBJECTS").ok();
-    let chosen = SUBJECTS.iter().filter(|s| {
-        only.as_deref()
-            .is_none_or(|o| o.split(',').any(|n| n == s.name))
-    });
-    for subject in chosen {
+    let chosen: Vec<&Subject> = SUBJECTS
+        .iter()
+        .filter(|s| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|n| n == s.name))
+        })
+        .collect();
+    // Every subject runs from the start; only the one under load does any work.
+    let mut servers = Vec::new();
+    for subject in &chosen {
         let mut server = start_subject(subject, &dir)?;
         wait_port(
             subject.port,
             &mut server.child,
             &dir.join(format!("{}.log", subject.name)),
-        )?;
-        measure(subject, &server, &pki, &dir, &mut rows)
-            .with_context(|| format!("measuring {}", subject.name))?;
+        )
+        .with_context(|| format!("starting {}", subject.name))?;
+        servers.push(server);
     }
+    let rows = measure(&chosen, &servers, &pki, &dir)?;
+    drop(servers);
     drop(backend);
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     fs::create_dir_all(&out)?;
@@ -184,66 +191,124 @@ pub(crate) fn raise_fd_limit() {
     }
 }
 
+/// All the subjects' measures. Their rounds take turns, one round of each subject after
+/// another: on a shared machine a slow spell then falls on every subject alike, rather than
+/// on whichever subject's rounds it met.
 fn measure(
-    subject: &Subject,
-    server: &Server,
+    subjects: &[&Subject],
+    servers: &[Server],
     pki: &Pki,
     dir: &Path,
-    rows: &mut Vec<Value>,
-) -> anyhow::Result<()> {
-    let name = subject.name;
-    let best = best_round(subject, pki, dir, false)?;
-    rows.push(row("keepalive_rps", name, best.rps, "requests/s"));
-    rows.push(row("keepalive_p50_ms", name, best.p50_ms, "ms"));
-    rows.push(row("keepalive_p99_ms", name, best.p99_ms, "ms"));
-    rows.push(row("keepalive_cpu0_idle_pct", name, best.idle_pct[0], "%"));
-    rows.push(row("keepalive_cpu1_idle_pct", name, best.idle_pct[1], "%"));
-    rows.push(row(
-        "cpu0_us_per_request",
-        name,
-        busy_us_per(best.idle_pct[0], best.rps),
-        "µs",
-    ));
-    if name == "ewsgate-content" {
-        // Only the content policy's cost is measured here; the rest is ewsgate's row.
-        return Ok(());
+) -> anyhow::Result<Vec<Value>> {
+    let mut rows = Vec::new();
+    let keepalive = rounds(subjects, pki, dir, false)?;
+    for (subject, rounds) in subjects.iter().zip(&keepalive) {
+        let name = subject.name;
+        let best = best(rounds);
+        rows.push(row("keepalive_rps", name, best.rps, "requests/s"));
+        rows.push(row("keepalive_p50_ms", name, best.p50_ms, "ms"));
+        rows.push(row("keepalive_p99_ms", name, best.p99_ms, "ms"));
+        rows.push(row("keepalive_cpu0_idle_pct", name, best.idle_pct[0], "%"));
+        rows.push(row("keepalive_cpu1_idle_pct", name, best.idle_pct[1], "%"));
+        let us = busy_us_per(best.idle_pct[0], best.rps);
+        rows.push(row("cpu0_us_per_request", name, us, "µs"));
     }
-    let best = best_round(subject, pki, dir, true)?;
-    rows.push(row("full_handshakes_per_s", name, best.rps, "handshakes/s"));
-    // A CPU 0 left idle means wrk's side of the handshakes, not the subject, set the rate.
-    rows.push(row("handshake_cpu0_idle_pct", name, best.idle_pct[0], "%"));
-    rows.push(row("handshake_cpu1_idle_pct", name, best.idle_pct[1], "%"));
-    rows.push(row(
-        "cpu0_us_per_handshake",
-        name,
-        busy_us_per(best.idle_pct[0], best.rps),
-        "µs",
-    ));
-    let (rss, anon) = idle_rss(subject.port, server.pid(), pki)?;
-    rows.push(row("rss_mb_1000_idle", name, rss, "MB"));
-    rows.push(row("anon_mb_1000_idle", name, anon, "MB"));
-    Ok(())
+    paired_ratios(subjects, &keepalive, &mut rows);
+    // Only the content policy's cost is measured for ewsgate-content; the rest is
+    // ewsgate's row.
+    let (full, servers): (Vec<&Subject>, Vec<&Server>) = subjects
+        .iter()
+        .zip(servers)
+        .filter(|(s, _)| s.name != "ewsgate-content")
+        .unzip();
+    let handshakes = rounds(&full, pki, dir, true)?;
+    for (subject, rounds) in full.iter().zip(&handshakes) {
+        let name = subject.name;
+        let best = best(rounds);
+        rows.push(row("full_handshakes_per_s", name, best.rps, "handshakes/s"));
+        // A CPU 0 left idle means wrk's side of the handshakes, not the subject, set the
+        // rate.
+        rows.push(row("handshake_cpu0_idle_pct", name, best.idle_pct[0], "%"));
+        rows.push(row("handshake_cpu1_idle_pct", name, best.idle_pct[1], "%"));
+        let us = busy_us_per(best.idle_pct[0], best.rps);
+        rows.push(row("cpu0_us_per_handshake", name, us, "µs"));
+    }
+    for (subject, server) in full.iter().zip(servers) {
+        let (rss, anon) = idle_rss(subject.port, server.pid(), pki)
+            .with_context(|| format!("measuring {}", subject.name))?;
+        rows.push(row("rss_mb_1000_idle", subject.name, rss, "MB"));
+        rows.push(row("anon_mb_1000_idle", subject.name, anon, "MB"));
+    }
+    Ok(rows)
 }
 
-/// The fastest of a measure's rounds (keep-alive, or with `close` full handshakes); each
-/// round is printed to stderr as it ends.
-fn best_round(subject: &Subject, pki: &Pki, dir: &Path, close: bool) -> anyhow::Result<Wrk> {
-    let (rounds, what) = match close {
+/// Each subject's rounds (keep-alive, or with `close` full handshakes), taken in turns;
+/// each round is printed to stderr as it ends.
+fn rounds(
+    subjects: &[&Subject],
+    pki: &Pki,
+    dir: &Path,
+    close: bool,
+) -> anyhow::Result<Vec<Vec<Wrk>>> {
+    let (count, what) = match close {
         false => (KEEPALIVE_ROUNDS, "keep-alive"),
         true => (HANDSHAKE_ROUNDS, "handshake"),
     };
-    let mut best: Option<Wrk> = None;
-    for _ in 0..rounds {
-        let w = wrk(subject.port, &pki.token(|c| c), close, dir)?;
-        eprintln!(
-            "{}: {what} round: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, idle CPU 0 {:.0}%, CPU 1 {:.0}%",
-            subject.name, w.rps, w.p50_ms, w.p99_ms, w.idle_pct[0], w.idle_pct[1]
-        );
-        if best.as_ref().is_none_or(|b| w.rps > b.rps) {
-            best = Some(w);
+    let mut all: Vec<Vec<Wrk>> = subjects.iter().map(|_| Vec::new()).collect();
+    for _ in 0..count {
+        for (subject, mine) in subjects.iter().zip(&mut all) {
+            let w = wrk(subject.port, &pki.token(|c| c), close, dir)
+                .with_context(|| format!("measuring {}", subject.name))?;
+            eprintln!(
+                "{}: {what} round: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, idle CPU 0 {:.0}%, CPU 1 {:.0}%",
+                subject.name, w.rps, w.p50_ms, w.p99_ms, w.idle_pct[0], w.idle_pct[1]
+            );
+            mine.push(w);
         }
     }
-    best.with_context(|| format!("no {what} round"))
+    Ok(all)
+}
+
+/// The fastest round.
+fn best(rounds: &[Wrk]) -> &Wrk {
+    rounds
+        .iter()
+        .max_by(|a, b| a.rps.total_cmp(&b.rps))
+        .expect("at least one round")
+}
+
+/// The ratios the goals are stated in, turn by turn: a subject's round against the other
+/// subject's round in the same turn, less than a minute apart. The median over the turns is
+/// the row `keepalive_paired_ratio` (subject `ewsgate/haproxy-tls` and so on).
+fn paired_ratios(subjects: &[&Subject], keepalive: &[Vec<Wrk>], rows: &mut Vec<Value>) {
+    let of = |name: &str| {
+        subjects
+            .iter()
+            .position(|s| s.name == name)
+            .map(|i| &keepalive[i])
+    };
+    let pairs = [
+        ("ewsgate", "haproxy-tls"),
+        ("ewsgate", "haproxy-jwt"),
+        ("ewsgate", "nginx-tls"),
+        ("ewsgate-content", "ewsgate"),
+    ];
+    for (a, b) in pairs {
+        let (Some(ra), Some(rb)) = (of(a), of(b)) else {
+            continue;
+        };
+        let mut ratios: Vec<f64> = ra.iter().zip(rb).map(|(x, y)| x.rps / y.rps).collect();
+        ratios.sort_by(f64::total_cmp);
+        let median = ratios[ratios.len() / 2];
+        let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        eprintln!("{a} / {b}, turn by turn: {}", shown.join(", "));
+        rows.push(row(
+            "keepalive_paired_ratio",
+            &format!("{a}/{b}"),
+            median,
+            "ratio",
+        ));
+    }
 }
 
 pub(crate) fn row(measure: &str, subject: &str, value: f64, unit: &str) -> Value {
@@ -677,6 +742,14 @@ fn print_table(rows: &[Value]) {
     println!(
         "content policy: ewsgate-content / ewsgate = {:.2} (the response of every request read and judged)",
         get("keepalive_rps", "ewsgate-content") / e,
+    );
+    let paired = |pair: &str| get("keepalive_paired_ratio", pair);
+    println!(
+        "turn by turn (the median of the ratios of rounds taken in the same turn): ewsgate / haproxy-tls = {:.2}, ewsgate / haproxy-jwt = {:.2}, ewsgate / nginx-tls = {:.2}, ewsgate-content / ewsgate = {:.2}",
+        paired("ewsgate/haproxy-tls"),
+        paired("ewsgate/haproxy-jwt"),
+        paired("ewsgate/nginx-tls"),
+        paired("ewsgate-content/ewsgate"),
     );
     println!(
         "\nCPU 0 busy time per unit of work (what the subject costs, whichever CPU set the rate):"
