@@ -799,13 +799,7 @@ mod tests {
 
     #[test]
     fn lines_reach_the_file() {
-        let path = std::env::temp_dir().join(format!("ewsgate-audit-{}.jsonl", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .unwrap();
+        let (path, file) = audit_file("reach");
         let audit = Audit::new(Some(file)).unwrap();
         audit.log(&Record {
             kind: "request",
@@ -813,13 +807,8 @@ mod tests {
             reason: "no_rule",
             ..Default::default()
         });
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let mut text = String::new();
-        while text.is_empty() && std::time::Instant::now() < deadline {
-            thread::sleep(std::time::Duration::from_millis(10));
-            text = std::fs::read_to_string(&path).unwrap_or_default();
-        }
-        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        let lines = wait_for_lines(&path, 1);
+        let v: serde_json::Value = serde_json::from_str(&lines.concat()).unwrap();
         assert_eq!(v["decision"], "deny");
         assert_eq!(v["reason"], "no_rule");
         assert_eq!(v["time"].as_str().unwrap().len(), 24);
