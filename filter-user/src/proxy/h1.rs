@@ -671,10 +671,10 @@ mod tests {
     fn addresses_are_written_as_display_writes_them() {
         for ip in [
             "0.0.0.0",
-            "10.1.20.255",
+            "198.51.100.255",
             "192.0.2.1",
             "2001:db8::1",
-            "::ffff:1.2.3.4",
+            "::ffff:203.0.113.4",
         ] {
             let ip: std::net::IpAddr = ip.parse().unwrap();
             let mut out = Vec::new();
