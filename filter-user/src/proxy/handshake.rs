@@ -8,6 +8,7 @@ use tokio::net::TcpStream;
 
 use crate::{
     model::outcome::{Decision, FailureClass},
+    net::sock::Sock,
     proxy::{
         context::ConnInfo, phases::logging, session::Conn, state::State, tls::client_identity,
         Shared,
@@ -23,7 +24,7 @@ pub async fn run(
     id: u64,
 ) -> Option<Conn> {
     let limit = state.settings.limits.handshake_timeout;
-    let tls = match tokio::time::timeout(limit, state.acceptor.accept(tcp)).await {
+    let tls = match tokio::time::timeout(limit, state.acceptor.accept(Sock::new(tcp))).await {
         Ok(Ok(tls)) => tls,
         // The client went away: a closed connection is no protocol failure.
         Ok(Err(e)) if gone(&e) => {

@@ -8,10 +8,9 @@
 use std::{sync::Arc, time::Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::{net::TcpStream, time::timeout};
+use tokio::time::timeout;
 use tokio_rustls::server::TlsStream;
 
-use crate::identity::tokens::Verified;
 use crate::proxy::{
     context::{ConnInfo, Ctx, Refusal, Session},
     h1::{self, ReadError},
@@ -20,13 +19,14 @@ use crate::proxy::{
     state::State,
     upstream as pool, Shared,
 };
+use crate::{identity::tokens::Verified, net::sock::Sock};
 
 /// What the bytes of one request head were read with.
 const HEAD_START: usize = 4096;
 
 pub struct Conn {
     pub info: Arc<ConnInfo>,
-    pub tls: TlsStream<TcpStream>,
+    pub tls: TlsStream<Sock>,
     /// Bytes read from the client and not yet used.
     pub buf: BytesMut,
     /// The user an NTLM or Negotiate handshake authenticated on this connection.

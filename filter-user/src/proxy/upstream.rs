@@ -21,7 +21,11 @@ use tokio::{
 };
 use tokio_rustls::{client::TlsStream, TlsConnector};
 
-use crate::{config::Bundle, model::settings::ProxySettings, net::tls::client_config};
+use crate::{
+    config::Bundle,
+    model::settings::ProxySettings,
+    net::{sock::Sock, tls::client_config},
+};
 
 /// Idle pooled connections kept at most.
 const MAX_IDLE: usize = 256;
@@ -41,15 +45,15 @@ pub enum UpstreamError {
 
 /// A connection to Exchange, plain or TLS.
 pub enum Io {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Plain(Sock),
+    Tls(Box<TlsStream<Sock>>),
 }
 
 impl Io {
     fn tcp(&self) -> &TcpStream {
         match self {
-            Io::Plain(t) => t,
-            Io::Tls(t) => t.get_ref().0,
+            Io::Plain(t) => t.tcp(),
+            Io::Tls(t) => t.get_ref().0.tcp(),
         }
     }
 }
@@ -238,14 +242,14 @@ impl Upstream {
             Some((connector, name)) => {
                 let tls = tokio::time::timeout(
                     self.connect_timeout,
-                    connector.connect(name.clone(), tcp),
+                    connector.connect(name.clone(), Sock::new(tcp)),
                 )
                 .await
                 .map_err(|_| UpstreamError::Timeout(to.clone()))?
                 .map_err(|e| UpstreamError::Tls(to.clone(), e))?;
                 Io::Tls(Box::new(tls))
             }
-            None => Io::Plain(tcp),
+            None => Io::Plain(Sock::new(tcp)),
         };
         Ok(Conn {
             io,
@@ -278,6 +282,7 @@ mod tests {
     };
 
     use super::{Conn, Io};
+    use crate::net::sock::Sock;
 
     /// A kept-alive connection to a stand-in for Exchange on loopback, and Exchange's end.
     async fn pair() -> (Conn, TcpStream) {
@@ -287,7 +292,7 @@ mod tests {
             .unwrap();
         let (theirs, _) = listener.accept().await.unwrap();
         let conn = Conn {
-            io: Io::Plain(ours),
+            io: Io::Plain(Sock::new(ours)),
             buf: Default::default(),
             fresh: false,
             bound: false,

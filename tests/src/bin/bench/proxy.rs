@@ -36,7 +36,7 @@ pub(crate) struct Subject {
     pub(crate) port: u16,
 }
 
-pub(crate) const SUBJECTS: [Subject; 5] = [
+pub(crate) const SUBJECTS: [Subject; 6] = [
     Subject {
         name: "ewsgate",
         port: 18443,
@@ -57,6 +57,12 @@ pub(crate) const SUBJECTS: [Subject; 5] = [
     Subject {
         name: "nginx-tls",
         port: 18446,
+    },
+    // A second ewsgate build under ewsgate's rule, run only when EWSGATE_BIN_B names it:
+    // two builds measured in the same turns tell a change of a few percent from the noise.
+    Subject {
+        name: "ewsgate-b",
+        port: 18448,
     },
 ];
 
@@ -146,8 +152,10 @@ pub fn run() -> anyhow::Result<()> {
     wait_port(BACKEND_PORT, &mut backend.child, &dir.join("backend.log"))?;
     // BENCH_SUBJECTS=ewsgate,nginx-tls narrows a run while working on one subject.
     let only = std::env::var("BENCH_SUBJECTS").ok();
+    let build_b = std::env::var_os("EWSGATE_BIN_B");
     let chosen: Vec<&Subject> = SUBJECTS
         .iter()
+        .filter(|s| s.name != "ewsgate-b" || build_b.is_some())
         .filter(|s| {
             only.as_deref()
                 .is_none_or(|o| o.split(',').any(|n| n == s.name))
@@ -251,12 +259,19 @@ fn rounds(
     close: bool,
 ) -> anyhow::Result<Vec<Vec<Wrk>>> {
     let (count, what) = match close {
-        false => (KEEPALIVE_ROUNDS, "keep-alive"),
+        false => (keepalive_rounds()?, "keep-alive"),
         true => (HANDSHAKE_ROUNDS, "handshake"),
     };
     let mut all: Vec<Vec<Wrk>> = subjects.iter().map(|_| Vec::new()).collect();
-    for _ in 0..count {
-        for (subject, mine) in subjects.iter().zip(&mut all) {
+    for turn in 0..count {
+        // Every other turn runs backwards, so that a machine slowing down or speeding up
+        // through a turn does not always favour the same subjects.
+        let mut order: Vec<usize> = (0..subjects.len()).collect();
+        if turn % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let (subject, mine) = (subjects[i], &mut all[i]);
             let w = wrk(subject.port, &pki.token(|c| c), close, dir)
                 .with_context(|| format!("measuring {}", subject.name))?;
             eprintln!(
@@ -267,6 +282,17 @@ fn rounds(
         }
     }
     Ok(all)
+}
+
+/// KEEPALIVE_ROUNDS, or BENCH_ROUNDS turns (1 to 20) for a closer look at two builds.
+fn keepalive_rounds() -> anyhow::Result<usize> {
+    let Ok(v) = std::env::var("BENCH_ROUNDS") else {
+        return Ok(KEEPALIVE_ROUNDS);
+    };
+    match v.parse() {
+        Ok(n @ 1..=20) => Ok(n),
+        _ => bail!("BENCH_ROUNDS={v}: a number of turns from 1 to 20"),
+    }
 }
 
 /// The fastest round.
@@ -292,6 +318,7 @@ fn paired_ratios(subjects: &[&Subject], keepalive: &[Vec<Wrk>], rows: &mut Vec<V
         ("ewsgate", "haproxy-jwt"),
         ("ewsgate", "nginx-tls"),
         ("ewsgate-content", "ewsgate"),
+        ("ewsgate-b", "ewsgate"),
     ];
     for (a, b) in pairs {
         let (Some(ra), Some(rb)) = (of(a), of(b)) else {
@@ -524,8 +551,13 @@ fn tree_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
 fn start_subject(subject: &Subject, dir: &Path) -> anyhow::Result<Server> {
     let log = dir.join(format!("{}.log", subject.name));
     match subject.name {
-        "ewsgate" | "ewsgate-content" => {
-            let bin = tests::lab::ewsgate_bin();
+        "ewsgate" | "ewsgate-content" | "ewsgate-b" => {
+            let bin = match subject.name {
+                "ewsgate-b" => std::env::var_os("EWSGATE_BIN_B")
+                    .context("EWSGATE_BIN_B")?
+                    .into(),
+                _ => tests::lab::ewsgate_bin(),
+            };
             let config = dir.join(format!("{}.toml", subject.name));
             let config = config.to_str().context("path")?;
             Server::start(subject.name, 0, &bin, &["--config", config, "run"], &log)
@@ -648,6 +680,7 @@ backend be
     fs::write(dir.join("haproxy-tls.cfg"), haproxy(false, 18445))?;
     for (name, port, limit) in [
         ("ewsgate", 18443, ""),
+        ("ewsgate-b", 18448, ""),
         (
             "ewsgate-content",
             18447,
@@ -718,7 +751,8 @@ fn print_table(rows: &[Value]) {
         "anon 1000 idle",
         "idle CPU0/1"
     );
-    for s in SUBJECTS.iter().map(|s| s.name) {
+    let measured = |s: &&str| rows.iter().any(|r| r["subject"] == *s);
+    for s in SUBJECTS.iter().map(|s| s.name).filter(measured) {
         println!(
             "{s:<16} {:>12.0} {:>9.2} {:>9.2} {:>14.0} {:>11.1} MB {:>11.1} MB {:>5.0}%/{:.0}%",
             get("keepalive_rps", s),
@@ -751,10 +785,16 @@ fn print_table(rows: &[Value]) {
         paired("ewsgate/nginx-tls"),
         paired("ewsgate-content/ewsgate"),
     );
+    if measured(&"ewsgate-b") {
+        println!(
+            "two builds (EWSGATE_BIN_B against EWSGATE_BIN), turn by turn: ewsgate-b / ewsgate = {:.2}",
+            paired("ewsgate-b/ewsgate")
+        );
+    }
     println!(
         "\nCPU 0 busy time per unit of work (what the subject costs, whichever CPU set the rate):"
     );
-    for s in SUBJECTS.iter().map(|s| s.name) {
+    for s in SUBJECTS.iter().map(|s| s.name).filter(measured) {
         println!(
             "{s:<16} {:>7.1} µs per keep-alive request {:>8.1} µs per handshake (idle CPU 0/1 while handshaking: {:.0}%/{:.0}%)",
             get("cpu0_us_per_request", s),
