@@ -712,7 +712,7 @@ pub(crate) fn validate_rules(
     let mut rules: Vec<Rule> = Vec::new();
     for r in raw {
         let name = r.name.get_ref().clone();
-        if rules.iter().any(|x| x.name == name) {
+        if rules.iter().any(|x| *x.name == *name) {
             return Err(here.at(&r.name, format!("rule '{name}' is defined twice")));
         }
         let line = here.line_of(&r.name);
@@ -823,7 +823,7 @@ impl RawRule {
             }
         };
         Ok(Rule {
-            name: self.name.into_inner(),
+            name: self.name.into_inner().into(),
             line,
             groups: self.groups.into_iter().map(Spanned::into_inner).collect(),
             auth,

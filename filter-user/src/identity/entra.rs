@@ -117,7 +117,7 @@ impl EntraValidator {
             .or(claims.unique_name)
             .or(claims.appid)
             .or(claims.azp)
-            .map(|u| u.to_ascii_lowercase());
+            .map(|u| u.to_ascii_lowercase().into());
         Ok(Verified {
             family: Family::Entra,
             user,

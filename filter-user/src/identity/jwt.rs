@@ -2,7 +2,7 @@
 //! signing keys by id, and the RS256 check itself. The Exchange validator (`tokens`) and
 //! the Entra ID validator (`entra`) build on this and not on each other.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use jsonwebtoken::{Algorithm, DecodingKey, Header, Validation};
@@ -95,9 +95,10 @@ pub struct Verified {
     pub family: Family,
     /// nameid, smtp or msexchuid (Exchange); upn, preferred_username, unique_name, appid or
     /// azp (Entra), whichever the token carries.
-    pub user: Option<String>,
+    /// Shared, as `item` is, with every request that presents the token: no copy each time.
+    pub user: Option<Arc<str>>,
     /// The item a callback token was issued for (`ParentItemId:<id>` in its scope).
-    pub item: Option<String>,
+    pub item: Option<Arc<str>>,
     pub expires: u64,
     /// Id of the key that signed it: the certificate's `x5t`, or the JWK's `kid`.
     pub x5t: String,

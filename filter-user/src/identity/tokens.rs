@@ -142,10 +142,14 @@ impl Validator {
             .scope
             .as_deref()
             .and_then(|s| s.strip_prefix("ParentItemId:"))
-            .map(str::to_string);
+            .map(Arc::from);
         Ok(Verified {
             family,
-            user: claims.smtp.or(claims.nameid).or(appctx.msexchuid),
+            user: claims
+                .smtp
+                .or(claims.nameid)
+                .or(appctx.msexchuid)
+                .map(Arc::from),
             item,
             expires: exp,
             x5t,

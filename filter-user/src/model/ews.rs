@@ -114,6 +114,8 @@ impl OpClass {
 /// What ewsgate knows of an operation.
 #[derive(Debug, Clone, Copy)]
 pub struct OpInfo {
+    /// The operation's name as EWS spells it.
+    pub name: &'static str,
     pub class: OpClass,
     /// The data type the operation is about whatever its arguments.
     pub data: Option<DataSet>,
@@ -229,7 +231,12 @@ pub fn operation(name: &str) -> Option<OpInfo> {
     OPERATIONS
         .iter()
         .find(|(n, ..)| *n == name)
-        .map(|&(_, class, data, shape)| OpInfo { class, data, shape })
+        .map(|&(name, class, data, shape)| OpInfo {
+            name,
+            class,
+            data,
+            shape,
+        })
 }
 
 pub fn is_operation(name: &str) -> bool {

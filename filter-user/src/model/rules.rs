@@ -1,6 +1,8 @@
 //! The request rules as data: ordered, first match wins, default deny. Judging them is
 //! `policy::rules`; reading them from a file is `config`.
 
+use std::sync::Arc;
+
 use super::{
     auth::{AuthKind, TokenKind},
     ews::{DataSet, OpClass},
@@ -14,7 +16,8 @@ pub enum Action {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
-    pub name: String,
+    /// Shared with every decision that names the rule: a match costs no copy.
+    pub name: Arc<str>,
     pub line: usize,
     /// Empty lists mean "any".
     pub groups: Vec<String>,

@@ -8,6 +8,7 @@
 use std::{
     fmt::Write as _,
     net::IpAddr,
+    sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -201,10 +202,10 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    fn new(decision: &str, rule: Option<String>, reason: impl Into<String>) -> Verdict {
+    fn new(decision: &str, rule: Option<Arc<str>>, reason: impl Into<String>) -> Verdict {
         Verdict {
             decision: decision.into(),
-            rule,
+            rule: rule.map(|r| r.to_string()),
             reason: reason.into(),
             status: None,
             failure: None,
@@ -489,8 +490,8 @@ fn verify(inputs: &Inputs, token: &str) -> TokenAnswer {
                 }
                 .into(),
             ),
-            item: v.item,
-            user: v.user,
+            item: v.item.map(|i| i.to_string()),
+            user: v.user.map(|u| u.to_string()),
         },
         Err(e) => refused(e.reason().to_string()),
     }
@@ -592,7 +593,7 @@ fn head_refusal(rules_: &[Rule], enforced: &[usize]) -> Verdict {
         None => "no_rule_matched".into(),
     };
     let mut v = Verdict::refused(403, Some("policy"), reason);
-    v.rule = rule.map(|r| r.name.clone());
+    v.rule = rule.map(|r| r.name.to_string());
     v
 }
 
@@ -692,7 +693,7 @@ fn judge_body(
     }
     if decision.action == Action::Deny {
         let mut v = Verdict::refused(500, Some("policy"), reason(decision.rule.as_deref()));
-        v.rule = decision.rule;
+        v.rule = decision.rule.map(|r| r.to_string());
         return v;
     }
     if decision.inspect.is_some() {
@@ -726,7 +727,7 @@ fn content_answer(
     }
 }
 
-fn other_path_verdict(req: &Request, action: Action, rule: Option<String>) -> Verdict {
+fn other_path_verdict(req: &Request, action: Action, rule: Option<Arc<str>>) -> Verdict {
     if action == Action::Allow {
         return Verdict::new("allow", rule, "forwarded");
     }
@@ -736,11 +737,11 @@ fn other_path_verdict(req: &Request, action: Action, rule: Option<String>) -> Ve
         None => "no_rule_matched".into(),
     };
     let mut v = Verdict::refused(403, Some("policy"), reason);
-    v.rule = rule;
+    v.rule = rule.map(|r| r.to_string());
     v
 }
 
-fn first_allow(rules_: &[Rule], candidates: &[usize]) -> Option<String> {
+fn first_allow(rules_: &[Rule], candidates: &[usize]) -> Option<Arc<str>> {
     candidates
         .iter()
         .filter_map(|&i| rules_.get(i))
@@ -839,7 +840,7 @@ impl Recorder {
                     Some(Step::Matched { provisional }) => ("matched", matched(r, *provisional)),
                 };
                 RuleLine {
-                    name: r.name.clone(),
+                    name: r.name.to_string(),
                     line: r.line,
                     action: action_name(r.action).into(),
                     report_only: r.report,

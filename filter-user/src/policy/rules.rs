@@ -5,6 +5,7 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
+    sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -80,7 +81,7 @@ impl LocalTime {
 pub struct Decision {
     pub action: Action,
     /// The rule that matched; `None` is the default deny.
-    pub rule: Option<String>,
+    pub rule: Option<Arc<str>>,
     /// Set when the response must be inspected under the rule's data types and scope.
     pub inspect: Option<Inspect>,
 }

@@ -90,10 +90,10 @@ pub struct Ctx {
     pub user_agent: Option<String>,
     // identity
     pub auth: AuthKind,
-    pub user: Option<String>,
+    pub user: Option<Arc<str>>,
     pub token: Option<TokenKind>,
     /// The item a verified callback token names.
-    pub token_item: Option<String>,
+    pub token_item: Option<Arc<str>>,
     /// A tag of a bearer token that failed to verify.
     pub failed_token: Option<String>,
     /// An NTLM/Negotiate leg that carries no user yet (Type 1).
@@ -106,7 +106,7 @@ pub struct Ctx {
     pub shadow: Option<(Decision, Option<Arc<str>>, String)>,
     pub inspect: Option<Inspect>,
     // body filter
-    pub operation: Option<String>,
+    pub operation: Option<Cow<'static, str>>,
     pub op_class: Option<OpClass>,
     /// Data types touched, or "unresolved"; a single type is its constant name.
     pub data: Option<Cow<'static, str>>,

@@ -692,7 +692,7 @@ mod tests {
         });
         let mut c = Ctx::new(conn, Instant::now());
         c.auth = [AuthKind::Basic, AuthKind::Bearer, AuthKind::Ntlm][i % 3];
-        c.user = Some(format!("user{i}@example.org"));
+        c.user = Some(format!("user{i}@example.org").into());
         c.rule = i.is_multiple_of(4).then(|| Arc::from("office-basic"));
         c.op_class = Some(OpClass::Read);
         c.data = Some(["calendar,contacts", "unresolved", "<script>", "email"][i % 4].into());

@@ -100,7 +100,7 @@ fn first_allow(state: &State, candidates: &[usize]) -> Option<Arc<str>> {
         .iter()
         .filter_map(|&i| state.rules.get(i))
         .find(|r| r.action == Action::Allow)
-        .map(|r| Arc::from(r.name.as_str()))
+        .map(|r| r.name.clone())
 }
 
 fn judge(
@@ -118,7 +118,11 @@ fn judge(
         .map_err(|e| Refusal::protocol(400, format!("{}: {e}", e.reason())))?;
     let tail = request.tail.take();
     let info = operation(&request);
-    ctx.operation = Some(request.operation.clone());
+    // A known operation's name is the table's: no copy.
+    ctx.operation = Some(match info {
+        Some(i) => Cow::Borrowed(i.name),
+        None => Cow::Owned(request.operation.clone()),
+    });
     ctx.op_class = info.map(|i| i.class);
     ctx.items = Some(request.item_count());
     let anchor = req
@@ -150,20 +154,20 @@ fn judge(
         (touch, roots)
     };
     ctx.data = Some(data_text(&touch));
-    let token_item = ctx.token_item.clone();
-    let c = Content {
-        request: &request,
-        info,
-        touch,
-        access: &access,
-        token_item: token_item.as_deref(),
-        roots: roots.iter().map(Option::as_deref).collect(),
-    };
-    let reason = |rule: Option<&str>| match rule {
-        Some(name) => format!("denied by rule {name}"),
-        None => rules::default_deny_reason(&c),
-    };
-    let (decision, shadow) = {
+    // The rules read the context where it stands; it changes only once they have spoken.
+    let (decision, shadow, deny_why) = {
+        let c = Content {
+            request: &request,
+            info,
+            touch,
+            access: &access,
+            token_item: ctx.token_item.as_deref(),
+            roots: roots.iter().map(Option::as_deref).collect(),
+        };
+        let reason = |rule: Option<&str>| match rule {
+            Some(name) => format!("denied by rule {name}"),
+            None => rules::default_deny_reason(&c),
+        };
         let mut s = subject(state, ctx);
         s.content = Some(c.clone());
         let decision = rules::decide_among(&state.rules, &plan.enforced, &s);
@@ -172,7 +176,9 @@ fn judge(
             let why = reason(d.rule.as_deref());
             (d, why)
         });
-        (decision, shadow)
+        // The reason is written only for a refusal: most requests pass.
+        let deny_why = (decision.action == Action::Deny).then(|| reason(decision.rule.as_deref()));
+        (decision, shadow, deny_why)
     };
     if let Some((d, shadow_why)) = shadow {
         note_shadow(
@@ -183,11 +189,9 @@ fn judge(
             decision.action,
         );
     }
-    ctx.rule = decision.rule.as_deref().map(Arc::from);
-    ctx.inspect = decision.inspect.clone();
-    // The reason is written only for a refusal: most requests pass.
-    if decision.action == Action::Deny {
-        let why = reason(decision.rule.as_deref());
+    ctx.rule = decision.rule.clone();
+    ctx.inspect = decision.inspect;
+    if let Some(why) = deny_why {
         enforce(state, ctx, Refusal::policy(500, why))?;
     }
     if content::changes_ids(&request, info.as_ref()) {

@@ -31,20 +31,20 @@ pub async fn run(
         Credential::None | Credential::Invalid(_) => {
             if let Some(s) = &conn.session {
                 ctx.auth = s.kind;
-                ctx.user = Some(s.user.clone());
+                ctx.user = Some(s.user.as_str().into());
             } else if let Some(cert) = &conn.info.client_cert {
                 ctx.auth = AuthKind::ClientCert;
-                ctx.user = Some(cert.to_string());
+                ctx.user = Some(cert.clone());
             }
         }
-        Credential::Basic { user } => ctx.user = Some(user.clone()),
+        Credential::Basic { user } => ctx.user = Some(user.as_str().into()),
         Credential::Ntlm { stage, .. } => match stage {
             NtlmStage::Authenticate { user } => {
                 ctx.pending_session = Some(Session {
                     kind: ctx.auth,
                     user: user.clone(),
                 });
-                ctx.user = Some(user.clone());
+                ctx.user = Some(user.as_str().into());
             }
             NtlmStage::Negotiate | NtlmStage::Other => ctx.handshake = true,
         },

@@ -70,7 +70,7 @@ pub fn run(state: &State, req: &Req, ctx: &mut Ctx) -> Result<Plan, Refusal> {
             decision.action,
         );
     }
-    ctx.rule = decision.rule.as_deref().map(Arc::from);
+    ctx.rule = decision.rule.clone();
     if decision.action == Action::Deny {
         let reason = other_path_reason(ctx, decision.rule.as_deref());
         enforce(state, ctx, Refusal::policy(403, reason))?;
@@ -100,7 +100,7 @@ fn head_only_ews(
         .last()
         .and_then(|&i| state.rules.get(i))
         .filter(|r| r.action == Action::Deny && !r.judges_content());
-    ctx.rule = rule.map(|r| Arc::from(r.name.as_str()));
+    ctx.rule = rule.map(|r| r.name.clone());
     let reason = match rule {
         Some(r) => format!("denied by rule {}", r.name),
         None => "no_rule_matched".into(),
