@@ -26,7 +26,8 @@ pub struct ConnInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
     pub kind: AuthKind,
-    pub user: String,
+    /// Shared with each request of the connection: no copy per request.
+    pub user: Arc<str>,
 }
 
 /// A refusal as the client sees it and the audit line tells it.

@@ -189,7 +189,7 @@ fn judge(
             decision.action,
         );
     }
-    ctx.rule = decision.rule.clone();
+    ctx.rule = decision.rule;
     ctx.inspect = decision.inspect;
     if let Some(why) = deny_why {
         enforce(state, ctx, Refusal::policy(500, why))?;

@@ -3,7 +3,10 @@
 //! token must verify (signing keys fetched again first when it names an unknown one). An
 //! identity the agent has refused for repeated failures is refused here.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::{
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use crate::{
     identity::{
@@ -31,7 +34,7 @@ pub async fn run(
         Credential::None | Credential::Invalid(_) => {
             if let Some(s) = &conn.session {
                 ctx.auth = s.kind;
-                ctx.user = Some(s.user.as_str().into());
+                ctx.user = Some(s.user.clone());
             } else if let Some(cert) = &conn.info.client_cert {
                 ctx.auth = AuthKind::ClientCert;
                 ctx.user = Some(cert.clone());
@@ -40,11 +43,12 @@ pub async fn run(
         Credential::Basic { user } => ctx.user = Some(user.as_str().into()),
         Credential::Ntlm { stage, .. } => match stage {
             NtlmStage::Authenticate { user } => {
+                let user: Arc<str> = user.as_str().into();
+                ctx.user = Some(user.clone());
                 ctx.pending_session = Some(Session {
                     kind: ctx.auth,
-                    user: user.clone(),
+                    user,
                 });
-                ctx.user = Some(user.as_str().into());
             }
             NtlmStage::Negotiate | NtlmStage::Other => ctx.handshake = true,
         },
