@@ -100,7 +100,7 @@ impl Record<'_> {
     /// The record as one JSON object, fields in declaration order, as serde writes it.
     pub fn write_json(&self, out: &mut Vec<u8>) {
         let mut w = JsonObject::new(out);
-        w.stamp(key!(first "time"), &rfc3339_now_stamp());
+        w.stamp(key!(first "time"), &stamp(self.time.since_epoch()));
         w.str(key!("kind"), Some(self.kind));
         match self.source {
             Some(ip) => w.ip(key!("source"), ip),
@@ -370,10 +370,7 @@ fn escape_slowly(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&bytes[start..]);
 }
 
-fn rfc3339_now_stamp() -> Stamp {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+fn stamp(d: Duration) -> Stamp {
     same_second_stamp(d.as_secs() as i64, d.subsec_millis())
 }
 
@@ -398,15 +395,30 @@ fn same_second_stamp(secs: i64, millis: u32) -> Stamp {
     Stamp { bytes }
 }
 
-/// The time a record is written, as RFC 3339 UTC with milliseconds.
+/// The time of a record, as RFC 3339 UTC with milliseconds: when it is written, or the
+/// moment its maker read the clock for it (a request's end, worked out from the clock
+/// readings the request already took).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Time;
+pub struct Time(Option<Duration>);
+
+impl Time {
+    /// This long after the Unix epoch.
+    pub fn at(since_epoch: Duration) -> Time {
+        Time(Some(since_epoch))
+    }
+
+    fn since_epoch(self) -> Duration {
+        self.0.unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+        })
+    }
+}
 
 impl Serialize for Time {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let d = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        let d = self.since_epoch();
         let text = rfc3339(d.as_secs() as i64, d.subsec_millis());
         s.serialize_str(text.as_str())
     }

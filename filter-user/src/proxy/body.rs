@@ -16,7 +16,9 @@ pub struct BodyIn {
     cap: u64,
     min_rate: u64,
     grace: Duration,
-    started: Instant,
+    /// When ewsgate first waited for the body. A body that came with its head, as most do,
+    /// is read without a wait and without a clock reading.
+    started: Option<Instant>,
     /// Body bytes read so far.
     pub bytes: u64,
 }
@@ -28,7 +30,7 @@ impl BodyIn {
             cap,
             min_rate,
             grace,
-            started: Instant::now(),
+            started: None,
             bytes: 0,
         }
     }
@@ -38,12 +40,12 @@ impl BodyIn {
     }
 
     /// When the bytes seen so far stop covering the minimum rate.
-    fn deadline(&self) -> Instant {
+    fn deadline(&mut self) -> Instant {
         let earned = match self.min_rate {
             0 => Duration::from_secs(86_400 * 365),
             rate => Duration::from_secs_f64(self.bytes as f64 / rate as f64),
         };
-        self.started + self.grace.max(earned)
+        *self.started.get_or_insert_with(Instant::now) + self.grace.max(earned)
     }
 
     /// The next piece of the body; `None` once it has ended.

@@ -2,7 +2,12 @@
 //! phase reads the whole once for the audit line and the failure report, so there is one
 //! place that says what happened to a request.
 
-use std::{borrow::Cow, net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    borrow::Cow,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
 
 use crate::model::{
     auth::{AuthKind, TokenKind},
@@ -77,6 +82,10 @@ impl Refusal {
 #[derive(Debug)]
 pub struct Ctx {
     pub started: Instant,
+    /// The wall clock when the request began, since the Unix epoch. Every phase that needs
+    /// the date (a token's life, a rule's hours, the audit line) reads it from here: one
+    /// clock reading a request rather than one a phase.
+    pub wall: Duration,
     pub conn: Arc<ConnInfo>,
     // request filter
     /// The common methods are constants (`Cow::Borrowed`): no allocation for them.
@@ -130,9 +139,17 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    pub fn new(conn: Arc<ConnInfo>, started: Instant) -> Ctx {
+    /// The request's start on the wall clock, in whole seconds since the Unix epoch.
+    pub fn unix_secs(&self) -> u64 {
+        self.wall.as_secs()
+    }
+
+    pub fn new(conn: Arc<ConnInfo>) -> Ctx {
         Ctx {
-            started,
+            started: Instant::now(),
+            wall: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default(),
             conn,
             method: Cow::Borrowed(""),
             path: String::new(),

@@ -360,21 +360,10 @@ pub async fn read_head<R: AsyncRead + Unpin>(
 ) -> Result<Option<Bytes>, ReadError> {
     let mut scanned: usize = 0;
     loop {
-        while buf.first().is_some_and(|b| matches!(b, b'\r' | b'\n')) {
-            buf.advance(1);
-        }
-        let start = scanned.saturating_sub(3);
-        if let Some(end) = find_blank_line(&buf[start.min(buf.len())..]) {
-            // The limit holds however the head arrived, in one read or many.
-            if start + end > max_head {
-                return Err(HeadError("head_too_large").into());
-            }
-            return Ok(Some(buf.split_to(start + end).freeze()));
+        if let Some(head) = take_head(buf, scanned, max_head)? {
+            return Ok(Some(head));
         }
         scanned = buf.len();
-        if buf.len() > max_head {
-            return Err(HeadError("head_too_large").into());
-        }
         if fill(io, buf).await? == 0 {
             return match buf.is_empty() {
                 true => Ok(None),
@@ -382,6 +371,31 @@ pub async fn read_head<R: AsyncRead + Unpin>(
             };
         }
     }
+}
+
+/// A whole head from the front of `buf`, if it holds one (blank lines before it skipped):
+/// no read, so a caller whose last read brought the whole head, as a client's usually does,
+/// needs no timer for it. `scanned`: bytes already searched for the blank line.
+pub fn take_head(
+    buf: &mut BytesMut,
+    scanned: usize,
+    max_head: usize,
+) -> Result<Option<Bytes>, HeadError> {
+    while buf.first().is_some_and(|b| matches!(b, b'\r' | b'\n')) {
+        buf.advance(1);
+    }
+    let start = scanned.saturating_sub(3);
+    if let Some(end) = find_blank_line(&buf[start.min(buf.len())..]) {
+        // The limit holds however the head arrived, in one read or many.
+        if start + end > max_head {
+            return Err(HeadError("head_too_large"));
+        }
+        return Ok(Some(buf.split_to(start + end).freeze()));
+    }
+    if buf.len() > max_head {
+        return Err(HeadError("head_too_large"));
+    }
+    Ok(None)
 }
 
 fn find_blank_line(b: &[u8]) -> Option<usize> {

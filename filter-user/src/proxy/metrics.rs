@@ -369,12 +369,12 @@ impl ProxyMetrics {
         }
     }
 
-    /// Records one request, from the logging phase.
-    pub fn record(&self, ctx: &Ctx) {
+    /// Records one request that took `elapsed`, from the logging phase.
+    pub fn record(&self, ctx: &Ctx, elapsed: Duration) {
         let labels = self.request_labels(ctx);
         self.count_request(&labels);
         self.request_seconds(ctx.decision)
-            .observe(ctx.started.elapsed().as_secs_f64());
+            .observe(elapsed.as_secs_f64());
         if let Some(ms) = ctx.upstream_ms {
             self.upstream_seconds.observe(ms / 1000.0);
         }
@@ -672,7 +672,7 @@ async fn answer(
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::BTreeSet, net::SocketAddr, time::Instant};
+    use std::{collections::BTreeSet, net::SocketAddr};
 
     use super::*;
     use crate::{
@@ -690,7 +690,7 @@ mod tests {
             group: Some(Arc::from(["offices", "salesforce"][i % 2])),
             client_cert: None,
         });
-        let mut c = Ctx::new(conn, Instant::now());
+        let mut c = Ctx::new(conn);
         c.auth = [AuthKind::Basic, AuthKind::Bearer, AuthKind::Ntlm][i % 3];
         c.user = Some(format!("user{i}@example.org").into());
         c.rule = i.is_multiple_of(4).then(|| Arc::from("office-basic"));
@@ -781,7 +781,10 @@ mod tests {
             "GetItem names items outside the callback token's scope",
         ];
         for i in 0..600 {
-            m.record(&ctx(i, reasons[i % reasons.len()]));
+            m.record(
+                &ctx(i, reasons[i % reasons.len()]),
+                Duration::from_millis(1),
+            );
         }
         m.refusal("head_timeout", Some(FailureClass::Protocol));
         m.detection("password-spray");

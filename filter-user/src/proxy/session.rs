@@ -5,7 +5,7 @@
 //! The connection's two clocks live here: the idle timeout while no request has begun, and
 //! the head timeout from a head's first byte to its end (a slow head is `head_timeout`).
 
-use std::{sync::Arc, time::Instant};
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::time::timeout;
@@ -47,7 +47,7 @@ pub async fn serve(shared: Arc<Shared>, state: Arc<State>, mut conn: Conn) {
             Ok(Some(raw)) => raw,
             Ok(None) => return,
             Err(refusal) => {
-                let mut ctx = Ctx::new(conn.info.clone(), Instant::now());
+                let mut ctx = Ctx::new(conn.info.clone());
                 if refusal.status == 408 {
                     // A head that never ends gets no answer: the connection just closes.
                     ctx.refused(&refusal);
@@ -84,6 +84,12 @@ async fn next_head(
             _ => return Ok(None),
         }
     }
+    // The read that ended the wait brought the whole head: no timer to set.
+    match h1::take_head(&mut conn.buf, 0, limits.header_bytes) {
+        Ok(Some(head)) => return Ok(Some(head)),
+        Ok(None) => {}
+        Err(e) => return Err(Refusal::protocol(431, e.0)),
+    }
     let read = h1::read_head(&mut conn.tls, &mut conn.buf, limits.header_bytes);
     match timeout(limits.head_timeout, read).await {
         Err(_) => Err(Refusal::protocol(408, "head_timeout")),
@@ -95,7 +101,7 @@ async fn next_head(
 
 /// One request through the phases; says whether the connection carries another.
 async fn request(shared: &Shared, state: &Arc<State>, conn: &mut Conn, raw: Bytes) -> bool {
-    let mut ctx = Ctx::new(conn.info.clone(), Instant::now());
+    let mut ctx = Ctx::new(conn.info.clone());
     let keep = match exchange(shared, state, conn, raw, &mut ctx).await {
         Ok(keep) => keep,
         Err((refusal, close)) => respond::refusal(conn, &mut ctx, &refusal, close).await,

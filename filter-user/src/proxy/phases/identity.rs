@@ -3,10 +3,7 @@
 //! token must verify (signing keys fetched again first when it names an unknown one). An
 //! identity the agent has refused for repeated failures is refused here.
 
-use std::{
-    sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::sync::Arc;
 
 use crate::{
     identity::{
@@ -70,9 +67,7 @@ async fn bearer(state: &State, conn: &mut Conn, token: &str, ctx: &mut Ctx) -> R
     let Some(cache) = &state.tokens else {
         return Err(Refusal::credential(401, "token_no_pinned_keys"));
     };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = ctx.unix_secs();
     let leeway = state.config.tokens.expect.leeway;
     if let Some((policy, last, v)) = &conn.last_token {
         // The same token under the same policy, still within its life: as the cache would

@@ -7,7 +7,7 @@ use crate::{
     ipc::{Detected, Failure, Seen},
     model::outcome::{Decision, FailureClass},
     ops::{
-        audit::{Record, Shadow},
+        audit::{Record, Shadow, Time},
         detections::{Action, Identity, Observation},
     },
     proxy::{context::Ctx, Shared},
@@ -70,12 +70,17 @@ pub fn fire(shared: &Shared, fired: Vec<crate::ops::detections::Detection>) {
 }
 
 pub fn run(shared: &Shared, ctx: &Ctx) {
+    // The request's one clock reading at its end: its duration, and with the wall clock
+    // read at its start, the time of the audit line and of the detections' observation.
+    let elapsed = ctx.started.elapsed();
+    let ended = ctx.wall + elapsed;
     let shadow = ctx.shadow.as_ref().map(|(d, rule, reason)| Shadow {
         decision: d.name(),
         rule: rule.as_deref(),
         reason,
     });
     let record = Record {
+        time: Time::at(ended),
         kind: "request",
         source: Some(ctx.conn.peer.ip()),
         source_port: ctx.conn.peer.port(),
@@ -100,7 +105,7 @@ pub fn run(shared: &Shared, ctx: &Ctx) {
         upstream_status: ctx.upstream_status,
         bytes_in: ctx.bytes_in,
         bytes_out: ctx.bytes_out,
-        duration_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
+        duration_ms: elapsed.as_secs_f64() * 1000.0,
         upstream_ms: ctx.upstream_ms,
         user_agent: ctx.user_agent.as_deref(),
         connection: ctx.conn.id,
@@ -108,7 +113,7 @@ pub fn run(shared: &Shared, ctx: &Ctx) {
     };
     shared.audit.log_record(&record);
     shared.ops.record(&record);
-    shared.metrics.record(ctx);
+    shared.metrics.record(ctx, elapsed);
     let observation = Observation {
         group: ctx.conn.group.as_deref(),
         user: ctx.user.as_deref(),
@@ -124,7 +129,7 @@ pub fn run(shared: &Shared, ctx: &Ctx) {
         // when its refusal says so.
         folder: None,
         impersonation: ctx.reason.starts_with("impersonation "),
-        ..Observation::new(now_ms(), ctx.conn.peer.ip(), ctx.decision)
+        ..Observation::new(ended.as_millis() as u64, ctx.conn.peer.ip(), ctx.decision)
     };
     detections(shared, &observation);
     if let Some(class) = ctx.failure {

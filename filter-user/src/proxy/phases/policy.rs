@@ -157,7 +157,7 @@ pub fn subject<'a>(state: &State, ctx: &'a Ctx) -> Subject<'a> {
         ews: ctx.ews,
         user: ctx.user.as_deref(),
         handshake: ctx.handshake,
-        when: LocalTime::now(state.settings.utc_offset_minutes),
+        when: LocalTime::at(ctx.unix_secs() as i64, state.settings.utc_offset_minutes),
         content: None,
     }
 }

@@ -7,8 +7,11 @@
 //! `valgrind --tool=callgrind`, as the proxy's user. Three runs of the same set-up and
 //! warm-up differ only in what follows: nothing, N requests on one kept-alive connection,
 //! or M connections with a full handshake and one request each; the differences divided by
-//! N and M are the costs. Written to target/bench/cost.json; each run's callgrind output is
-//! kept beside it (`callgrind_annotate target/bench/cost-2000-0.callgrind`).
+//! N and M are the costs. HAProxy under `bench proxy`'s haproxy-tls configuration is counted
+//! the same way, as the peer: callgrind sees user space only, so the kernel's share of a
+//! request (the system calls) is in neither figure. Written to target/bench/cost.json; each
+//! run's callgrind output is kept beside it (`callgrind_annotate
+//! target/bench/cost-2000-0.callgrind`).
 
 use std::{
     fs,
@@ -47,6 +50,11 @@ pub fn run() -> anyhow::Result<()> {
     let handshakes = measure("ewsgate", 0, HANDSHAKES)?;
     let content_base = measure("ewsgate-content", 0, 0)?;
     let content = measure("ewsgate-content", KEEPALIVE_REQUESTS, 0)?;
+    // HAProxy terminating TLS with no checks (`bench proxy`'s haproxy-tls), counted the same
+    // way: a peer's figure for the same requests, which the machine's noise does not move.
+    let peer_base = measure("haproxy-tls", 0, 0)?;
+    let peer = measure("haproxy-tls", KEEPALIVE_REQUESTS, 0)?;
+    let peer_handshakes = measure("haproxy-tls", 0, HANDSHAKES)?;
     let per = |total: u64, base: u64, n: u64| total.saturating_sub(base) as f64 / n as f64;
     let rows = vec![
         row(
@@ -65,6 +73,18 @@ pub fn run() -> anyhow::Result<()> {
             "instructions_per_request",
             "ewsgate-content",
             per(content, content_base, KEEPALIVE_REQUESTS),
+            "instructions",
+        ),
+        row(
+            "instructions_per_request",
+            "haproxy-tls",
+            per(peer, peer_base, KEEPALIVE_REQUESTS),
+            "instructions",
+        ),
+        row(
+            "instructions_per_connection",
+            "haproxy-tls",
+            per(peer_handshakes, peer_base, HANDSHAKES),
             "instructions",
         ),
     ];
@@ -94,7 +114,6 @@ fn measure(name: &str, requests: u64, handshakes: u64) -> anyhow::Result<u64> {
     let public = rcgen::KeyPair::from_pem(&pki.signer.pem_key)?.public_key_pem();
     fs::write(dir.join("exchange-auth.pub.pem"), public)?;
     write_configs(&dir, &bpffs.dir)?;
-    let config = dir.join(format!("{name}.toml"));
     let ports = |t: String| {
         t.replace(
             &format!("127.0.0.1:{BACKEND_PORT}"),
@@ -102,25 +121,25 @@ fn measure(name: &str, requests: u64, handshakes: u64) -> anyhow::Result<u64> {
         )
         .replace(&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{PORT}"))
     };
-    let text = ports(fs::read_to_string(&config)?)
-        .replace("threads = 1\n", "threads = 1\nspawn = false\n");
-    fs::write(&config, text)?;
     let backend_conf = dir.join("backend.conf");
     fs::write(&backend_conf, ports(fs::read_to_string(&backend_conf)?))?;
     let mut backend = start_nginx(&dir, "backend", 1)?;
     wait_port(BACKEND, &mut backend.child, &dir.join("backend.log"))?;
-    let bin = tests::lab::ewsgate_bin();
-    let config_arg = config.to_str().context("path")?;
-    let agent = Server::start(
-        "ewsgate-agent",
-        0,
-        &bin,
-        &["--config", config_arg, "run"],
-        &dir.join("agent.log"),
-    )?;
-    let socket = dir.join("proxy.sock");
-    wait_for(|| socket.exists(), "the agent's proxy socket")?;
-    let mut proxy = Callgrind::start(&bin, &socket, &dir)?;
+    let (agent, mut proxy) = match name {
+        "haproxy-tls" => {
+            let config = dir.join(format!("{name}.cfg"));
+            fs::write(&config, ports(fs::read_to_string(&config)?))?;
+            (None, Callgrind::haproxy(&config, &dir)?)
+        }
+        _ => {
+            let config = dir.join(format!("{name}.toml"));
+            let text = ports(fs::read_to_string(&config)?)
+                .replace("threads = 1\n", "threads = 1\nspawn = false\n");
+            fs::write(&config, text)?;
+            let (agent, proxy) = start_ewsgate(&config, &dir)?;
+            (Some(agent), proxy)
+        }
+    };
     wait_port(PORT, &mut proxy.child, &dir.join("proxy.log"))?;
     let client = Client::new(&pki)?;
     let mut conn = client.connect()?;
@@ -152,8 +171,27 @@ fn measure(name: &str, requests: u64, handshakes: u64) -> anyhow::Result<u64> {
     Ok(total)
 }
 
+/// The agent as usual, and the proxy it waits for started by hand under callgrind.
+fn start_ewsgate(config: &Path, dir: &Path) -> anyhow::Result<(Server, Callgrind)> {
+    let bin = tests::lab::ewsgate_bin();
+    let config_arg = config.to_str().context("path")?;
+    let agent = Server::start(
+        "ewsgate-agent",
+        0,
+        &bin,
+        &["--config", config_arg, "run"],
+        &dir.join("agent.log"),
+    )?;
+    let socket = dir.join("proxy.sock");
+    wait_for(|| socket.exists(), "the agent's proxy socket")?;
+    let proxy = Callgrind::ewsgate(&bin, &socket, dir)?;
+    Ok((agent, proxy))
+}
+
 fn print(rows: &[Value]) {
-    println!("\nThe proxy's cost, counted by callgrind (1 KB SOAP POST, callback token)");
+    println!(
+        "\nThe proxy's cost in user space, counted by callgrind (1 KB SOAP POST, callback token)"
+    );
     for r in rows {
         println!(
             "{:<30} {:<16} {:>10.0} {}",
@@ -184,23 +222,43 @@ struct Callgrind {
 }
 
 impl Callgrind {
-    fn start(bin: &Path, socket: &Path, dir: &Path) -> anyhow::Result<Callgrind> {
-        let out = dir.join("callgrind.out");
+    /// ewsgate's proxy, as the proxy's user.
+    fn ewsgate(bin: &Path, socket: &Path, dir: &Path) -> anyhow::Result<Callgrind> {
         // The proxy's user writes the counts here.
         std::os::unix::fs::chown(dir, Some(user_id()?), None)?;
-        let child = Command::new("setpriv")
-            .args([
-                "--reuid=ewsgate",
-                "--regid=ewsgate",
-                "--clear-groups",
-                "valgrind",
-                "--tool=callgrind",
-                "--vgdb=no",
-            ])
-            .arg(format!("--callgrind-out-file={}", out.display()))
-            .arg(bin)
-            .args(["proxy", "--threads", "1", "--agent"])
-            .arg(socket)
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--reuid=ewsgate",
+            "--regid=ewsgate",
+            "--clear-groups",
+            "valgrind",
+        ]);
+        Self::start(cmd, dir, |c| {
+            c.arg(bin)
+                .args(["proxy", "--threads", "1", "--agent"])
+                .arg(socket);
+        })
+    }
+
+    /// HAProxy in the foreground with `bench proxy`'s haproxy-tls configuration.
+    fn haproxy(config: &Path, dir: &Path) -> anyhow::Result<Callgrind> {
+        Self::start(Command::new("valgrind"), dir, |c| {
+            c.args(["/usr/sbin/haproxy", "-db", "-f"]).arg(config);
+        })
+    }
+
+    /// `valgrind` (the end of `cmd`) with callgrind's options, then the program `program`
+    /// adds.
+    fn start(
+        mut cmd: Command,
+        dir: &Path,
+        program: impl FnOnce(&mut Command),
+    ) -> anyhow::Result<Callgrind> {
+        let out = dir.join("callgrind.out");
+        cmd.args(["--tool=callgrind", "--vgdb=no"])
+            .arg(format!("--callgrind-out-file={}", out.display()));
+        program(&mut cmd);
+        let child = cmd
             .current_dir(dir)
             .stdout(Stdio::null())
             .stderr(fs::File::create(dir.join("proxy.log"))?)
