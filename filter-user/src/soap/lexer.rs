@@ -26,6 +26,7 @@ use quick_xml::{
     events::{BytesCData, BytesDecl, BytesEnd, BytesPI, BytesRef, BytesStart, BytesText, Event},
     Error,
 };
+use smallvec::SmallVec;
 
 const BOM: &[u8] = b"\xef\xbb\xbf";
 
@@ -47,8 +48,8 @@ pub(crate) struct Lexer<'i> {
     /// Bytes read so far.
     pos: usize,
     state: State,
-    /// Names of the open elements, outermost first.
-    open: Vec<&'i str>,
+    /// Names of the open elements, outermost first; on the stack up to EWS's usual depth.
+    open: SmallVec<[&'i str; 16]>,
 }
 
 impl<'i> Lexer<'i> {
@@ -69,8 +70,7 @@ impl<'i> Lexer<'i> {
             bad,
             pos: 0,
             state: State::Text,
-            // EWS documents nest about eight deep.
-            open: Vec::with_capacity(16),
+            open: SmallVec::new(),
         }
     }
 

@@ -8,6 +8,7 @@
 //! the closing tags of what is open, so nothing the policy has not read can follow.
 
 use quick_xml::events::{BytesStart, Event};
+use smallvec::SmallVec;
 use thiserror::Error;
 
 use crate::model::settings::SoapLimits as Limits;
@@ -213,8 +214,7 @@ fn cut_in_markup(e: &quick_xml::Error) -> bool {
 pub fn parse_request(bytes: &[u8], complete: bool, limits: Limits) -> Result<Request, SoapError> {
     let mut p = RequestParser {
         out: Request::default(),
-        // EWS requests nest about eight deep: one allocation rather than four.
-        stack: Vec::with_capacity(limits.depth.min(16)),
+        stack: SmallVec::new(),
         target: None,
         text: String::new(),
         elements: 0,
@@ -235,8 +235,8 @@ pub fn parse_request(bytes: &[u8], complete: bool, limits: Limits) -> Result<Req
             Err(e) => return Err(SoapError::Xml(e.to_string())),
         };
         match event {
-            Event::Start(e) => p.start(ns, &e, tag_name(text.get(before..)), false)?,
-            Event::Empty(e) => p.start(ns, &e, tag_name(text.get(before..)), true)?,
+            Event::Start(e) => p.start(ns, &e, tag_name(text, before, &e), false)?,
+            Event::Empty(e) => p.start(ns, &e, tag_name(text, before, &e), true)?,
             Event::End(_) => p.end()?,
             // Blank text is skipped before its line ends are normalised: mostly it is
             // indentation, and it stays blank either way.
@@ -253,16 +253,12 @@ pub fn parse_request(bytes: &[u8], complete: bool, limits: Limits) -> Result<Req
     }
 }
 
-/// The name of the tag that starts `at` (`<prefix:local ...`), as written and as its local
-/// part, borrowed from the document.
-pub(crate) fn tag_name(at: Option<&str>) -> (&str, &str) {
-    let tag = at.and_then(|t| t.get(1..)).unwrap_or_default();
-    let end = tag
-        .bytes()
-        .position(|b| b.is_ascii_whitespace() || matches!(b, b'>' | b'/'))
-        .unwrap_or(tag.len());
-    // Cut at an ASCII byte: a character boundary.
-    let name = tag.get(..end).unwrap_or_default();
+/// The name of the element `e`, whose tag starts at `at` in `text` (`<prefix:local ...`), as
+/// written and as its local part, borrowed from the document rather than from the event.
+pub(crate) fn tag_name<'i>(text: &'i str, at: usize, e: &BytesStart) -> (&'i str, &'i str) {
+    let len = e.name().as_ref().len();
+    // The name runs from after `<` to white space or the tag's end: character boundaries.
+    let name = text.get(at + 1..at + 1 + len).unwrap_or_default();
     // A byte loop: names are short, and a `char` search from the end sets up more.
     let local = match name.bytes().rposition(|b| b == b':') {
         Some(colon) => name.get(colon + 1..).unwrap_or_default(),
@@ -328,7 +324,8 @@ fn operation_name(element: &str) -> &str {
 
 struct RequestParser<'i> {
     out: Request,
-    stack: Vec<Open<'i>>,
+    /// Open elements; on the stack up to EWS's usual depth, about eight.
+    stack: SmallVec<[Open<'i>; 16]>,
     /// An open element that names the mailbox to act on: its depth, and the address
     /// read from it so far.
     target: Option<(usize, Option<String>)>,

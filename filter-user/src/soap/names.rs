@@ -15,6 +15,8 @@ use quick_xml::{
     name::NamespaceError,
 };
 
+use smallvec::SmallVec;
+
 use super::{lexer::Lexer, Ns, MESSAGES_NS, SOAP_NS, TYPES_NS};
 
 /// As many bindings in scope as quick-xml allows by default.
@@ -26,9 +28,11 @@ const XMLNS_NS: &str = "http://www.w3.org/2000/xmlns/";
 pub(crate) struct NsReader<'i> {
     reader: Lexer<'i>,
     /// Declarations in scope, innermost last; an empty prefix is the default namespace.
-    bindings: Vec<Binding>,
+    /// An EWS document declares three or four, on its first elements: they stay on the
+    /// stack, as do their prefixes.
+    bindings: SmallVec<[Binding; 8]>,
     /// The bindings' prefixes, one after the other.
-    prefixes: String,
+    prefixes: SmallVec<[u8; 32]>,
     /// Elements open, the one just read included.
     level: u16,
     /// The last event closed an element (an end tag, or an empty one): its scope ends
@@ -57,9 +61,8 @@ impl<'i> NsReader<'i> {
     pub(crate) fn new(bytes: &'i [u8]) -> NsReader<'i> {
         NsReader {
             reader: Lexer::new(bytes),
-            // An EWS document declares three or four prefixes, on its first elements.
-            bindings: Vec::with_capacity(8),
-            prefixes: String::with_capacity(32),
+            bindings: SmallVec::new(),
+            prefixes: SmallVec::new(),
             level: 0,
             pending_pop: false,
         }
@@ -155,7 +158,7 @@ impl<'i> NsReader<'i> {
             return Err(NamespaceError::TooManyBindings(MAX_BINDINGS));
         }
         let start = self.prefixes.len();
-        self.prefixes.push_str(prefix);
+        self.prefixes.extend_from_slice(prefix.as_bytes());
         self.bindings.push(Binding {
             start,
             len: prefix.len(),
@@ -174,7 +177,7 @@ impl<'i> NsReader<'i> {
             Some(i) => &name[..i],
             None => &[][..],
         };
-        let prefixes = self.prefixes.as_bytes();
+        let prefixes = &self.prefixes[..];
         self.bindings
             .iter()
             .rev()

@@ -278,9 +278,9 @@ fn parse_document(bytes: &[u8], limits: Limits) -> Result<Response, SoapError> {
                 let _ = e;
                 return Err(SoapError::TooDeep(limits.depth));
             }
-            Event::Start(e) => w.start(ns, &e, tag_name(text.get(before..)), before, limits)?,
+            Event::Start(e) => w.start(ns, &e, tag_name(text, before, &e), before, limits)?,
             Event::Empty(e) => {
-                w.start(ns, &e, tag_name(text.get(before..)), before, limits)?;
+                w.start(ns, &e, tag_name(text, before, &e), before, limits)?;
                 w.end(reader.buffer_position() as usize);
             }
             Event::End(_) => w.end(reader.buffer_position() as usize),

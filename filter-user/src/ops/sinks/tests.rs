@@ -105,7 +105,10 @@ fn a_stalled_sink_reports_lag_and_refuses_without_holding_up_the_others() {
     let (_held, _) = listener.accept().unwrap();
     let pad = "x".repeat(1000);
     let mut refused = 0u64;
-    let mut first_refusal_lag = None;
+    // The fullest the stalled sink's queue was seen just after a refusal. Its worker may
+    // still move a line into the kernel between a refusal and the look (a socket's send
+    // buffer grows as it fills), so the first look alone can fall just short of full.
+    let mut refusal_fill: f64 = 0.0;
     let mut total = 1u64;
     let deadline = Instant::now() + Duration::from_secs(60);
     // Write until the stalled sink has refused 100 lines (its queue and the kernel's buffers
@@ -121,12 +124,11 @@ fn a_stalled_sink_reports_lag_and_refuses_without_holding_up_the_others() {
         if let Err(r) = sinks.write(&json!({ "n": total, "pad": pad })) {
             assert_eq!(r.sinks, vec![format!("syslog-tcp:{addr}")]);
             refused += 1;
-            first_refusal_lag.get_or_insert(sinks.lag());
+            refusal_fill = refusal_fill.max(sinks.lag().fill);
         }
         total += 1;
     }
-    let lag = first_refusal_lag.unwrap();
-    assert!(lag.fill > 0.98, "{lag:?}");
+    assert!(refusal_fill > 0.98, "{refusal_fill}");
     let status = sinks.status();
     assert_eq!(status[1].refused, refused);
     assert_eq!(status[0].refused, 0);

@@ -109,7 +109,6 @@ pub fn run(shared: &Shared, ctx: &Ctx) {
         upstream_ms: ctx.upstream_ms,
         user_agent: ctx.user_agent.as_deref(),
         connection: ctx.conn.id,
-        ..Default::default()
     };
     shared.audit.log_record(&record);
     shared.ops.record(&record);
