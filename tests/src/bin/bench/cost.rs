@@ -56,37 +56,25 @@ pub fn run() -> anyhow::Result<()> {
     let peer = measure("haproxy-tls", KEEPALIVE_REQUESTS, 0)?;
     let peer_handshakes = measure("haproxy-tls", 0, HANDSHAKES)?;
     let per = |total: u64, base: u64, n: u64| total.saturating_sub(base) as f64 / n as f64;
+    let per_request = |subject: &str, total: u64, base: u64| {
+        let value = per(total, base, KEEPALIVE_REQUESTS);
+        row("instructions_per_request", subject, value, "instructions")
+    };
+    let per_connection = |subject: &str, total: u64, base: u64| {
+        let value = per(total, base, HANDSHAKES);
+        row(
+            "instructions_per_connection",
+            subject,
+            value,
+            "instructions",
+        )
+    };
     let rows = vec![
-        row(
-            "instructions_per_request",
-            "ewsgate",
-            per(keepalive, base, KEEPALIVE_REQUESTS),
-            "instructions",
-        ),
-        row(
-            "instructions_per_connection",
-            "ewsgate",
-            per(handshakes, base, HANDSHAKES),
-            "instructions",
-        ),
-        row(
-            "instructions_per_request",
-            "ewsgate-content",
-            per(content, content_base, KEEPALIVE_REQUESTS),
-            "instructions",
-        ),
-        row(
-            "instructions_per_request",
-            "haproxy-tls",
-            per(peer, peer_base, KEEPALIVE_REQUESTS),
-            "instructions",
-        ),
-        row(
-            "instructions_per_connection",
-            "haproxy-tls",
-            per(peer_handshakes, peer_base, HANDSHAKES),
-            "instructions",
-        ),
+        per_request("ewsgate", keepalive, base),
+        per_connection("ewsgate", handshakes, base),
+        per_request("ewsgate-content", content, content_base),
+        per_request("haproxy-tls", peer, peer_base),
+        per_connection("haproxy-tls", peer_handshakes, peer_base),
     ];
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     fs::create_dir_all(&out)?;
