@@ -79,7 +79,9 @@ async fn bearer(state: &State, conn: &mut Conn, token: &str, ctx: &mut Ctx) -> R
     }
     // A key ewsgate has not seen is fetched again (rate limited) before the token is refused,
     // as Exchange's or Entra's signing key may just have rotated.
-    let verified = cache.verify_for_ews_fresh(token, now).await;
+    // Boxed: a verification that may fetch signing keys is kilobytes of future, and every
+    // request's future would carry that room though most reuse the connection's last token.
+    let verified = Box::pin(cache.verify_for_ews_fresh(token, now)).await;
     match verified {
         Ok(v) => {
             accept(&v, ctx);

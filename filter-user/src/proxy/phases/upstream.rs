@@ -104,10 +104,19 @@ async fn take(state: &State, conn: &mut Conn, bound: bool) -> Result<upstream::C
     let pooled = if bound { None } else { state.upstream.pooled() };
     let mut up = match pooled {
         Some(up) => up,
-        None => state.upstream.connect().await.map_err(unreachable)?,
+        None => connect(state).await?,
     };
     up.bound = bound;
     Ok(up)
+}
+
+/// A new connection to Exchange. Its future (TCP, then TLS) is kilobytes, and every
+/// request's future would carry that room though most take a pooled connection: boxed, it
+/// is allocated only when a connection is made.
+async fn connect(state: &State) -> Result<upstream::Conn, Refusal> {
+    Box::pin(state.upstream.connect())
+        .await
+        .map_err(unreachable)
 }
 
 fn unreachable(e: UpstreamError) -> Refusal {
@@ -140,7 +149,7 @@ async fn send_whole(
         };
         match result {
             Err((untouched, _)) if stale && untouched => {
-                up = state.upstream.connect().await.map_err(unreachable)?;
+                up = connect(state).await?;
                 up.bound = bound;
             }
             other => return other.map_err(|(_, r)| r),
