@@ -414,6 +414,19 @@ fn smuggling_slow_clients_and_large_bodies() {
         s.backend.requests()
     );
 
+    // A head past the limit (64 KiB) is refused with its reason, never forwarded.
+    let mut big = s.https("sf");
+    let padding = "a".repeat(70 * 1024);
+    big.send(format!("GET /EWS/Exchange.asmx HTTP/1.1\r\nHost: mail.example.org\r\n{auth}X-Pad: {padding}\r\n\r\n").as_bytes())
+        .unwrap();
+    let reply = big.read_reply().unwrap();
+    assert_eq!(reply.status, 431, "{}", reply.body);
+    assert!(
+        wait_audit(&s.audit, |v| v["reason"] == "head_too_large").is_some(),
+        "audited"
+    );
+    assert!(s.backend.requests().is_empty(), "nothing reached Exchange");
+
     // A body trickling below the minimum rate is cut off after the grace time.
     let mut slow = s.https("sf");
     slow.send(format!("POST /EWS/Exchange.asmx HTTP/1.1\r\nHost: mail.example.org\r\n{auth}Content-Length: 100000\r\n\r\n<soap>").as_bytes()).unwrap();

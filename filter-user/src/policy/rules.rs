@@ -2,12 +2,7 @@
 //! the source group, the authentication, the token family, the path, the user and the time
 //! of day; every empty condition means "any".
 
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-    sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use crate::{
     model::{
@@ -59,13 +54,6 @@ pub struct LocalTime {
 }
 
 impl LocalTime {
-    pub fn now(utc_offset_minutes: i32) -> LocalTime {
-        let secs = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        LocalTime::at(secs, utc_offset_minutes)
-    }
-
     pub fn at(unix_secs: i64, utc_offset_minutes: i32) -> LocalTime {
         let local = unix_secs + i64::from(utc_offset_minutes) * 60;
         let days = local.div_euclid(86_400);

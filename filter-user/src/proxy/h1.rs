@@ -661,6 +661,36 @@ mod tests {
         RequestHead::parse(Bytes::copy_from_slice(text), 32)
     }
 
+    /// A head is taken from what is buffered only when it is whole; what follows it stays;
+    /// blank lines before it go; the size limit holds whether the head is whole or not.
+    #[test]
+    fn a_buffered_head_is_taken_whole_or_not_at_all() {
+        let take = |text: &[u8], scanned: usize, max: usize| {
+            let mut buf = BytesMut::from(text);
+            let head = take_head(&mut buf, scanned, max);
+            (head, buf)
+        };
+        let (head, rest) = take(b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\nBODY", 0, 64);
+        assert_eq!(
+            head.unwrap().as_deref(),
+            Some(&b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"[..])
+        );
+        assert_eq!(&rest[..], b"BODY");
+        // Not whole yet: nothing taken, nothing lost.
+        let (head, rest) = take(b"GET / HTTP/1.1\r\nHost: a\r\n", 0, 64);
+        assert_eq!(head.unwrap(), None);
+        assert_eq!(&rest[..], b"GET / HTTP/1.1\r\nHost: a\r\n");
+        // A blank line that straddles what was already searched is still found.
+        let text = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        let (head, _) = take(text, text.len() - 2, 64);
+        assert_eq!(head.unwrap().map(|h| h.len()), Some(text.len()));
+        // Over the limit, whole or still arriving.
+        let (head, _) = take(text, 0, text.len() - 1);
+        assert_eq!(head.unwrap_err().0, "head_too_large");
+        let (head, _) = take(&[b'a'; 65], 0, 64);
+        assert_eq!(head.unwrap_err().0, "head_too_large");
+    }
+
     #[test]
     fn connection_lists_only_what_it_adds_to_the_hop_by_hop_headers() {
         let h = parse(
