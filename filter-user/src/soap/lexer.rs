@@ -376,11 +376,31 @@ fn stops16(chunk: &[u8; 16], quote: Option<u8>) -> u32 {
 /// The bytes of `word` (read little-endian) that are `b`, each flagged by its high bit: the
 /// zero-byte test (Hacker's Delight, 6-1) on the word with `b` cleared. Flags above the
 /// lowest may be false; the lowest never is.
-fn matches(word: u64, b: u8) -> u64 {
+pub(crate) fn matches(word: u64, b: u8) -> u64 {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
     let x = word ^ (ONES * u64::from(b));
     x.wrapping_sub(ONES) & !x & HIGHS
+}
+
+/// Where the first byte of `bytes` that `stop` flags is: eight bytes at a time through `word`
+/// (the flags of a word read little-endian, as [`matches`] gives them), the last few one at a
+/// time. For the short runs inside a tag, where a vector search costs more to set up.
+pub(crate) fn first_of(
+    bytes: &[u8],
+    word: impl Fn(u64) -> u64,
+    stop: impl Fn(u8) -> bool,
+) -> Option<usize> {
+    let (words, rest) = bytes.as_chunks::<8>();
+    for (i, w) in words.iter().enumerate() {
+        let flags = word(u64::from_le_bytes(*w));
+        if flags != 0 {
+            // The lowest flag is exact.
+            return Some(i * 8 + flags.trailing_zeros() as usize / 8);
+        }
+    }
+    let i = rest.iter().position(|&b| stop(b))?;
+    Some(words.len() * 8 + i)
 }
 
 fn is_space_byte(b: u8) -> bool {

@@ -222,11 +222,9 @@ pub fn parse_request(bytes: &[u8], complete: bool, limits: Limits) -> Result<Req
         seen_body: false,
         limits,
     };
-    // The reader skips a byte-order mark; its text and positions start after it.
+    // The reader skips a byte-order mark; its positions start after it.
     let mut reader = names::NsReader::new(bytes);
-    let text = reader.text();
     loop {
-        let before = reader.buffer_position() as usize;
         let (ns, event) = match reader.read_resolved_event() {
             Ok(x) => x,
             // Cut inside markup: a longer body, and markup is never bulk content. Any other
@@ -235,8 +233,8 @@ pub fn parse_request(bytes: &[u8], complete: bool, limits: Limits) -> Result<Req
             Err(e) => return Err(SoapError::Xml(e.to_string())),
         };
         match event {
-            Event::Start(e) => p.start(ns, &e, tag_name(text, before, &e), false)?,
-            Event::Empty(e) => p.start(ns, &e, tag_name(text, before, &e), true)?,
+            Event::Start(e) => p.start(ns, &e, reader.tag_name(), false)?,
+            Event::Empty(e) => p.start(ns, &e, reader.tag_name(), true)?,
             Event::End(_) => p.end()?,
             // Blank text is skipped before its line ends are normalised: mostly it is
             // indentation, and it stays blank either way.
@@ -251,20 +249,6 @@ pub fn parse_request(bytes: &[u8], complete: bool, limits: Limits) -> Result<Req
             Event::Eof => return p.finish(),
         }
     }
-}
-
-/// The name of the element `e`, whose tag starts at `at` in `text` (`<prefix:local ...`), as
-/// written and as its local part, borrowed from the document rather than from the event.
-pub(crate) fn tag_name<'i>(text: &'i str, at: usize, e: &BytesStart) -> (&'i str, &'i str) {
-    let len = e.name().as_ref().len();
-    // The name runs from after `<` to white space or the tag's end: character boundaries.
-    let name = text.get(at + 1..at + 1 + len).unwrap_or_default();
-    // A byte loop: names are short, and a `char` search from the end sets up more.
-    let local = match name.bytes().rposition(|b| b == b':') {
-        Some(colon) => name.get(colon + 1..).unwrap_or_default(),
-        None => name,
-    };
-    (name, local)
 }
 
 /// Text of XML white space alone (these four bytes; much cheaper than trimming Unicode

@@ -17,7 +17,7 @@ use super::{
     attr, bom_len,
     names::NsReader,
     schema::{self, known},
-    tag_name, Ns, SoapError, MESSAGES_NS, TYPES_NS,
+    Ns, SoapError, MESSAGES_NS, TYPES_NS,
 };
 use crate::model::settings::SoapLimits as Limits;
 
@@ -261,7 +261,6 @@ pub fn parse_response(bytes: &[u8], limits: Limits) -> Result<Response, SoapErro
 
 fn parse_document(bytes: &[u8], limits: Limits) -> Result<Response, SoapError> {
     let mut reader = NsReader::new(bytes);
-    let text = reader.text();
     // Sized for a usual answer, so that a walk does not grow its stacks element by element.
     let mut w = Walk {
         stack: Vec::with_capacity(16),
@@ -278,9 +277,9 @@ fn parse_document(bytes: &[u8], limits: Limits) -> Result<Response, SoapError> {
                 let _ = e;
                 return Err(SoapError::TooDeep(limits.depth));
             }
-            Event::Start(e) => w.start(ns, &e, tag_name(text, before, &e), before, limits)?,
+            Event::Start(e) => w.start(ns, &e, reader.tag_name(), before, limits)?,
             Event::Empty(e) => {
-                w.start(ns, &e, tag_name(text, before, &e), before, limits)?;
+                w.start(ns, &e, reader.tag_name(), before, limits)?;
                 w.end(reader.buffer_position() as usize);
             }
             Event::End(_) => w.end(reader.buffer_position() as usize),
