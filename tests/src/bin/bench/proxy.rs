@@ -305,7 +305,9 @@ fn best(rounds: &[Wrk]) -> &Wrk {
 
 /// The ratios the goals are stated in, turn by turn: a subject's round against the other
 /// subject's round in the same turn, less than a minute apart. The median over the turns is
-/// the row `keepalive_paired_ratio` (subject `ewsgate/haproxy-tls` and so on).
+/// the row `keepalive_paired_ratio` (subject `ewsgate/haproxy-tls` and so on) for the rate,
+/// and `keepalive_p99_paired_ratio` for the 99th percentile of latency: one round's p99
+/// moves with the machine as much as its rate does, so the best round's alone says little.
 fn paired_ratios(subjects: &[&Subject], keepalive: &[Vec<Wrk>], rows: &mut Vec<Value>) {
     let of = |name: &str| {
         subjects
@@ -324,18 +326,30 @@ fn paired_ratios(subjects: &[&Subject], keepalive: &[Vec<Wrk>], rows: &mut Vec<V
         let (Some(ra), Some(rb)) = (of(a), of(b)) else {
             continue;
         };
-        let mut ratios: Vec<f64> = ra.iter().zip(rb).map(|(x, y)| x.rps / y.rps).collect();
-        ratios.sort_by(f64::total_cmp);
-        let median = ratios[ratios.len() / 2];
-        let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
-        eprintln!("{a} / {b}, turn by turn: {}", shown.join(", "));
-        rows.push(row(
-            "keepalive_paired_ratio",
-            &format!("{a}/{b}"),
-            median,
-            "ratio",
-        ));
+        let measures: [PairedMeasure; 2] = [
+            ("keepalive_paired_ratio", "", |w| w.rps),
+            ("keepalive_p99_paired_ratio", "p99 ", |w| w.p99_ms),
+        ];
+        for (measure, what, value) in measures {
+            let ratios: Vec<f64> = ra
+                .iter()
+                .zip(rb)
+                .map(|(x, y)| value(x) / value(y))
+                .collect();
+            let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+            eprintln!("{what}{a} / {b}, turn by turn: {}", shown.join(", "));
+            rows.push(row(measure, &format!("{a}/{b}"), median(ratios), "ratio"));
+        }
     }
+}
+
+/// A row's measure, the prefix of its printed line, and the value of a round it compares.
+type PairedMeasure = (&'static str, &'static str, fn(&Wrk) -> f64);
+
+/// The middle value (the upper one of an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 pub(crate) fn row(measure: &str, subject: &str, value: f64, unit: &str) -> Value {
@@ -784,6 +798,11 @@ fn print_table(rows: &[Value]) {
         paired("ewsgate/haproxy-jwt"),
         paired("ewsgate/nginx-tls"),
         paired("ewsgate-content/ewsgate"),
+    );
+    println!(
+        "p99 turn by turn (lower is better): ewsgate / haproxy-tls = {:.2}, ewsgate-content / ewsgate = {:.2}",
+        get("keepalive_p99_paired_ratio", "ewsgate/haproxy-tls"),
+        get("keepalive_p99_paired_ratio", "ewsgate-content/ewsgate"),
     );
     if measured(&"ewsgate-b") {
         println!(
