@@ -179,31 +179,29 @@ impl<'i> NsReader<'i> {
 
     /// The namespace of the element whose tag starts at `at` (`<prefix:local ...`): its
     /// prefix's nearest binding, or the default namespace's when it has none. `:name` (an
-    /// empty prefix) binds to nothing. The name is cut from the document and kept for
+    /// empty prefix) binds to nothing. The name is also cut from the document and kept for
     /// [`NsReader::tag_name`]: one pass finds the prefix's end and the local part's start.
     fn resolve(&mut self, at: usize, e: &BytesStart) -> Ns {
-        let len = e.name().as_ref().len();
-        // The name runs from after `<` to white space or the tag's end: character boundaries.
-        let name = self
-            .reader
-            .text()
-            .get(at + 1..at + 1 + len)
-            .unwrap_or_default();
+        let own = e.name().into_inner();
         let (mut first, mut last) = (None, None);
-        for (i, &b) in name.as_bytes().iter().enumerate() {
+        for (i, &b) in own.as_bytes().iter().enumerate() {
             if b == b':' {
                 first = first.or(Some(i));
                 last = Some(i);
             }
         }
-        let local = match last {
-            Some(colon) => name.get(colon + 1..).unwrap_or_default(),
-            None => name,
-        };
-        self.name = (name, local);
+        // The same bytes, borrowed from the document rather than from the event: the name
+        // runs from after `<` to white space or the tag's end, character boundaries.
+        let name = self
+            .reader
+            .text()
+            .get(at + 1..at + 1 + own.len())
+            .unwrap_or_default();
+        let local = last.and_then(|colon| name.get(colon + 1..));
+        self.name = (name, local.unwrap_or(name));
         let prefix = match first {
             Some(0) => return Ns::Other,
-            Some(i) => &name.as_bytes()[..i],
+            Some(i) => own.as_bytes().get(..i).unwrap_or_default(),
             None => &[][..],
         };
         let prefixes = &self.prefixes[..];
