@@ -6,8 +6,10 @@
 //! about 600 instructions an event, half the price of reading a 1 KB request. Here the
 //! document is checked for UTF-8 once, every event is a slice of that text (cut at `<`, `>`,
 //! `&` or `;`, which never fall inside a character), open names are slices too, tags are
-//! scanned eight bytes at a time, and the events
-//! are quick-xml's own types, so the parsers above read them as before.
+//! scanned sixteen bytes at a time with the bytes that matter found at once, one pass over a
+//! start tag's name finds where it ends and where its colons are (for the namespace
+//! reader), an end tag that repeats the open name is taken as it is, and the events are
+//! quick-xml's own types, so the parsers above read them as before.
 //!
 //! The rules are quick-xml 0.42's with its default configuration, which the parsers used:
 //! end tags must match the open element (trailing white space trimmed), no end tag without
@@ -48,8 +50,25 @@ pub(crate) struct Lexer<'i> {
     /// Bytes read so far.
     pos: usize,
     state: State,
-    /// Names of the open elements, outermost first; on the stack up to EWS's usual depth.
-    open: SmallVec<[&'i str; 16]>,
+    /// The open elements, outermost first; on the stack up to EWS's usual depth.
+    open: SmallVec<[Open<'i>; 16]>,
+    /// The name of the element the last start or empty tag opened.
+    tag: TagName<'i>,
+}
+
+/// An open element.
+struct Open<'i> {
+    name: &'i str,
+    /// Its name holds a quote, which could hide a `>` in its end tag.
+    quoted: bool,
+}
+
+/// The name of an element as its start tag writes it, borrowed from the document.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct TagName<'i> {
+    pub(crate) name: &'i str,
+    /// Where its first and last `:` are.
+    pub(crate) colons: Option<(usize, usize)>,
 }
 
 impl<'i> Lexer<'i> {
@@ -71,18 +90,13 @@ impl<'i> Lexer<'i> {
             pos: 0,
             state: State::Text,
             open: SmallVec::new(),
+            tag: TagName::default(),
         }
     }
 
     /// Bytes read so far, the byte-order mark aside.
     pub(crate) fn position(&self) -> usize {
         self.pos
-    }
-
-    /// The document as text, from where positions count, up to its first byte that is not
-    /// UTF-8: every element's tag lies inside it.
-    pub(crate) fn text(&self) -> &'i str {
-        self.text
     }
 
     pub(crate) fn read_event(&mut self) -> Result<Event<'i>, Error> {
@@ -180,30 +194,32 @@ impl<'i> Lexer<'i> {
         }
     }
 
-    /// Where the tag that starts at `start` ends: its `>`, outside quotes. Sixteen or eight
-    /// bytes at a time (see [`skip`]), from one byte that matters to the next: a vector search
-    /// set up again at every quote costs more on tags this short, a plain byte loop more on
-    /// long ones.
+    /// Where the tag that starts at `start` ends: its `>`, outside quotes. Sixteen bytes at
+    /// a time: the bytes that matter in a chunk are found at once (see [`stops`]) and only
+    /// they are looked at, one after the other, so a quote costs a few instructions rather
+    /// than a new search.
     fn tag_end(&mut self, start: usize) -> Result<usize, Error> {
         let rest = self.bytes.get(start..).unwrap_or_default();
         let mut quote = None;
-        let mut i = 0;
-        while let Some(&byte) = rest.get(i) {
-            match skip(&rest[i..], quote) {
-                Skip::Clear(n) => {
-                    i += n;
-                    continue;
+        let mut at = 0;
+        while at < rest.len() {
+            let s = stops(&chunk16(rest, at));
+            let mut left = s.gt | s.single | s.double;
+            while left != 0 {
+                let bit = left & left.wrapping_neg();
+                left ^= bit;
+                match quote {
+                    None if s.gt & bit != 0 => {
+                        return Ok(start + at + bit.trailing_zeros() as usize)
+                    }
+                    None if s.single & bit != 0 => quote = Some(b'\''),
+                    None => quote = Some(b'"'),
+                    Some(b'\'') if s.single & bit != 0 => quote = None,
+                    Some(b'"') if s.double & bit != 0 => quote = None,
+                    Some(_) => {}
                 }
-                Skip::To(n) => i += n,
-                Skip::Short => {}
             }
-            match (quote, rest.get(i).copied().unwrap_or(byte)) {
-                (None, b'>') => return Ok(start + i),
-                (None, q @ (b'\'' | b'"')) => quote = Some(q),
-                (Some(q), b) if q == b => quote = None,
-                _ => {}
-            }
-            i += 1;
+            at += 16;
         }
         self.pos = self.bytes.len();
         Err(Error::Syntax(match quote {
@@ -217,27 +233,61 @@ impl<'i> Lexer<'i> {
         let end = self.tag_end(start)?;
         self.pos = end + 1;
         let tag = self.slice(start, end + 1)?;
-        if let Some(content) = tag[1..].strip_suffix("/>") {
-            return Ok(Event::Empty(BytesStart::from_content(
-                content,
-                name_len(content),
-            )));
+        let (content, empty) = match tag[1..].strip_suffix("/>") {
+            Some(content) => (content, true),
+            None => (&tag[1..tag.len() - 1], false),
+        };
+        let rest = self.bytes.get(start + 1..).unwrap_or_default();
+        let scan = scan_name(rest, content.len());
+        // The name ends at white space or where the content does: a character boundary.
+        let name = content.get(..scan.len).unwrap_or(content);
+        self.tag = TagName {
+            name,
+            colons: scan.colons,
+        };
+        if empty {
+            return Ok(Event::Empty(BytesStart::from_content(content, scan.len)));
         }
-        let content = &tag[1..tag.len() - 1];
-        let len = name_len(content);
-        self.open.push(&content[..len]);
-        Ok(Event::Start(BytesStart::from_content(content, len)))
+        self.open.push(Open {
+            name,
+            quoted: scan.quoted,
+        });
+        Ok(Event::Start(BytesStart::from_content(content, scan.len)))
+    }
+
+    /// The name of the element the last start or empty tag opened.
+    pub(crate) fn tag(&self) -> TagName<'i> {
+        self.tag
+    }
+
+    /// The end tag of the open element written plainly, `</name>`: taken as it is, with no
+    /// search for its end. A name with a quote in it could hide a `>`; it takes the long way.
+    fn plain_end(&mut self, start: usize) -> Option<Event<'i>> {
+        let open = self.open.last().filter(|o| !o.quoted)?;
+        let from = start + 2;
+        let to = from + open.name.len();
+        let text = self.text.as_bytes();
+        if text.get(to) != Some(&b'>') || !same(text.get(from..to)?, open.name.as_bytes()) {
+            return None;
+        }
+        let name = self.text.get(from..to)?;
+        self.open.pop();
+        self.pos = to + 1;
+        Some(Event::End(BytesEnd::new(name)))
     }
 
     fn end_tag(&mut self, start: usize) -> Result<Event<'i>, Error> {
+        if let Some(event) = self.plain_end(start) {
+            return Ok(event);
+        }
         let end = self.tag_end(start)?;
         self.pos = end + 1;
         let tag = self.slice(start, end + 1)?;
         let name = trim_end(&tag[2..tag.len() - 1]);
         match self.open.pop() {
-            Some(open) if open == name => Ok(Event::End(BytesEnd::new(name))),
+            Some(open) if open.name == name => Ok(Event::End(BytesEnd::new(name))),
             Some(open) => Err(Error::IllFormed(IllFormedError::MismatchedEndTag {
-                expected: open.to_string(),
+                expected: open.name.to_string(),
                 found: name.to_string(),
             })),
             None => Err(Error::IllFormed(IllFormedError::UnmatchedEndTag(
@@ -316,61 +366,134 @@ impl<'i> Lexer<'i> {
     }
 }
 
-/// What the next bytes of a tag hold, as far as the tag's end is concerned.
-enum Skip {
-    /// None of the next `n` bytes is `>` or a quote (or, inside quotes, the closing one).
-    Clear(usize),
-    /// The first such byte is `n` bytes on.
-    To(usize),
-    /// Fewer than eight bytes are left: the caller reads them one at a time.
-    Short,
+/// The bytes of a sixteen-byte chunk that end a tag or open and close quotes in it: one
+/// bit each, the first byte lowest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stops {
+    gt: u32,
+    single: u32,
+    double: u32,
 }
 
-/// The first byte of `rest` that matters inside a tag: outside quotes `>`, `'` or `"`, inside
-/// them the closing quote. Sixteen bytes at a time with SSE2 (part of every x86-64), eight
-/// with a word's arithmetic elsewhere or near the end.
-fn skip(rest: &[u8], quote: Option<u8>) -> Skip {
-    #[cfg(target_arch = "x86_64")]
-    if let Some(chunk) = rest.first_chunk::<16>() {
-        let stops = stops16(chunk, quote);
-        return match stops {
-            0 => Skip::Clear(16),
-            _ => Skip::To(stops.trailing_zeros() as usize),
-        };
+/// Sixteen bytes of `rest` from `at`, the chunk past its end filled with zeros (which are
+/// none of the bytes sought).
+fn chunk16(rest: &[u8], at: usize) -> [u8; 16] {
+    let tail = rest.get(at..).unwrap_or_default();
+    if let Some(chunk) = tail.first_chunk::<16>() {
+        return *chunk;
     }
-    let Some(word) = rest.first_chunk::<8>() else {
-        return Skip::Short;
-    };
-    let word = u64::from_le_bytes(*word);
-    let stops = match quote {
-        None => matches(word, b'>') | matches(word, b'\'') | matches(word, b'"'),
-        Some(q) => matches(word, q),
-    };
-    match stops {
-        0 => Skip::Clear(8),
-        // The lowest flag is exact: the first byte that matters.
-        _ => Skip::To(stops.trailing_zeros() as usize / 8),
+    let mut chunk = [0; 16];
+    if let Some(to) = chunk.get_mut(..tail.len()) {
+        to.copy_from_slice(tail);
+    }
+    chunk
+}
+
+fn stops(chunk: &[u8; 16]) -> Stops {
+    Stops {
+        gt: bits(chunk, b'>'),
+        single: bits(chunk, b'\''),
+        double: bits(chunk, b'"'),
     }
 }
 
-/// One bit per byte of `chunk` that matters (see [`skip`]), the first byte lowest.
+/// The bytes of `chunk` that are `b`, one bit each, the first byte lowest. With SSE2, part
+/// of every x86-64: a compare and a mask.
 #[cfg(target_arch = "x86_64")]
-fn stops16(chunk: &[u8; 16], quote: Option<u8>) -> u32 {
+fn bits(chunk: &[u8; 16], b: u8) -> u32 {
     use std::arch::x86_64::{
-        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
+        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_set1_epi8,
     };
     // SAFETY: SSE2 is part of the x86-64 baseline every build targets, so its instructions
     // exist on any machine this runs on; the one load reads the sixteen bytes `chunk`
     // borrows, unaligned loads allowed.
     unsafe {
         let v = _mm_loadu_si128(chunk.as_ptr().cast::<__m128i>());
-        let is = |b: u8| _mm_cmpeq_epi8(v, _mm_set1_epi8(b as i8));
-        let hits = match quote {
-            None => _mm_or_si128(_mm_or_si128(is(b'>'), is(b'\'')), is(b'"')),
-            Some(q) => is(q),
-        };
-        _mm_movemask_epi8(hits) as u32
+        _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(b as i8))) as u32
     }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn bits(chunk: &[u8; 16], b: u8) -> u32 {
+    bits_by_word(chunk, b)
+}
+
+/// [`bits`] with a word's arithmetic, for other machines (and the tests, which hold the
+/// two equal).
+#[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+fn bits_by_word(chunk: &[u8; 16], b: u8) -> u32 {
+    let (lo, hi) = chunk.split_at(8);
+    let word = |half: &[u8]| u64::from_le_bytes(half.try_into().unwrap_or_default());
+    gather(exact(word(lo), b)) | gather(exact(word(hi), b)) << 8
+}
+
+/// The flags of a word's bytes (their high bits, as [`exact`] sets them) as eight bits, the
+/// first byte lowest: each flag lands on its own bit of the product's top byte.
+fn gather(flags: u64) -> u32 {
+    ((flags >> 7).wrapping_mul(0x0102_0408_1020_4080) >> 56) as u32
+}
+
+/// The bytes of `word` that are `b`, each flagged by its high bit and no other: as
+/// [`matches`], with no false flag above the first (Hacker's Delight, 6-1, the exact form).
+fn exact(word: u64, b: u8) -> u64 {
+    const LOWS: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    let x = word ^ (0x0101_0101_0101_0101 * u64::from(b));
+    !(((x & LOWS) + LOWS) | x | LOWS)
+}
+
+/// What one pass over a start tag's content finds of its name.
+#[derive(Debug, PartialEq, Eq)]
+struct NameScan {
+    /// Up to the first white space, or the whole content.
+    len: usize,
+    /// Where the name's first and last `:` are.
+    colons: Option<(usize, usize)>,
+    /// The name holds a quote.
+    quoted: bool,
+}
+
+/// The name that starts a tag's content of `len` bytes at the start of `bytes`, sixteen
+/// bytes at a time: where it ends, where its colons are, whether it holds a quote. The
+/// bytes after the content are read but not counted: the document goes on there.
+fn scan_name(bytes: &[u8], len: usize) -> NameScan {
+    let mut colons: Option<(usize, usize)> = None;
+    let mut quoted = false;
+    let mut at = 0;
+    loop {
+        let chunk = chunk16(bytes, at);
+        let ends = bits(&chunk, b' ')
+            | bits(&chunk, b'\t')
+            | bits(&chunk, b'\n')
+            | bits(&chunk, b'\r')
+            // Past the content, as at white space: the name ends.
+            | u32::MAX
+                .checked_shl(u32::try_from(len.saturating_sub(at)).unwrap_or(u32::MAX))
+                .unwrap_or(0);
+        // The bytes before the first end: all sixteen when there is none.
+        let inside = (ends & ends.wrapping_neg()).wrapping_sub(1) & 0xffff;
+        let found = bits(&chunk, b':') & inside;
+        if found != 0 {
+            let first = at + found.trailing_zeros() as usize;
+            let last = at + 31 - found.leading_zeros() as usize;
+            colons = Some((colons.map_or(first, |c| c.0), last));
+        }
+        quoted |= (bits(&chunk, b'\'') | bits(&chunk, b'"')) & inside != 0;
+        if ends & 0xffff != 0 {
+            return NameScan {
+                len: at + ends.trailing_zeros() as usize,
+                colons,
+                quoted,
+            };
+        }
+        at += 16;
+    }
+}
+
+/// Two names the same, a word at a time: short, where a call to `memcmp` costs more.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    let (aw, at) = a.as_chunks::<8>();
+    let (bw, bt) = b.as_chunks::<8>();
+    a.len() == b.len() && aw.iter().zip(bw).all(|(x, y)| x == y) && at.iter().eq(bt)
 }
 
 /// The bytes of `word` (read little-endian) that are `b`, each flagged by its high bit: the
@@ -414,14 +537,6 @@ fn trim_end(name: &str) -> &str {
         Some(last) => &name[..=last],
         None => name,
     }
-}
-
-/// A tag's name: up to its first white space.
-fn name_len(content: &str) -> usize {
-    content
-        .bytes()
-        .position(is_space_byte)
-        .unwrap_or(content.len())
 }
 
 /// Whether `doc` reads the same with this lexer as with quick-xml's reader: event for event,
@@ -504,6 +619,115 @@ mod tests {
                     agrees(format!("<x y='{name}").as_bytes());
                 }
             }
+        }
+    }
+
+    /// Every byte at every place of a chunk: the word arithmetic flags what SSE2 flags.
+    #[test]
+    fn the_word_arithmetic_finds_what_the_vector_finds() {
+        for at in 0..16 {
+            for byte in 0..=255u8 {
+                let mut chunk = [b'a'; 16];
+                chunk[at] = byte;
+                // The neighbours that could carry a false flag: one above, and zero.
+                if at < 15 {
+                    chunk[at + 1] = byte.wrapping_add(1);
+                }
+                if at > 0 {
+                    chunk[at - 1] = 0;
+                }
+                for sought in [b'>', b'\'', b'"', b':', b' ', 0, 0x80, 0xff, byte] {
+                    assert_eq!(
+                        super::bits_by_word(&chunk, sought),
+                        super::bits(&chunk, sought),
+                        "{sought:#x} in {chunk:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A name of every length up to three chunks, with white space, colons and quotes at
+    /// every place, and the content cut short of the bytes that follow: one pass finds what a
+    /// byte at a time finds.
+    #[test]
+    fn a_name_is_scanned_as_a_byte_at_a_time_scans_it() {
+        let plain = |content: &[u8]| {
+            let len = content
+                .iter()
+                .position(|&b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+                .unwrap_or(content.len());
+            let name = &content[..len];
+            let first = name.iter().position(|&b| b == b':');
+            let last = name.iter().rposition(|&b| b == b':');
+            super::NameScan {
+                len,
+                colons: first.zip(last),
+                quoted: name.iter().any(|&b| b == b'\'' || b == b'"'),
+            }
+        };
+        for len in 0..48 {
+            for at in 0..len {
+                for b in [b' ', b'\t', b'\n', b'\r', b':', b'\'', b'"'] {
+                    for second in [None, Some(b':'), Some(b' ')] {
+                        // What follows the content looks like more name, and a colon.
+                        let mut doc = vec![b'n'; len + 20];
+                        doc[len + 3] = b':';
+                        doc[at] = b;
+                        if let Some(c) = second {
+                            doc[(at + 7) % len] = c;
+                        }
+                        for cut in [len, len.saturating_sub(1)] {
+                            assert_eq!(
+                                super::scan_name(&doc, cut),
+                                plain(&doc[..cut]),
+                                "{:?} cut at {cut}",
+                                String::from_utf8_lossy(&doc)
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // Content that runs to the end of the document.
+        for len in 0..40 {
+            let doc = vec![b':'; len];
+            assert_eq!(super::scan_name(&doc, len), plain(&doc));
+        }
+    }
+
+    /// End tags written plainly or not: quotes in the open name, white space, a name that
+    /// is one byte longer or shorter, at chunk lengths, cut short, or not UTF-8.
+    #[test]
+    fn end_tags_read_as_quick_xml_reads_them() {
+        for len in [1, 7, 8, 15, 16, 17, 31, 32, 33] {
+            let name = "n".repeat(len);
+            for end in [
+                format!("</{name}>"),
+                format!("</{name} >"),
+                format!("</{name}n>"),
+                format!("</{}>", &name[1..]),
+                format!("</{name}"),
+                format!("</{name}\u{e9}>"),
+                format!("</{name}\t>"),
+            ] {
+                agrees(format!("<{name}>t{end}").as_bytes());
+                agrees(format!("<{name} a='1'><x/>{end}").as_bytes());
+                agrees(format!("<p:{name}/><{name}>{end}").as_bytes());
+            }
+            let mut bad = format!("<{name}></{name}").into_bytes();
+            bad.push(0xff);
+            agrees(&bad);
+        }
+        for doc in [
+            "<a'b c'>t</a'b>",
+            "<a'b c'>t</a'b>c'>",
+            "<a\"b>t</a\"b>\">",
+            "<a'>'>t</a'>'>",
+            "<a'>'>t</a'>",
+            "<a\"x\" y>t</a\"x\">",
+        ] {
+            agrees(doc.as_bytes());
         }
     }
 

@@ -18,7 +18,7 @@ use quick_xml::{
 use smallvec::SmallVec;
 
 use super::{
-    lexer::{first_of, matches, Lexer},
+    lexer::{first_of, matches, Lexer, TagName},
     Ns, MESSAGES_NS, SOAP_NS, TYPES_NS,
 };
 
@@ -86,17 +86,16 @@ impl<'i> NsReader<'i> {
         if self.pending_pop {
             self.pop();
         }
-        let at = self.reader.position();
         let event = self.reader.read_event()?;
         let ns = match &event {
             Event::Start(e) => {
                 self.push(e)?;
-                self.resolve(at, e)
+                self.resolve()
             }
             Event::Empty(e) => {
                 self.push(e)?;
                 self.pending_pop = true;
-                self.resolve(at, e)
+                self.resolve()
             }
             // No parser asks an end tag's namespace: it closes what the start opened.
             Event::End(_) => {
@@ -177,31 +176,17 @@ impl<'i> NsReader<'i> {
         Ok(())
     }
 
-    /// The namespace of the element whose tag starts at `at` (`<prefix:local ...`): its
+    /// The namespace of the element the lexer just read a start or empty tag of: its
     /// prefix's nearest binding, or the default namespace's when it has none. `:name` (an
-    /// empty prefix) binds to nothing. The name is also cut from the document and kept for
-    /// [`NsReader::tag_name`]: one pass finds the prefix's end and the local part's start.
-    fn resolve(&mut self, at: usize, e: &BytesStart) -> Ns {
-        let own = e.name().into_inner();
-        let (mut first, mut last) = (None, None);
-        for (i, &b) in own.as_bytes().iter().enumerate() {
-            if b == b':' {
-                first = first.or(Some(i));
-                last = Some(i);
-            }
-        }
-        // The same bytes, borrowed from the document rather than from the event: the name
-        // runs from after `<` to white space or the tag's end, character boundaries.
-        let name = self
-            .reader
-            .text()
-            .get(at + 1..at + 1 + own.len())
-            .unwrap_or_default();
-        let local = last.and_then(|colon| name.get(colon + 1..));
+    /// empty prefix) binds to nothing. The name is kept for [`NsReader::tag_name`], its local
+    /// part after the last colon; the lexer found the colons as it read the tag.
+    fn resolve(&mut self) -> Ns {
+        let TagName { name, colons } = self.reader.tag();
+        let local = colons.and_then(|(_, last)| name.get(last + 1..));
         self.name = (name, local.unwrap_or(name));
-        let prefix = match first {
-            Some(0) => return Ns::Other,
-            Some(i) => own.as_bytes().get(..i).unwrap_or_default(),
+        let prefix = match colons {
+            Some((0, _)) => return Ns::Other,
+            Some((first, _)) => name.as_bytes().get(..first).unwrap_or_default(),
             None => &[][..],
         };
         let prefixes = &self.prefixes[..];
