@@ -11,7 +11,9 @@
 //! the same way, as the peer: callgrind sees user space only, so the kernel's share of a
 //! request (the system calls) is in neither figure. Written to target/bench/cost.json; each
 //! run's callgrind output is kept beside it (`callgrind_annotate
-//! target/bench/cost-2000-0.callgrind`).
+//! target/bench/cost-2000-0.callgrind`). Last, the SOAP parsers alone: the bench's request
+//! and Exchange's answer to it, each parsed a thousand times by this program under
+//! callgrind (`instructions_per_parse`).
 
 use std::{
     fs,
@@ -30,8 +32,8 @@ use serde_json::Value;
 use tests::{ews::Pki, lab::BpfFs};
 
 use crate::proxy::{
-    raise_fd_limit, row, soap_body, start_nginx, wait_port, write_configs, Server, BACKEND_PORT,
-    SUBJECTS,
+    get_item_answer, raise_fd_limit, row, soap_body, start_nginx, wait_port, write_configs, Server,
+    BACKEND_PORT, SUBJECTS,
 };
 
 const KEEPALIVE_REQUESTS: u64 = 2000;
@@ -69,17 +71,93 @@ pub fn run() -> anyhow::Result<()> {
             "instructions",
         )
     };
-    let rows = vec![
+    let mut rows = vec![
         per_request("ewsgate", keepalive, base),
         per_connection("ewsgate", handshakes, base),
         per_request("ewsgate-content", content, content_base),
         per_request("haproxy-tls", peer, peer_base),
         per_connection("haproxy-tls", peer_handshakes, peer_base),
     ];
+    rows.extend(soap_rows()?);
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     fs::create_dir_all(&out)?;
     fs::write(out.join("cost.json"), serde_json::to_string_pretty(&rows)?)?;
     print(&rows);
+    Ok(())
+}
+
+/// Parses of each document in the SOAP parsers' count.
+const SOAP_PARSES: u64 = 1000;
+
+/// The two documents the SOAP parsers read in a request of the bench.
+const SOAP_DOCUMENTS: [&str; 2] = ["request", "answer"];
+
+/// The SOAP parsers alone: the bench's request, and Exchange's answer to it (which only the
+/// content rule reads). This program parses each once, and `SOAP_PARSES` more times, under
+/// callgrind; the difference divided is one parse, apart from the rest of a request.
+fn soap_rows() -> anyhow::Result<Vec<Value>> {
+    let mut rows = Vec::new();
+    for doc in SOAP_DOCUMENTS {
+        let once = count_parses(doc, 1)?;
+        let many = count_parses(doc, 1 + SOAP_PARSES)?;
+        let value = many.saturating_sub(once) as f64 / SOAP_PARSES as f64;
+        let subject = format!("soap-{doc}");
+        rows.push(row(
+            "instructions_per_parse",
+            &subject,
+            value,
+            "instructions",
+        ));
+    }
+    Ok(rows)
+}
+
+/// Runs `ewsgate-bench soap-parse DOC N` under callgrind and reads its total.
+fn count_parses(doc: &str, n: u64) -> anyhow::Result<u64> {
+    let out = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/bench")
+        .join(format!("cost-soap-{doc}-{n}.callgrind"));
+    let status = Command::new("valgrind")
+        .args(["--tool=callgrind", "--vgdb=no"])
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(std::env::current_exe()?)
+        .args(["soap-parse", doc, &n.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("valgrind (cargo xtask setup installs it)")?;
+    if !status.success() {
+        bail!("parsing the SOAP {doc} under callgrind: {status}");
+    }
+    callgrind_total(&out)
+}
+
+/// `ewsgate-bench soap-parse request|answer N`: the child [`soap_rows`] counts, which parses
+/// the document `N` times and fails on the first refusal.
+pub fn parse_soap() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(2);
+    let doc = args.next().unwrap_or_default();
+    let n: u64 = args
+        .next()
+        .and_then(|n| n.parse().ok())
+        .context("usage: ewsgate-bench soap-parse request|answer N")?;
+    let text = match doc.as_str() {
+        "request" => soap_body(),
+        "answer" => get_item_answer(),
+        _ => bail!(
+            "no SOAP document '{doc}' (known: {})",
+            SOAP_DOCUMENTS.join(", ")
+        ),
+    };
+    let limits = Default::default();
+    for _ in 0..n {
+        let bytes = std::hint::black_box(text.as_bytes());
+        if doc == "request" {
+            ewsgate::soap::parse_request(bytes, true, limits)?;
+        } else {
+            ewsgate::soap::parse_response(bytes, limits)?;
+        }
+    }
     Ok(())
 }
 
@@ -269,17 +347,7 @@ impl Callgrind {
             }
             thread::sleep(Duration::from_millis(50));
         }
-        let text = fs::read_to_string(&self.out)
-            .with_context(|| format!("reading {}", self.out.display()))?;
-        let total: u64 = text
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("summary:")
-                    .or_else(|| l.strip_prefix("totals:"))
-            })
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no total in {}", self.out.display()))?;
+        let total = callgrind_total(&self.out)?;
         Ok(total.saturating_sub(self.seeding()?))
     }
 
@@ -301,6 +369,19 @@ impl Callgrind {
             .max()
             .unwrap_or(0))
     }
+}
+
+/// The instructions a callgrind output file counts in all.
+fn callgrind_total(file: &Path) -> anyhow::Result<u64> {
+    let text = fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("summary:")
+                .or_else(|| l.strip_prefix("totals:"))
+        })
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no total in {}", file.display()))
 }
 
 /// aws-lc's entropy set-up, run once per process.

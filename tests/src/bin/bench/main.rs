@@ -57,6 +57,8 @@ fn main() -> anyhow::Result<()> {
         "proxy" => proxy::run(),
         "tokens" => tokens::run_suite(),
         "cost" => cost::run(),
+        // The child `cost` runs under callgrind to count the SOAP parsers alone.
+        "soap-parse" => cost::parse_soap(),
         "fleet" => fleet::run(),
         "all" => xdp_suite()
             .and_then(|()| proxy::run())

@@ -607,7 +607,7 @@ pub(crate) fn start_nginx(dir: &Path, name: &str, cpu: u32) -> anyhow::Result<Se
 
 /// What the backend answers every request with: Exchange's answer to the bench's GetItem,
 /// a calendar item (quotes escaped for nginx's `return`).
-fn get_item_answer() -> String {
+pub(crate) fn get_item_answer() -> String {
     let item = tests::mailbox::Item {
         id: tests::mailbox::TOKEN_ITEM.into(),
         folder: "F-calendar",
