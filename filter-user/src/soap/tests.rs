@@ -540,3 +540,52 @@ fn blank_text_is_found_wherever_a_non_blank_byte_sits() {
         }
     }
 }
+
+/// An ID read the short way (first, quoted, plain) or the long way, against quick-xml's
+/// checked lookup: the same value or the same error, for IDs written every way.
+#[test]
+fn an_attribute_is_read_as_quick_xml_reads_it() {
+    let tags = [
+        r#"t:ItemId Id="AAMk=" ChangeKey="CQ==""#,
+        "t:ItemId Id='AAMk='",
+        "t:ItemId  \t\r\nId=\"a\"",
+        "t:ItemId Id = \"a\"",
+        "t:ItemId Id=a",
+        "t:ItemId Id=\"a",
+        "t:ItemId Id=\"a&amp;b\"",
+        "t:ItemId Id=\"a&#x41;b\"",
+        "t:ItemId Id=\"&bogus;\"",
+        "t:ItemId Id=\"a&\"",
+        "t:ItemId Id=\"a\tb\"",
+        "t:ItemId Id=\"a\r\nb\"",
+        "t:ItemId Id=\"a\nb\"",
+        "t:ItemId ChangeKey=\"x\" Id=\"a\"",
+        "t:ItemId Id=\"a\" Id=\"b\"",
+        "t:ItemId X=\"1\" X=\"2\" Id=\"a\"",
+        "t:ItemId X=1 Id=\"a\"",
+        "t:ItemId Idx=\"a\" Id=\"b\"",
+        "t:ItemId IdId=\"a\"",
+        "t:ItemId id=\"a\"",
+        "t:ItemId Id=\"\"",
+        "t:ItemId Id=\"caf\u{e9}\"",
+        "t:ItemId Id=\"a'b\"",
+        "t:ItemId Id='a\"b'",
+        "t:ItemId Id=\"a\"b=\"c\"",
+        "t:ItemId",
+        "t:ItemId ",
+        "t:ItemId =\"a\" Id=\"b\"",
+    ];
+    for tag in tags {
+        let name_len = tag.find(' ').unwrap_or(tag.len());
+        let e = BytesStart::from_content(tag, name_len);
+        let theirs = match e.try_get_attribute("Id") {
+            Ok(Some(a)) => a
+                .normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                .map(|v| Some(v.into_owned()))
+                .map_err(|e| SoapError::Xml(e.to_string())),
+            Ok(None) => Ok(None),
+            Err(e) => Err(SoapError::Xml(e.to_string())),
+        };
+        assert_eq!(attr(&e, "Id"), theirs, "in <{tag}>");
+    }
+}
