@@ -171,9 +171,14 @@ pub(crate) fn namespace(r: &quick_xml::name::ResolveResult) -> Ns {
 }
 
 pub(crate) fn attr(e: &BytesStart, name: &str) -> Result<Option<String>, SoapError> {
-    if let Some(value) = first_attribute(e.attributes_raw(), name) {
-        return Ok(Some(value.to_owned()));
+    match first_attribute(e.attributes_raw(), name) {
+        Some(value) => Ok(Some(value.to_owned())),
+        None => checked_attr(e, name),
     }
+}
+
+/// quick-xml's lookup: duplicates refused, the value normalised.
+fn checked_attr(e: &BytesStart, name: &str) -> Result<Option<String>, SoapError> {
     match e.try_get_attribute(name) {
         Ok(Some(a)) => a
             .normalized_value(quick_xml::XmlVersion::Implicit1_0)
