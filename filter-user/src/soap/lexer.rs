@@ -368,7 +368,6 @@ impl<'i> Lexer<'i> {
 
 /// The bytes of a sixteen-byte chunk that end a tag or open and close quotes in it: one
 /// bit each, the first byte lowest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stops {
     gt: u32,
     single: u32,

@@ -606,7 +606,7 @@ pub(crate) fn start_nginx(dir: &Path, name: &str, cpu: u32) -> anyhow::Result<Se
 }
 
 /// What the backend answers every request with: Exchange's answer to the bench's GetItem,
-/// a calendar item (quotes escaped for nginx's `return`).
+/// a calendar item.
 pub(crate) fn get_item_answer() -> String {
     let item = tests::mailbox::Item {
         id: tests::mailbox::TOKEN_ITEM.into(),
@@ -617,12 +617,13 @@ pub(crate) fn get_item_answer() -> String {
         attachments: vec!["AAMkAD-attachment-1="],
         extra: "",
     };
-    tests::mailbox::get_item_response(&[Some(&item)]).replace('\'', "\\'")
+    tests::mailbox::get_item_response(&[Some(&item)])
 }
 
 pub(crate) fn write_configs(dir: &Path, bpffs: &Path) -> anyhow::Result<()> {
     let d = dir.display();
-    let answer = get_item_answer();
+    // Quotes escaped for nginx's `return`.
+    let answer = get_item_answer().replace('\'', "\\'");
     let cert = dir.join("gate.pem");
     let key = dir.join("gate.key");
     // HAProxy wants the certificate and key in one file.
