@@ -203,11 +203,15 @@ fn first_attribute<'a>(raw: &'a str, name: &str) -> Option<&'a str> {
         q @ (b'"' | b'\'') => (*q, rest.get(1..)?),
         _ => return None,
     };
-    let value = value.get(..memchr::memchr(quote, value.as_bytes())?)?;
-    let plain = !value
-        .bytes()
-        .any(|b| matches!(b, b'&' | b'\t' | b'\r' | b'\n'));
-    plain.then_some(value)
+    // The value ends at its quote; a reference, tab or line end before it takes the long way.
+    let stop = lexer::first_of(value.as_bytes(), |c| {
+        lexer::bits(c, quote)
+            | lexer::bits(c, b'&')
+            | lexer::bits(c, b'\t')
+            | lexer::bits(c, b'\r')
+            | lexer::bits(c, b'\n')
+    })?;
+    (value.as_bytes().get(stop) == Some(&quote)).then(|| value.get(..stop))?
 }
 
 /// A UTF-8 byte-order mark's length. quick-xml skips one without counting it in its

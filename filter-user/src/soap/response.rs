@@ -12,11 +12,12 @@
 use std::ops::Range;
 
 use quick_xml::events::{BytesRef, BytesStart, Event};
+use smallvec::SmallVec;
 
 use super::{
     attr, bom_len,
     names::NsReader,
-    schema::{self, known},
+    schema::{self, Known, Lists},
     Ns, SoapError, MESSAGES_NS, TYPES_NS,
 };
 use crate::model::settings::SoapLimits as Limits;
@@ -116,11 +117,28 @@ enum Ctx {
     Opaque,
 }
 
-/// The context of an element named `local` in `ns` inside `parent`; `None` when the schema
-/// has no such element there.
-fn child(parent: Ctx, ns: Ns, local: &str) -> Option<Ctx> {
+/// Whether an element's place is one where the schema lists say what it may be.
+fn lists_decide(parent: Ctx) -> bool {
+    use Ctx::*;
+    matches!(
+        parent,
+        Change
+            | Items
+            | ItemAttachment
+            | Item
+            | ResponseObjects
+            | FileAttachment
+            | Folders { .. }
+            | Folder
+    )
+}
+
+/// The context of an element named `local` in `ns` inside `parent`, which the schema lists
+/// hold as `known`; `None` when the schema has no such element there.
+fn child(parent: Ctx, ns: Ns, local: &str, known: Known) -> Option<Ctx> {
     use Ctx::*;
     let types = ns == Ns::Types;
+    let is = |list| known.lists.has(list);
     Some(match parent {
         Opaque => Opaque,
         Envelope => match (ns, local) {
@@ -185,42 +203,36 @@ fn child(parent: Ctx, ns: Ns, local: &str) -> Option<Ctx> {
             "ItemId" | "FolderId" | "IsRead" => Opaque,
             _ => return None,
         },
-        Change if known(&schema::FOLDERS, local) => Folder,
-        Change | Items | ItemAttachment if known(&schema::ITEMS, local) => Item,
+        Change if is(Lists::FOLDERS) => Folder,
+        Change | Items | ItemAttachment if is(Lists::ITEMS) => Item,
         Item => match local {
             "ItemClass" => ItemClass,
             "Attachments" => Attachments,
             "AdjacentMeetings" | "ConflictingMeetings" => Items,
             "ResponseObjects" => ResponseObjects,
-            _ if known(schema::ITEM_PROPERTIES, local) => Opaque,
+            _ if is(Lists::ITEM_PROPERTIES) => Opaque,
             _ => return None,
         },
-        ResponseObjects if known(&schema::RESPONSE_OBJECTS, local) => Empty,
+        ResponseObjects if is(Lists::RESPONSE_OBJECTS) => Empty,
         Attachments => match local {
             "FileAttachment" => FileAttachment,
             "ItemAttachment" => ItemAttachment,
             _ => return None,
         },
         FileAttachment
-            if known(&schema::ATTACHMENT_PROPERTIES, local)
-                || known(&schema::FILE_ATTACHMENT_PROPERTIES, local) =>
+            if is(Lists::ATTACHMENT_PROPERTIES) || is(Lists::FILE_ATTACHMENT_PROPERTIES) =>
         {
             Opaque
         }
-        ItemAttachment if known(&schema::ATTACHMENT_PROPERTIES, local) => Opaque,
-        Folders { .. } if known(&schema::FOLDERS, local) => Folder,
+        ItemAttachment if is(Lists::ATTACHMENT_PROPERTIES) => Opaque,
+        Folders { .. } if is(Lists::FOLDERS) => Folder,
         Folder => match local {
             "FolderClass" => FolderClass,
-            _ if known(&schema::FOLDER_PROPERTIES, local) => Opaque,
+            _ if is(Lists::FOLDER_PROPERTIES) => Opaque,
             _ => return None,
         },
         _ => return None,
     })
-}
-
-/// The `&'static` spelling of a name from one of the schema lists.
-fn name_in(list: &[&'static str], local: &str) -> &'static str {
-    schema::find(list, local).map_or("", |i| list[i])
 }
 
 /// An item or attachment being read; items and attachments nest in each other.
@@ -238,9 +250,9 @@ struct Open {
 #[derive(Default)]
 struct Walk {
     out: Response,
-    stack: Vec<Open>,
+    stack: SmallVec<[Open; 16]>,
     message: Option<Message>,
-    owners: Vec<Owner>,
+    owners: SmallVec<[Owner; 4]>,
     folder: Option<FolderInfo>,
     /// The last folder filed sits in a sync change whose end is its span's end.
     folder_in_change: bool,
@@ -261,12 +273,8 @@ pub fn parse_response(bytes: &[u8], limits: Limits) -> Result<Response, SoapErro
 
 fn parse_document(bytes: &[u8], limits: Limits) -> Result<Response, SoapError> {
     let mut reader = NsReader::new(bytes);
-    // Sized for a usual answer, so that a walk does not grow its stacks element by element.
-    let mut w = Walk {
-        stack: Vec::with_capacity(16),
-        owners: Vec::with_capacity(4),
-        ..Walk::default()
-    };
+    // The stacks are on the stack up to a usual answer's depth: no allocation.
+    let mut w = Walk::default();
     loop {
         let before = reader.buffer_position() as usize;
         let (ns, event) = reader
@@ -356,7 +364,13 @@ impl Walk {
             });
             return Ok(());
         }
-        let ctx = match child(parent, ns, local) {
+        // One lookup, only where the lists decide, for every list the element could be in.
+        let known = if ns == Ns::Types && lists_decide(parent) {
+            schema::lookup(local)
+        } else {
+            Known::default()
+        };
+        let ctx = match child(parent, ns, local, known) {
             Some(ctx) => ctx,
             None if self.message.is_some() => {
                 self.unclassified(raw);
@@ -364,7 +378,7 @@ impl Walk {
             }
             None => return Err(SoapError::Unexpected(shown(raw))),
         };
-        self.opened(parent, ctx, local, e, at)?;
+        self.opened(parent, ctx, local, known.name, e, at)?;
         self.text.clear();
         self.stack.push(Open { ctx, start: at });
         Ok(())
@@ -376,12 +390,14 @@ impl Walk {
         }
     }
 
-    /// Records what an element that starts in `ctx` (inside `parent`) begins or names.
+    /// Records what an element that starts in `ctx` (inside `parent`) begins or names;
+    /// `element` is its name as the schema lists spell it, for items and folders.
     fn opened(
         &mut self,
         parent: Ctx,
         ctx: Ctx,
         local: &str,
+        element: &'static str,
         e: &BytesStart,
         at: usize,
     ) -> Result<(), SoapError> {
@@ -395,7 +411,7 @@ impl Walk {
                 })
             }
             Ctx::Item => self.owners.push(Owner::Item(Item {
-                element: name_in(&schema::ITEMS, local),
+                element,
                 ..Default::default()
             })),
             Ctx::FileAttachment | Ctx::ItemAttachment => {
@@ -408,7 +424,7 @@ impl Walk {
                     _ => (at, false),
                 };
                 self.folder = Some(FolderInfo {
-                    element: name_in(&schema::FOLDERS, local),
+                    element,
                     span: start..start,
                     listed,
                     ..Default::default()

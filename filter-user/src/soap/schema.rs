@@ -1,8 +1,10 @@
 //! Element names from the EWS schema (`types.xsd`, schema version V2018_01_08, the newest
 //! Exchange serves), for the places in a response where the walker must know every element:
-//! the children of items, attachments and folders. The lists are sorted by length, then by
-//! byte, for a binary search that settles most steps on the length alone; a unit test keeps
-//! them so.
+//! the children of items, attachments and folders. The walker looks a name up in all of
+//! them at once ([`lookup`]). The lists are kept sorted by length, then by byte, so that a
+//! reader finds a name in them; a unit test keeps them so.
+
+use std::collections::HashMap;
 
 /// Item elements (`ArrayOfRealItemsType`, `ItemAttachmentType`, the sync changes).
 pub(crate) const ITEMS: [&str; 15] = [
@@ -397,19 +399,74 @@ pub(crate) const FOLDER_PROPERTIES: [&str; 19] = [
 ];
 
 /// The order of the lists: length first, then bytes.
+#[cfg(test)]
 fn order(a: &str, b: &str) -> std::cmp::Ordering {
     a.len()
         .cmp(&b.len())
         .then_with(|| a.as_bytes().cmp(b.as_bytes()))
 }
 
-/// Where `name` is in `list`.
-pub(crate) fn find(list: &[&str], name: &str) -> Option<usize> {
-    list.binary_search_by(|probe| order(probe, name)).ok()
+/// The lists a name is in, one bit each: one lookup answers for all of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Lists(u8);
+
+impl Lists {
+    pub(crate) const ITEMS: Lists = Lists(1);
+    pub(crate) const FOLDERS: Lists = Lists(1 << 1);
+    pub(crate) const ITEM_PROPERTIES: Lists = Lists(1 << 2);
+    pub(crate) const RESPONSE_OBJECTS: Lists = Lists(1 << 3);
+    pub(crate) const ATTACHMENT_PROPERTIES: Lists = Lists(1 << 4);
+    pub(crate) const FILE_ATTACHMENT_PROPERTIES: Lists = Lists(1 << 5);
+    pub(crate) const FOLDER_PROPERTIES: Lists = Lists(1 << 6);
+
+    pub(crate) fn has(self, list: Lists) -> bool {
+        self.0 & list.0 != 0
+    }
 }
 
-pub(crate) fn known(list: &[&str], name: &str) -> bool {
-    find(list, name).is_some()
+/// A name from the lists, spelt as they spell it, with the lists that hold it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Known {
+    pub(crate) name: &'static str,
+    pub(crate) lists: Lists,
+}
+
+/// Every name of every list. foldhash: a hash of a short name costs a few dozen
+/// instructions, where a binary search of `ITEM_PROPERTIES` compared nine names (about 230
+/// instructions a lookup, six lookups in an item's answer). The table is fixed, so names an
+/// answer brings cannot lengthen its chains.
+static TABLE: std::sync::LazyLock<HashMap<&'static str, Lists, foldhash::fast::FixedState>> =
+    std::sync::LazyLock::new(|| {
+        let mut table = HashMap::with_hasher(foldhash::fast::FixedState::with_seed(0));
+        for (list, names) in every_list() {
+            for &name in names {
+                let lists: &mut Lists = table.entry(name).or_default();
+                lists.0 |= list.0;
+            }
+        }
+        table
+    });
+
+fn every_list() -> [(Lists, &'static [&'static str]); 7] {
+    [
+        (Lists::ITEMS, &ITEMS),
+        (Lists::FOLDERS, &FOLDERS),
+        (Lists::ITEM_PROPERTIES, ITEM_PROPERTIES),
+        (Lists::RESPONSE_OBJECTS, &RESPONSE_OBJECTS),
+        (Lists::ATTACHMENT_PROPERTIES, &ATTACHMENT_PROPERTIES),
+        (
+            Lists::FILE_ATTACHMENT_PROPERTIES,
+            &FILE_ATTACHMENT_PROPERTIES,
+        ),
+        (Lists::FOLDER_PROPERTIES, &FOLDER_PROPERTIES),
+    ]
+}
+
+/// The lists `name` is in (none when it is in none), and its spelling there.
+pub(crate) fn lookup(name: &str) -> Known {
+    TABLE
+        .get_key_value(name)
+        .map_or_else(Known::default, |(&name, &lists)| Known { name, lists })
 }
 
 #[cfg(test)]
@@ -417,22 +474,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_lists_are_sorted_for_binary_search() {
-        let lists: [&[&str]; 7] = [
-            &ITEMS,
-            &FOLDERS,
-            ITEM_PROPERTIES,
-            &RESPONSE_OBJECTS,
-            &ATTACHMENT_PROPERTIES,
-            &FILE_ATTACHMENT_PROPERTIES,
-            &FOLDER_PROPERTIES,
-        ];
-        for list in lists {
+    fn the_lists_are_sorted_without_repeats() {
+        for (_, list) in every_list() {
             assert!(
                 list.windows(2).all(|w| order(w[0], w[1]).is_lt()),
                 "{list:?}"
             );
         }
-        assert!(known(ITEM_PROPERTIES, "Attachments") && !known(ITEM_PROPERTIES, "Foo"));
+    }
+
+    /// One lookup gives, for every name of every list, exactly the lists that hold it; a
+    /// name in none, or spelt in another case, is in none.
+    #[test]
+    fn a_lookup_answers_for_every_list() {
+        for (_, names) in every_list() {
+            for &name in names {
+                let found = lookup(name);
+                assert_eq!(found.name, name);
+                for (list, members) in every_list() {
+                    assert_eq!(found.lists.has(list), members.contains(&name), "{name}");
+                }
+            }
+        }
+        assert!(lookup("Attachments").lists.has(Lists::ITEM_PROPERTIES));
+        for name in [
+            "",
+            "Foo",
+            "subject",
+            "Subject ",
+            "t:Subject",
+            "CalendarItem\0",
+        ] {
+            assert_eq!(lookup(name), Known::default(), "{name}");
+        }
     }
 }
