@@ -99,6 +99,8 @@ impl<'i> Lexer<'i> {
         self.pos
     }
 
+    // Inlined into the namespace reader, its one caller (see `NsReader::read_event`).
+    #[inline(always)]
     pub(crate) fn read_event(&mut self) -> Result<Event<'i>, Error> {
         match self.state {
             State::Done => Ok(Event::Eof),

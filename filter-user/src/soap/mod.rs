@@ -258,16 +258,16 @@ pub fn parse_request(bytes: &[u8], complete: bool, limits: Limits) -> Result<Req
     // The reader skips a byte-order mark; its positions start after it.
     let mut reader = names::NsReader::new(bytes);
     loop {
-        let (ns, event) = match reader.read_resolved_event() {
-            Ok(x) => x,
+        let event = match reader.read_event() {
+            Ok(event) => event,
             // Cut inside markup: a longer body, and markup is never bulk content. Any other
             // error is one, wherever it is: the bytes after it would go unread.
             Err(e) if !complete && cut_in_markup(&e) => return Err(SoapError::TooLarge),
             Err(e) => return Err(SoapError::Xml(e.to_string())),
         };
         match event {
-            Event::Start(e) => p.start(ns, &e, reader.tag_name(), false)?,
-            Event::Empty(e) => p.start(ns, &e, reader.tag_name(), true)?,
+            Event::Start(e) => p.start(reader.ns(), &e, reader.tag_name(), false)?,
+            Event::Empty(e) => p.start(reader.ns(), &e, reader.tag_name(), true)?,
             Event::End(_) => p.end()?,
             // Blank text is skipped before its line ends are normalised: mostly it is
             // indentation, and it stays blank either way.

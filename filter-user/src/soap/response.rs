@@ -277,17 +277,17 @@ fn parse_document(bytes: &[u8], limits: Limits) -> Result<Response, SoapError> {
     let mut w = Walk::default();
     loop {
         let before = reader.buffer_position() as usize;
-        let (ns, event) = reader
-            .read_resolved_event()
+        let event = reader
+            .read_event()
             .map_err(|e| SoapError::Xml(e.to_string()))?;
         match event {
             Event::Start(e) | Event::Empty(e) if w.stack.len() >= limits.depth => {
                 let _ = e;
                 return Err(SoapError::TooDeep(limits.depth));
             }
-            Event::Start(e) => w.start(ns, &e, reader.tag_name(), before, limits)?,
+            Event::Start(e) => w.start(reader.ns(), &e, reader.tag_name(), before, limits)?,
             Event::Empty(e) => {
-                w.start(ns, &e, reader.tag_name(), before, limits)?;
+                w.start(reader.ns(), &e, reader.tag_name(), before, limits)?;
                 w.end(reader.buffer_position() as usize);
             }
             Event::End(_) => w.end(reader.buffer_position() as usize),
