@@ -117,22 +117,6 @@ enum Ctx {
     Opaque,
 }
 
-/// Whether an element's place is one where the schema lists say what it may be.
-fn lists_decide(parent: Ctx) -> bool {
-    use Ctx::*;
-    matches!(
-        parent,
-        Change
-            | Items
-            | ItemAttachment
-            | Item
-            | ResponseObjects
-            | FileAttachment
-            | Folders { .. }
-            | Folder
-    )
-}
-
 /// The context of an element named `local` in `ns` inside `parent`, which the schema lists
 /// hold as `known`; `None` when the schema has no such element there.
 fn child(parent: Ctx, ns: Ns, local: &str, known: Known) -> Option<Ctx> {
@@ -364,8 +348,8 @@ impl Walk {
             });
             return Ok(());
         }
-        // One lookup, only where the lists decide, for every list the element could be in.
-        let known = if ns == Ns::Types && lists_decide(parent) {
+        // One lookup for every list an element of the types namespace could be in.
+        let known = if ns == Ns::Types {
             schema::lookup(local)
         } else {
             Known::default()

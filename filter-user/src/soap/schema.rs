@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 /// Item elements (`ArrayOfRealItemsType`, `ItemAttachmentType`, the sync changes).
-pub(crate) const ITEMS: [&str; 15] = [
+const ITEMS: [&str; 15] = [
     "Item",
     "Task",
     "Person",
@@ -26,7 +26,7 @@ pub(crate) const ITEMS: [&str; 15] = [
 ];
 
 /// Folder elements (`ArrayOfFoldersType`, the hierarchy sync changes).
-pub(crate) const FOLDERS: [&str; 5] = [
+const FOLDERS: [&str; 5] = [
     "Folder",
     "TasksFolder",
     "SearchFolder",
@@ -35,7 +35,7 @@ pub(crate) const FOLDERS: [&str; 5] = [
 ];
 
 /// Every child element of every item type (`ItemType` and the types derived from it).
-pub(crate) const ITEM_PROPERTIES: &[&str] = &[
+const ITEM_PROPERTIES: &[&str] = &[
     "Cid",
     "End",
     "UID",
@@ -343,7 +343,7 @@ pub(crate) const ITEM_PROPERTIES: &[&str] = &[
 ];
 
 /// The children of `t:ResponseObjects`: in a response, empty markers of what the item allows.
-pub(crate) const RESPONSE_OBJECTS: [&str; 13] = [
+const RESPONSE_OBJECTS: [&str; 13] = [
     "AcceptItem",
     "RemoveItem",
     "DeclineItem",
@@ -360,7 +360,7 @@ pub(crate) const RESPONSE_OBJECTS: [&str; 13] = [
 ];
 
 /// `AttachmentType`'s children, common to file and item attachments.
-pub(crate) const ATTACHMENT_PROPERTIES: [&str; 9] = [
+const ATTACHMENT_PROPERTIES: [&str; 9] = [
     "Name",
     "Size",
     "IsInline",
@@ -373,10 +373,10 @@ pub(crate) const ATTACHMENT_PROPERTIES: [&str; 9] = [
 ];
 
 /// What `FileAttachmentType` adds.
-pub(crate) const FILE_ATTACHMENT_PROPERTIES: [&str; 2] = ["Content", "IsContactPhoto"];
+const FILE_ATTACHMENT_PROPERTIES: [&str; 2] = ["Content", "IsContactPhoto"];
 
 /// Every child element of every folder type (`BaseFolderType` and the types derived from it).
-pub(crate) const FOLDER_PROPERTIES: [&str; 19] = [
+const FOLDER_PROPERTIES: [&str; 19] = [
     "FolderId",
     "SourceId",
     "PolicyTag",
