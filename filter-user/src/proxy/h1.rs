@@ -14,10 +14,12 @@ use std::{io, mem::MaybeUninit, ops::Range};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::proxy::buffers;
+
 /// Longest chunk-size or trailer line followed.
 const MAX_LINE: usize = 4096;
 /// What a single read asks for: one TLS record's worth.
-const READ_CHUNK: usize = 16 * 1024;
+pub(crate) const READ_CHUNK: usize = 16 * 1024;
 /// Header slots parsed on the stack, uninitialised until httparse fills them; a limit above
 /// this takes a heap buffer.
 const STACK_HEADERS: usize = 128;
@@ -407,7 +409,7 @@ fn find_blank_line(b: &[u8]) -> Option<usize> {
 /// One read into the spare capacity of `buf`.
 pub async fn fill<R: AsyncRead + Unpin>(io: &mut R, buf: &mut BytesMut) -> io::Result<usize> {
     if buf.capacity() - buf.len() < 1024 {
-        buf.reserve(READ_CHUNK);
+        buffers::reserve(buf, READ_CHUNK);
     }
     io.read_buf(buf).await
 }

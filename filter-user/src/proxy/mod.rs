@@ -8,6 +8,7 @@
 pub mod accept;
 pub mod admission;
 mod body;
+mod buffers;
 pub mod context;
 pub mod h1;
 pub mod handshake;

@@ -8,10 +8,11 @@
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::time::timeout;
+use tokio::{io::AsyncBufReadExt, time::timeout};
 use tokio_rustls::server::TlsStream;
 
 use crate::proxy::{
+    buffers,
     context::{ConnInfo, Ctx, Refusal, Session},
     h1::{self, ReadError},
     phases::{body_filter, identity, logging, policy, request_filter, response_filter, upstream},
@@ -20,9 +21,6 @@ use crate::proxy::{
     upstream as pool, Shared,
 };
 use crate::{identity::tokens::Verified, net::sock::Sock};
-
-/// What the bytes of one request head were read with.
-const HEAD_START: usize = 4096;
 
 pub struct Conn {
     pub info: Arc<ConnInfo>,
@@ -64,9 +62,11 @@ pub async fn serve(shared: Arc<Shared>, state: Arc<State>, mut conn: Conn) {
         if !keep {
             return;
         }
-        // An idle connection keeps no large buffer.
-        if conn.buf.is_empty() && conn.buf.capacity() > HEAD_START {
-            conn.buf = BytesMut::new();
+        // A connection waits for its next request with no buffer of its own: the one it
+        // read this request into serves the next read, whichever connection's, while it is
+        // still in the CPU's cache (see `buffers`).
+        if conn.buf.is_empty() {
+            buffers::give(std::mem::take(&mut conn.buf));
         }
     }
 }
@@ -78,8 +78,7 @@ async fn next_head(
     limits: &crate::model::settings::Limits,
 ) -> Result<Option<Bytes>, Refusal> {
     if conn.buf.is_empty() {
-        conn.buf.reserve(HEAD_START);
-        match timeout(limits.idle_timeout, h1::fill(&mut conn.tls, &mut conn.buf)).await {
+        match timeout(limits.idle_timeout, first_bytes(conn)).await {
             Ok(Ok(n)) if n > 0 => {}
             _ => return Ok(None),
         }
@@ -97,6 +96,20 @@ async fn next_head(
         Ok(Err(ReadError::Head(e))) => Err(Refusal::protocol(431, e.0)),
         Ok(Err(ReadError::Truncated)) | Ok(Err(ReadError::Io(_))) => Ok(None),
     }
+}
+
+/// Waits for a request's first bytes in the TLS layer's own buffer, then copies them into a
+/// buffer taken only now; 0 at the end of the stream.
+async fn first_bytes(conn: &mut Conn) -> std::io::Result<usize> {
+    let data = conn.tls.fill_buf().await?;
+    let n = data.len();
+    if n == 0 {
+        return Ok(0);
+    }
+    buffers::reserve(&mut conn.buf, n.max(h1::READ_CHUNK));
+    conn.buf.extend_from_slice(data);
+    conn.tls.consume(n);
+    Ok(n)
 }
 
 /// One request through the phases; says whether the connection carries another.

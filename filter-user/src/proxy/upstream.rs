@@ -25,6 +25,7 @@ use crate::{
     config::Bundle,
     model::settings::ProxySettings,
     net::{sock::Sock, tls::client_config},
+    proxy::buffers,
 };
 
 /// Idle pooled connections kept at most.
@@ -221,9 +222,8 @@ impl Upstream {
             return;
         }
         c.idle_since = Instant::now();
-        if c.buf.capacity() > 64 * 1024 {
-            c.buf = BytesMut::new();
-        }
+        // Its emptied buffer serves the next read, whichever connection's (see `buffers`).
+        buffers::give(std::mem::take(&mut c.buf));
         if let Ok(mut idle) = self.idle.lock() {
             if idle.len() < MAX_IDLE {
                 idle.push(c);

@@ -14,6 +14,13 @@
 //! target/bench/cost-2000-0.callgrind`). Last, the SOAP parsers alone: the bench's request
 //! and Exchange's answer to it, each parsed a thousand times by this program under
 //! callgrind (`instructions_per_parse`).
+//!
+//! And what a request makes the CPU fetch from beyond its own cache: the same requests
+//! spread over 64 kept-alive connections in turn, as `bench proxy`'s wrk sends them, under
+//! callgrind's cache simulation with this bench machine's data caches (32 KiB L1, 512 KiB
+//! L2 a core): `l2_data_misses_per_request`, reads and writes, for ewsgate and HAProxy.
+//! Buffers a connection keeps to itself between requests miss here; buffers shared by
+//! all and reused at once do not. The kernel's own reads and writes are not simulated.
 
 use std::{
     fs,
@@ -38,6 +45,11 @@ use crate::proxy::{
 
 const KEEPALIVE_REQUESTS: u64 = 2000;
 const HANDSHAKES: u64 = 200;
+/// Connections the cache runs spread their requests over, as `bench proxy`'s wrk does.
+const CACHE_CONNECTIONS: usize = 64;
+/// callgrind's cache simulation: the bench machine's L1 data cache and its L2 (a core's
+/// own), 8-way, 64-byte lines. The instruction cache is callgrind's default.
+const CACHE_SIM: [&str; 3] = ["--cache-sim=yes", "--D1=32768,8,64", "--LL=524288,8,64"];
 /// Ports of their own, so that this suite can run beside `bench proxy`.
 const PORT: u16 = 19443;
 const BACKEND: u16 = 19080;
@@ -47,16 +59,16 @@ pub fn run() -> anyhow::Result<()> {
     // Three runs of the same set-up: the difference between them is what the requests cost.
     // The bench's rule, and the same under a rule that limits data types (every response
     // read and judged): `bench proxy`'s two ewsgate subjects.
-    let base = measure("ewsgate", 0, 0)?;
-    let keepalive = measure("ewsgate", KEEPALIVE_REQUESTS, 0)?;
-    let handshakes = measure("ewsgate", 0, HANDSHAKES)?;
-    let content_base = measure("ewsgate-content", 0, 0)?;
-    let content = measure("ewsgate-content", KEEPALIVE_REQUESTS, 0)?;
+    let base = measure("ewsgate", Load::NONE)?.instructions;
+    let keepalive = measure("ewsgate", Load::KEEPALIVE)?.instructions;
+    let handshakes = measure("ewsgate", Load::HANDSHAKES)?.instructions;
+    let content_base = measure("ewsgate-content", Load::NONE)?.instructions;
+    let content = measure("ewsgate-content", Load::KEEPALIVE)?.instructions;
     // HAProxy terminating TLS with no checks (`bench proxy`'s haproxy-tls), counted the same
     // way: a peer's figure for the same requests, which the machine's noise does not move.
-    let peer_base = measure("haproxy-tls", 0, 0)?;
-    let peer = measure("haproxy-tls", KEEPALIVE_REQUESTS, 0)?;
-    let peer_handshakes = measure("haproxy-tls", 0, HANDSHAKES)?;
+    let peer_base = measure("haproxy-tls", Load::NONE)?.instructions;
+    let peer = measure("haproxy-tls", Load::KEEPALIVE)?.instructions;
+    let peer_handshakes = measure("haproxy-tls", Load::HANDSHAKES)?.instructions;
     let per = |total: u64, base: u64, n: u64| total.saturating_sub(base) as f64 / n as f64;
     let per_request = |subject: &str, total: u64, base: u64| {
         let value = per(total, base, KEEPALIVE_REQUESTS);
@@ -78,12 +90,29 @@ pub fn run() -> anyhow::Result<()> {
         per_request("haproxy-tls", peer, peer_base),
         per_connection("haproxy-tls", peer_handshakes, peer_base),
     ];
+    for subject in ["ewsgate", "haproxy-tls"] {
+        rows.push(cache_row(subject)?);
+    }
     rows.extend(soap_rows()?);
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     fs::create_dir_all(&out)?;
     fs::write(out.join("cost.json"), serde_json::to_string_pretty(&rows)?)?;
     print(&rows);
     Ok(())
+}
+
+/// The simulated L2's data misses a request, reads and writes: the same set-up with the 64
+/// connections open and warm, run with and without the requests, the difference divided.
+fn cache_row(subject: &str) -> anyhow::Result<Value> {
+    let base = measure(subject, Load::CACHE_BASE)?;
+    let loaded = measure(subject, Load::CACHE)?;
+    let misses = loaded.l2_data_misses.saturating_sub(base.l2_data_misses);
+    Ok(row(
+        "l2_data_misses_per_request",
+        subject,
+        misses as f64 / KEEPALIVE_REQUESTS as f64,
+        "misses",
+    ))
 }
 
 /// Parses of each document in the SOAP parsers' count.
@@ -129,7 +158,7 @@ fn count_parses(doc: &str, n: u64) -> anyhow::Result<u64> {
     if !status.success() {
         bail!("parsing the SOAP {doc} under callgrind: {status}");
     }
-    callgrind_total(&out)
+    Ok(callgrind_counts(&out)?.instructions)
 }
 
 /// `ewsgate-bench soap-parse request|answer N`: the child [`soap_rows`] counts, which parses
@@ -161,10 +190,67 @@ pub fn parse_soap() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts the agent and the proxy under callgrind, sends a warm-up, then `requests` on one
-/// kept-alive connection and `handshakes` connections of one request each, stops both, and
-/// returns the instructions the proxy ran in all.
-fn measure(name: &str, requests: u64, handshakes: u64) -> anyhow::Result<u64> {
+/// What one callgrind run sends the proxy after its warm-up.
+#[derive(Clone, Copy)]
+struct Load {
+    /// Requests on kept-alive connections, taken in turn.
+    requests: u64,
+    /// Kept-alive connections, each opened and warmed with one request.
+    connections: usize,
+    /// Connections of one request each, with a full handshake.
+    handshakes: u64,
+    /// Whether callgrind simulates the caches.
+    cache: bool,
+}
+
+impl Load {
+    const NONE: Load = Load {
+        requests: 0,
+        connections: 1,
+        handshakes: 0,
+        cache: false,
+    };
+    const KEEPALIVE: Load = Load {
+        requests: KEEPALIVE_REQUESTS,
+        ..Load::NONE
+    };
+    const HANDSHAKES: Load = Load {
+        handshakes: HANDSHAKES,
+        ..Load::NONE
+    };
+    const CACHE_BASE: Load = Load {
+        connections: CACHE_CONNECTIONS,
+        cache: true,
+        ..Load::NONE
+    };
+    const CACHE: Load = Load {
+        requests: KEEPALIVE_REQUESTS,
+        ..Load::CACHE_BASE
+    };
+
+    /// The name of the run's kept callgrind file.
+    fn file(&self, name: &str) -> String {
+        let subject = match name {
+            "ewsgate" => String::new(),
+            _ => format!("{name}-"),
+        };
+        let cache = if self.cache { "cache-" } else { "" };
+        format!(
+            "cost-{cache}{subject}{}-{}.callgrind",
+            self.requests, self.handshakes
+        )
+    }
+}
+
+/// Starts the agent and the proxy under callgrind, sends a warm-up, then the load, stops
+/// both, and returns what callgrind counted for the proxy in all.
+fn measure(name: &str, load: Load) -> anyhow::Result<Counts> {
+    let Load {
+        requests,
+        connections,
+        handshakes,
+        cache,
+    } = load;
     let port = SUBJECTS
         .iter()
         .find(|s| s.name == name)
@@ -195,14 +281,14 @@ fn measure(name: &str, requests: u64, handshakes: u64) -> anyhow::Result<u64> {
         "haproxy-tls" => {
             let config = dir.join(format!("{name}.cfg"));
             fs::write(&config, ports(fs::read_to_string(&config)?))?;
-            (None, Callgrind::haproxy(&config, &dir)?)
+            (None, Callgrind::haproxy(&config, &dir, cache)?)
         }
         _ => {
             let config = dir.join(format!("{name}.toml"));
             let text = ports(fs::read_to_string(&config)?)
                 .replace("threads = 1\n", "threads = 1\nspawn = false\n");
             fs::write(&config, text)?;
-            let (agent, proxy) = start_ewsgate(&config, &dir)?;
+            let (agent, proxy) = start_ewsgate(&config, &dir, cache)?;
             (Some(agent), proxy)
         }
     };
@@ -212,10 +298,17 @@ fn measure(name: &str, requests: u64, handshakes: u64) -> anyhow::Result<u64> {
     for _ in 0..50 {
         conn.get_item()?;
     }
-    for _ in 0..requests {
-        conn.get_item()?;
+    let mut conns = vec![conn];
+    while conns.len() < connections {
+        let mut c = client.connect()?;
+        c.get_item()?;
+        conns.push(c);
     }
-    drop(conn);
+    let open = conns.len();
+    for i in 0..requests as usize {
+        conns[i % open].get_item()?;
+    }
+    drop(conns);
     for _ in 0..handshakes {
         client.connect()?.get_item()?;
     }
@@ -223,22 +316,18 @@ fn measure(name: &str, requests: u64, handshakes: u64) -> anyhow::Result<u64> {
     // stopped by its own PID too; callgrind writes its counts either way.
     drop(agent);
     proxy.stop();
-    let total = proxy.total()?;
+    let counts = proxy.counts()?;
     drop(backend);
     // Kept for `callgrind_annotate`: where the instructions go.
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     fs::create_dir_all(&out)?;
-    let kept = match name {
-        "ewsgate" => out.join(format!("cost-{requests}-{handshakes}.callgrind")),
-        _ => out.join(format!("cost-{name}-{requests}-{handshakes}.callgrind")),
-    };
-    fs::copy(&proxy.out, &kept)?;
+    fs::copy(&proxy.out, out.join(load.file(name)))?;
     let _ = fs::remove_dir_all(&dir);
-    Ok(total)
+    Ok(counts)
 }
 
 /// The agent as usual, and the proxy it waits for started by hand under callgrind.
-fn start_ewsgate(config: &Path, dir: &Path) -> anyhow::Result<(Server, Callgrind)> {
+fn start_ewsgate(config: &Path, dir: &Path, cache: bool) -> anyhow::Result<(Server, Callgrind)> {
     let bin = tests::lab::ewsgate_bin();
     let config_arg = config.to_str().context("path")?;
     let agent = Server::start(
@@ -250,7 +339,7 @@ fn start_ewsgate(config: &Path, dir: &Path) -> anyhow::Result<(Server, Callgrind
     )?;
     let socket = dir.join("proxy.sock");
     wait_for(|| socket.exists(), "the agent's proxy socket")?;
-    let proxy = Callgrind::ewsgate(&bin, &socket, dir)?;
+    let proxy = Callgrind::ewsgate(&bin, &socket, dir, cache)?;
     Ok((agent, proxy))
 }
 
@@ -289,7 +378,7 @@ struct Callgrind {
 
 impl Callgrind {
     /// ewsgate's proxy, as the proxy's user.
-    fn ewsgate(bin: &Path, socket: &Path, dir: &Path) -> anyhow::Result<Callgrind> {
+    fn ewsgate(bin: &Path, socket: &Path, dir: &Path, cache: bool) -> anyhow::Result<Callgrind> {
         // The proxy's user writes the counts here.
         std::os::unix::fs::chown(dir, Some(user_id()?), None)?;
         let mut cmd = Command::new("setpriv");
@@ -299,7 +388,7 @@ impl Callgrind {
             "--clear-groups",
             "valgrind",
         ]);
-        Self::start(cmd, dir, |c| {
+        Self::start(cmd, dir, cache, |c| {
             c.arg(bin)
                 .args(["proxy", "--threads", "1", "--agent"])
                 .arg(socket);
@@ -307,8 +396,8 @@ impl Callgrind {
     }
 
     /// HAProxy in the foreground with `bench proxy`'s haproxy-tls configuration.
-    fn haproxy(config: &Path, dir: &Path) -> anyhow::Result<Callgrind> {
-        Self::start(Command::new("valgrind"), dir, |c| {
+    fn haproxy(config: &Path, dir: &Path, cache: bool) -> anyhow::Result<Callgrind> {
+        Self::start(Command::new("valgrind"), dir, cache, |c| {
             c.args(["/usr/sbin/haproxy", "-db", "-f"]).arg(config);
         })
     }
@@ -318,9 +407,13 @@ impl Callgrind {
     fn start(
         mut cmd: Command,
         dir: &Path,
+        cache: bool,
         program: impl FnOnce(&mut Command),
     ) -> anyhow::Result<Callgrind> {
         let out = dir.join("callgrind.out");
+        if cache {
+            cmd.args(CACHE_SIM);
+        }
         cmd.args(["--tool=callgrind", "--vgdb=no"])
             .arg(format!("--callgrind-out-file={}", out.display()));
         program(&mut cmd);
@@ -338,8 +431,8 @@ impl Callgrind {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
     }
 
-    /// Waits for the proxy to exit and reads the total callgrind wrote.
-    fn total(&mut self) -> anyhow::Result<u64> {
+    /// Waits for the proxy to exit and reads the totals callgrind wrote.
+    fn counts(&mut self) -> anyhow::Result<Counts> {
         let deadline = Instant::now() + Duration::from_secs(60);
         while self.child.try_wait()?.is_none() {
             if Instant::now() > deadline {
@@ -347,8 +440,9 @@ impl Callgrind {
             }
             thread::sleep(Duration::from_millis(50));
         }
-        let total = callgrind_total(&self.out)?;
-        Ok(total.saturating_sub(self.seeding()?))
+        let mut counts = callgrind_counts(&self.out)?;
+        counts.instructions = counts.instructions.saturating_sub(self.seeding()?);
+        Ok(counts)
     }
 
     /// What aws-lc's once-per-process entropy seeding ran, which the first handshake pays:
@@ -371,17 +465,38 @@ impl Callgrind {
     }
 }
 
-/// The instructions a callgrind output file counts in all.
-fn callgrind_total(file: &Path) -> anyhow::Result<u64> {
+/// What a callgrind run counted in all.
+struct Counts {
+    instructions: u64,
+    /// The simulated last-level cache's data misses, reads and writes (0 without the
+    /// cache simulation).
+    l2_data_misses: u64,
+}
+
+/// The totals of a callgrind output file, found by the names its `events:` line gives.
+fn callgrind_counts(file: &Path) -> anyhow::Result<Counts> {
     let text = fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix("summary:")
-                .or_else(|| l.strip_prefix("totals:"))
-        })
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no total in {}", file.display()))
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>())
+    };
+    let events = field("events:").with_context(|| format!("no events in {}", file.display()))?;
+    let totals = field("summary:")
+        .or_else(|| field("totals:"))
+        .with_context(|| format!("no total in {}", file.display()))?;
+    let count = |event: &str| -> u64 {
+        events
+            .iter()
+            .position(|e| *e == event)
+            .and_then(|i| totals.get(i))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok(Counts {
+        instructions: count("Ir"),
+        l2_data_misses: count("DLmr") + count("DLmw"),
+    })
 }
 
 /// aws-lc's entropy set-up, run once per process.
