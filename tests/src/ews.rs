@@ -224,8 +224,11 @@ impl Backend {
     }
 }
 
+/// The user the stand-in's connection runs as after a Kerberos ticket.
+pub const KERBEROS_USER: &str = "EXAMPLE\\kerberos";
+
 /// Answers like Exchange behind IIS: NTLM's Type 1 gets a challenge, Type 3 authenticates
-/// the connection, later requests on it run as that user. Anything else is answered 200:
+/// the connection, later requests on it run as that user; so does a Kerberos ticket. Anything else is answered 200:
 /// the stand-in checks nothing itself, so every request that reaches it is ewsgate's doing.
 /// One backend connection's state.
 struct Exchange {
@@ -299,6 +302,13 @@ async fn exchange(
         } => {
             if let Ok(mut slot) = user.lock() {
                 *slot = Some(u);
+            }
+        }
+        // IIS keeps Kerberos authentication on the connection too (`authPersistNonNTLM`,
+        // on by default). The stand-in cannot read the ticket, so it names the user so.
+        Credential::Kerberos => {
+            if let Ok(mut slot) = user.lock() {
+                *slot = Some(KERBEROS_USER.to_string());
             }
         }
         _ => {}

@@ -1,10 +1,10 @@
 //! Upstream connections: pooled for requests that authenticate themselves, bound to their
-//! client for NTLM, so that no client ever rides on another's session.
+//! client for NTLM and Kerberos, so that no client ever rides on another's session.
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
-use ewsgate::identity::auth::ntlm_messages;
+use ewsgate::identity::{auth::ntlm_messages, spnego::build};
 use tests::{
-    ews::Reply,
+    ews::{audit_lines, Reply, KERBEROS_USER},
     gate::Gate,
     mailbox::{requests, TOKEN_ITEM},
 };
@@ -20,7 +20,7 @@ action = "allow"
 [[rule]]
 name = "office"
 groups = ["offices"]
-auth = ["ntlm", "basic"]
+auth = ["ntlm", "basic", "kerberos"]
 action = "allow"
 "#;
 
@@ -133,6 +133,67 @@ fn interleaved_basic_bearer_and_ntlm_clients_never_see_each_others_session() {
             .ews(&[("Authorization", &basic)], soap.as_bytes())
             .unwrap();
         assert_ne!(backend_connection(&r), bound[0]);
+        assert_eq!(r.header("x-backend-user"), None);
+    }
+}
+
+#[test]
+fn a_kerberos_client_keeps_its_connection_and_no_pooled_request_rides_on_it() {
+    let g = Gate::start(0, RULES);
+    let soap = requests::get_item(&[TOKEN_ITEM]);
+    let kerberos = format!("Negotiate {}", STANDARD.encode(build::init_kerberos()));
+    let basic = format!("Basic {}", STANDARD.encode("bob@example.org:s3cret"));
+    let mut dave = g.https("office");
+    let first = dave
+        .ews(&[("Authorization", &kerberos)], soap.as_bytes())
+        .unwrap();
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(first.header("x-backend-user"), Some(KERBEROS_USER));
+    let bound = backend_connection(&first);
+    for _ in 0..3 {
+        // Requests that authenticate themselves, on pooled connections: never the one
+        // Exchange holds dave's ticket on.
+        for _ in 0..2 {
+            let b = g
+                .https("office")
+                .ews(&[("Authorization", &basic)], soap.as_bytes())
+                .unwrap();
+            assert_eq!(b.status, 200, "{}", b.body);
+            assert_ne!(
+                backend_connection(&b),
+                bound,
+                "a Basic request rode on the Kerberos connection"
+            );
+            assert_eq!(b.header("x-backend-user"), None);
+        }
+        // dave's next requests carry no header, as a Windows client's do: they go on his
+        // own connection and are judged as Kerberos.
+        let later = dave.ews(&[], soap.as_bytes()).unwrap();
+        assert_eq!(later.status, 200, "{}", later.body);
+        assert_eq!(backend_connection(&later), bound);
+        assert_eq!(later.header("x-backend-user"), Some(KERBEROS_USER));
+    }
+    // All four of dave's requests are audited as Kerberos under the office rule.
+    let kerberos = || {
+        audit_lines(&g.audit)
+            .iter()
+            .filter(|v| v["auth"] == "kerberos" && v["rule"] == "office")
+            .count()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while kerberos() < 4 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(kerberos(), 4);
+    // Once dave's client goes, his connection goes with it.
+    drop(dave);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for _ in 0..3 {
+        let r = g
+            .https("office")
+            .ews(&[("Authorization", &basic)], soap.as_bytes())
+            .unwrap();
+        assert_ne!(backend_connection(&r), bound);
         assert_eq!(r.header("x-backend-user"), None);
     }
 }

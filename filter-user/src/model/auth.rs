@@ -14,6 +14,15 @@ pub enum AuthKind {
 }
 
 impl AuthKind {
+    /// NTLM and Negotiate (Kerberos included) authenticate the TCP connection to Exchange,
+    /// not the request: IIS keeps the user on it for the requests that follow.
+    pub fn binds_connection(self) -> bool {
+        matches!(
+            self,
+            AuthKind::Ntlm | AuthKind::Negotiate | AuthKind::Kerberos
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             AuthKind::None => "none",

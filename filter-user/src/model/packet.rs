@@ -102,3 +102,29 @@ impl SourceGroup {
         }
     }
 }
+
+/// Every IPv4 prefix of the groups with its group's id (1-based, in the order the groups
+/// are written), shortest first, each prefix once: a prefix that two groups list is the
+/// first one's. The XDP tables and the proxy's source index are both built from this list,
+/// so that they put an address in the same group.
+pub fn v4_prefixes(groups: &[SourceGroup]) -> Vec<(Ipv4Net, u32)> {
+    let mut all: Vec<(Ipv4Net, u32)> = Vec::new();
+    for (i, g) in groups.iter().enumerate() {
+        all.extend(g.v4.iter().map(|n| (*n, i as u32 + 1)));
+    }
+    // Stable: of equal prefixes the first group's stays first, and dedup keeps it.
+    all.sort_by_key(|(n, _)| (n.prefix_len(), n.network()));
+    all.dedup_by_key(|(n, _)| *n);
+    all
+}
+
+/// The same for IPv6.
+pub fn v6_prefixes(groups: &[SourceGroup]) -> Vec<(Ipv6Net, u32)> {
+    let mut all: Vec<(Ipv6Net, u32)> = Vec::new();
+    for (i, g) in groups.iter().enumerate() {
+        all.extend(g.v6.iter().map(|n| (*n, i as u32 + 1)));
+    }
+    all.sort_by_key(|(n, _)| *n);
+    all.dedup_by_key(|(n, _)| *n);
+    all
+}

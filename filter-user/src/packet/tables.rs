@@ -10,7 +10,7 @@ use filter_common::{
     V6_SLOTS,
 };
 
-use crate::model::packet::SourceGroup;
+use crate::model::packet::{self, v4_prefixes, SourceGroup};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TableError {
@@ -36,29 +36,13 @@ pub fn v6_bucket_count(prefixes: u32) -> u32 {
 /// Cuckoo displacements tried before the table counts as full.
 const MAX_KICKS: usize = 512;
 
-/// Every IPv4 prefix with its group id (1-based), shortest first so that longer prefixes
-/// paint over the shorter ones that contain them. Equal prefixes keep the first group.
-fn v4_prefixes(groups: &[SourceGroup]) -> Vec<(Ipv4Net, u32)> {
-    let mut all: Vec<(Ipv4Net, u32)> = Vec::new();
-    for (i, g) in groups.iter().enumerate() {
-        all.extend(g.v4.iter().map(|n| (*n, i as u32 + 1)));
-    }
-    all.sort_by_key(|(n, _)| (n.prefix_len(), n.network()));
-    all.dedup_by_key(|(n, _)| *n);
-    all
-}
-
-/// The IPv6 prefixes with their group ids; equal prefixes keep the first group.
+/// The IPv6 prefixes with their group ids (equal prefixes keep the first group), if the
+/// table has room for them.
 pub fn v6_prefixes(
     groups: &[SourceGroup],
     capacity: usize,
 ) -> Result<Vec<(Ipv6Net, u32)>, TableError> {
-    let mut all: Vec<(Ipv6Net, u32)> = Vec::new();
-    for (i, g) in groups.iter().enumerate() {
-        all.extend(g.v6.iter().map(|n| (*n, i as u32 + 1)));
-    }
-    all.sort_by_key(|(n, _)| *n);
-    all.dedup_by_key(|(n, _)| *n);
+    let all = packet::v6_prefixes(groups);
     if all.len() > capacity {
         return Err(TableError::Ipv6Prefixes {
             needed: all.len(),

@@ -8,6 +8,7 @@ use crate::{
     model::{
         auth::{AuthKind, TokenKind},
         ews::{DataSet, OpInfo, Shape},
+        packet::{v4_prefixes, v6_prefixes},
         rules::{Action, Inspect, OpMatch, Rule, Scope},
         Config,
     },
@@ -420,27 +421,27 @@ pub fn glob(pattern: &str, text: &str) -> bool {
 /// Which source group an address is in: longest prefix first, as in the XDP tables.
 pub struct SourceIndex {
     names: Vec<String>,
-    v4: Vec<(u8, HashMap<u32, usize>)>,
-    v6: Vec<(u8, HashMap<u128, usize>)>,
+    v4: Vec<(u8, HashMap<u32, u32>)>,
+    v6: Vec<(u8, HashMap<u128, u32>)>,
 }
 
 impl SourceIndex {
+    /// Built from the same list as the XDP tables: a prefix two groups list is the first
+    /// group's in both.
     pub fn new(config: &Config) -> SourceIndex {
-        let mut v4: HashMap<u8, HashMap<u32, usize>> = HashMap::new();
-        let mut v6: HashMap<u8, HashMap<u128, usize>> = HashMap::new();
-        for (id, g) in config.groups.iter().enumerate() {
-            for n in &g.v4 {
-                v4.entry(n.prefix_len())
-                    .or_default()
-                    .insert(u32::from(n.network()), id);
-            }
-            for n in &g.v6 {
-                v6.entry(n.prefix_len())
-                    .or_default()
-                    .insert(u128::from(n.network()), id);
-            }
+        let mut v4: HashMap<u8, HashMap<u32, u32>> = HashMap::new();
+        let mut v6: HashMap<u8, HashMap<u128, u32>> = HashMap::new();
+        for (n, id) in v4_prefixes(&config.groups) {
+            v4.entry(n.prefix_len())
+                .or_default()
+                .insert(u32::from(n.network()), id);
         }
-        fn sorted<K>(m: HashMap<u8, HashMap<K, usize>>) -> Vec<(u8, HashMap<K, usize>)> {
+        for (n, id) in v6_prefixes(&config.groups) {
+            v6.entry(n.prefix_len())
+                .or_default()
+                .insert(u128::from(n.network()), id);
+        }
+        fn sorted<K>(m: HashMap<u8, HashMap<K, u32>>) -> Vec<(u8, HashMap<K, u32>)> {
             let mut v: Vec<_> = m.into_iter().collect();
             v.sort_by_key(|e| std::cmp::Reverse(e.0));
             v
@@ -459,7 +460,7 @@ impl SourceIndex {
 
     /// The group's id as the XDP tables number it (1-based), longest prefix first.
     pub fn id(&self, addr: IpAddr) -> Option<u32> {
-        let id = match addr {
+        match addr {
             IpAddr::V4(a) => {
                 let a = u32::from(a);
                 self.v4.iter().find_map(|(len, m)| {
@@ -477,8 +478,7 @@ impl SourceIndex {
                     m.get(&(a & mask)).copied()
                 })
             }
-        }?;
-        u32::try_from(id + 1).ok()
+        }
     }
 }
 
@@ -619,8 +619,34 @@ action = "deny"
             Some("offices")
         );
         assert_eq!(idx.group("203.0.113.50".parse().unwrap()), None);
-        let overlap = idx.group("198.51.100.200".parse().unwrap());
-        assert!(overlap == Some("salesforce") || overlap == Some("partner"));
+        // Listed by two groups: the group whose name sorts first, as in the XDP tables.
+        assert_eq!(
+            idx.group("198.51.100.200".parse().unwrap()),
+            Some("partner")
+        );
+    }
+
+    #[test]
+    fn every_address_is_in_the_group_the_xdp_tables_give() {
+        use crate::packet::tables::{build_v4, build_v6, lookup_v4, lookup_v6, v6_bucket_count};
+        use filter_common::{V6Bucket, TBL24_ENTRIES, TBL8_SIZE};
+        let c = config();
+        let idx = SourceIndex::new(&c);
+        let mut tbl24 = vec![0u32; TBL24_ENTRIES as usize];
+        let mut tbl8 = vec![0u32; 4 * TBL8_SIZE];
+        build_v4(&c.groups, &mut tbl24, &mut tbl8).unwrap();
+        for last in 0..=255u8 {
+            let a = std::net::Ipv4Addr::new(198, 51, 100, last);
+            let xdp = lookup_v4(&tbl24, &tbl8, u32::from(a));
+            assert_eq!(idx.id(a.into()).unwrap_or(0), xdp, "{a}");
+        }
+        let mut buckets = vec![V6Bucket::default(); v6_bucket_count(16) as usize];
+        let lengths = build_v6(&c.groups, 16, &mut buckets).unwrap();
+        for a in ["2001:db8:100::7", "2001:db8:100:1::7", "2001:db8::1"] {
+            let a: std::net::Ipv6Addr = a.parse().unwrap();
+            let xdp = lookup_v6(&buckets, &lengths, a.octets());
+            assert_eq!(idx.id(a.into()).unwrap_or(0), xdp, "{a}");
+        }
     }
 
     /// Records every step, for the trace tests.

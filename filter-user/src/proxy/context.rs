@@ -31,8 +31,9 @@ pub struct ConnInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
     pub kind: AuthKind,
-    /// Shared with each request of the connection: no copy per request.
-    pub user: Arc<str>,
+    /// Shared with each request of the connection: no copy per request. None for Kerberos,
+    /// whose user is inside the encrypted ticket.
+    pub user: Option<Arc<str>>,
 }
 
 /// A refusal as the client sees it and the audit line tells it.

@@ -8,7 +8,10 @@
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::{io::AsyncBufReadExt, time::timeout};
+use tokio::{
+    io::{AsyncBufRead, AsyncBufReadExt},
+    time::timeout,
+};
 use tokio_rustls::server::TlsStream;
 
 use crate::proxy::{
@@ -62,12 +65,7 @@ pub async fn serve(shared: Arc<Shared>, state: Arc<State>, mut conn: Conn) {
         if !keep {
             return;
         }
-        // A connection waits for its next request with no buffer of its own: the one it
-        // read this request into serves the next read, whichever connection's, while it is
-        // still in the CPU's cache (see `buffers`).
-        if conn.buf.is_empty() {
-            buffers::give(std::mem::take(&mut conn.buf));
-        }
+        release_idle(&mut conn.buf);
     }
 }
 
@@ -78,7 +76,12 @@ async fn next_head(
     limits: &crate::model::settings::Limits,
 ) -> Result<Option<Bytes>, Refusal> {
     if conn.buf.is_empty() {
-        match timeout(limits.idle_timeout, first_bytes(conn)).await {
+        match timeout(
+            limits.idle_timeout,
+            first_bytes(&mut conn.tls, &mut conn.buf),
+        )
+        .await
+        {
             Ok(Ok(n)) if n > 0 => {}
             _ => return Ok(None),
         }
@@ -98,17 +101,29 @@ async fn next_head(
     }
 }
 
+/// A connection waits for its next request with no buffer of its own: the one it read this
+/// request into serves the next read, whichever connection's, while it is still in the
+/// CPU's cache (see `buffers`). A buffer still holding a pipelined request stays.
+fn release_idle(buf: &mut BytesMut) {
+    if buf.is_empty() {
+        buffers::give(std::mem::take(buf));
+    }
+}
+
 /// Waits for a request's first bytes in the TLS layer's own buffer, then copies them into a
 /// buffer taken only now; 0 at the end of the stream.
-async fn first_bytes(conn: &mut Conn) -> std::io::Result<usize> {
-    let data = conn.tls.fill_buf().await?;
+async fn first_bytes(
+    tls: &mut (impl AsyncBufRead + Unpin),
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    let data = tls.fill_buf().await?;
     let n = data.len();
     if n == 0 {
         return Ok(0);
     }
-    buffers::reserve(&mut conn.buf, n.max(h1::READ_CHUNK));
-    conn.buf.extend_from_slice(data);
-    conn.tls.consume(n);
+    buffers::reserve(buf, n.max(h1::READ_CHUNK));
+    buf.extend_from_slice(data);
+    tls.consume(n);
     Ok(n)
 }
 
@@ -153,4 +168,74 @@ async fn exchange(
     response_filter::run(shared, state, conn, &req, answer, &judged, ctx)
         .await
         .map_err(fail)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{future::Future, pin::pin, task::Poll};
+
+    use tokio::io::{AsyncWriteExt, BufReader};
+
+    use super::*;
+
+    /// The buffer a request was read into, emptied by its end, and where its allocation
+    /// starts.
+    fn after_a_request() -> (BytesMut, *const u8) {
+        let mut buf = BytesMut::new();
+        buffers::reserve(&mut buf, h1::READ_CHUNK);
+        let start = buf.as_ptr();
+        buf.extend_from_slice(b"POST /EWS/Exchange.asmx HTTP/1.1\r\n\r\n");
+        drop(buf.split());
+        (buf, start)
+    }
+
+    #[tokio::test]
+    async fn a_connection_waiting_for_its_next_request_holds_no_buffer() {
+        let (mut buf, _) = after_a_request();
+        release_idle(&mut buf);
+        assert_eq!(
+            buf.capacity(),
+            0,
+            "an idle connection keeps its read buffer"
+        );
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut tls = BufReader::new(server);
+        // The wait itself, before any byte arrives, takes no buffer.
+        {
+            let mut wait = pin!(first_bytes(&mut tls, &mut buf));
+            std::future::poll_fn(|cx| {
+                assert!(wait.as_mut().poll(cx).is_pending());
+                Poll::Ready(())
+            })
+            .await;
+        }
+        assert_eq!(buf.capacity(), 0, "waiting took a buffer");
+        // The first bytes take the buffer given back last, and all the bytes that came.
+        let given_back = {
+            let (mut other, start) = after_a_request();
+            release_idle(&mut other);
+            start
+        };
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let n = first_bytes(&mut tls, &mut buf).await.unwrap();
+        assert_eq!(n, 16);
+        assert_eq!(&buf[..], b"GET / HTTP/1.1\r\n");
+        assert_eq!(buf.as_ptr(), given_back, "not the buffer given back last");
+        assert!(buf.capacity() >= h1::READ_CHUNK);
+        // A client that closes: no bytes, no buffer.
+        drop(client);
+        let mut closed = BytesMut::new();
+        assert_eq!(first_bytes(&mut tls, &mut closed).await.unwrap(), 0);
+        assert_eq!(closed.capacity(), 0);
+    }
+
+    #[test]
+    fn a_pipelined_request_keeps_its_buffer() {
+        let (mut buf, _) = after_a_request();
+        buf.extend_from_slice(b"GET / HTTP/1.1\r\n");
+        let at = buf.as_ptr();
+        release_idle(&mut buf);
+        assert_eq!(buf.as_ptr(), at);
+        assert_eq!(&buf[..], b"GET / HTTP/1.1\r\n");
+    }
 }

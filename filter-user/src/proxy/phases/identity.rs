@@ -1,5 +1,5 @@
-//! Identity: who the request is from. Basic and NTLM name their user; an NTLM or Negotiate
-//! session on the connection carries on; a client certificate names its subject; a bearer
+//! Identity: who the request is from. Basic and NTLM name their user; an NTLM, Negotiate or
+//! Kerberos session on the connection carries on; a client certificate names its subject; a bearer
 //! token must verify (signing keys fetched again first when it names an unknown one). An
 //! identity the agent has refused for repeated failures is refused here.
 
@@ -31,7 +31,7 @@ pub async fn run(
         Credential::None | Credential::Invalid(_) => {
             if let Some(s) = &conn.session {
                 ctx.auth = s.kind;
-                ctx.user = Some(s.user.clone());
+                ctx.user = s.user.clone();
             } else if let Some(cert) = &conn.info.client_cert {
                 ctx.auth = AuthKind::ClientCert;
                 ctx.user = Some(cert.clone());
@@ -44,12 +44,20 @@ pub async fn run(
                 ctx.user = Some(user.clone());
                 ctx.pending_session = Some(Session {
                     kind: ctx.auth,
-                    user,
+                    user: Some(user),
                 });
             }
             NtlmStage::Negotiate | NtlmStage::Other => ctx.handshake = true,
         },
-        Credential::Kerberos => {}
+        // Exchange keeps the ticket's user on the connection (IIS persists Kerberos
+        // authentication by default): the requests after it without a header are Kerberos
+        // too, and are judged as such.
+        Credential::Kerberos => {
+            ctx.pending_session = Some(Session {
+                kind: AuthKind::Kerberos,
+                user: None,
+            })
+        }
         Credential::Bearer { token } => {
             // A token that keeps failing is refused before its signature is checked again.
             if !shared.refused.is_empty() {

@@ -1,5 +1,5 @@
 //! Upstream: the request goes to Exchange on a pooled connection, or, for NTLM and
-//! Negotiate, on the connection bound to this client for its life. Hop-by-hop headers and
+//! Negotiate (Kerberos included), on the connection bound to this client for its life. Hop-by-hop headers and
 //! whatever the client said about forwarding are dropped; ewsgate sets `X-Forwarded-For`
 //! and `X-Forwarded-Proto`. A request whose body ewsgate holds whole is sent again once on a
 //! fresh connection when a pooled one turns out to have been closed under it.
@@ -10,7 +10,6 @@ use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 
 use crate::{
-    model::auth::AuthKind,
     proxy::{
         context::{Ctx, Refusal},
         h1::{self, put_chunk_size, put_header, put_number, Framing, ResponseHead},
@@ -89,12 +88,11 @@ pub async fn run(
     result
 }
 
-/// NTLM and Negotiate authenticate the TCP connection: such a client keeps one upstream
-/// connection of its own, never pooled, for as long as it stays connected.
+/// NTLM and Negotiate (NTLM or Kerberos inside) authenticate the TCP connection: such a
+/// client keeps one upstream connection of its own, never pooled, for as long as it stays
+/// connected.
 fn connection_bound(conn: &Conn, ctx: &Ctx) -> bool {
-    conn.bound.is_some()
-        || conn.session.is_some()
-        || matches!(ctx.auth, AuthKind::Ntlm | AuthKind::Negotiate)
+    conn.bound.is_some() || conn.session.is_some() || ctx.auth.binds_connection()
 }
 
 async fn take(state: &State, conn: &mut Conn, bound: bool) -> Result<upstream::Conn, Refusal> {
