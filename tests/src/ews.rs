@@ -224,6 +224,9 @@ impl Backend {
     }
 }
 
+/// A request header that makes the stand-in close its connection after the answer.
+pub const CLOSE_AFTER: &str = "x-test-close-after";
+
 /// The user the stand-in's connection runs as after a Kerberos ticket.
 pub const KERBEROS_USER: &str = "EXAMPLE\\kerberos";
 
@@ -283,6 +286,8 @@ async fn exchange(
         }
     }
     let credential = auth::classify(parts.headers.get("authorization").map(|v| v.as_bytes()));
+    // A test asks the stand-in to close its connection after this answer, as IIS may.
+    let close = parts.headers.contains_key(CLOSE_AFTER);
     let mut status = 200;
     let mut challenge = None;
     match credential {
@@ -350,6 +355,12 @@ async fn exchange(
     *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or_default();
     let h = resp.headers_mut();
     h.insert("x-backend-connection", connection.into());
+    if close {
+        h.insert(
+            "connection",
+            hyper::header::HeaderValue::from_static("close"),
+        );
+    }
     if let Some(u) = current.and_then(|u| u.parse().ok()) {
         h.insert("x-backend-user", u);
     }

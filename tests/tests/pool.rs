@@ -4,7 +4,7 @@
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 use ewsgate::identity::{auth::ntlm_messages, spnego::build};
 use tests::{
-    ews::{audit_lines, Reply, KERBEROS_USER},
+    ews::{audit_lines, Reply, CLOSE_AFTER, KERBEROS_USER},
     gate::Gate,
     mailbox::{requests, TOKEN_ITEM},
 };
@@ -192,4 +192,26 @@ fn a_kerberos_client_keeps_its_connection_and_no_pooled_request_rides_on_it() {
     assert_eq!(kerberos(), 4);
     drop(dave);
     gone_with_its_client(&g, &basic, &soap, &bound);
+}
+
+#[test]
+fn a_session_ends_with_the_upstream_connection_exchange_held_it_on() {
+    let g = Gate::start(0, RULES);
+    let soap = requests::get_item(&[TOKEN_ITEM]);
+    let kerberos = format!("Negotiate {}", STANDARD.encode(build::init_kerberos()));
+    let mut erin = g.https("office");
+    let first = erin
+        .ews(&[("Authorization", &kerberos)], soap.as_bytes())
+        .unwrap();
+    assert_eq!(first.status, 200, "{}", first.body);
+    // Exchange closes the connection that held erin's ticket.
+    let closing = erin.ews(&[(CLOSE_AFTER, "1")], soap.as_bytes()).unwrap();
+    assert_eq!(closing.status, 200, "{}", closing.body);
+    assert_eq!(closing.header("x-backend-user"), Some(KERBEROS_USER));
+    // Her next request without credentials reaches Exchange on a new connection as
+    // nobody: ewsgate judges it as that, and the office rule wants a credential.
+    let seen = g.backend.requests().len();
+    let after = erin.ews(&[], soap.as_bytes()).unwrap();
+    assert_ne!(after.status, 200, "{}", after.body);
+    assert_eq!(g.backend.requests().len(), seen, "it reached Exchange");
 }

@@ -491,9 +491,9 @@ mod tests {
 [sources.offices]
 cidrs = ["198.51.100.0/25", "2001:db8:100::/64"]
 [sources.salesforce]
-cidrs = ["198.51.100.128/25", "198.51.100.200/32"]
+cidrs = ["198.51.100.128/25", "198.51.100.200/32", "2001:db8:200::/48"]
 [sources.partner]
-cidrs = ["198.51.100.200/32"]
+cidrs = ["198.51.100.200/32", "2001:db8:200::/48"]
 
 [[rule]]
 name = "salesforce-callback"
@@ -620,10 +620,9 @@ action = "deny"
         );
         assert_eq!(idx.group("203.0.113.50".parse().unwrap()), None);
         // Listed by two groups: the group whose name sorts first, as in the XDP tables.
-        assert_eq!(
-            idx.group("198.51.100.200".parse().unwrap()),
-            Some("partner")
-        );
+        for a in ["198.51.100.200", "2001:db8:200::9"] {
+            assert_eq!(idx.group(a.parse().unwrap()), Some("partner"), "{a}");
+        }
     }
 
     #[test]
@@ -642,7 +641,12 @@ action = "deny"
         }
         let mut buckets = vec![V6Bucket::default(); v6_bucket_count(16) as usize];
         let lengths = build_v6(&c.groups, 16, &mut buckets).unwrap();
-        for a in ["2001:db8:100::7", "2001:db8:100:1::7", "2001:db8::1"] {
+        for a in [
+            "2001:db8:100::7",
+            "2001:db8:100:1::7",
+            "2001:db8::1",
+            "2001:db8:200::9",
+        ] {
             let a: std::net::Ipv6Addr = a.parse().unwrap();
             let xdp = lookup_v6(&buckets, &lengths, a.octets());
             assert_eq!(idx.id(a.into()).unwrap_or(0), xdp, "{a}");

@@ -21,7 +21,7 @@ use crate::model::{
 pub struct ConnInfo {
     pub id: u64,
     pub peer: SocketAddr,
-    /// The source group, from the same tables and tie-break as the XDP program.
+    /// The source group, from the same prefix list as the XDP tables (`model::packet`).
     pub group: Option<Arc<str>>,
     /// The subject of a verified client certificate.
     pub client_cert: Option<Arc<str>>,
@@ -109,7 +109,8 @@ pub struct Ctx {
     pub failed_token: Option<String>,
     /// An NTLM/Negotiate leg that carries no user yet (Type 1).
     pub handshake: bool,
-    /// Set on the connection once Exchange accepts this leg.
+    /// Set on the connection once Exchange answers this leg with anything but 401 (EWS
+    /// answers an authenticated request's SOAP fault with 500).
     pub pending_session: Option<Session>,
     // policy
     pub rule: Option<Arc<str>>,

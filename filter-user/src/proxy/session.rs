@@ -30,9 +30,10 @@ pub struct Conn {
     pub tls: TlsStream<Sock>,
     /// Bytes read from the client and not yet used.
     pub buf: BytesMut,
-    /// The user an NTLM or Negotiate handshake authenticated on this connection.
+    /// What an NTLM, Negotiate or Kerberos handshake authenticated on this connection, while
+    /// the upstream connection Exchange holds it on lasts.
     pub session: Option<Session>,
-    /// The upstream connection bound to this client (NTLM and Negotiate).
+    /// The upstream connection bound to this client (NTLM, Negotiate, Kerberos).
     pub bound: Option<pool::Conn>,
     /// The last bearer token verified on this connection, under which policy: a client
     /// sends the same one on every request of its short life, and comparing it costs less

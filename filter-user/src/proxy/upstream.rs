@@ -117,7 +117,7 @@ pub struct Conn {
     /// Opened for the request at hand (not taken from the pool): a failure on it is not a
     /// stale connection's.
     pub fresh: bool,
-    /// Carried an NTLM or Negotiate session: never pooled.
+    /// Carried an NTLM, Negotiate or Kerberos session: never pooled.
     pub bound: bool,
     idle_since: Instant,
 }

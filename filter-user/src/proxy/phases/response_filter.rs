@@ -199,10 +199,15 @@ fn cut_short(ctx: &mut Ctx) -> Result<bool, Refusal> {
     Ok(false)
 }
 
-/// The upstream connection goes back to the pool, or stays with an NTLM client, when its
-/// answer was read whole and Exchange keeps it open.
+/// The upstream connection goes back to the pool, or stays with an NTLM, Negotiate or
+/// Kerberos client, when its answer was read whole and Exchange keeps it open.
 fn release(state: &State, conn: &mut Conn, answer: Answer) {
     if !answer.head.keeps_alive() || answer.framing == Framing::Close {
+        // The session Exchange held on a bound connection ends with it: the client's next
+        // request without credentials is judged as what Exchange will see, anonymous.
+        if answer.up.bound {
+            conn.session = None;
+        }
         return;
     }
     let up = answer.up;

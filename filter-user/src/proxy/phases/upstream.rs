@@ -1,8 +1,9 @@
 //! Upstream: the request goes to Exchange on a pooled connection, or, for NTLM and
-//! Negotiate (Kerberos included), on the connection bound to this client for its life. Hop-by-hop headers and
-//! whatever the client said about forwarding are dropped; ewsgate sets `X-Forwarded-For`
-//! and `X-Forwarded-Proto`. A request whose body ewsgate holds whole is sent again once on a
-//! fresh connection when a pooled one turns out to have been closed under it.
+//! Negotiate (Kerberos included), on the connection bound to this client for its life.
+//! Hop-by-hop headers and whatever the client said about forwarding are dropped; ewsgate
+//! sets `X-Forwarded-For` and `X-Forwarded-Proto`. A request whose body ewsgate holds whole
+//! is sent again once on a fresh connection when a pooled one turns out to have been closed
+//! under it.
 
 use std::{cell::Cell, io::IoSlice, time::Instant};
 
@@ -149,6 +150,8 @@ async fn send_whole(
             Err((untouched, _)) if stale && untouched => {
                 up = connect(state).await?;
                 up.bound = bound;
+                // Exchange's session ended with the connection that closed under it.
+                conn.session = None;
             }
             other => return other.map_err(|(_, r)| r),
         }
