@@ -3,7 +3,7 @@
 //! prefix points to a 256-entry block in `tbl8` instead. A lookup is then one or two array
 //! reads whatever the number of prefixes, where the kernel's LPM trie walks up to 32 nodes.
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::Ipv4Net;
 
 use filter_common::{
     v6_buckets, v6_hash, V6Bucket, V6Slot, TBL24_ENTRIES, TBL8_FLAG, TBL8_SIZE, V6_MAX_LENGTHS,
@@ -35,22 +35,6 @@ pub fn v6_bucket_count(prefixes: u32) -> u32 {
 
 /// Cuckoo displacements tried before the table counts as full.
 const MAX_KICKS: usize = 512;
-
-/// The IPv6 prefixes with their group ids (equal prefixes keep the first group), if the
-/// table has room for them.
-pub fn v6_prefixes(
-    groups: &[SourceGroup],
-    capacity: usize,
-) -> Result<Vec<(Ipv6Net, u32)>, TableError> {
-    let all = packet::v6_prefixes(groups);
-    if all.len() > capacity {
-        return Err(TableError::Ipv6Prefixes {
-            needed: all.len(),
-            capacity,
-        });
-    }
-    Ok(all)
-}
 
 /// Fills `tbl24` (2^24 entries) and `tbl8` (a multiple of 256) from scratch. Returns the
 /// number of tbl8 blocks used. On error nothing the caller relies on has been published: the
@@ -123,7 +107,13 @@ pub fn build_v6(
         buckets.len().is_power_of_two(),
         "bucket count is a power of two"
     );
-    let prefixes = v6_prefixes(groups, capacity)?;
+    let prefixes = packet::v6_prefixes(groups);
+    if prefixes.len() > capacity {
+        return Err(TableError::Ipv6Prefixes {
+            needed: prefixes.len(),
+            capacity,
+        });
+    }
     let mut lengths: Vec<u8> = prefixes.iter().map(|(n, _)| n.prefix_len()).collect();
     lengths.sort_unstable_by(|a, b| b.cmp(a));
     lengths.dedup();

@@ -49,7 +49,6 @@ pub async fn run(
         }),
         tls,
         buf: BytesMut::new(),
-        session: None,
         bound: None,
         last_token: None,
     })

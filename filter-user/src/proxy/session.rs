@@ -16,7 +16,7 @@ use tokio_rustls::server::TlsStream;
 
 use crate::proxy::{
     buffers,
-    context::{ConnInfo, Ctx, Refusal, Session},
+    context::{ConnInfo, Ctx, Refusal},
     h1::{self, ReadError},
     phases::{body_filter, identity, logging, policy, request_filter, response_filter, upstream},
     respond,
@@ -30,10 +30,8 @@ pub struct Conn {
     pub tls: TlsStream<Sock>,
     /// Bytes read from the client and not yet used.
     pub buf: BytesMut,
-    /// What an NTLM, Negotiate or Kerberos handshake authenticated on this connection, while
-    /// the upstream connection Exchange holds it on lasts.
-    pub session: Option<Session>,
-    /// The upstream connection bound to this client (NTLM, Negotiate, Kerberos).
+    /// The upstream connection bound to this client (NTLM, Negotiate, Kerberos), with the
+    /// session Exchange holds on it.
     pub bound: Option<pool::Conn>,
     /// The last bearer token verified on this connection, under which policy: a client
     /// sends the same one on every request of its short life, and comparing it costs less

@@ -25,7 +25,7 @@ use crate::{
     config::Bundle,
     model::settings::ProxySettings,
     net::{sock::Sock, tls::client_config},
-    proxy::buffers,
+    proxy::{buffers, context::Session},
 };
 
 /// Idle pooled connections kept at most.
@@ -117,8 +117,12 @@ pub struct Conn {
     /// Opened for the request at hand (not taken from the pool): a failure on it is not a
     /// stale connection's.
     pub fresh: bool,
-    /// Carried an NTLM, Negotiate or Kerberos session: never pooled.
+    /// Carried an NTLM, Negotiate or Kerberos leg: never pooled.
     pub bound: bool,
+    /// What Exchange authenticated on this connection (NTLM, Negotiate, Kerberos). It is
+    /// kept here rather than on the client's connection because it lasts exactly as long as
+    /// this connection: when Exchange closes it, the session is gone with it.
+    pub session: Option<Session>,
     idle_since: Instant,
 }
 
@@ -256,6 +260,7 @@ impl Upstream {
             buf: BytesMut::new(),
             fresh: true,
             bound: false,
+            session: None,
             idle_since: Instant::now(),
         })
     }
@@ -296,6 +301,7 @@ mod tests {
             buf: Default::default(),
             fresh: false,
             bound: false,
+            session: None,
             idle_since: std::time::Instant::now(),
         };
         (conn, theirs)

@@ -1,6 +1,6 @@
 //! Identity: who the request is from. Basic and NTLM name their user; an NTLM, Negotiate or
-//! Kerberos session on the connection carries on; a client certificate names its subject; a bearer
-//! token must verify (signing keys fetched again first when it names an unknown one). An
+//! Kerberos session on the connection bound to this client carries on; a client
+//! certificate names its subject; a bearer token must verify (signing keys fetched again first when it names an unknown one). An
 //! identity the agent has refused for repeated failures is refused here.
 
 use std::sync::Arc;
@@ -29,7 +29,7 @@ pub async fn run(
 ) -> Result<(), Refusal> {
     match &req.credential {
         Credential::None | Credential::Invalid(_) => {
-            if let Some(s) = &conn.session {
+            if let Some(s) = conn.bound.as_ref().and_then(|up| up.session.as_ref()) {
                 ctx.auth = s.kind;
                 ctx.user = s.user.clone();
             } else if let Some(cert) = &conn.info.client_cert {

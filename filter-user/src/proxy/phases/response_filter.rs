@@ -35,7 +35,7 @@ pub async fn run(
     state: &State,
     conn: &mut Conn,
     req: &Req,
-    answer: Answer,
+    mut answer: Answer,
     judged: &Judged,
     ctx: &mut Ctx,
 ) -> Result<bool, Refusal> {
@@ -51,7 +51,7 @@ pub async fn run(
     }
     if let Some(s) = ctx.pending_session.take() {
         if status != 401 {
-            conn.session = Some(s);
+            answer.up.session = Some(s);
         }
     }
     let inspect = ctx.inspect.is_some() && status != 401 && answer.framing != Framing::Empty;
@@ -203,11 +203,6 @@ fn cut_short(ctx: &mut Ctx) -> Result<bool, Refusal> {
 /// Kerberos client, when its answer was read whole and Exchange keeps it open.
 fn release(state: &State, conn: &mut Conn, answer: Answer) {
     if !answer.head.keeps_alive() || answer.framing == Framing::Close {
-        // The session Exchange held on a bound connection ends with it: the client's next
-        // request without credentials is judged as what Exchange will see, anonymous.
-        if answer.up.bound {
-            conn.session = None;
-        }
         return;
     }
     let up = answer.up;

@@ -93,7 +93,7 @@ pub async fn run(
 /// client keeps one upstream connection of its own, never pooled, for as long as it stays
 /// connected.
 fn connection_bound(conn: &Conn, ctx: &Ctx) -> bool {
-    conn.bound.is_some() || conn.session.is_some() || ctx.auth.binds_connection()
+    conn.bound.is_some() || ctx.auth.binds_connection()
 }
 
 async fn take(state: &State, conn: &mut Conn, bound: bool) -> Result<upstream::Conn, Refusal> {
@@ -150,8 +150,6 @@ async fn send_whole(
             Err((untouched, _)) if stale && untouched => {
                 up = connect(state).await?;
                 up.bound = bound;
-                // Exchange's session ended with the connection that closed under it.
-                conn.session = None;
             }
             other => return other.map_err(|(_, r)| r),
         }
